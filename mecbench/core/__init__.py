@@ -1,0 +1,1 @@
+"""Code every MECBench service shares: errors, logging, settings, server bootstrap."""

@@ -1,0 +1,160 @@
+"""The one server interceptor every MECBench service installs.
+
+It binds log context (RPC method, and run/experiment/session ids found on the request or in
+metadata) into structlog's contextvars, maps domain exceptions to gRPC status codes with
+`google.rpc.BadRequest` details for field violations, and turns anything unexpected into
+INTERNAL with an incident id instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from mecbench.core.errors import InvalidArgument, MecbenchError
+
+log = structlog.get_logger("mecbench.rpc")
+
+# Request fields (top level or one message down) whose values are bound to the log context.
+CONTEXT_FIELDS = ("run_id", "experiment_id", "session_id", "sut_id", "owner", "node")
+# Metadata keys a caller may set to carry context across services.
+CONTEXT_METADATA = {"x-mecbench-run-id": "run_id", "x-mecbench-experiment-id": "experiment_id"}
+
+
+def status_for(exc: MecbenchError) -> status_pb2.Status:
+    status = status_pb2.Status(code=exc.code.value[0], message=str(exc))
+    if isinstance(exc, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in exc.violations
+            ]
+        )
+        detail = any_pb2.Any()
+        detail.Pack(bad_request)
+        status.details.append(detail)
+    return status
+
+
+def _context_from(request: Any, metadata: tuple[tuple[str, str | bytes], ...]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for key, value in metadata:
+        name = CONTEXT_METADATA.get(key)
+        if name and isinstance(value, str):
+            found[name] = value
+    if isinstance(request, Message):
+        candidates: list[Message] = [request]
+        for field, value in request.ListFields():
+            if field.message_type is not None and isinstance(value, Message):
+                candidates.append(value)
+        for message in candidates:
+            for name in CONTEXT_FIELDS:
+                if name in message.DESCRIPTOR.fields_by_name:
+                    value = getattr(message, name)
+                    if isinstance(value, str) and value:
+                        found.setdefault(name, value)
+    return found
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, MecbenchError):
+        log.info("rpc_error", method=method, code=exc.code.name, error=str(exc))
+        context.abort_with_status(rpc_status.to_status(status_for(exc)))
+    incident = uuid.uuid4().hex[:12]
+    log.error("rpc_internal_error", method=method, incident=incident, exc_info=exc)
+    context.abort_with_status(
+        rpc_status.to_status(
+            status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error (incident {incident})")
+        )
+    )
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Maps exceptions to status codes and binds log context for every RPC shape."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        metadata = tuple(handler_call_details.invocation_metadata or ())
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method, metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(handler.stream_stream, method, metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    @staticmethod
+    def _wrap_unary(
+        behavior: Callable[[Any, grpc.ServicerContext], Any],
+        method: str,
+        metadata: tuple[tuple[str, str | bytes], ...],
+    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            with structlog.contextvars.bound_contextvars(rpc=method, **_context_from(request, metadata)):
+                try:
+                    return behavior(request, context)
+                except Exception as exc:  # noqa: BLE001 - every error is mapped to a status here
+                    if _is_abort(exc, context):
+                        raise
+                    _abort(context, exc, method)
+                    raise  # unreachable: abort raises
+
+        return wrapped
+
+    @staticmethod
+    def _wrap_stream(
+        behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+        method: str,
+        metadata: tuple[tuple[str, str | bytes], ...],
+    ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            with structlog.contextvars.bound_contextvars(rpc=method, **_context_from(request, metadata)):
+                try:
+                    yield from behavior(request, context)
+                except Exception as exc:  # noqa: BLE001 - every error is mapped to a status here
+                    if _is_abort(exc, context):
+                        raise
+                    _abort(context, exc, method)
+                    raise
+
+        return wrapped
+
+
+def _is_abort(exc: Exception, context: grpc.ServicerContext) -> bool:
+    """True when the servicer already aborted the RPC itself (context.abort raises)."""
+    code = getattr(context, "code", lambda: None)()
+    return type(exc).__name__ == "_AbortError" or (code is not None and code != grpc.StatusCode.OK)

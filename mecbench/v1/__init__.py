@@ -1,0 +1,1 @@
+"""Generated gRPC and protobuf code for the mecbench.v1 API (see scripts/genproto.py)."""

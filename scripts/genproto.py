@@ -1,0 +1,61 @@
+"""Regenerate the Python code for protos/mecbench/v1 into mecbench/v1.
+
+Run: python scripts/genproto.py [--out DIR]
+
+Compiled with `-I protos` so the generated modules import each other as
+`from mecbench.v1 import ..._pb2`, with mypy-protobuf stubs beside them. Generated files are
+committed; tests/test_protos.py regenerates into a temporary folder and fails if they differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from grpc_tools import protoc
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_ROOT = ROOT / "protos"
+PACKAGE_DIR = Path("mecbench") / "v1"
+
+
+def proto_files() -> list[str]:
+    return sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
+
+
+def plugin(name: str) -> str:
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found: install the dev extras (mypy-protobuf)")
+    return found
+
+
+def generate(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    well_known = Path(protoc.__file__).parent / "_proto"
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{well_known}",
+        f"--plugin=protoc-gen-mypy={plugin('protoc-gen-mypy')}",
+        f"--plugin=protoc-gen-mypy_grpc={plugin('protoc-gen-mypy_grpc')}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        f"--mypy_out={out_dir}",
+        f"--mypy_grpc_out={out_dir}",
+        *proto_files(),
+    ]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT, help="root to write mecbench/v1 under")
+    generate(parser.parse_args().out)
+
+
+if __name__ == "__main__":
+    main()

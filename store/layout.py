@@ -1,0 +1,45 @@
+"""Object layout of the results bucket: `{experiment}/{selector}/{run}/repeat-{k}/`."""
+
+from __future__ import annotations
+
+import re
+
+from mecbench.core.errors import InvalidArgument
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
+
+CONTENT_TYPES = {
+    ".json": "application/json",
+    ".txt": "text/plain; charset=utf-8",
+    ".csv": "text/csv; charset=utf-8",
+    ".log": "text/plain; charset=utf-8",
+    ".conf": "text/plain; charset=utf-8",
+    ".png": "image/png",
+    ".html": "text/html; charset=utf-8",
+    ".tar": "application/x-tar",
+}
+
+
+def content_type_for(name: str) -> str:
+    for suffix, kind in CONTENT_TYPES.items():
+        if name.endswith(suffix):
+            return kind
+    return "application/octet-stream"
+
+
+def check_segment(value: str, field: str) -> str:
+    """A path segment must be a plain name: no slashes, no dot-dot, no spaces."""
+    if not _SEGMENT.match(value) or value in {".", ".."}:
+        raise InvalidArgument(
+            "must be 1-128 characters of letters, digits and ._=+- and start with a letter or digit",
+            field=field,
+        )
+    return value
+
+
+def repeat_prefix(experiment: str, selector: str, run: str, repeat: int) -> str:
+    return f"{experiment}/{selector}/{run}/repeat-{repeat}/"
+
+
+def run_prefix(experiment: str, selector: str, run: str) -> str:
+    return f"{experiment}/{selector}/{run}/"
