@@ -127,7 +127,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             with structlog.contextvars.bound_contextvars(rpc=method, **_context_from(request, metadata)):
                 try:
                     return behavior(request, context)
-                except Exception as exc:  # noqa: BLE001 - every error is mapped to a status here
+                except Exception as exc:
                     if _is_abort(exc, context):
                         raise
                     _abort(context, exc, method)
@@ -145,7 +145,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             with structlog.contextvars.bound_contextvars(rpc=method, **_context_from(request, metadata)):
                 try:
                     yield from behavior(request, context)
-                except Exception as exc:  # noqa: BLE001 - every error is mapped to a status here
+                except Exception as exc:
                     if _is_abort(exc, context):
                         raise
                     _abort(context, exc, method)

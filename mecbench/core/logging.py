@@ -9,12 +9,9 @@ from typing import Any
 
 import structlog
 
-_configured = False
-
 
 def configure_logging(level: str = "info", json_output: bool | None = None) -> None:
     """Configure structlog and the stdlib root logger once per process."""
-    global _configured
     if json_output is None:
         json_output = not sys.stderr.isatty()
     numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
@@ -35,7 +32,6 @@ def configure_logging(level: str = "info", json_output: bool | None = None) -> N
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=sys.stderr)
-    _configured = True
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

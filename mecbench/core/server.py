@@ -5,6 +5,7 @@ may be 0 (the bound port is returned)."""
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -31,9 +32,15 @@ class RunningServer:
 
     server: grpc.Server
     port: int
+    host: str
     health: health.HealthServicer
     service_names: list[str]
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, let in-flight RPCs finish for `grace` seconds, then release."""
@@ -41,7 +48,7 @@ class RunningServer:
         for hook in self.on_stop:
             try:
                 hook()
-            except Exception:  # noqa: BLE001 - a failing hook must not block the others
+            except Exception:
                 log.exception("stop_hook_failed")
         self.server.stop(grace).wait(grace + 1)
 
@@ -63,7 +70,7 @@ def build_server(
     options: ServerOptions = (),
 ) -> RunningServer:
     """Create, bind and start a server; returns it with the port actually bound."""
-    split_address(address)
+    host, _ = split_address(address)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=[*extra_interceptors, ErrorMappingInterceptor()],
@@ -86,11 +93,18 @@ def build_server(
     server.start()
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server=server, port=port, health=health_servicer, service_names=names)
+    return RunningServer(server=server, port=port, host=host, health=health_servicer, service_names=names)
 
 
 def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:
-    """Block until SIGTERM or SIGINT, then stop gracefully."""
+    """Announce the bound address, block until SIGTERM or SIGINT, then stop gracefully.
+
+    The `listening on HOST:PORT` line on stdout is the agents' start-up protocol: the local
+    backend reads it to learn the port an agent bound when asked for port 0.
+    """
+    sys.stdout.write(f"listening on {running.address}\n")
+    sys.stdout.flush()
+    log.info("server_listening", address=running.address, services=running.service_names)
     stop = threading.Event()
 
     def handle(signum: int, _frame: object) -> None:

@@ -1,0 +1,268 @@
+"""The controller's view of its agents: deployed SUTs, LoadGen servers and their open sessions.
+
+Sessions are kept open across runs and repeats (the point of the LoadGen server): a session is
+keyed by the LoadGen server, the SUT address, the dataset and the data-plane options, so the
+dataset is loaded and the connection made once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from controller.backends.base import AgentHandle, AgentKind, DeploymentBackend
+from mecbench.core.channels import open_channel
+from mecbench.core.errors import FailedPrecondition, MecbenchError, NotFound, Unavailable
+from mecbench.core.logging import get_logger
+from mecbench.v1 import (
+    common_pb2,
+    controller_pb2,
+    loadgen_agent_pb2,
+    loadgen_agent_pb2_grpc,
+    sut_agent_pb2,
+    sut_agent_pb2_grpc,
+)
+
+log = get_logger("mecbench.controller.agents")
+
+DEFAULT_LOADGEN = "loadgen-default"
+RPC_TIMEOUT_S = 60.0
+
+
+def remote_error(component: str, exc: grpc.RpcError) -> MecbenchError:
+    """Turn an agent's RPC error into a domain error that names the component."""
+    code = exc.code()
+    message = f"{component}: {exc.details() or code.name}"
+    error = MecbenchError(message)
+    error.code = code if code != grpc.StatusCode.UNKNOWN else grpc.StatusCode.INTERNAL
+    return error
+
+
+@dataclass
+class SutHandle:
+    sut_id: str
+    agent: AgentHandle
+    config: sut_agent_pb2.SutConfig
+    channel: grpc.Channel
+    stub: sut_agent_pb2_grpc.SutAgentStub
+    ephemeral: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    held_by: str = ""
+
+
+@dataclass
+class LoadGenHandle:
+    loadgen_id: str
+    agent: AgentHandle
+    channel: grpc.Channel
+    stub: loadgen_agent_pb2_grpc.LoadGenAgentStub
+    sessions: dict[str, str] = field(default_factory=dict)  # session key -> session id
+
+
+class AgentPool:
+    def __init__(self, backend: DeploymentBackend) -> None:
+        self.backend = backend
+        self._suts: dict[str, SutHandle] = {}
+        self._loadgens: dict[str, LoadGenHandle] = {}
+        self._lock = threading.RLock()
+
+    # --- SUTs -------------------------------------------------------------------------------
+
+    def deploy_sut(self, sut_id: str, config: sut_agent_pb2.SutConfig, ephemeral: bool = False) -> SutHandle:
+        with self._lock:
+            existing = self._suts.get(sut_id)
+        if existing is not None:
+            if existing.config != config:
+                self._start_backend(existing, config, restart=True)
+            return existing
+        agent = self.backend.start_agent(AgentKind.SUT, f"sut-{sut_id}", env=dict(config.env))
+        channel = open_channel(agent.address)
+        handle = SutHandle(sut_id, agent, config, channel, sut_agent_pb2_grpc.SutAgentStub(channel), ephemeral)
+        try:
+            self._start_backend(handle, config, restart=False)
+        except BaseException:
+            channel.close()
+            self.backend.stop_agent(agent.name)
+            raise
+        with self._lock:
+            self._suts[sut_id] = handle
+        return handle
+
+    @staticmethod
+    def _start_backend(handle: SutHandle, config: sut_agent_pb2.SutConfig, restart: bool) -> None:
+        try:
+            handle.stub.Start(sut_agent_pb2.StartRequest(config=config, restart=restart), timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise remote_error(f"SUT agent {handle.sut_id}", exc) from None
+        handle.config = config
+
+    def get_sut(self, sut_id: str) -> SutHandle:
+        with self._lock:
+            handle = self._suts.get(sut_id)
+        if handle is None:
+            raise NotFound(f"SUT {sut_id!r} is not deployed")
+        return handle
+
+    def remove_sut(self, sut_id: str) -> None:
+        with self._lock:
+            handle = self._suts.pop(sut_id, None)
+        if handle is None:
+            return
+        with contextlib.suppress(grpc.RpcError):  # the process is stopped next either way
+            handle.stub.Stop(sut_agent_pb2.StopRequest(), timeout=10)
+        handle.channel.close()
+        self.backend.stop_agent(handle.agent.name)
+        with self._lock:
+            for loadgen in self._loadgens.values():
+                for key in [k for k in loadgen.sessions if k.startswith(handle.agent.address + "|")]:
+                    session_id = loadgen.sessions.pop(key)
+                    self._close_session(loadgen, session_id)
+
+    def sut_deployment(self, handle: SutHandle) -> controller_pb2.SutDeployment:
+        deployment = controller_pb2.SutDeployment(
+            sut_id=handle.sut_id,
+            config=handle.config,
+            endpoint=common_pb2.Endpoint(name=handle.agent.name, address=handle.agent.address),
+            node=handle.agent.node,
+            held_by_run_id=handle.held_by,
+        )
+        try:
+            deployment.status.CopyFrom(
+                handle.stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=5).status
+            )
+        except grpc.RpcError as exc:
+            deployment.status.message = f"unreachable: {exc.code().name}"
+        return deployment
+
+    def sut_stats(self, handle: SutHandle, reset: bool) -> sut_agent_pb2.SutStats:
+        try:
+            reply: sut_agent_pb2.GetStatsResponse = handle.stub.GetStats(
+                sut_agent_pb2.GetStatsRequest(reset=reset), timeout=10
+            )
+        except grpc.RpcError as exc:
+            raise remote_error(f"SUT agent {handle.sut_id}", exc) from None
+        return reply.stats
+
+    # --- LoadGen servers and sessions -------------------------------------------------------
+
+    def deploy_loadgen(self, loadgen_id: str = DEFAULT_LOADGEN) -> LoadGenHandle:
+        with self._lock:
+            existing = self._loadgens.get(loadgen_id)
+            if existing is not None and self.backend.is_alive(existing.agent.name):
+                return existing
+        if existing is not None:
+            self._forget_loadgen(loadgen_id)
+        agent = self.backend.start_agent(AgentKind.LOADGEN, loadgen_id)
+        channel = open_channel(agent.address)
+        handle = LoadGenHandle(loadgen_id, agent, channel, loadgen_agent_pb2_grpc.LoadGenAgentStub(channel))
+        with self._lock:
+            self._loadgens[loadgen_id] = handle
+        return handle
+
+    def _forget_loadgen(self, loadgen_id: str) -> None:
+        with self._lock:
+            handle = self._loadgens.pop(loadgen_id, None)
+        if handle is not None:
+            handle.channel.close()
+            self.backend.stop_agent(handle.agent.name)
+
+    def session_for(
+        self,
+        loadgen: LoadGenHandle,
+        sut: SutHandle,
+        dataset: common_pb2.DatasetSpec,
+        data_plane: loadgen_agent_pb2.DataPlaneOptions,
+        client: int,
+        owner: str,
+    ) -> tuple[str, bool]:
+        """An open session for this SUT, dataset and client slot; (session id, newly opened)."""
+        key = "|".join(
+            [
+                sut.agent.address,
+                dataset.SerializeToString(deterministic=True).hex(),
+                data_plane.SerializeToString(deterministic=True).hex(),
+                str(client),
+            ]
+        )
+        with self._lock:
+            session_id = loadgen.sessions.get(key)
+        if session_id is not None:
+            return session_id, False
+        request = loadgen_agent_pb2.OpenSessionRequest(
+            sut_address=sut.agent.address,
+            dataset=dataset,
+            data_plane=data_plane,
+            label=f"client-{client}",
+            owner=owner,
+        )
+        try:
+            reply = loadgen.stub.OpenSession(request, timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise remote_error(f"LoadGen agent {loadgen.loadgen_id}", exc) from None
+        with self._lock:
+            loadgen.sessions[key] = reply.session.session_id
+        return reply.session.session_id, True
+
+    def drop_session(self, loadgen: LoadGenHandle, session_id: str) -> None:
+        """Forget (and close) a session that failed, so the next run opens a fresh one."""
+        with self._lock:
+            for key, value in list(loadgen.sessions.items()):
+                if value == session_id:
+                    del loadgen.sessions[key]
+        self._close_session(loadgen, session_id)
+
+    @staticmethod
+    def _close_session(loadgen: LoadGenHandle, session_id: str) -> None:
+        with contextlib.suppress(grpc.RpcError):  # already gone is fine
+            loadgen.stub.CloseSession(loadgen_agent_pb2.CloseSessionRequest(session_id=session_id), timeout=10)
+
+    def loadgen_deployment(self, handle: LoadGenHandle) -> controller_pb2.LoadGenDeployment:
+        return controller_pb2.LoadGenDeployment(
+            loadgen_id=handle.loadgen_id,
+            endpoint=common_pb2.Endpoint(name=handle.agent.name, address=handle.agent.address),
+            node=handle.agent.node,
+        )
+
+    def check_alive(self, handle: SutHandle | LoadGenHandle) -> None:
+        if not self.backend.is_alive(handle.agent.name):
+            kind = "SUT agent" if isinstance(handle, SutHandle) else "LoadGen agent"
+            raise Unavailable(f"{kind} {handle.agent.name} is not running")
+
+    @staticmethod
+    def hold_sut(handle: SutHandle, run_id: str, wait: bool, cancelled: threading.Event) -> bool:
+        """Take the SUT for a run: wait for it (queue) or refuse naming the holder.
+
+        Returns False when the run was cancelled while it waited.
+        """
+        if not wait:
+            if not handle.lock.acquire(blocking=False):
+                raise FailedPrecondition(f"SUT {handle.sut_id!r} is in use by run {handle.held_by}")
+        else:
+            while not handle.lock.acquire(timeout=0.1):
+                if cancelled.is_set():
+                    return False
+        handle.held_by = run_id
+        return True
+
+    @staticmethod
+    def release_sut(handle: SutHandle, run_id: str) -> None:
+        if handle.held_by == run_id:
+            handle.held_by = ""
+            handle.lock.release()
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+    def close(self) -> None:
+        with self._lock:
+            loadgens = list(self._loadgens)
+            suts = list(self._suts)
+        for loadgen_id in loadgens:
+            self._forget_loadgen(loadgen_id)
+        for sut_id in suts:
+            self.remove_sut(sut_id)
+        self.backend.close()

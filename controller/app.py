@@ -1,0 +1,45 @@
+"""Assembles the controller from its parts: registry, store, deployment backend, agents, runs."""
+
+from __future__ import annotations
+
+from controller.agents import AgentPool
+from controller.backends.base import DeploymentBackend
+from controller.backends.local import LocalProcessBackend
+from controller.registry import RunRegistry
+from controller.runs import RunManager
+from controller.settings import ControllerSettings
+from mecbench.core.errors import InvalidArgument
+from mecbench.core.logging import get_logger
+from store.base import ObjectStore
+from store.local import LocalDirStore
+
+log = get_logger("mecbench.controller")
+
+
+def open_backend(settings: ControllerSettings) -> DeploymentBackend:
+    if settings.backend == "local":
+        return LocalProcessBackend(
+            settings.data_dir / "logs", host=settings.agent_host, start_timeout=settings.agent_start_timeout_s
+        )
+    raise InvalidArgument(f"unknown backend {settings.backend!r} (known: local)", field="backend")
+
+
+class ControllerApp:
+    def __init__(self, settings: ControllerSettings, store: ObjectStore | None = None) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if store is None:
+            store = LocalDirStore(settings.data_dir / "store")
+            # The embedded default needs no set-up step: its buckets are folders.
+            store.init_buckets()
+        self.store = store
+        self.registry = RunRegistry(settings.data_dir / "registry.sqlite3")
+        self.pool = AgentPool(open_backend(settings))
+        self.runs = RunManager(self.registry, self.pool, self.store, settings)
+
+    def close(self) -> None:
+        self.runs.close()
+        self.pool.close()
+        self.registry.close()
+        self.store.close()
+        log.info("controller_closed")

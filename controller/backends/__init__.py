@@ -1,0 +1,1 @@
+"""Deployment backends: where the controller's agents run."""

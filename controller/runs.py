@@ -1,0 +1,529 @@
+"""Runs: start, execute, watch, cancel. Plain Python over the agent pool, the registry and the
+store; the servicer only translates messages.
+
+A run is one LoadGen test (or a series of repeats) of one point: SUT ready, LoadGen sessions
+open (reused across runs), every client's test started together behind a barrier, LoadGen's
+files and the parsed results written to the store, the registry updated at each state change.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import TypeVar
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+import mecbench
+from controller.agents import DEFAULT_LOADGEN, AgentPool, LoadGenHandle, SutHandle, remote_error
+from controller.registry import ACTIVE_STATES, RunRegistry
+from controller.settings import ControllerSettings
+from controller.validation import validate_run_spec
+from mecbench.core import durations
+from mecbench.core.errors import Cancelled, FailedPrecondition, MecbenchError, NotFound
+from mecbench.core.logging import get_logger
+from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, sut_agent_pb2
+from store.base import ObjectStore
+from store.layout import content_type_for, repeat_prefix
+
+log = get_logger("mecbench.controller.runs")
+
+TERMINAL_STATES = (
+    common_pb2.RUN_STATE_SUCCEEDED,
+    common_pb2.RUN_STATE_FAILED,
+    common_pb2.RUN_STATE_CANCELLED,
+)
+SCENARIO_SELECTORS = {
+    common_pb2.SCENARIO_SINGLE_STREAM: "singlestream",
+    common_pb2.SCENARIO_MULTI_STREAM: "multistream",
+    common_pb2.SCENARIO_SERVER: "server",
+    common_pb2.SCENARIO_OFFLINE: "offline",
+}
+
+
+def now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+@dataclass
+class ActiveRun:
+    """A run this controller process is executing, with its watchers' event log."""
+
+    run: controller_pb2.Run
+    cancel: threading.Event = field(default_factory=threading.Event)
+    events: list[controller_pb2.WatchRunResponse] = field(default_factory=list)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    # (loadgen, session id) of tests in flight, for CancelRun.
+    sessions: list[tuple[LoadGenHandle, str]] = field(default_factory=list)
+
+
+@dataclass
+class ClientOutcome:
+    client: int
+    result: common_pb2.TestResult | None = None
+    files: dict[str, bytearray] = field(default_factory=dict)
+    setup_time_s: float = 0.0
+    cancelled: bool = False
+    error: MecbenchError | None = None
+    live_qps: float = 0.0
+    samples_completed: int = 0
+
+
+class RunManager:
+    def __init__(
+        self,
+        registry: RunRegistry,
+        pool: AgentPool,
+        store: ObjectStore,
+        settings: ControllerSettings,
+    ) -> None:
+        self.registry = registry
+        self.pool = pool
+        self.store = store
+        self.settings = settings
+        self._active: dict[str, ActiveRun] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(settings.max_concurrent_runs, thread_name_prefix="run")
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Runs that were in flight when a previous controller stopped cannot be resumed honestly:
+        their LoadGen tests died with it. Mark them failed, keeping every repeat already stored."""
+        for run in self.registry.runs_in_states(ACTIVE_STATES):
+            run.state = common_pb2.RUN_STATE_FAILED
+            run.error = "controller restarted while the run was in flight; finished repeats are kept"
+            run.finished_at.CopyFrom(now())
+            self.registry.save_run(run)
+            log.warning("run_marked_failed_on_restart", run_id=run.run_id)
+
+    # --- API ---------------------------------------------------------------------------------
+
+    def start_run(self, spec: controller_pb2.RunSpec) -> controller_pb2.Run:
+        validate_run_spec(spec).raise_if_any()
+        spec = self._with_defaults(_copy(spec))
+        if spec.sut_id and spec.busy_policy == controller_pb2.BUSY_POLICY_REJECT:
+            sut = self.pool.get_sut(spec.sut_id)
+            if sut.held_by:
+                raise FailedPrecondition(f"SUT {spec.sut_id!r} is in use by run {sut.held_by}")
+        elif spec.sut_id:
+            self.pool.get_sut(spec.sut_id)
+        run = controller_pb2.Run(
+            run_id=f"run-{uuid.uuid4().hex[:12]}",
+            spec=spec,
+            state=common_pb2.RUN_STATE_PENDING,
+            created_at=now(),
+            progress=controller_pb2.RunProgress(repeats=spec.repeats),
+        )
+        active = ActiveRun(run=run)
+        self.registry.save_run(run)
+        with self._lock:
+            self._active[run.run_id] = active
+        self._publish(active, "run created")
+        self._executor.submit(self._execute, active)
+        log.info("run_started", run_id=run.run_id, experiment_id=spec.experiment_id, selector=spec.selector)
+        return _copy(run)
+
+    @staticmethod
+    def _with_defaults(spec: controller_pb2.RunSpec) -> controller_pb2.RunSpec:
+        spec.clients = spec.clients or 1
+        spec.repeats = spec.repeats or 1
+        spec.selector = spec.selector or SCENARIO_SELECTORS[spec.settings.scenario]
+        spec.loadgen_mode = spec.loadgen_mode or controller_pb2.LOAD_GEN_MODE_SERVER
+        spec.busy_policy = spec.busy_policy or controller_pb2.BUSY_POLICY_QUEUE
+        spec.settings.mode = spec.settings.mode or common_pb2.TEST_MODE_PERFORMANCE_ONLY
+        return spec
+
+    def get_run(self, run_id: str) -> controller_pb2.Run:
+        with self._lock:
+            active = self._active.get(run_id)
+        if active is not None:
+            with active.changed:
+                return _copy(active.run)
+        return self.registry.get_run(run_id)
+
+    def list_runs(self, request: controller_pb2.ListRunsRequest) -> controller_pb2.ListRunsResponse:
+        page_size = min(request.page_size or 50, 500)
+        offset = int(request.page_token) if request.page_token.isdigit() else 0
+        runs = self.registry.list_runs(request.experiment_id, request.state, page_size + 1, offset)
+        response = controller_pb2.ListRunsResponse(runs=runs[:page_size])
+        if len(runs) > page_size:
+            response.next_page_token = str(offset + page_size)
+        return response
+
+    def watch_run(self, run_id: str, is_active: Callable[[], bool]) -> Iterator[controller_pb2.WatchRunResponse]:
+        """The current state first, then every event until the run ends or the watcher leaves."""
+        with self._lock:
+            active = self._active.get(run_id)
+        if active is None:
+            run = self.registry.get_run(run_id)
+            yield controller_pb2.WatchRunResponse(
+                time=now(), state=run.state, progress=run.progress, message="current state", run=run
+            )
+            return
+        with active.changed:
+            snapshot = _copy(active.run)
+            position = len(active.events)
+        yield controller_pb2.WatchRunResponse(
+            time=now(), state=snapshot.state, progress=snapshot.progress, message="current state", run=snapshot
+        )
+        if snapshot.state in TERMINAL_STATES:
+            return
+        while is_active():
+            with active.changed:
+                if len(active.events) == position:
+                    active.changed.wait(timeout=0.5)
+                pending = active.events[position:]
+                position += len(pending)
+            for event in pending:
+                yield event
+                if event.state in TERMINAL_STATES:
+                    return
+
+    def cancel_run(self, run_id: str) -> controller_pb2.Run:
+        with self._lock:
+            active = self._active.get(run_id)
+        if active is None:
+            run = self.registry.get_run(run_id)
+            if run.state not in TERMINAL_STATES:
+                raise FailedPrecondition(f"run {run_id} is not executing in this controller")
+            return run
+        active.cancel.set()
+        for loadgen, session_id in list(active.sessions):
+            try:
+                loadgen.stub.CancelTest(loadgen_agent_pb2.CancelTestRequest(session_id=session_id), timeout=10)
+            except grpc.RpcError as exc:
+                log.warning("cancel_test_failed", run_id=run_id, session_id=session_id, error=exc.details())
+        self._publish(active, "cancel requested")
+        return self.get_run(run_id)
+
+    def wait(self, run_id: str, timeout: float) -> controller_pb2.Run:
+        """Block until the run ends (for tests and the CLI's in-process use)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.get_run(run_id)
+            if run.state in TERMINAL_STATES:
+                return run
+            time.sleep(0.05)
+        raise TimeoutError(f"run {run_id} still {common_pb2.RunState.Name(run.state)} after {timeout}s")
+
+    def close(self) -> None:
+        with self._lock:
+            actives = list(self._active.values())
+        for active in actives:
+            if active.run.state not in TERMINAL_STATES:
+                self.cancel_run(active.run.run_id)
+        self._executor.shutdown(wait=True, cancel_futures=False)
+
+    # --- execution ---------------------------------------------------------------------------
+
+    def _publish(
+        self,
+        active: ActiveRun,
+        message: str,
+        state: int | None = None,
+        persist: bool = True,
+    ) -> None:
+        with active.changed:
+            run = active.run
+            if state is not None and state != run.state:
+                run.state = state  # type: ignore[assignment]
+                if state == common_pb2.RUN_STATE_RUNNING and not run.HasField("started_at"):
+                    run.started_at.CopyFrom(now())
+                if state in TERMINAL_STATES:
+                    run.finished_at.CopyFrom(now())
+            event = controller_pb2.WatchRunResponse(
+                time=now(), state=run.state, progress=run.progress, message=message, run=run
+            )
+            active.events.append(event)
+            active.changed.notify_all()
+            if persist:
+                self.registry.save_run(run)
+
+    def _execute(self, active: ActiveRun) -> None:
+        run = active.run
+        spec = run.spec
+        sut: SutHandle | None = None
+        held = False
+        try:
+            self._check_store()
+            self._publish(active, "deploying", common_pb2.RUN_STATE_DEPLOYING)
+            if spec.sut_id:
+                sut = self.pool.get_sut(spec.sut_id)
+            else:
+                sut = self.pool.deploy_sut(f"run-{run.run_id}", spec.sut, ephemeral=True)
+            wait = spec.busy_policy != controller_pb2.BUSY_POLICY_REJECT
+            if sut.held_by and wait:
+                self._publish(active, f"queued: SUT {sut.sut_id} is in use by run {sut.held_by}", persist=False)
+            held = self.pool.hold_sut(sut, run.run_id, wait, active.cancel)
+            if not held:
+                raise Cancelled("cancelled while waiting for the SUT")
+            if spec.sut_id and spec.HasField("sut") and spec.sut != sut.config:
+                self.pool.deploy_sut(spec.sut_id, spec.sut)
+            loadgen = self.pool.deploy_loadgen(spec.loadgen_id or DEFAULT_LOADGEN)
+            for repeat in range(1, spec.repeats + 1):
+                if active.cancel.is_set():
+                    raise Cancelled("cancelled")
+                self._run_repeat(active, sut, loadgen, repeat)
+            self._publish(active, "succeeded", common_pb2.RUN_STATE_SUCCEEDED)
+        except Cancelled as exc:
+            with active.changed:
+                run.error = str(exc)
+            self._publish(active, "cancelled", common_pb2.RUN_STATE_CANCELLED)
+        except Exception as exc:
+            if active.cancel.is_set():
+                self._publish(active, "cancelled", common_pb2.RUN_STATE_CANCELLED)
+            else:
+                reason = str(exc) if isinstance(exc, MecbenchError) else f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, MecbenchError):
+                    log.exception("run_failed_unexpectedly", run_id=run.run_id)
+                with active.changed:
+                    run.error = reason
+                self._publish(active, f"failed: {reason}", common_pb2.RUN_STATE_FAILED)
+        finally:
+            if sut is not None:
+                if held:
+                    self.pool.release_sut(sut, run.run_id)
+                if sut.ephemeral:
+                    self.pool.remove_sut(sut.sut_id)
+            with self._lock:
+                self._active.pop(run.run_id, None)
+            log.info("run_ended", run_id=run.run_id, state=common_pb2.RunState.Name(run.state))
+
+    def _check_store(self) -> None:
+        """Refuse to measure what could not be kept: the results bucket must exist first."""
+        try:
+            self.store.list(self.store.results_bucket, "__probe__/")
+        except NotFound as exc:
+            raise FailedPrecondition(f"results store not ready ({exc}); call InitStorage first") from None
+
+    def _run_repeat(self, active: ActiveRun, sut: SutHandle, loadgen: LoadGenHandle, repeat: int) -> None:
+        run = active.run
+        spec = run.spec
+        clients = spec.clients
+        with active.changed:
+            run.progress.repeat = repeat
+        self.pool.check_alive(sut)
+        sessions: list[str] = []
+        setup_started = time.monotonic()
+        for client in range(clients):
+            try:
+                session_id, _opened = self.pool.session_for(
+                    loadgen, sut, spec.dataset, spec.data_plane, client, owner=run.run_id
+                )
+            except MecbenchError:
+                self.pool.check_alive(loadgen)
+                raise
+            sessions.append(session_id)
+        session_setup_s = time.monotonic() - setup_started
+        self.pool.sut_stats(sut, reset=True)
+        self._publish(active, f"repeat {repeat} of {spec.repeats}: running", common_pb2.RUN_STATE_RUNNING)
+
+        outcomes = [ClientOutcome(client) for client in range(clients)]
+        barrier = threading.Barrier(clients)
+        with active.changed:
+            active.sessions = [(loadgen, s) for s in sessions]
+        threads = [
+            threading.Thread(
+                target=self._run_client,
+                args=(active, loadgen, sessions[i], repeat, outcomes[i], barrier),
+                name=f"client-{run.run_id}-{i}",
+                daemon=True,
+            )
+            for i in range(clients)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        with active.changed:
+            active.sessions = []
+        errors = [o.error for o in outcomes if o.error is not None]
+        if errors:
+            for outcome, session_id in zip(outcomes, sessions, strict=True):
+                if outcome.error is not None:
+                    self.pool.drop_session(loadgen, session_id)
+            raise errors[0]
+        if any(o.cancelled for o in outcomes) or active.cancel.is_set():
+            raise Cancelled(f"cancelled during repeat {repeat}; repeats finished before it are kept")
+        sut_stats = self.pool.sut_stats(sut, reset=False)
+        self._publish(active, f"repeat {repeat}: uploading", common_pb2.RUN_STATE_UPLOADING)
+        self._store_repeat(active, sut, repeat, outcomes, sut_stats, session_setup_s)
+
+    def _run_client(
+        self,
+        active: ActiveRun,
+        loadgen: LoadGenHandle,
+        session_id: str,
+        repeat: int,
+        outcome: ClientOutcome,
+        barrier: threading.Barrier,
+    ) -> None:
+        run = active.run
+        request = loadgen_agent_pb2.RunTestRequest(
+            session_id=session_id,
+            settings=run.spec.settings,
+            test_id=f"{run.run_id}-r{repeat}-c{outcome.client}",
+        )
+        try:
+            barrier.wait(timeout=60)
+            # Every client's test starts together so their measurement windows overlap.
+            stream = loadgen.stub.RunTest(request, timeout=self.settings.max_test_duration_s)
+            for event in stream:
+                kind = event.WhichOneof("event")
+                if kind == "log_chunk":
+                    chunk = event.log_chunk
+                    buffer = outcome.files.setdefault(chunk.name, bytearray())
+                    if len(buffer) + len(chunk.data) > self.settings.max_log_bytes:
+                        raise FailedPrecondition(f"log file {chunk.name} exceeds {self.settings.max_log_bytes} bytes")
+                    buffer += chunk.data
+                elif kind == "started":
+                    outcome.setup_time_s = durations.to_seconds(event.started.setup_time)
+                elif kind == "progress":
+                    outcome.live_qps = event.progress.live_qps
+                    outcome.samples_completed = event.progress.samples_completed
+                    self._progress(active, event.progress)
+                elif kind == "finished":
+                    outcome.result = event.finished.result
+                    outcome.cancelled = event.finished.cancelled
+            if outcome.result is None and not outcome.cancelled:
+                raise FailedPrecondition(f"LoadGen agent {loadgen.loadgen_id}: test ended without a result")
+        except grpc.RpcError as exc:
+            if active.cancel.is_set():
+                outcome.cancelled = True
+            else:
+                outcome.error = remote_error(f"LoadGen agent {loadgen.loadgen_id} (client {outcome.client})", exc)
+        except threading.BrokenBarrierError:
+            outcome.error = FailedPrecondition("another client failed before the test started")
+        except MecbenchError as exc:
+            outcome.error = exc
+        if outcome.error is not None:
+            barrier.abort()
+
+    def _progress(self, active: ActiveRun, progress: loadgen_agent_pb2.TestProgress) -> None:
+        with active.changed:
+            active.run.progress.elapsed.CopyFrom(progress.elapsed)
+            active.run.progress.live_qps = progress.live_qps
+            active.run.progress.samples_completed = progress.samples_completed
+        self._publish(active, "progress", persist=False)
+
+    def _store_repeat(
+        self,
+        active: ActiveRun,
+        sut: SutHandle,
+        repeat: int,
+        outcomes: list[ClientOutcome],
+        sut_stats: sut_agent_pb2.SutStats,
+        session_setup_s: float,
+    ) -> None:
+        run = active.run
+        spec = run.spec
+        prefix = repeat_prefix(spec.experiment_id, spec.selector, run.run_id, repeat)
+        bucket = self.store.results_bucket
+        names: list[str] = []
+        for outcome in outcomes:
+            client_prefix = f"client-{outcome.client}/" if len(outcomes) > 1 else ""
+            for name, data in sorted(outcome.files.items()):
+                key = f"{prefix}{client_prefix}{name}"
+                self.store.put(bucket, key, bytes(data), content_type_for(name))
+                names.append(f"{client_prefix}{name}")
+        results = [o.result for o in outcomes if o.result is not None]
+        aggregate = aggregate_results(results)
+        setup = durations.from_seconds(session_setup_s + max((o.setup_time_s for o in outcomes), default=0.0))
+        repeat_result = controller_pb2.RepeatResult(
+            repeat=repeat,
+            clients=[controller_pb2.ClientResult(client=o.client, result=o.result) for o in outcomes if o.result],
+            aggregate=aggregate,
+            result_uri=self.store.uri(bucket, prefix),
+            loadgen_setup_time=setup,
+            sut_stats=sut_stats,
+        )
+        document = {
+            "run_id": run.run_id,
+            "experiment_id": spec.experiment_id,
+            "selector": spec.selector,
+            "repeat": repeat,
+            "result": json_format.MessageToDict(repeat_result),
+            "spec": json_format.MessageToDict(spec),
+            "sut": {"sut_id": sut.sut_id, "config": json_format.MessageToDict(sut.config), "node": sut.agent.node},
+            "software": software_versions(),
+            "node": {"name": platform.node(), "platform": platform.platform(), "python": platform.python_version()},
+            "created_at": now().ToJsonString(),
+        }
+        self.store.put(bucket, f"{prefix}result.json", json.dumps(document, indent=2).encode(), "application/json")
+        names.append("result.json")
+        record = controller_pb2.ResultRecord(
+            experiment_id=spec.experiment_id,
+            selector=spec.selector,
+            run_id=run.run_id,
+            repeat=repeat,
+            result_uri=repeat_result.result_uri,
+            result=aggregate,
+            sut_backend=sut.config.WhichOneof("backend") or "",
+            network_profile=spec.network.name if spec.HasField("network") else "",
+            scenario=spec.settings.scenario,
+            clients=spec.clients,
+            created_at=now(),
+            files=sorted(names),
+            loadgen_setup_time=setup,
+        )
+        self.registry.save_result(record)
+        with active.changed:
+            run.results.append(repeat_result)
+        self._publish(active, f"repeat {repeat} stored at {repeat_result.result_uri}")
+
+
+def aggregate_results(results: list[common_pb2.TestResult]) -> common_pb2.TestResult:
+    """One client: its result. Several: summed throughput, validity only if all are valid.
+
+    Latency percentiles of several clients cannot be averaged honestly; they stay per client.
+    """
+    if not results:
+        return common_pb2.TestResult()
+    if len(results) == 1:
+        return results[0]
+    aggregate = common_pb2.TestResult(
+        scenario=results[0].scenario,
+        mode=results[0].mode,
+        valid=all(r.valid for r in results),
+        samples_per_second=sum(r.samples_per_second for r in results),
+        scheduled_samples_per_second=sum(r.scheduled_samples_per_second for r in results),
+        completed_samples_per_second=sum(r.completed_samples_per_second for r in results),
+        query_count=sum(r.query_count for r in results),
+        sample_count=sum(r.sample_count for r in results),
+        target_qps=sum(r.target_qps for r in results),
+    )
+    for index, result in enumerate(results):
+        aggregate.invalid_reasons.extend(f"client {index}: {reason}" for reason in result.invalid_reasons)
+    return aggregate
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"mecbench": mecbench.__version__, "python": platform.python_version()}
+    for dist in ("mlcommons-loadgen", "grpcio", "protobuf", "onnxruntime"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+MessageT = TypeVar("MessageT", bound=Message)
+
+
+def _copy(message: MessageT) -> MessageT:
+    """A detached copy: callers and watchers never see a message that is still being changed."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy

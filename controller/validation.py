@@ -1,0 +1,115 @@
+"""Whole-request validation of a RunSpec: every violation is reported at once, with its field
+path, before anything is deployed or started."""
+
+from __future__ import annotations
+
+from google.protobuf.duration_pb2 import Duration
+
+from mecbench.core.durations import is_negative
+from mecbench.core.errors import Violations
+from mecbench.v1 import common_pb2, controller_pb2, sut_agent_pb2
+from store.layout import check_segment
+
+MAX_CLIENTS = 64
+MAX_REPEATS = 100
+
+
+def _segment_ok(value: str, field: str, violations: Violations) -> None:
+    try:
+        check_segment(value, field)
+    except Exception as exc:  # noqa: BLE001 - InvalidArgument carries the reason
+        violations.add(field, str(exc).split(": ", 1)[-1])
+
+
+def _duration(d: Duration, field: str, violations: Violations) -> None:
+    violations.check(not is_negative(d), field, "must not be negative")
+
+
+def validate_settings(settings: common_pb2.LoadGenSettings, prefix: str, violations: Violations) -> None:
+    violations.check(
+        settings.scenario != common_pb2.SCENARIO_UNSPECIFIED
+        and settings.scenario in common_pb2.Scenario.values(),
+        f"{prefix}.scenario",
+        "must be one of SINGLE_STREAM, MULTI_STREAM, SERVER, OFFLINE",
+    )
+    violations.check(
+        settings.mode in common_pb2.TestMode.values(), f"{prefix}.mode", "unknown test mode"
+    )
+    for name in ("min_duration", "max_duration", "server_target_latency", "single_stream_expected_latency",
+                 "multi_stream_expected_latency", "ttft_latency", "tpot_latency"):
+        _duration(getattr(settings, name), f"{prefix}.{name}", violations)
+    violations.check(settings.server_target_qps >= 0, f"{prefix}.server_target_qps", "must not be negative")
+    violations.check(settings.offline_expected_qps >= 0, f"{prefix}.offline_expected_qps", "must not be negative")
+    violations.check(
+        0 <= settings.server_target_latency_percentile <= 100,
+        f"{prefix}.server_target_latency_percentile",
+        "must be between 0 and 100",
+    )
+    violations.check(
+        0 <= settings.accuracy_log_probability <= 1, f"{prefix}.accuracy_log_probability", "must be between 0 and 1"
+    )
+    if settings.max_query_count and settings.min_query_count:
+        violations.check(
+            settings.max_query_count >= settings.min_query_count,
+            f"{prefix}.max_query_count",
+            "must not be below min_query_count",
+        )
+
+
+def validate_sut(config: sut_agent_pb2.SutConfig, prefix: str, violations: Violations) -> None:
+    backend = config.WhichOneof("backend")
+    if backend is None:
+        violations.add(f"{prefix}.backend", "one of synthetic, onnxruntime, external must be set")
+        return
+    if backend == "synthetic":
+        synthetic = config.synthetic
+        for name in ("mean", "stddev", "low", "high", "per_sample_time"):
+            _duration(getattr(synthetic, name), f"{prefix}.synthetic.{name}", violations)
+    elif backend == "onnxruntime":
+        violations.check(
+            bool(config.onnxruntime.model_path), f"{prefix}.onnxruntime.model_path", "must name an .onnx file"
+        )
+    violations.check(config.resources.cpu_cores >= 0, f"{prefix}.resources.cpu_cores", "must not be negative")
+
+
+def validate_run_spec(spec: controller_pb2.RunSpec, prefix: str = "spec") -> Violations:
+    violations = Violations()
+    if not spec.experiment_id:
+        violations.add(f"{prefix}.experiment_id", "must not be empty")
+    else:
+        _segment_ok(spec.experiment_id, f"{prefix}.experiment_id", violations)
+    if spec.selector:
+        _segment_ok(spec.selector, f"{prefix}.selector", violations)
+    if not spec.sut_id and not spec.HasField("sut"):
+        violations.add(f"{prefix}.sut", "set sut_id (a deployed SUT) or sut (a config to deploy)")
+    if spec.HasField("sut"):
+        validate_sut(spec.sut, f"{prefix}.sut", violations)
+    if not spec.HasField("settings"):
+        violations.add(f"{prefix}.settings", "must be set (at least the scenario)")
+    else:
+        validate_settings(spec.settings, f"{prefix}.settings", violations)
+    violations.check(spec.clients <= MAX_CLIENTS, f"{prefix}.clients", f"at most {MAX_CLIENTS}")
+    violations.check(spec.repeats <= MAX_REPEATS, f"{prefix}.repeats", f"at most {MAX_REPEATS}")
+    violations.check(
+        spec.loadgen_mode in controller_pb2.LoadGenMode.values(), f"{prefix}.loadgen_mode", "unknown mode"
+    )
+    violations.check(
+        spec.busy_policy in controller_pb2.BusyPolicy.values(), f"{prefix}.busy_policy", "unknown policy"
+    )
+    data_plane = spec.data_plane
+    _duration(data_plane.max_batch_delay, f"{prefix}.data_plane.max_batch_delay", violations)
+    _duration(data_plane.response_timeout, f"{prefix}.data_plane.response_timeout", violations)
+    violations.check(data_plane.streams <= 64, f"{prefix}.data_plane.streams", "at most 64")
+    if spec.dataset.WhichOneof("source") == "synthetic":
+        synthetic = spec.dataset.synthetic
+        violations.check(
+            all(dim > 0 for dim in synthetic.shape), f"{prefix}.dataset.synthetic.shape", "dimensions must be positive"
+        )
+    if spec.HasField("network"):
+        netem = spec.network.netem
+        for name in ("delay", "jitter"):
+            _duration(getattr(netem, name), f"{prefix}.network.netem.{name}", violations)
+        for name in ("loss_percent", "reorder_percent", "duplicate_percent", "corrupt_percent"):
+            value = getattr(netem, name)
+            violations.check(0 <= value <= 100, f"{prefix}.network.netem.{name}", "must be between 0 and 100")
+    return violations

@@ -1,0 +1,217 @@
+"""End to end through the controller: real agents, real LoadGen, results in the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from controller.backends.base import AgentKind
+from mecbench.core import durations
+from mecbench.v1 import common_pb2, controller_pb2
+from tests.controller.conftest import Stack, short_settings, start_stack, stop_stack, synthetic_sut
+
+SCENARIOS = [
+    common_pb2.SCENARIO_SINGLE_STREAM,
+    common_pb2.SCENARIO_MULTI_STREAM,
+    common_pb2.SCENARIO_SERVER,
+    common_pb2.SCENARIO_OFFLINE,
+]
+
+
+def start(stack: Stack, settings: common_pb2.LoadGenSettings, **spec: object) -> controller_pb2.Run:
+    fields: dict[str, object] = {"experiment_id": "e2e", "sut_id": "sut-2ms", "settings": settings}
+    fields |= spec
+    request = controller_pb2.StartRunRequest(spec=controller_pb2.RunSpec(**fields))  # type: ignore[arg-type]
+    return stack.stub.StartRun(request).run
+
+
+def ms(d: Duration) -> float:
+    return durations.to_ns(d) / 1e6
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: common_pb2.Scenario.Name(s))
+def test_every_scenario_runs_end_to_end(stack: Stack, scenario: int) -> None:
+    run = start(stack, short_settings(scenario))
+    final = stack.wait(run.run_id)
+    assert final.state == common_pb2.RUN_STATE_SUCCEEDED, final.error
+    assert len(final.results) == 1
+    result = final.results[0].aggregate
+    assert result.scenario == scenario
+    assert result.samples_per_second > 0
+    assert result.query_count > 0
+    # The SUT takes 2 ms per sample: no latency LoadGen measured can be below that.
+    assert ms(result.latency.min) >= 2.0
+    assert final.results[0].sut_stats.samples_completed >= result.sample_count > 0
+
+    record = stack.stub.GetResult(
+        controller_pb2.GetResultRequest(run_id=run.run_id, include_files=["mlperf_log_summary.txt", "result.json"])
+    )
+    files = {f.name: f.data for f in record.files}
+    assert b"Result is" in files["mlperf_log_summary.txt"]
+    document = json.loads(files["result.json"])
+    assert document["run_id"] == run.run_id and document["repeat"] == 1
+    assert document["software"]["mlcommons-loadgen"] == "6.0.17"
+    assert {"mlperf_log_summary.txt", "mlperf_log_detail.txt", "result.json"} <= set(record.record.files)
+    # Files live under {experiment}/{selector}/{run}/repeat-{k}/ in the results bucket.
+    prefix = f"e2e/{final.spec.selector}/{run.run_id}/repeat-1/"
+    keys = stack.app.store.list(stack.app.store.results_bucket, prefix)
+    assert f"{prefix}mlperf_log_summary.txt" in keys and f"{prefix}result.json" in keys
+
+
+def test_single_stream_latency_sits_just_above_the_service_time(stack: Stack) -> None:
+    final = stack.wait(start(stack, short_settings(common_pb2.SCENARIO_SINGLE_STREAM)).run_id)
+    p50 = ms(final.results[0].aggregate.latency.p50)
+    assert 2.0 <= p50 <= 6.0, p50
+
+
+def test_server_at_modest_qps_is_valid(stack: Stack) -> None:
+    settings = short_settings(common_pb2.SCENARIO_SERVER, server_target_qps=200.0, min_duration=durations.from_seconds(2))
+    final = stack.wait(start(stack, settings).run_id)
+    result = final.results[0].aggregate
+    assert result.valid, list(result.invalid_reasons)
+    assert 150 <= result.scheduled_samples_per_second <= 250
+
+
+def test_repeats_reuse_the_loadgen_session(stack: Stack) -> None:
+    final = stack.wait(start(stack, short_settings(common_pb2.SCENARIO_SINGLE_STREAM), repeats=3).run_id)
+    assert final.state == common_pb2.RUN_STATE_SUCCEEDED, final.error
+    assert [r.repeat for r in final.results] == [1, 2, 3]
+    records = stack.stub.ListResults(controller_pb2.ListResultsRequest(run_id=final.run_id)).results
+    assert [r.repeat for r in records] == [1, 2, 3]
+    loadgens = [a for a in stack.app.pool.backend.agents() if a.kind == AgentKind.LOADGEN]
+    assert len(loadgens) == 1
+
+
+def test_watch_run_streams_states_to_the_end(stack: Stack) -> None:
+    run = start(stack, short_settings(common_pb2.SCENARIO_SERVER))
+    states = [event.state for event in stack.stub.WatchRun(controller_pb2.WatchRunRequest(run_id=run.run_id))]
+    assert states[-1] == common_pb2.RUN_STATE_SUCCEEDED
+    for expected in (common_pb2.RUN_STATE_RUNNING, common_pb2.RUN_STATE_UPLOADING):
+        assert expected in states
+    # A watcher arriving after the end gets the final state at once.
+    late = list(stack.stub.WatchRun(controller_pb2.WatchRunRequest(run_id=run.run_id)))
+    assert [e.state for e in late] == [common_pb2.RUN_STATE_SUCCEEDED]
+
+
+def test_cancel_stops_a_long_test_promptly(stack: Stack) -> None:
+    settings = short_settings(common_pb2.SCENARIO_SERVER, min_duration=durations.from_seconds(60))
+    run = start(stack, settings)
+    deadline = time.monotonic() + 20
+    while stack.stub.GetRun(controller_pb2.GetRunRequest(run_id=run.run_id)).run.state != common_pb2.RUN_STATE_RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    cancelled_at = time.monotonic()
+    stack.stub.CancelRun(controller_pb2.CancelRunRequest(run_id=run.run_id))
+    final = stack.wait(run.run_id, timeout=20)
+    assert final.state == common_pb2.RUN_STATE_CANCELLED
+    assert time.monotonic() - cancelled_at < 10
+    # The session still works for the next run.
+    after = stack.wait(start(stack, short_settings(common_pb2.SCENARIO_SINGLE_STREAM)).run_id)
+    assert after.state == common_pb2.RUN_STATE_SUCCEEDED, after.error
+
+
+def _violations(error: grpc.RpcError) -> dict[str, str]:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details and status.details[0].Unpack(bad_request)
+    return {v.field: v.description for v in bad_request.field_violations}
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"settings": common_pb2.LoadGenSettings(scenario=17)}, "spec.settings.scenario"),
+        ({"settings": common_pb2.LoadGenSettings()}, "spec.settings.scenario"),
+        ({"settings": short_settings(common_pb2.SCENARIO_SERVER, server_target_qps=-5.0)},
+         "spec.settings.server_target_qps"),
+        ({"experiment_id": ""}, "spec.experiment_id"),
+        ({"experiment_id": "../etc"}, "spec.experiment_id"),
+        ({"settings": short_settings(common_pb2.SCENARIO_OFFLINE, min_duration=Duration(seconds=-1))},
+         "spec.settings.min_duration"),
+        ({"sut_id": ""}, "spec.sut"),
+    ],
+)
+def test_bad_requests_are_refused_and_start_nothing(stack: Stack, spec: dict[str, object], field: str) -> None:
+    agents_before = {a.name for a in stack.app.pool.backend.agents()}
+    runs_before = len(stack.stub.ListRuns(controller_pb2.ListRunsRequest(page_size=500)).runs)
+    with pytest.raises(grpc.RpcError) as info:
+        start(stack, short_settings(common_pb2.SCENARIO_SERVER), **spec)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in _violations(info.value), info.value.details()
+    assert field in info.value.details()
+    assert {a.name for a in stack.app.pool.backend.agents()} == agents_before
+    assert len(stack.stub.ListRuns(controller_pb2.ListRunsRequest(page_size=500)).runs) == runs_before
+
+
+def test_every_violation_is_reported_at_once(stack: Stack) -> None:
+    bad = common_pb2.LoadGenSettings(scenario=common_pb2.SCENARIO_SERVER, server_target_qps=-1,
+                                     max_duration=Duration(seconds=-1))
+    with pytest.raises(grpc.RpcError) as info:
+        start(stack, bad, experiment_id="")
+    assert {"spec.experiment_id", "spec.settings.server_target_qps", "spec.settings.max_duration"} <= set(
+        _violations(info.value)
+    )
+
+
+def test_unknown_run_is_not_found(stack: Stack) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stack.stub.GetRun(controller_pb2.GetRunRequest(run_id="run-nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_failing_sut_start_fails_deploy_with_the_sut_agents_reason(stack: Stack) -> None:
+    config = synthetic_sut()
+    config.ClearField("synthetic")
+    config.onnxruntime.model_path = "/nonexistent/model.onnx"
+    with pytest.raises(grpc.RpcError) as info:
+        stack.stub.DeploySut(controller_pb2.DeploySutRequest(sut_id="broken", config=config))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model_path" in info.value.details()
+    assert not any(a.name == "sut-broken" for a in stack.app.pool.backend.agents())
+
+
+def test_restart_keeps_history_and_marks_in_flight_runs_failed(tmp_path_factory: pytest.TempPathFactory) -> None:
+    data_dir = tmp_path_factory.mktemp("restart")
+    first = start_stack(data_dir)
+    try:
+        first.stub.DeploySut(controller_pb2.DeploySutRequest(sut_id="sut-2ms", config=synthetic_sut()))
+        done = first.wait(start(first, short_settings(common_pb2.SCENARIO_SINGLE_STREAM)).run_id)
+        pids = [a.pid for a in first.app.pool.backend.agents()]
+        # A run the controller was executing when it died: written as RUNNING, never finished.
+        in_flight = controller_pb2.Run(run_id="run-inflight", state=common_pb2.RUN_STATE_RUNNING, spec=done.spec)
+        in_flight.created_at.GetCurrentTime()
+        first.app.registry.save_run(in_flight)
+    finally:
+        stop_stack(first)
+    for pid in pids:
+        assert not _alive(pid), f"agent process {pid} outlived the controller"
+    second = start_stack(data_dir)
+    try:
+        kept = second.stub.GetRun(controller_pb2.GetRunRequest(run_id=done.run_id)).run
+        assert kept.state == common_pb2.RUN_STATE_SUCCEEDED and len(kept.results) == 1
+        marked = second.stub.GetRun(controller_pb2.GetRunRequest(run_id="run-inflight")).run
+        assert marked.state == common_pb2.RUN_STATE_FAILED and "restarted" in marked.error
+        assert second.stub.ListResults(controller_pb2.ListResultsRequest(run_id=done.run_id)).results
+    finally:
+        stop_stack(second)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
