@@ -23,6 +23,8 @@ from mecbench.v1 import (
     controller_pb2,
     loadgen_agent_pb2,
     loadgen_agent_pb2_grpc,
+    node_agent_pb2,
+    node_agent_pb2_grpc,
     sut_agent_pb2,
     sut_agent_pb2_grpc,
 )
@@ -63,12 +65,45 @@ class LoadGenHandle:
     sessions: dict[str, str] = field(default_factory=dict)  # session key -> session id
 
 
+@dataclass
+class NodeAgentHandle:
+    agent: AgentHandle
+    channel: grpc.Channel
+    stub: node_agent_pb2_grpc.NodeAgentStub
+
+
 class AgentPool:
-    def __init__(self, backend: DeploymentBackend) -> None:
+    def __init__(self, backend: DeploymentBackend, node_agent_env: dict[str, str] | None = None) -> None:
         self.backend = backend
+        self.node_agent_env = node_agent_env or {}
         self._suts: dict[str, SutHandle] = {}
         self._loadgens: dict[str, LoadGenHandle] = {}
+        self._node: NodeAgentHandle | None = None
         self._lock = threading.RLock()
+
+    # --- node agents ------------------------------------------------------------------------
+
+    def node_agent(self) -> NodeAgentHandle:
+        """This node's agent, started on first use (shaping, GPUs, telemetry)."""
+        with self._lock:
+            if self._node is not None and self.backend.is_alive(self._node.agent.name):
+                return self._node
+            if self._node is not None:
+                self._node.channel.close()
+            agent = self.backend.start_agent(AgentKind.NODE, "node-agent", env=self.node_agent_env)
+            channel = open_channel(agent.address)
+            self._node = NodeAgentHandle(agent, channel, node_agent_pb2_grpc.NodeAgentStub(channel))
+            return self._node
+
+    def node_infos(self) -> list[common_pb2.NodeInfo]:
+        node = self.node_agent()
+        try:
+            reply = node.stub.GetNodeInfo(node_agent_pb2.GetNodeInfoRequest(), timeout=30)
+        except grpc.RpcError as exc:
+            raise remote_error("node agent", exc) from None
+        info = reply.node
+        info.agent_address = node.agent.address
+        return [info]
 
     # --- SUTs -------------------------------------------------------------------------------
 
@@ -79,7 +114,9 @@ class AgentPool:
             if existing.config != config:
                 self._start_backend(existing, config, restart=True)
             return existing
-        agent = self.backend.start_agent(AgentKind.SUT, f"sut-{sut_id}", env=dict(config.env))
+        agent = self.backend.start_agent(
+            AgentKind.SUT, f"sut-{sut_id}", env=dict(config.env), placement=self.backend.sut_placement()
+        )
         channel = open_channel(agent.address)
         handle = SutHandle(sut_id, agent, config, channel, sut_agent_pb2_grpc.SutAgentStub(channel), ephemeral)
         try:
@@ -149,14 +186,22 @@ class AgentPool:
 
     # --- LoadGen servers and sessions -------------------------------------------------------
 
-    def deploy_loadgen(self, loadgen_id: str = DEFAULT_LOADGEN) -> LoadGenHandle:
+    def loadgen_for_client(self, client: int, loadgen_id: str = "") -> LoadGenHandle:
+        """The LoadGen server client `client` runs on: the named one, the shared default, or (in a
+        topology with client nodes) the one on that client's node."""
+        placement = self.backend.loadgen_placement(client)
+        if loadgen_id:
+            return self.deploy_loadgen(loadgen_id)
+        return self.deploy_loadgen(f"loadgen-{placement}" if placement else DEFAULT_LOADGEN, placement)
+
+    def deploy_loadgen(self, loadgen_id: str = DEFAULT_LOADGEN, placement: str = "") -> LoadGenHandle:
         with self._lock:
             existing = self._loadgens.get(loadgen_id)
             if existing is not None and self.backend.is_alive(existing.agent.name):
                 return existing
         if existing is not None:
             self._forget_loadgen(loadgen_id)
-        agent = self.backend.start_agent(AgentKind.LOADGEN, loadgen_id)
+        agent = self.backend.start_agent(AgentKind.LOADGEN, loadgen_id, placement=placement)
         channel = open_channel(agent.address)
         handle = LoadGenHandle(loadgen_id, agent, channel, loadgen_agent_pb2_grpc.LoadGenAgentStub(channel))
         with self._lock:
@@ -180,6 +225,7 @@ class AgentPool:
         owner: str,
     ) -> tuple[str, bool]:
         """An open session for this SUT, dataset and client slot; (session id, newly opened)."""
+        sut_address = self.backend.sut_address_for(sut.agent, client)
         key = "|".join(
             [
                 sut.agent.address,
@@ -193,7 +239,7 @@ class AgentPool:
         if session_id is not None:
             return session_id, False
         request = loadgen_agent_pb2.OpenSessionRequest(
-            sut_address=sut.agent.address,
+            sut_address=sut_address,
             dataset=dataset,
             data_plane=data_plane,
             label=f"client-{client}",
@@ -265,4 +311,6 @@ class AgentPool:
             self._forget_loadgen(loadgen_id)
         for sut_id in suts:
             self.remove_sut(sut_id)
+        if self._node is not None:
+            self._node.channel.close()
         self.backend.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from controller.agents import AgentPool
 from controller.backends.base import DeploymentBackend
 from controller.backends.local import LocalProcessBackend
+from controller.backends.topology import NetnsTopology
 from controller.registry import RunRegistry
 from controller.runs import RunManager
 from controller.settings import ControllerSettings
@@ -17,9 +18,17 @@ log = get_logger("mecbench.controller")
 
 
 def open_backend(settings: ControllerSettings) -> DeploymentBackend:
+    if settings.topology not in ("loopback", "netns"):
+        raise InvalidArgument(f"unknown topology {settings.topology!r} (known: loopback, netns)", field="topology")
     if settings.backend == "local":
+        topology = None
+        if settings.topology == "netns":
+            topology = NetnsTopology(settings.topology_name, settings.topology_slot, settings.topology_clients)
         return LocalProcessBackend(
-            settings.data_dir / "logs", host=settings.agent_host, start_timeout=settings.agent_start_timeout_s
+            settings.data_dir / "logs",
+            host=settings.agent_host,
+            start_timeout=settings.agent_start_timeout_s,
+            topology=topology,
         )
     raise InvalidArgument(f"unknown backend {settings.backend!r} (known: local)", field="backend")
 

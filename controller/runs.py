@@ -8,6 +8,7 @@ files and the parsed results written to the store, the registry updated at each 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import threading
@@ -25,9 +26,10 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import mecbench
-from controller.agents import DEFAULT_LOADGEN, AgentPool, LoadGenHandle, SutHandle, remote_error
+from controller.agents import AgentPool, LoadGenHandle, SutHandle, remote_error
 from controller.registry import ACTIVE_STATES, RunRegistry
 from controller.settings import ControllerSettings
+from controller.shaping import RunShaping, is_shaped
 from controller.validation import validate_run_spec
 from mecbench.core import durations
 from mecbench.core.errors import Cancelled, FailedPrecondition, MecbenchError, NotFound
@@ -271,11 +273,17 @@ class RunManager:
                 raise Cancelled("cancelled while waiting for the SUT")
             if spec.sut_id and spec.HasField("sut") and spec.sut != sut.config:
                 self.pool.deploy_sut(spec.sut_id, spec.sut)
-            loadgen = self.pool.deploy_loadgen(spec.loadgen_id or DEFAULT_LOADGEN)
-            for repeat in range(1, spec.repeats + 1):
-                if active.cancel.is_set():
-                    raise Cancelled("cancelled")
-                self._run_repeat(active, sut, loadgen, repeat)
+            loadgens = [self.pool.loadgen_for_client(c, spec.loadgen_id) for c in range(spec.clients)]
+            with contextlib.ExitStack() as held_resources:
+                if spec.HasField("network") and is_shaped(spec.network):
+                    self._publish(active, f"applying network profile {spec.network.name or 'custom'}", persist=False)
+                    held_resources.enter_context(
+                        RunShaping(self.pool, run.run_id, spec.network, spec.clients, self.settings.shaping_lease_s)
+                    )
+                for repeat in range(1, spec.repeats + 1):
+                    if active.cancel.is_set():
+                        raise Cancelled("cancelled")
+                    self._run_repeat(active, sut, loadgens, repeat)
             self._publish(active, "succeeded", common_pb2.RUN_STATE_SUCCEEDED)
         except Cancelled as exc:
             with active.changed:
@@ -308,7 +316,7 @@ class RunManager:
         except NotFound as exc:
             raise FailedPrecondition(f"results store not ready ({exc}); call InitStorage first") from None
 
-    def _run_repeat(self, active: ActiveRun, sut: SutHandle, loadgen: LoadGenHandle, repeat: int) -> None:
+    def _run_repeat(self, active: ActiveRun, sut: SutHandle, loadgens: list[LoadGenHandle], repeat: int) -> None:
         run = active.run
         spec = run.spec
         clients = spec.clients
@@ -317,7 +325,7 @@ class RunManager:
         self.pool.check_alive(sut)
         sessions: list[str] = []
         setup_started = time.monotonic()
-        for client in range(clients):
+        for client, loadgen in enumerate(loadgens):
             try:
                 session_id, _opened = self.pool.session_for(
                     loadgen, sut, spec.dataset, spec.data_plane, client, owner=run.run_id
@@ -333,11 +341,11 @@ class RunManager:
         outcomes = [ClientOutcome(client) for client in range(clients)]
         barrier = threading.Barrier(clients)
         with active.changed:
-            active.sessions = [(loadgen, s) for s in sessions]
+            active.sessions = list(zip(loadgens, sessions, strict=True))
         threads = [
             threading.Thread(
                 target=self._run_client,
-                args=(active, loadgen, sessions[i], repeat, outcomes[i], barrier),
+                args=(active, loadgens[i], sessions[i], repeat, outcomes[i], barrier),
                 name=f"client-{run.run_id}-{i}",
                 daemon=True,
             )
@@ -351,7 +359,7 @@ class RunManager:
             active.sessions = []
         errors = [o.error for o in outcomes if o.error is not None]
         if errors:
-            for outcome, session_id in zip(outcomes, sessions, strict=True):
+            for outcome, loadgen, session_id in zip(outcomes, loadgens, sessions, strict=True):
                 if outcome.error is not None:
                     self.pool.drop_session(loadgen, session_id)
             raise errors[0]

@@ -95,7 +95,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     def ListNodes(
         self, request: controller_pb2.ListNodesRequest, context: grpc.ServicerContext
     ) -> controller_pb2.ListNodesResponse:
-        raise Unimplemented("ListNodes arrives with the node agent")
+        return controller_pb2.ListNodesResponse(nodes=self.app.pool.node_infos())
 
     def GetMetrics(
         self, request: controller_pb2.GetMetricsRequest, context: grpc.ServicerContext

@@ -24,6 +24,15 @@ class ControllerSettings:
     max_test_duration_s: float = 3600.0
     # A result file's LoadGen log chunks are kept in memory up to this size per file.
     max_log_bytes: int = 512 * 1024 * 1024
+    # "loopback": every agent on 127.0.0.1. "netns" (root only): the SUT on an edge namespace and
+    # each LoadGen client on a client namespace, joined by veth pairs that shaping applies to.
+    topology: str = "loopback"
+    topology_clients: int = 4
+    # Which 10.231.<slot>/10.232.<slot> subnets the netns topology uses (one per controller).
+    topology_slot: int = 0
+    topology_name: str = "mb0"
+    # Shaping lease: the node agent removes shaping this long after the controller stops renewing.
+    shaping_lease_s: float = 15.0
 
     @classmethod
     def load(cls, **overrides: object) -> ControllerSettings:

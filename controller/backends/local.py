@@ -15,12 +15,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.backends.base import AgentHandle, AgentKind, DeploymentBackend
+from controller.backends.base import AgentHandle, AgentKind, DeploymentBackend, ShapingPoint
+from controller.backends.topology import NetnsTopology, enter_netns
 from mecbench.core.channels import open_channel, wait_until_serving
-from mecbench.core.errors import AlreadyExists, Unavailable
+from mecbench.core.errors import AlreadyExists, FailedPrecondition, Unavailable
 from mecbench.core.logging import get_logger
 
 log = get_logger("mecbench.controller.local")
@@ -35,6 +37,15 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _child_setup(netns: str) -> Callable[[], None]:
+    def setup() -> None:
+        _die_with_parent()
+        if netns:
+            enter_netns(netns)
+
+    return setup
+
+
 @dataclass
 class _Child:
     handle: AgentHandle
@@ -44,21 +55,71 @@ class _Child:
 class LocalProcessBackend(DeploymentBackend):
     name = "local"
 
-    def __init__(self, log_dir: Path, host: str = "127.0.0.1", start_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        host: str = "127.0.0.1",
+        start_timeout: float = 30.0,
+        topology: NetnsTopology | None = None,
+    ) -> None:
         self.log_dir = log_dir
         self.host = host
         self.start_timeout = start_timeout
+        self.topology = topology
         self._children: dict[str, _Child] = {}
         self._lock = threading.Lock()
         self.node_name = os.uname().nodename
+        if topology is not None and not topology.created:
+            topology.create()
 
-    def start_agent(self, kind: AgentKind, name: str, env: dict[str, str] | None = None) -> AgentHandle:
+    def _placement_netns(self, placement: str) -> tuple[str, str]:
+        """(netns, address the controller dials) for a placement; the host namespace for ""."""
+        if not placement or self.topology is None:
+            return "", self.host
+        if placement == "edge":
+            return self.topology.edge.netns, self.topology.edge.management_ip
+        client = int(placement.removeprefix("client-"))
+        node = self.topology.client_nodes[client]
+        return node.netns, node.management_ip
+
+    def sut_placement(self) -> str:
+        return "edge" if self.topology is not None else ""
+
+    def loadgen_placement(self, client: int) -> str:
+        return f"client-{client}" if self.topology is not None else ""
+
+    def sut_address_for(self, sut: AgentHandle, client: int) -> str:
+        if self.topology is None or sut.placement != "edge":
+            return sut.address
+        port = sut.address.rpartition(":")[2]
+        return f"{self.topology.edge_data_ip(client)}:{port}"
+
+    def shaping_points(self, side: str, client: int) -> list[ShapingPoint]:
+        if self.topology is None:
+            return super().shaping_points(side, client)
+        if not 0 <= client < self.topology.clients:
+            raise FailedPrecondition(f"the topology has {self.topology.clients} client namespaces, not {client + 1}")
+        points = []
+        if side in ("sut", "both"):
+            points.append(ShapingPoint(self.topology.edge_data_interface(client), self.topology.edge.netns))
+        if side in ("loadgen", "both"):
+            node = self.topology.client_nodes[client]
+            points.append(ShapingPoint(node.data_interface, node.netns))
+        return points
+
+    def start_agent(
+        self, kind: AgentKind, name: str, env: dict[str, str] | None = None, placement: str = ""
+    ) -> AgentHandle:
         with self._lock:
             if name in self._children and self._children[name].process.poll() is None:
                 raise AlreadyExists(f"agent {name!r} is already running")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        command = [sys.executable, "-m", "mecbench", kind.value, "--listen", f"{self.host}:0"]
+        netns, dial_host = self._placement_netns(placement)
+        # In a namespace the agent listens on every address: the controller dials its management
+        # address, LoadGen clients its data address.
+        listen_host = "0.0.0.0" if netns else self.host
+        command = [sys.executable, "-m", "mecbench", kind.value, "--listen", f"{listen_host}:0"]
         child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
@@ -68,12 +129,19 @@ class LocalProcessBackend(DeploymentBackend):
                 stdin=subprocess.DEVNULL,
                 env=child_env,
                 text=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, safe before exec
+                preexec_fn=_child_setup(netns),  # noqa: PLW1509 - prctl and setns only, before exec
                 start_new_session=True,
             )
-        address = self._read_address(process, name, log_path)
+        bound = self._read_address(process, name, log_path)
+        address = f"{dial_host}:{bound.rpartition(':')[2]}"
         handle = AgentHandle(
-            name=name, kind=kind, address=address, node=self.node_name, pid=process.pid, log_path=log_path
+            name=name,
+            kind=kind,
+            address=address,
+            node=placement or self.node_name,
+            pid=process.pid,
+            log_path=log_path,
+            placement=placement,
         )
         with self._lock:
             self._children[name] = _Child(handle, process)
@@ -147,3 +215,5 @@ class LocalProcessBackend(DeploymentBackend):
             names = list(self._children)
         for name in names:
             self.stop_agent(name)
+        if self.topology is not None:
+            self.topology.destroy()

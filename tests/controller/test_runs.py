@@ -36,7 +36,7 @@ def ms(d: Duration) -> float:
     return durations.to_ns(d) / 1e6
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: common_pb2.Scenario.Name(s))
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=common_pb2.Scenario.Name)
 def test_every_scenario_runs_end_to_end(stack: Stack, scenario: int) -> None:
     run = start(stack, short_settings(scenario))
     final = stack.wait(run.run_id)

@@ -1,0 +1,146 @@
+"""A namespaced local topology: an edge node and client nodes on one machine.
+
+The SUT agent runs in the edge namespace; each LoadGen client runs in a client namespace of its
+own. Each client reaches the edge over a data veth pair (the path that traffic shaping sits on);
+every namespace also has a management veth to the root namespace, over which the controller
+talks to the agents, so shaping the data path never slows the control path.
+
+Address plan for topology slot `t` (0..63) and node `i` (0 = edge, 1..n = clients), each link a /30:
+  management: 10.232.t.(4i+1) root side, 10.232.t.(4i+2) namespace side
+  data:       10.231.t.(4i+1) edge side, 10.231.t.(4i+2) client side   (i >= 1)
+All configuration goes through netlink (pyroute2); nothing shells out to `ip`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute, NetNS, netns
+
+from mecbench.core.errors import FailedPrecondition, InvalidArgument
+from mecbench.core.logging import get_logger
+
+log = get_logger("mecbench.controller.topology")
+
+NETNS_DIR = "/var/run/netns"
+_CLONE_NEWNET = 0x40000000
+MAX_SLOTS = 64
+MAX_CLIENTS = 62
+
+
+@dataclass(frozen=True)
+class NodeLinks:
+    """One namespace of the topology and its addresses."""
+
+    netns: str
+    management_ip: str  # namespace side; agents listen on 0.0.0.0, the controller dials this
+    data_ip: str  # edge: unused; client: its address on the data link
+    data_interface: str  # name of the data veth inside this namespace ("" for the edge)
+
+
+@dataclass
+class NetnsTopology:
+    name: str
+    slot: int
+    clients: int
+    edge: NodeLinks = field(init=False)
+    client_nodes: list[NodeLinks] = field(init=False)
+    created: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.slot < MAX_SLOTS:
+            raise InvalidArgument(f"must be 0..{MAX_SLOTS - 1}", field="topology.slot")
+        if not 1 <= self.clients <= MAX_CLIENTS:
+            raise InvalidArgument(f"must be 1..{MAX_CLIENTS}", field="topology.clients")
+        if not self.name.isalnum() or len(self.name) > 8:
+            raise InvalidArgument("1-8 letters or digits", field="topology.name")
+        self.edge = NodeLinks(f"mb-{self.name}-edge", self._ip("232", 0, 2), "", "")
+        self.client_nodes = [
+            NodeLinks(f"mb-{self.name}-c{i}", self._ip("232", i, 2), self._ip("231", i, 2), "data0")
+            for i in range(1, self.clients + 1)
+        ]
+
+    def _ip(self, net: str, node: int, host: int) -> str:
+        return f"10.{net}.{self.slot}.{4 * node + host}"
+
+    def edge_data_ip(self, client: int) -> str:
+        """Where client `client` (0-based) reaches the edge over its data link."""
+        return self._ip("231", client + 1, 1)
+
+    def edge_data_interface(self, client: int) -> str:
+        """The edge-side veth of client `client`'s data link (shape here for the SUT side)."""
+        return f"data{client + 1}"
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def create(self) -> None:
+        if os.geteuid() != 0:
+            raise FailedPrecondition("the netns topology needs root (network namespaces and veth pairs)")
+        try:
+            nodes = [self.edge, *self.client_nodes]
+            for node in nodes:
+                netns.create(node.netns)
+                with NetNS(node.netns) as ns:
+                    ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            with IPRoute() as root:
+                for index, node in enumerate(nodes):
+                    host_side = f"mb{self.name}m{index}"
+                    self._veth(root, host_side, "mgmt0", node.netns)
+                    root_index = root.link_lookup(ifname=host_side)[0]
+                    root.addr("add", index=root_index, address=self._ip("232", index, 1), prefixlen=30)
+                    root.link("set", index=root_index, state="up")
+                    self._configure(node.netns, "mgmt0", self._ip("232", index, 2))
+                for index, node in enumerate(self.client_nodes, start=1):
+                    temp = f"mb{self.name}d{index}"
+                    self._veth(root, temp, node.data_interface, node.netns)
+                    # Move the edge end into the edge namespace under its final name.
+                    root.link("set", index=root.link_lookup(ifname=temp)[0], net_ns_fd=self.edge.netns)
+                    with NetNS(self.edge.netns) as edge:
+                        edge_index = edge.link_lookup(ifname=temp)[0]
+                        edge.link("set", index=edge_index, ifname=f"data{index}")
+                    self._configure(self.edge.netns, f"data{index}", self._ip("231", index, 1))
+                    self._configure(node.netns, node.data_interface, node.data_ip)
+            self.created = True
+            log.info("topology_created", name=self.name, clients=self.clients, slot=self.slot)
+        except Exception:
+            self.destroy()
+            raise
+
+    @staticmethod
+    def _veth(root: IPRoute, name: str, peer: str, peer_netns: str) -> None:
+        root.link("add", ifname=name, kind="veth", peer={"ifname": peer, "net_ns_fd": peer_netns})
+
+    @staticmethod
+    def _configure(namespace: str, interface: str, address: str) -> None:
+        with NetNS(namespace) as ns:
+            index = ns.link_lookup(ifname=interface)[0]
+            ns.addr("add", index=index, address=address, prefixlen=30)
+            ns.link("set", index=index, state="up")
+
+    def destroy(self) -> None:
+        """Remove the namespaces (their veths go with them) and any root-side leftovers."""
+        with IPRoute() as root:
+            for index in range(self.clients + 1):
+                for name in (f"mb{self.name}m{index}", f"mb{self.name}d{index}"):
+                    for link in root.link_lookup(ifname=name):
+                        with contextlib.suppress(Exception):
+                            root.link("del", index=link)
+        for node in [self.edge, *self.client_nodes]:
+            if os.path.exists(os.path.join(NETNS_DIR, node.netns)):
+                with contextlib.suppress(Exception):
+                    netns.remove(node.netns)
+        self.created = False
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling process into a named network namespace (used before exec in children)."""
+    fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY)
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns({name}) failed")
+    finally:
+        os.close(fd)
