@@ -112,6 +112,9 @@ def quickstart_specs(experiment_id: str) -> list[tuple[str, controller_pb2.RunSp
             scenario=common_pb2.SCENARIO_SINGLE_STREAM,
             min_duration=durations.from_seconds(2),
             min_query_count=100,
+            # LoadGen sizes a SingleStream test as min_duration / expected latency queries up
+            # front: expecting the SUT's 2 ms makes the test last at least min_duration.
+            single_stream_expected_latency=durations.from_seconds(0.002),
         ),
         **common,  # type: ignore[arg-type]
     )
@@ -179,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SERVICES:
         service = commands.add_parser(name, help=f"run the {name} gRPC server")
         service.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to bind (port 0: any free port)")
+        service.add_argument("--netns", default="", help="run inside this named network namespace (root)")
     quick = commands.add_parser("quickstart", help="start a local stack, run two short tests, print the results")
     quick.add_argument("--data-dir", default="", help="where results go (default: a new temporary folder)")
     quick.add_argument("--experiment", default="quickstart", help="experiment id")
@@ -189,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in SERVICES:
+        if args.netns:
+            # First, before any thread exists: a network namespace is per thread, and every
+            # thread started later (gRPC's included) inherits it from this one.
+            from mecbench.core.netns import enter_netns
+
+            enter_netns(args.netns)
         configure_logging(args.log_level)
         SERVICES[args.command](args.listen)
         return EXIT_OK

@@ -1,13 +1,15 @@
 """Local backend: each agent is a child process on this machine, bound to an ephemeral port.
 
-Children get PR_SET_PDEATHSIG so they die with the controller even after a kill -9, and are
-stopped with SIGTERM (graceful) then SIGKILL. Each agent's stderr (its JSON logs) goes to a file.
+Each child's stdin is a pipe this process holds open: when the controller dies, even by kill -9,
+the pipe closes and the agent stops itself (`MECBENCH_EXIT_WITH_PARENT`). Agents are stopped
+with SIGTERM (graceful) then SIGKILL. Nothing runs between fork and exec: a child placed in a
+network namespace enters it itself (`--netns`) before it starts any thread. Each agent's stderr
+(its JSON logs) goes to a file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import signal
@@ -15,35 +17,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from controller.backends.base import AgentHandle, AgentKind, DeploymentBackend, ShapingPoint
-from controller.backends.topology import NetnsTopology, enter_netns
+from controller.backends.topology import NetnsTopology
 from mecbench.core.channels import open_channel, wait_until_serving
 from mecbench.core.errors import AlreadyExists, FailedPrecondition, Unavailable
 from mecbench.core.logging import get_logger
+from mecbench.core.server import EXIT_WITH_PARENT_ENV
 
 log = get_logger("mecbench.controller.local")
 
 _LISTENING = re.compile(r"listening on (\S+:\d+)")
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: ask the kernel to SIGTERM it when the controller dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _child_setup(netns: str) -> Callable[[], None]:
-    def setup() -> None:
-        _die_with_parent()
-        if netns:
-            enter_netns(netns)
-
-    return setup
 
 
 @dataclass
@@ -120,16 +106,17 @@ class LocalProcessBackend(DeploymentBackend):
         # address, LoadGen clients its data address.
         listen_host = "0.0.0.0" if netns else self.host
         command = [sys.executable, "-m", "mecbench", kind.value, "--listen", f"{listen_host}:0"]
-        child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        if netns:
+            command += ["--netns", netns]
+        child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", EXIT_WITH_PARENT_ENV: "1"}
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
                 command,
                 stdout=subprocess.PIPE,
                 stderr=log_file,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 env=child_env,
                 text=True,
-                preexec_fn=_child_setup(netns),  # noqa: PLW1509 - prctl and setns only, before exec
                 start_new_session=True,
             )
         bound = self._read_address(process, name, log_path)
@@ -186,6 +173,9 @@ class LocalProcessBackend(DeploymentBackend):
     def _terminate(process: subprocess.Popen[str], grace: float = 5.0) -> None:
         if process.poll() is not None:
             return
+        if process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(grace)

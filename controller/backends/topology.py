@@ -14,7 +14,6 @@ All configuration goes through netlink (pyroute2); nothing shells out to `ip`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 from dataclasses import dataclass, field
 
@@ -22,11 +21,10 @@ from pyroute2 import IPRoute, NetNS, netns
 
 from mecbench.core.errors import FailedPrecondition, InvalidArgument
 from mecbench.core.logging import get_logger
+from mecbench.core.netns import NETNS_DIR
 
 log = get_logger("mecbench.controller.topology")
 
-NETNS_DIR = "/var/run/netns"
-_CLONE_NEWNET = 0x40000000
 MAX_SLOTS = 64
 MAX_CLIENTS = 62
 
@@ -133,14 +131,3 @@ class NetnsTopology:
                 with contextlib.suppress(Exception):
                     netns.remove(node.netns)
         self.created = False
-
-
-def enter_netns(name: str) -> None:
-    """Move the calling process into a named network namespace (used before exec in children)."""
-    fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY)
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns({name}) failed")
-    finally:
-        os.close(fd)

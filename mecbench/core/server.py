@@ -4,6 +4,7 @@ may be 0 (the bound port is returned)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -96,6 +97,23 @@ def build_server(
     return RunningServer(server=server, port=port, host=host, health=health_servicer, service_names=names)
 
 
+# Set by a parent that keeps our stdin open for as long as it lives (the local backend): when it
+# dies, even by SIGKILL, the kernel closes the pipe and the agent stops itself, so no agent
+# outlives its controller. Unlike PR_SET_PDEATHSIG this does not depend on which parent thread
+# forked us, and needs no code between fork and exec.
+EXIT_WITH_PARENT_ENV = "MECBENCH_EXIT_WITH_PARENT"
+
+
+def _stop_when_stdin_closes(stop: threading.Event) -> None:
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    except (OSError, ValueError):
+        pass
+    log.info("parent_gone")
+    stop.set()
+
+
 def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:
     """Announce the bound address, block until SIGTERM or SIGINT, then stop gracefully.
 
@@ -113,6 +131,8 @@ def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    if os.environ.get(EXIT_WITH_PARENT_ENV) == "1":
+        threading.Thread(target=_stop_when_stdin_closes, args=(stop,), name="parent-watch", daemon=True).start()
     stop.wait()
     running.stop(grace)
     log.info("server_stopped", port=running.port)

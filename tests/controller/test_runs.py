@@ -72,7 +72,7 @@ def test_single_stream_latency_sits_just_above_the_service_time(stack: Stack) ->
 
 
 def test_server_at_modest_qps_is_valid(stack: Stack) -> None:
-    settings = short_settings(common_pb2.SCENARIO_SERVER, server_target_qps=200.0, min_duration=durations.from_seconds(2))
+    settings = short_settings(common_pb2.SCENARIO_SERVER, server_target_qps=200.0, min_duration=durations.from_seconds(3))
     final = stack.wait(start(stack, settings).run_id)
     result = final.results[0].aggregate
     assert result.valid, list(result.invalid_reasons)
@@ -143,8 +143,10 @@ def _violations(error: grpc.RpcError) -> dict[str, str]:
 def test_bad_requests_are_refused_and_start_nothing(stack: Stack, spec: dict[str, object], field: str) -> None:
     agents_before = {a.name for a in stack.app.pool.backend.agents()}
     runs_before = len(stack.stub.ListRuns(controller_pb2.ListRunsRequest(page_size=500)).runs)
+    fields = dict(spec)
+    settings = fields.pop("settings", short_settings(common_pb2.SCENARIO_SERVER))
     with pytest.raises(grpc.RpcError) as info:
-        start(stack, short_settings(common_pb2.SCENARIO_SERVER), **spec)
+        start(stack, settings, **fields)  # type: ignore[arg-type]
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in _violations(info.value), info.value.details()
     assert field in info.value.details()

@@ -16,7 +16,7 @@ from tests.conftest import requires_root
 
 
 def _in_netns(name: str, code: str) -> subprocess.CompletedProcess[str]:
-    script = f"from controller.backends.topology import enter_netns\nenter_netns({name!r})\n" + textwrap.dedent(code)
+    script = f"from mecbench.core.netns import enter_netns\nenter_netns({name!r})\n" + textwrap.dedent(code)
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
 
 
@@ -27,7 +27,7 @@ def test_clients_reach_the_edge_over_their_data_links_and_the_host_over_manageme
     try:
         server = subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(f"""
-                from controller.backends.topology import enter_netns
+                from mecbench.core.netns import enter_netns
                 enter_netns({topology.edge.netns!r})
                 import socket
                 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -1,0 +1,47 @@
+"""Backend registry: the SutConfig `backend` oneof name -> a factory that builds a ready backend.
+
+Factories raise `InvalidArgument` (with `config.<backend>.<field>` paths) for what can only be
+checked while building (a model file that does not load, an input name it lacks), and build
+nothing in that case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mecbench.core.errors import Unimplemented
+from mecbench.v1 import sut_agent_pb2
+from sut_agent.backends.base import Backend, Completion, CompletionCallback
+from sut_agent.settings import SutAgentSettings
+
+BackendFactory = Callable[[sut_agent_pb2.SutConfig, SutAgentSettings], Backend]
+
+
+def _synthetic(config: sut_agent_pb2.SutConfig, settings: SutAgentSettings) -> Backend:
+    from sut_agent.backends.synthetic import SyntheticBackend
+
+    return SyntheticBackend(config.synthetic, spin_us=settings.synthetic_spin_us)
+
+
+def _onnxruntime(config: sut_agent_pb2.SutConfig, settings: SutAgentSettings) -> Backend:
+    # Imported on use: onnxruntime takes a while to import and only this backend needs it.
+    from sut_agent.backends.onnx import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(config.onnxruntime, model_dir=settings.model_dir)
+
+
+BACKENDS: dict[str, BackendFactory] = {
+    "synthetic": _synthetic,
+    "onnxruntime": _onnxruntime,
+}
+
+
+def create_backend(config: sut_agent_pb2.SutConfig, settings: SutAgentSettings) -> Backend:
+    kind = config.WhichOneof("backend")
+    factory = BACKENDS.get(kind or "")
+    if factory is None:
+        raise Unimplemented(f"{kind} backend: not yet available")
+    return factory(config, settings)
+
+
+__all__ = ["BACKENDS", "Backend", "BackendFactory", "Completion", "CompletionCallback", "create_backend"]

@@ -1,0 +1,71 @@
+"""Validation of SutConfig: every bad value is reported at once, with its field path."""
+
+from __future__ import annotations
+
+from google.protobuf.duration_pb2 import Duration
+
+from mecbench.core import durations
+from mecbench.core.errors import Violations
+from mecbench.v1 import common_pb2, sut_agent_pb2
+
+# Ten minutes per sample is far beyond any sensible model of a server; longer is a unit mistake.
+MAX_SERVICE_TIME_NS = 600 * 1_000_000_000
+MAX_BATCH_SIZE = 65536
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+MAX_ONNX_CONCURRENCY = 256
+
+
+def _duration(value: Duration, field: str, violations: Violations) -> None:
+    if durations.is_negative(value):
+        violations.add(field, "must not be negative")
+    elif durations.to_ns(value) > MAX_SERVICE_TIME_NS:
+        violations.add(field, "must be at most 600s")
+
+
+def _validate_synthetic(config: sut_agent_pb2.SyntheticBackendConfig, prefix: str, violations: Violations) -> None:
+    for name in ("mean", "stddev", "low", "high", "per_sample_time"):
+        _duration(getattr(config, name), f"{prefix}.{name}", violations)
+    violations.check(
+        config.distribution in sut_agent_pb2.ServiceTimeDistribution.values(),
+        f"{prefix}.distribution",
+        "unknown distribution",
+    )
+    if config.distribution == sut_agent_pb2.SERVICE_TIME_DISTRIBUTION_UNIFORM:
+        violations.check(
+            durations.to_ns(config.low) <= durations.to_ns(config.high), f"{prefix}.low", "must not exceed high"
+        )
+    violations.check(config.max_batch_size <= MAX_BATCH_SIZE, f"{prefix}.max_batch_size", f"at most {MAX_BATCH_SIZE}")
+    violations.check(
+        config.response_bytes <= MAX_RESPONSE_BYTES, f"{prefix}.response_bytes", f"at most {MAX_RESPONSE_BYTES}"
+    )
+
+
+def _validate_onnxruntime(config: sut_agent_pb2.OnnxRuntimeBackendConfig, prefix: str, violations: Violations) -> None:
+    # What needs the model file (input names, shapes, types) is checked when the model loads.
+    violations.check(bool(config.model_path), f"{prefix}.model_path", "must name an .onnx file")
+    violations.check(
+        all(dim > 0 for dim in config.sample_shape), f"{prefix}.sample_shape", "dimensions must be positive"
+    )
+    violations.check(
+        config.data_type in common_pb2.DataType.values() and config.data_type != common_pb2.DATA_TYPE_BYTES,
+        f"{prefix}.data_type",
+        "must be a numeric type",
+    )
+    violations.check(
+        config.max_concurrency <= MAX_ONNX_CONCURRENCY, f"{prefix}.max_concurrency", f"at most {MAX_ONNX_CONCURRENCY}"
+    )
+    violations.check(config.max_batch_size <= MAX_BATCH_SIZE, f"{prefix}.max_batch_size", f"at most {MAX_BATCH_SIZE}")
+    violations.check(config.intra_op_threads <= 1024, f"{prefix}.intra_op_threads", "at most 1024")
+
+
+def validate_config(config: sut_agent_pb2.SutConfig, prefix: str = "config") -> Violations:
+    violations = Violations()
+    backend = config.WhichOneof("backend")
+    if backend is None:
+        violations.add(f"{prefix}.backend", "one of synthetic, onnxruntime, external must be set")
+    elif backend == "synthetic":
+        _validate_synthetic(config.synthetic, f"{prefix}.synthetic", violations)
+    elif backend == "onnxruntime":
+        _validate_onnxruntime(config.onnxruntime, f"{prefix}.onnxruntime", violations)
+    violations.check(config.resources.cpu_cores >= 0, f"{prefix}.resources.cpu_cores", "must not be negative")
+    return violations

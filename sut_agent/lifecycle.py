@@ -1,0 +1,104 @@
+"""The backend's lifecycle behind Start, Stop and GetStatus: plain Python, no gRPC."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from mecbench.core.errors import FailedPrecondition, MecbenchError
+from mecbench.core.logging import get_logger
+from mecbench.v1 import sut_agent_pb2
+from sut_agent.backends import create_backend
+from sut_agent.backends.base import Backend
+from sut_agent.config import validate_config
+from sut_agent.settings import SutAgentSettings
+from sut_agent.stats import SutStatsRecorder
+
+log = get_logger("sut_agent.lifecycle")
+
+
+class BackendManager:
+    """Holds the one running backend, its config and state, and the server-side stats."""
+
+    def __init__(self, settings: SutAgentSettings) -> None:
+        self.settings = settings
+        self.stats = SutStatsRecorder()
+        self._lock = threading.Lock()  # serialises Start and Stop
+        self.backend: Backend | None = None
+        self._state = sut_agent_pb2.BACKEND_STATE_STOPPED
+        self._config = sut_agent_pb2.SutConfig()
+        self._message = ""
+        self._started_at_ns = 0
+        self.open_streams = 0
+
+    def ready_backend(self) -> Backend:
+        """The backend to submit to; FAILED_PRECONDITION when none is ready."""
+        backend = self.backend
+        if backend is None:
+            raise FailedPrecondition(f"backend is not ready ({self.state_name()}): call Start first")
+        return backend
+
+    def state_name(self) -> str:
+        return sut_agent_pb2.BackendState.Name(self._state).removeprefix("BACKEND_STATE_")
+
+    def start(self, config: sut_agent_pb2.SutConfig, restart: bool) -> sut_agent_pb2.SutStatus:
+        validate_config(config).raise_if_any()
+        with self._lock:
+            if self.backend is not None:
+                if config == self._config and not restart:
+                    return self.status()
+                if not restart:
+                    raise FailedPrecondition("a backend with a different config is running: set restart to replace it")
+            previous_state = self._state
+            self._state = sut_agent_pb2.BACKEND_STATE_STARTING
+            try:
+                # Built before the running one stops: a config that fails to load leaves it serving.
+                backend = create_backend(config, self.settings)
+            except MecbenchError:  # a request the backend refused: nothing changed
+                self._state = previous_state
+                raise
+            except Exception as exc:
+                self._state = previous_state if self.backend is not None else sut_agent_pb2.BACKEND_STATE_FAILED
+                self._message = f"start failed: {exc}"
+                raise
+            old, self.backend = self.backend, backend
+            self._config = sut_agent_pb2.SutConfig()
+            self._config.CopyFrom(config)
+            self._state = sut_agent_pb2.BACKEND_STATE_READY
+            self._message = ""
+            self._started_at_ns = time.time_ns()
+            self.stats.reset()
+        if old is not None:
+            old.close()
+        log.info("backend_started", backend=backend.name, replaced=old is not None)
+        return self.status()
+
+    def stop(self) -> sut_agent_pb2.SutStatus:
+        with self._lock:
+            backend, self.backend = self.backend, None
+            self._state = sut_agent_pb2.BACKEND_STATE_STOPPED
+        if backend is not None:
+            backend.close()
+            log.info("backend_stopped", backend=backend.name)
+        return self.status()
+
+    def status(self) -> sut_agent_pb2.SutStatus:
+        backend = self.backend
+        status = sut_agent_pb2.SutStatus(
+            state=self._state,
+            backend=backend.name if backend is not None else "",
+            message=self._message,
+            in_flight=max(self.stats.in_flight, 0),
+            open_streams=self.open_streams,
+        )
+        if backend is not None:
+            status.config.CopyFrom(self._config)
+            started = Timestamp()
+            started.FromNanoseconds(self._started_at_ns)
+            status.started_at.CopyFrom(started)
+        return status
+
+    def close(self) -> None:
+        self.stop()

@@ -1,0 +1,35 @@
+"""SUT agent gRPC server."""
+
+from __future__ import annotations
+
+from mecbench.core.server import RunningServer, build_server, serve_until_signalled
+from mecbench.v1 import sut_agent_pb2, sut_agent_pb2_grpc
+from sut_agent.dataplane import DataPlane
+from sut_agent.lifecycle import BackendManager
+from sut_agent.servicer import SutAgentServicer
+from sut_agent.settings import SutAgentSettings
+
+SERVICE_NAME = sut_agent_pb2.DESCRIPTOR.services_by_name["SutAgent"].full_name
+
+
+def create_server(
+    address: str, settings: SutAgentSettings | None = None, manager: BackendManager | None = None
+) -> tuple[RunningServer, int]:
+    """Start a SUT agent on `address` (port 0 picks one); returns the server and its port.
+    `manager` lets tests (and embedders) reach the backend and stats directly."""
+    settings = settings or SutAgentSettings.load()
+    manager = manager or BackendManager(settings)
+    dataplane = DataPlane(manager, settings)
+    running = build_server(
+        address,
+        lambda server: sut_agent_pb2_grpc.add_SutAgentServicer_to_server(SutAgentServicer(manager, dataplane), server),
+        [SERVICE_NAME],
+        max_workers=settings.max_workers,
+    )
+    running.on_stop.append(manager.close)
+    return running, running.port
+
+
+def serve(address: str, settings: SutAgentSettings | None = None) -> None:
+    running, _port = create_server(address, settings)
+    serve_until_signalled(running)

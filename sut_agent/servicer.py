@@ -1,0 +1,52 @@
+"""SutAgent gRPC servicer: translates messages to and from the lifecycle and data plane."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from mecbench.v1 import sut_agent_pb2, sut_agent_pb2_grpc
+from sut_agent.dataplane import DataPlane
+from sut_agent.lifecycle import BackendManager
+
+MAX_WAIT_S = 365 * 24 * 3600.0
+
+
+class SutAgentServicer(sut_agent_pb2_grpc.SutAgentServicer):
+    def __init__(self, manager: BackendManager, dataplane: DataPlane) -> None:
+        self._manager = manager
+        self._dataplane = dataplane
+
+    def Start(self, request: sut_agent_pb2.StartRequest, context: grpc.ServicerContext) -> sut_agent_pb2.StartResponse:
+        return sut_agent_pb2.StartResponse(status=self._manager.start(request.config, request.restart))
+
+    def GetStatus(
+        self, request: sut_agent_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> sut_agent_pb2.GetStatusResponse:
+        return sut_agent_pb2.GetStatusResponse(status=self._manager.status())
+
+    def GetStats(
+        self, request: sut_agent_pb2.GetStatsRequest, context: grpc.ServicerContext
+    ) -> sut_agent_pb2.GetStatsResponse:
+        return sut_agent_pb2.GetStatsResponse(stats=self._manager.stats.snapshot(reset=request.reset))
+
+    def Stop(self, request: sut_agent_pb2.StopRequest, context: grpc.ServicerContext) -> sut_agent_pb2.StopResponse:
+        return sut_agent_pb2.StopResponse(status=self._manager.stop())
+
+    def StreamInfer(
+        self, request_iterator: Iterator[sut_agent_pb2.StreamInferRequest], context: grpc.ServicerContext
+    ) -> Iterator[sut_agent_pb2.StreamInferResponse]:
+        stream = self._dataplane.stream(request_iterator)
+        context.add_callback(stream.close)
+        return self._dataplane.serve_stream(request_iterator, stream)
+
+    def Infer(self, request: sut_agent_pb2.InferRequest, context: grpc.ServicerContext) -> sut_agent_pb2.InferResponse:
+        done = threading.Event()
+        context.add_callback(done.set)
+        remaining = context.time_remaining()
+        # Without a deadline gRPC reports ~2^63 seconds, which no wait accepts.
+        timeout = remaining if remaining is not None and remaining < MAX_WAIT_S else None
+        batch = self._dataplane.infer(request.batch, done, timeout)
+        return sut_agent_pb2.InferResponse(batch=batch)

@@ -1,0 +1,27 @@
+"""SUT agent settings: `MECBENCH_SUT_*` environment variables override the defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mecbench.core.settings import from_env
+
+
+@dataclass
+class SutAgentSettings:
+    # gRPC worker threads. Every open StreamInfer holds one for its whole life, and LoadGen
+    # agents open several streams per client, so this is well above the CPU count.
+    max_workers: int = 256
+    # Relative `config.onnxruntime.model_path` values resolve against this directory.
+    model_dir: Path = field(default_factory=lambda: Path("."))
+    # The synthetic backend sleeps until this long before a completion deadline, then spins
+    # (yielding the CPU) to hit it precisely; a condition wait alone overshoots by ~50-100us.
+    synthetic_spin_us: int = 200
+    # Coalescing caps of one StreamInfer response message.
+    max_response_samples: int = 8192
+    max_response_bytes: int = 8 * 1024 * 1024
+
+    @classmethod
+    def load(cls, **overrides: object) -> SutAgentSettings:
+        return from_env(cls, "MECBENCH_SUT_", None, **overrides)
