@@ -171,6 +171,7 @@ class Session(_message.Message):
     CURRENT_TEST_ID_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    WORKER_RESTARTS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     state: Global___SessionState.ValueType
     sut_address: _builtins.str
@@ -182,6 +183,10 @@ class Session(_message.Message):
     pid: _builtins.int
     """OS process id of the session's LoadGen process."""
     error: _builtins.str
+    worker_restarts: _builtins.int
+    """Times the session's LoadGen process was replaced by a fresh one (after a cancelled or aborted
+    test that LoadGen could not end promptly); `pid` changes each time.
+    """
     @_builtins.property
     def opened_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -203,10 +208,11 @@ class Session(_message.Message):
         current_test_id: _builtins.str = ...,
         pid: _builtins.int = ...,
         error: _builtins.str = ...,
+        worker_restarts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["opened_at", b"opened_at", "setup_time", b"setup_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_test_id", b"current_test_id", "error", b"error", "label", b"label", "opened_at", b"opened_at", "owner", b"owner", "pid", b"pid", "sample_count", b"sample_count", "session_id", b"session_id", "setup_time", b"setup_time", "state", b"state", "sut_address", b"sut_address", "tests_run", b"tests_run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_test_id", b"current_test_id", "error", b"error", "label", b"label", "opened_at", b"opened_at", "owner", b"owner", "pid", b"pid", "sample_count", b"sample_count", "session_id", b"session_id", "setup_time", b"setup_time", "state", b"state", "sut_address", b"sut_address", "tests_run", b"tests_run", "worker_restarts", b"worker_restarts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -373,10 +379,16 @@ class TestFinished(_message.Message):
     BATCHES_SENT_FIELD_NUMBER: _builtins.int
     MEAN_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
+    SAMPLES_SENT_FIELD_NUMBER: _builtins.int
+    SAMPLE_ERRORS_FIELD_NUMBER: _builtins.int
     batches_sent: _builtins.int
     """Client-side data-plane figures."""
     mean_batch_size: _builtins.float
     cancelled: _builtins.bool
+    samples_sent: _builtins.int
+    """Samples sent to the SUT agent (batches_sent counts the messages that carried them)."""
+    sample_errors: _builtins.int
+    """Samples the SUT answered with a per-sample error (LoadGen still counts them as completed)."""
     @_builtins.property
     def result(self) -> _common_pb2.TestResult: ...
     @_builtins.property
@@ -389,10 +401,12 @@ class TestFinished(_message.Message):
         batches_sent: _builtins.int = ...,
         mean_batch_size: _builtins.float = ...,
         cancelled: _builtins.bool = ...,
+        samples_sent: _builtins.int = ...,
+        sample_errors: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "wall_time", b"wall_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches_sent", b"batches_sent", "cancelled", b"cancelled", "mean_batch_size", b"mean_batch_size", "result", b"result", "wall_time", b"wall_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches_sent", b"batches_sent", "cancelled", b"cancelled", "mean_batch_size", b"mean_batch_size", "result", b"result", "sample_errors", b"sample_errors", "samples_sent", b"samples_sent", "wall_time", b"wall_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

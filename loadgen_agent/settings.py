@@ -1,0 +1,38 @@
+"""LoadGen agent settings: `MECBENCH_LOADGEN_*` environment variables override the defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mecbench.core.settings import from_env
+
+
+@dataclass
+class LoadGenAgentSettings:
+    max_workers: int = 32
+    # Sessions open at once (each is a process holding its dataset in memory).
+    max_sessions: int = 16
+    # OpenSession waits this long for the session process to load its dataset and connect (below
+    # the controller's 60 s RPC deadline, so it hears why).
+    open_timeout_s: float = 50.0
+    # How long the session process waits for the SUT agent's health check to answer SERVING.
+    sut_connect_timeout_s: float = 30.0
+    # Interval of TestProgress events.
+    progress_interval_s: float = 0.5
+    # After CancelTest (or a data-plane abort) LoadGen gets this long to end the test with every
+    # query answered at once; past it the session process is replaced by a fresh one.
+    cancel_grace_s: float = 3.0
+    # Largest synthetic dataset a session may hold, in bytes.
+    max_dataset_bytes: int = 4 * 1024 * 1024 * 1024
+    # Where each test's LoadGen log directory is created (removed after it was streamed back);
+    # empty = the system temporary directory.
+    work_dir: Path | None = None
+    # Size of the FileChunk messages the log files are streamed back in.
+    log_chunk_bytes: int = 1024 * 1024
+    # structlog level inside the session processes.
+    worker_log_level: str = "info"
+
+    @classmethod
+    def load(cls, **overrides: object) -> LoadGenAgentSettings:
+        return from_env(cls, "MECBENCH_LOADGEN_", None, **overrides)

@@ -1,0 +1,671 @@
+"""A LoadGen session process ("session worker"): run as `python -m loadgen_agent.worker`.
+
+LoadGen is a per-process singleton, so each session is its own process. It loads the dataset (the
+QSL) once, opens the data-plane connection to the SUT agent once, constructs LoadGen's SUT and
+QSL once, then runs the tests the agent sends it back to back (protocol in `protocol.py`).
+
+Threads, and why they live as long as the process: LoadGen keeps a thread-local logger for each
+thread that calls into it, and a thread that exits after calling QuerySamplesComplete can crash
+LoadGen's logging thread later (seen with LoadGen 6.0: SIGSEGV in TlsLogger::SwapBuffers). So
+every thread of ours that completes samples (the stream receivers, the monitor, the command
+reader) is started once and never ends before the process does.
+
+- main thread: set-up, then one test at a time (StartTest blocks it);
+- command reader: reads the agent's commands (a cancel must get through while a test runs);
+  exits the process at `close` or when the agent's end of the pipe closes (the agent died);
+- one receiver per data-plane stream: reads ResponseBatch messages, completes samples;
+- monitor: progress events and the response timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+import numpy as np
+import structlog
+
+from loadgen_agent.protocol import Message, MessageWriter, error_to_message, read_message
+from loadgen_agent.settings_builder import build_test_settings, describe_test_settings
+from mecbench.core import durations
+from mecbench.core.channels import open_channel, wait_until_serving
+from mecbench.core.errors import DeadlineExceeded, MecbenchError, Unavailable, Unimplemented
+from mecbench.core.logging import configure_logging, get_logger
+from mecbench.v1 import common_pb2, loadgen_agent_pb2, sut_agent_pb2, sut_agent_pb2_grpc
+
+log = get_logger("mecbench.loadgen.worker")
+
+DEFAULT_SAMPLE_COUNT = 1024
+DEFAULT_SHAPE = (16,)
+DEFAULT_MAX_BATCH_SIZE = 256
+DEFAULT_RESPONSE_TIMEOUT_S = 60.0
+# LoadGen is handed at most this many responses per QuerySamplesComplete when we answer queries
+# ourselves (cancel, abort), to bound the size of one call.
+_COMPLETE_CHUNK = 8192
+
+_DTYPES: dict[int, np.dtype[Any]] = {
+    common_pb2.DATA_TYPE_UNSPECIFIED: np.dtype(np.float32),
+    common_pb2.DATA_TYPE_FLOAT32: np.dtype(np.float32),
+    common_pb2.DATA_TYPE_FLOAT16: np.dtype(np.float16),
+    common_pb2.DATA_TYPE_INT64: np.dtype(np.int64),
+    common_pb2.DATA_TYPE_INT32: np.dtype(np.int32),
+    common_pb2.DATA_TYPE_UINT8: np.dtype(np.uint8),
+    common_pb2.DATA_TYPE_BYTES: np.dtype(np.uint8),
+}
+
+
+def start_thread(name: str, target: Callable[..., None], *args: Any) -> None:
+    """A daemon thread that runs in a copy of the caller's context, so its logs carry the session id."""
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(target, *args), name=name, daemon=True).start()
+
+
+# --- the dataset (QSL) -------------------------------------------------------------------------
+
+
+def synthetic_shape(spec: common_pb2.SyntheticDataset) -> tuple[int, ...]:
+    return tuple(int(d) for d in spec.shape) or DEFAULT_SHAPE
+
+
+def synthetic_sample_bytes(spec: common_pb2.SyntheticDataset) -> int:
+    """Bytes of one sample of a synthetic dataset."""
+    return int(np.prod(synthetic_shape(spec))) * _DTYPES.get(spec.data_type, np.dtype(np.uint8)).itemsize
+
+
+def synthetic_samples(spec: common_pb2.SyntheticDataset) -> list[bytes]:
+    """`sample_count` random tensors of `shape`/`data_type` from `seed`, one bytes object each."""
+    count = spec.sample_count or DEFAULT_SAMPLE_COUNT
+    shape = (count, *synthetic_shape(spec))
+    dtype = _DTYPES[spec.data_type]
+    rng = np.random.default_rng(spec.seed)
+    if dtype.kind == "f":
+        data: np.ndarray[Any, Any] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    elif dtype == np.uint8:
+        data = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    else:
+        data = rng.integers(0, 1000, size=shape, dtype=dtype)
+    return [row.tobytes() for row in data]
+
+
+def _uri_samples(spec: common_pb2.DatasetSpec) -> list[bytes]:
+    """Where datasets fetched from `uri` will be loaded (and their sha256 checked)."""
+    raise Unimplemented("datasets from dataset.uri are not supported yet; use dataset.synthetic")
+
+
+def load_samples(spec: common_pb2.DatasetSpec) -> list[bytes]:
+    """The samples of the session's dataset, held in memory for the whole session."""
+    if spec.WhichOneof("source") == "uri":
+        return _uri_samples(spec)
+    return synthetic_samples(spec.synthetic)
+
+
+# --- the data plane ----------------------------------------------------------------------------
+
+
+@dataclass
+class TestCounters:
+    issued: int = 0
+    completed: int = 0
+    batches_sent: int = 0
+    samples_sent: int = 0
+    sample_errors: int = 0
+
+
+class _Call:
+    """One StreamInfer call of a stream slot; `dead` tells its request generator to stop."""
+
+    def __init__(self) -> None:
+        self.dead = False
+
+
+class DataPlane:
+    """LoadGen's queries to the SUT agent over StreamInfer, and the responses back into LoadGen.
+
+    Issue callbacks only append (response id, sample index, arrival time) to `pending` and wake a
+    stream; nothing else happens on LoadGen's issue threads. Each stream's request generator (run
+    by gRPC's sending thread for that call, so there is no extra hand-off) takes up to
+    `max_batch_size` pending samples into one QueryBatch.
+
+    Batching bound: a generator sends what is pending as soon as it wakes when `max_batch_delay`
+    is 0. With a delay, it waits until `max_batch_size` samples are pending or the oldest pending
+    sample has waited `max_batch_delay`, whichever comes first, so no sample waits in the batcher
+    longer than `max_batch_delay` (plus thread wake-up) while a stream is free to take it.
+
+    Samples travel with our own wire ids (a per-process sequence), not LoadGen's response ids:
+    LoadGen's ids are addresses that a later test may reuse, so a late answer to an earlier test
+    could otherwise complete the wrong sample. A response completes a sample only if its wire id is
+    still in flight; everything else (late, duplicate, after a cancel) is dropped.
+    """
+
+    def __init__(
+        self,
+        stub: sut_agent_pb2_grpc.SutAgentStub,
+        samples: Sequence[bytes],
+        options: loadgen_agent_pb2.DataPlaneOptions,
+        sut_address: str,
+    ) -> None:
+        import mlperf_loadgen
+
+        self._lg = mlperf_loadgen
+        self._stub = stub
+        self._samples = samples
+        self._sut_address = sut_address
+        self.max_batch_size = options.max_batch_size or DEFAULT_MAX_BATCH_SIZE
+        self.max_batch_delay_s = durations.to_seconds(options.max_batch_delay)
+        self.omit_payloads = options.omit_payloads
+        self.response_timeout_s = durations.to_seconds(options.response_timeout) or DEFAULT_RESPONSE_TIMEOUT_S
+        self.stream_count = options.streams or 1
+        self._cond = threading.Condition()
+        # Held around a FirstTokenComplete and around an abort's taking of the samples in flight,
+        # so LoadGen never hears of a first token for a sample it was already told is complete.
+        self._token_lock = threading.Lock()
+        self._pending: deque[tuple[int, int, float]] = deque()
+        self._in_flight: dict[int, int] = {}
+        self._wire_ids = itertools.count(1)
+        self._last_activity = time.monotonic()
+        self._test_active = False
+        self._aborting = False
+        self._cancelled = False
+        self._abort_error: MecbenchError | None = None
+        self._want_data = False
+        self.counters = TestCounters()
+        # Told when the data plane aborts a test on its own (timeout, broken stream).
+        self.on_abort: Callable[[MecbenchError], None] | None = None
+        self._error_logged = False
+
+    # LoadGen side: issue and flush callbacks -----------------------------------------------
+
+    def issue(self, ids: Sequence[int], indices: Sequence[int]) -> None:
+        """ConstructFastSUT's issue callback."""
+        now = time.monotonic()
+        with self._cond:
+            self.counters.issued += len(ids)
+            if not self._aborting:
+                if not self._pending and not self._in_flight:
+                    self._last_activity = now
+                self._pending.extend(zip(ids, indices, itertools.repeat(now), strict=False))
+                self._cond.notify()
+                return
+        self._complete_now(ids)
+
+    def issue_samples(self, query_samples: Sequence[Any]) -> None:
+        """ConstructSUT's and ConstructQDL's issue callback (QuerySample objects)."""
+        self.issue([q.id for q in query_samples], [q.index for q in query_samples])
+
+    def flush(self) -> None:
+        """Nothing is held back: the streams send what is pending without being asked."""
+
+    # Streams ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """One receiver thread per stream, for the life of the process (see the module docstring)."""
+        for index in range(self.stream_count):
+            start_thread(f"receiver-{index}", self._receive_loop, index)
+
+    def _requests(self, call: _Call) -> Iterator[sut_agent_pb2.StreamInferRequest]:
+        while True:
+            with self._cond:
+                while not self._pending and not call.dead:
+                    self._cond.wait(0.5)
+                if call.dead:
+                    return
+                if self.max_batch_delay_s > 0:
+                    deadline = self._pending[0][2] + self.max_batch_delay_s
+                    while len(self._pending) < self.max_batch_size and not call.dead:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                    if call.dead or not self._pending:
+                        continue
+                count = min(len(self._pending), self.max_batch_size)
+                taken = [self._pending.popleft() for _ in range(count)]
+                wire_ids = [next(self._wire_ids) for _ in range(count)]
+                in_flight = self._in_flight
+                for wire_id, (response_id, _, _) in zip(wire_ids, taken, strict=True):
+                    in_flight[wire_id] = response_id
+                self.counters.batches_sent += 1
+                self.counters.samples_sent += count
+                if self._pending:
+                    self._cond.notify()  # another stream may take the rest
+            indices = [index for _, index, _ in taken]
+            batch = sut_agent_pb2.QueryBatch(sample_ids=wire_ids, sample_indices=indices)
+            if not self.omit_payloads:
+                batch.payloads.extend([self._samples[i] for i in indices])
+            yield sut_agent_pb2.StreamInferRequest(batch=batch)
+
+    def _receive_loop(self, index: int) -> None:
+        backoff = 0.05
+        while True:
+            call = _Call()
+            responses = self._stub.StreamInfer(self._requests(call))
+            try:
+                for response in responses:
+                    backoff = 0.05
+                    self._on_response(response.batch)
+                reason = "the SUT agent ended the stream"
+            except grpc.RpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+            with self._cond:
+                call.dead = True
+                self._cond.notify_all()
+                active = self._test_active
+            # Reconnects are retried every 2 s at most; only the first failure in a row is a warning.
+            report = log.warning if backoff == 0.05 else log.debug
+            report("data_plane_stream_ended", stream=index, sut=self._sut_address, reason=reason)
+            if active:
+                self.abort(
+                    Unavailable(f"data-plane stream {index} to the SUT agent at {self._sut_address} failed: {reason}")
+                )
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _on_response(self, batch: sut_agent_pb2.ResponseBatch) -> None:
+        if batch.first_tokens:
+            with self._token_lock:
+                self._on_first_tokens(batch)
+            return
+        wire_ids = batch.sample_ids
+        matched: list[tuple[int, int]] = []
+        with self._cond:
+            self._last_activity = time.monotonic()
+            pop = self._in_flight.pop
+            for position, wire_id in enumerate(wire_ids):
+                response_id = pop(wire_id, None)
+                if response_id is not None:
+                    matched.append((position, response_id))
+            self.counters.completed += len(matched)
+            if batch.errors:
+                failed = [batch.errors[p] for p, _ in matched if p < len(batch.errors) and batch.errors[p]]
+                self.counters.sample_errors += len(failed)
+                if failed and not self._error_logged:
+                    self._error_logged = True
+                    log.warning("sut_sample_errors", first_error=failed[0])
+            want_data = self._want_data
+        if not matched:
+            return
+        responses, owners = self._responses(batch, matched, want_data)
+        self._lg.QuerySamplesComplete(responses)
+        del owners  # LoadGen has copied the outputs it logs
+
+    def _on_first_tokens(self, batch: sut_agent_pb2.ResponseBatch) -> None:
+        """With `_token_lock` held: first tokens of samples still in flight (completion follows)."""
+        matched: list[tuple[int, int]] = []
+        with self._cond:
+            self._last_activity = time.monotonic()
+            get = self._in_flight.get
+            for position, wire_id in enumerate(batch.sample_ids):
+                response_id = get(wire_id)
+                if response_id is not None:
+                    matched.append((position, response_id))
+            want_data = self._want_data
+        if matched:
+            responses, owners = self._responses(batch, matched, want_data)
+            self._lg.FirstTokenComplete(responses)
+            del owners
+
+    def _responses(
+        self, batch: sut_agent_pb2.ResponseBatch, matched: list[tuple[int, int]], want_data: bool
+    ) -> tuple[list[Any], list[np.ndarray[Any, Any]]]:
+        """QuerySampleResponse objects, and the arrays that own the output bytes they point to (the
+        caller keeps those alive until LoadGen has copied them). Outputs are passed only when
+        LoadGen logs them (accuracy runs, sampled accuracy logging), otherwise 0/0: no copies."""
+        make = self._lg.QuerySampleResponse
+        counts = batch.token_counts
+        if not want_data or not batch.outputs:
+            if counts:
+                return [make(rid, 0, 0, counts[p] if p < len(counts) else 0) for p, rid in matched], []
+            return [make(rid, 0, 0) for _, rid in matched], []
+        outputs = batch.outputs
+        responses: list[Any] = []
+        owners: list[np.ndarray[Any, Any]] = []
+        for position, response_id in matched:
+            data = outputs[position] if position < len(outputs) else b""
+            pointer, size = 0, 0
+            if data:
+                array = np.frombuffer(data, dtype=np.uint8)
+                owners.append(array)
+                pointer, size = array.ctypes.data, array.size
+            if counts:
+                responses.append(make(response_id, pointer, size, counts[position] if position < len(counts) else 0))
+            else:
+                responses.append(make(response_id, pointer, size))
+        return responses, owners
+
+    # Tests ------------------------------------------------------------------------------------
+
+    def begin_test(self, want_data: bool) -> None:
+        with self._cond:
+            self.counters = TestCounters()
+            self._test_active = True
+            self._aborting = False
+            self._cancelled = False
+            self._abort_error = None
+            self._want_data = want_data
+            self._error_logged = False
+            self._last_activity = time.monotonic()
+
+    def end_test(self) -> tuple[TestCounters, bool, MecbenchError | None]:
+        """Counters, whether the test was cancelled, and the error that aborted it (if any)."""
+        with self._cond:
+            self._test_active = False
+            self._aborting = False
+            # LoadGen returned, so every sample was completed; anything still listed is stale.
+            self._pending.clear()
+            self._in_flight.clear()
+            return self.counters, self._cancelled, self._abort_error
+
+    def outstanding(self) -> tuple[int, float]:
+        """Samples issued and not answered, and seconds since the last sign of life from the SUT."""
+        with self._cond:
+            return len(self._pending) + len(self._in_flight), time.monotonic() - self._last_activity
+
+    def is_active(self) -> bool:
+        with self._cond:
+            return self._test_active
+
+    def abort(self, error: MecbenchError | None, cancelled: bool = False) -> bool:
+        """End the running test as fast as LoadGen allows: answer every outstanding sample now and
+        every later one as it is issued (with empty responses). Returns False when no test runs."""
+        with self._token_lock, self._cond:
+            if not self._test_active:
+                return False
+            self._cancelled = self._cancelled or cancelled
+            if self._aborting:
+                return True
+            self._aborting = True
+            self._abort_error = error
+            ids = [response_id for response_id, _, _ in self._pending]
+            ids.extend(self._in_flight.values())
+            self._pending.clear()
+            self._in_flight.clear()
+            self.counters.completed += len(ids)
+            self._cond.notify_all()
+        log.info("test_aborting", cancelled=cancelled, outstanding=len(ids), error=str(error) if error else None)
+        if error is not None and self.on_abort is not None:
+            self.on_abort(error)
+        self._complete_now(ids)
+        return True
+
+    def _complete_now(self, ids: Sequence[int]) -> None:
+        make = self._lg.QuerySampleResponse
+        for start in range(0, len(ids), _COMPLETE_CHUNK):
+            self._lg.QuerySamplesComplete([make(i, 0, 0) for i in ids[start : start + _COMPLETE_CHUNK]])
+
+
+# --- the session process -----------------------------------------------------------------------
+
+
+class SessionWorker:
+    """Set-up and the test loop of one session process."""
+
+    def __init__(self, open_message: Message, events: MessageWriter) -> None:
+        self.session_id: str = open_message["session_id"]
+        self.sut_address: str = open_message["sut_address"]
+        self.dataset = common_pb2.DatasetSpec.FromString(open_message["dataset"])
+        self.options = loadgen_agent_pb2.DataPlaneOptions.FromString(open_message["data_plane"])
+        self.progress_interval_s = float(open_message.get("progress_interval_s", 0.5))
+        self.connect_timeout_s = float(open_message.get("sut_connect_timeout_s", 30.0))
+        self.session_dir = str(open_message.get("session_dir", ""))
+        self.events = events
+        self.tests: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        # Tests received and not finished (queued or running), and those of them cancelled.
+        self._known_tests: set[str] = set()
+        self._cancelled_tests: set[str] = set()
+        self._current_test = ""
+        self._lock = threading.Lock()
+        self.data_plane: DataPlane | None = None
+        self._sut: Any = None
+        self._qsl: Any = None
+        self._status_stub: sut_agent_pb2_grpc.SutAgentStub | None = None
+
+    def setup(self) -> None:
+        import mlperf_loadgen as lg
+
+        started = time.monotonic()
+        samples = load_samples(self.dataset)
+        channel = open_channel(self.sut_address)
+        wait_until_serving(channel, timeout=self.connect_timeout_s)
+        stub = sut_agent_pb2_grpc.SutAgentStub(channel)
+        self._status_stub = stub
+        data_plane = DataPlane(stub, samples, self.options, self.sut_address)
+        data_plane.on_abort = self._on_abort
+        self.data_plane = data_plane
+        interface = self.options.sut_interface
+        if interface == loadgen_agent_pb2.SUT_INTERFACE_STANDARD:
+            self._sut = lg.ConstructSUT(data_plane.issue_samples, data_plane.flush)
+        elif interface == loadgen_agent_pb2.SUT_INTERFACE_NETWORK_QDL:
+            self._sut = lg.ConstructQDL(data_plane.issue_samples, data_plane.flush, self._qdl_name)
+        else:
+            self._sut = lg.ConstructFastSUT(data_plane.issue, data_plane.flush)
+        self._qsl = lg.ConstructQSL(len(samples), len(samples), _no_op, _no_op)
+        data_plane.start()
+        start_thread("monitor", self._monitor)
+        setup_s = time.monotonic() - started
+        log.info("session_ready", samples=len(samples), setup_s=round(setup_s, 3), sut=self.sut_address)
+        self.events.send({"ev": "ready", "setup_time_s": setup_s, "sample_count": len(samples), "pid": os.getpid()})
+
+    def _qdl_name(self) -> str:
+        """QDL's Name callback: a real round trip to the SUT agent, as MLPerf's network division asks."""
+        assert self._status_stub is not None
+        try:
+            status = self._status_stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status
+            return f"mecbench-qdl:{status.backend or 'sut'}@{self.sut_address}"
+        except grpc.RpcError as exc:
+            log.warning("qdl_name_failed", error=exc.code().name)
+            return f"mecbench-qdl:unreachable@{self.sut_address}"
+
+    def _on_abort(self, error: MecbenchError) -> None:
+        with self._lock:
+            test_id = self._current_test
+        self.events.send({"ev": "aborting", "test_id": test_id, "error": error_to_message(error)})
+
+    def enqueue(self, command: Message) -> None:
+        with self._lock:
+            self._known_tests.add(str(command["test_id"]))
+        self.tests.put(command)
+
+    def cancel(self, test_id: str) -> None:
+        """Cancel a queued or running test; a test that is not (or no longer) known is left alone."""
+        with self._lock:
+            if test_id not in self._known_tests:
+                return
+            self._cancelled_tests.add(test_id)
+            running = test_id == self._current_test
+        if running and self.data_plane is not None:
+            self.data_plane.abort(None, cancelled=True)
+
+    def _is_cancelled(self, test_id: str) -> bool:
+        with self._lock:
+            return test_id in self._cancelled_tests
+
+    def _monitor(self) -> None:
+        assert self.data_plane is not None
+        data_plane = self.data_plane
+        next_progress = 0.0
+        while True:
+            time.sleep(0.05)
+            with self._lock:
+                test_id = self._current_test
+            if not test_id or not data_plane.is_active():
+                next_progress = time.monotonic() + self.progress_interval_s
+                continue
+            outstanding, idle_s = data_plane.outstanding()
+            if outstanding and idle_s > data_plane.response_timeout_s:
+                data_plane.abort(
+                    DeadlineExceeded(
+                        f"no response from the SUT agent at {self.sut_address} for "
+                        f"{data_plane.response_timeout_s:g}s with {outstanding} samples in flight; test aborted"
+                    )
+                )
+            now = time.monotonic()
+            if now >= next_progress:
+                next_progress = now + self.progress_interval_s
+                counters = data_plane.counters
+                self.events.send(
+                    {
+                        "ev": "progress",
+                        "test_id": test_id,
+                        "time": now,
+                        "issued": counters.issued,
+                        "completed": counters.completed,
+                    }
+                )
+
+    def run_test(self, command: Message) -> None:
+        test_id: str = command["test_id"]
+        with self._lock:
+            self._current_test = test_id
+        try:
+            self._run_test(command, test_id)
+        finally:
+            with self._lock:
+                self._current_test = ""
+                self._known_tests.discard(test_id)
+                self._cancelled_tests.discard(test_id)
+
+    def _run_test(self, command: Message, test_id: str) -> None:
+        import mlperf_loadgen as lg
+
+        assert self.data_plane is not None
+        outdir = Path(command["outdir"])
+        settings = common_pb2.LoadGenSettings.FromString(command["settings"])
+        if self._is_cancelled(test_id):
+            self.events.send({"ev": "finished", "test_id": test_id, "cancelled": True, "ran": False})
+            return
+        try:
+            conf_dir = Path(command["conf_dir"])
+            conf_dir.mkdir(parents=True, exist_ok=True)
+            test_settings = build_test_settings(settings, conf_dir)
+        except MecbenchError as exc:
+            self.events.send({"ev": "finished", "test_id": test_id, "error": error_to_message(exc), "ran": False})
+            return
+        outdir.mkdir(parents=True, exist_ok=True)
+        output = lg.LogOutputSettings()
+        output.outdir = str(outdir)
+        output.copy_summary_to_stdout = False
+        output.copy_detail_to_stdout = False
+        log_settings = lg.LogSettings()
+        log_settings.log_output = output
+        log_settings.enable_trace = False
+        want_data = (
+            test_settings.mode in (lg.TestMode.AccuracyOnly, lg.TestMode.SubmissionRun)
+            or test_settings.accuracy_log_probability > 0
+            or test_settings.accuracy_log_sampling_target > 0
+        )
+        self.data_plane.begin_test(want_data)
+        if self._is_cancelled(test_id):  # cancelled while the settings were built
+            self.data_plane.abort(None, cancelled=True)
+        effective = describe_test_settings(test_settings)
+        started = time.monotonic()
+        self.events.send({"ev": "started", "test_id": test_id, "start_time": started, "effective_settings": effective})
+        try:
+            lg.StartTestWithLogSettings(self._sut, self._qsl, test_settings, log_settings)
+        finally:
+            wall_s = time.monotonic() - started
+            counters, cancelled, error = self.data_plane.end_test()
+        log.info("test_finished", test_id=test_id, wall_s=round(wall_s, 3), cancelled=cancelled, error=str(error or ""))
+        self.events.send(
+            {
+                "ev": "finished",
+                "test_id": test_id,
+                "ran": True,
+                "cancelled": cancelled,
+                "error": error_to_message(error) if error is not None else None,
+                "wall_s": wall_s,
+                "batches_sent": counters.batches_sent,
+                "samples_sent": counters.samples_sent,
+                "sample_errors": counters.sample_errors,
+                "issued": counters.issued,
+                "completed": counters.completed,
+            }
+        )
+
+    def serve(self) -> None:
+        while True:
+            command = self.tests.get()
+            self.run_test(command)
+
+
+def _no_op(_samples: Any) -> None:
+    """QSL load/unload callbacks: every sample is in memory for the whole session."""
+
+
+def _read_commands(stream: IO[bytes], worker: SessionWorker) -> None:
+    """The command reader: queues tests, forwards cancels, ends the process at close or EOF."""
+    try:
+        while True:
+            message = read_message(stream)
+            if message is None:
+                # The agent is gone without closing the session (killed): clean up after it.
+                if worker.session_dir:
+                    shutil.rmtree(worker.session_dir, ignore_errors=True)
+                break
+            op = message.get("op")
+            if op == "close":
+                break
+            if op == "run":
+                worker.enqueue(message)
+            elif op == "cancel":
+                worker.cancel(str(message.get("test_id", "")))
+    except Exception:
+        log.exception("command_stream_failed")
+    # The agent closed the session or is gone: nothing left to do. os._exit, because LoadGen may
+    # be inside StartTest on the main thread and would never return to a normal shutdown.
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def main() -> None:
+    # The protocol owns the original stdout; everything else printed (LoadGen's own messages)
+    # goes to stderr with the logs.
+    events_fd = os.dup(1)
+    os.dup2(2, 1)
+    commands = os.fdopen(os.dup(0), "rb", buffering=0)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    events = MessageWriter(os.fdopen(events_fd, "wb", buffering=0))
+    open_message = read_message(commands)
+    if open_message is None or open_message.get("op") != "open":
+        os._exit(2)
+    configure_logging(level=str(open_message.get("log_level", "info")), json_output=True)
+    structlog.contextvars.bind_contextvars(session_id=str(open_message.get("session_id", "")))
+    worker = SessionWorker(open_message, events)
+    start_thread("commands", _read_commands, commands, worker)
+    try:
+        worker.setup()
+    except (MecbenchError, grpc.RpcError) as exc:
+        error = exc if isinstance(exc, MecbenchError) else Unavailable(f"SUT agent at {worker.sut_address}: {exc}")
+        log.warning("session_open_failed", error=str(error))
+        events.send({"ev": "open_failed", "error": error_to_message(error)})
+        sys.stderr.flush()
+        os._exit(3)
+    except Exception as exc:
+        events.send({"ev": "fatal", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        raise
+    try:
+        worker.serve()
+    except Exception as exc:
+        log.exception("session_worker_failed")
+        with contextlib.suppress(Exception):
+            events.send({"ev": "fatal", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        sys.stderr.flush()
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    main()
