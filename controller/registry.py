@@ -39,6 +39,14 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (run_id, repeat)
 );
 CREATE INDEX IF NOT EXISTS results_experiment ON results (experiment_id, selector);
+CREATE TABLE IF NOT EXISTS telemetry (
+    run_id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    time REAL NOT NULL,
+    sample BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS telemetry_run ON telemetry (run_id, time);
+CREATE INDEX IF NOT EXISTS telemetry_node ON telemetry (node, time);
 """
 
 ACTIVE_STATES = (
@@ -162,6 +170,21 @@ class RunRegistry:
         if row is None:
             raise NotFound(f"no result for run {run_id!r} repeat {repeat}")
         return controller_pb2.ResultRecord.FromString(row[0])
+
+    def save_telemetry(self, run_id: str, samples: list[common_pb2.TelemetrySample]) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO telemetry (run_id, node, time, sample) VALUES (?, ?, ?, ?)",
+                [(run_id, s.node, s.time.ToNanoseconds() / 1e9, s.SerializeToString()) for s in samples],
+            )
+
+    def telemetry(self, run_id: str = "", node: str = "", since: float = 0.0) -> list[common_pb2.TelemetrySample]:
+        column, value = ("run_id", run_id) if run_id else ("node", node)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT sample FROM telemetry WHERE {column} = ? AND time >= ? ORDER BY time", (value, since)
+            ).fetchall()
+        return [common_pb2.TelemetrySample.FromString(r[0]) for r in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -30,11 +30,12 @@ from controller.agents import AgentPool, LoadGenHandle, SutHandle, remote_error
 from controller.registry import ACTIVE_STATES, RunRegistry
 from controller.settings import ControllerSettings
 from controller.shaping import RunShaping, is_shaped
+from controller.telemetry import TelemetryRecorder, telemetry_csv, telemetry_json
 from controller.validation import validate_run_spec
 from mecbench.core import durations
 from mecbench.core.errors import Cancelled, FailedPrecondition, MecbenchError, NotFound
 from mecbench.core.logging import get_logger
-from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, sut_agent_pb2
+from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, node_agent_pb2, sut_agent_pb2
 from store.base import ObjectStore
 from store.layout import content_type_for, repeat_prefix
 
@@ -342,6 +343,7 @@ class RunManager:
         barrier = threading.Barrier(clients)
         with active.changed:
             active.sessions = list(zip(loadgens, sessions, strict=True))
+        recorder = TelemetryRecorder(self.pool, self.settings.telemetry_interval_s, self._telemetry_targets(spec))
         threads = [
             threading.Thread(
                 target=self._run_client,
@@ -351,12 +353,16 @@ class RunManager:
             )
             for i in range(clients)
         ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        with recorder if self.settings.telemetry_interval_s > 0 else contextlib.nullcontext():
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
         with active.changed:
             active.sessions = []
+        telemetry = recorder.snapshot()
+        if telemetry:
+            self.registry.save_telemetry(run.run_id, telemetry)
         errors = [o.error for o in outcomes if o.error is not None]
         if errors:
             for outcome, loadgen, session_id in zip(outcomes, loadgens, sessions, strict=True):
@@ -367,7 +373,7 @@ class RunManager:
             raise Cancelled(f"cancelled during repeat {repeat}; repeats finished before it are kept")
         sut_stats = self.pool.sut_stats(sut, reset=False)
         self._publish(active, f"repeat {repeat}: uploading", common_pb2.RUN_STATE_UPLOADING)
-        self._store_repeat(active, sut, repeat, outcomes, sut_stats, session_setup_s)
+        self._store_repeat(active, sut, repeat, outcomes, sut_stats, session_setup_s, telemetry)
 
     def _run_client(
         self,
@@ -419,6 +425,17 @@ class RunManager:
         if outcome.error is not None:
             barrier.abort()
 
+    def _telemetry_targets(self, spec: controller_pb2.RunSpec) -> list[node_agent_pb2.ShapingTarget]:
+        """The data-path interfaces of the run, where the topology has them; else the node's own."""
+        try:
+            points = [p for c in range(spec.clients) for p in self.pool.backend.shaping_points("both", c)]
+        except MecbenchError:
+            return []
+        return [node_agent_pb2.ShapingTarget(interface=p.interface, netns_name=p.netns) for p in points]
+
+    def telemetry(self, run_id: str, since: float) -> list[common_pb2.TelemetrySample]:
+        return self.registry.telemetry(run_id=run_id, since=since)
+
     def _progress(self, active: ActiveRun, progress: loadgen_agent_pb2.TestProgress) -> None:
         with active.changed:
             active.run.progress.elapsed.CopyFrom(progress.elapsed)
@@ -434,12 +451,17 @@ class RunManager:
         outcomes: list[ClientOutcome],
         sut_stats: sut_agent_pb2.SutStats,
         session_setup_s: float,
+        telemetry: list[common_pb2.TelemetrySample],
     ) -> None:
         run = active.run
         spec = run.spec
         prefix = repeat_prefix(spec.experiment_id, spec.selector, run.run_id, repeat)
         bucket = self.store.results_bucket
         names: list[str] = []
+        if telemetry:
+            self.store.put(bucket, f"{prefix}telemetry.json", telemetry_json(telemetry), "application/json")
+            self.store.put(bucket, f"{prefix}telemetry.csv", telemetry_csv(telemetry), "text/csv; charset=utf-8")
+            names += ["telemetry.json", "telemetry.csv"]
         for outcome in outcomes:
             client_prefix = f"client-{outcome.client}/" if len(outcomes) > 1 else ""
             for name, data in sorted(outcome.files.items()):

@@ -9,7 +9,7 @@ import grpc
 from controller.agents import DEFAULT_LOADGEN
 from controller.app import ControllerApp
 from controller.validation import validate_sut
-from mecbench.core.errors import InvalidArgument, Unimplemented, Violations
+from mecbench.core.errors import InvalidArgument, Violations
 from mecbench.v1 import controller_pb2, controller_pb2_grpc
 from store.layout import check_segment, repeat_prefix
 
@@ -100,7 +100,16 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     def GetMetrics(
         self, request: controller_pb2.GetMetricsRequest, context: grpc.ServicerContext
     ) -> controller_pb2.GetMetricsResponse:
-        raise Unimplemented("GetMetrics arrives with node telemetry")
+        since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else 0.0
+        subject = request.WhichOneof("subject")
+        if subject == "run_id" and request.run_id:
+            self.app.runs.get_run(request.run_id)  # NOT_FOUND for an unknown run
+            samples = self.app.registry.telemetry(run_id=request.run_id, since=since)
+        elif subject == "node" and request.node:
+            samples = self.app.registry.telemetry(node=request.node, since=since)
+        else:
+            raise InvalidArgument("set run_id or node", field="subject")
+        return controller_pb2.GetMetricsResponse(samples=samples)
 
     def ListResults(
         self, request: controller_pb2.ListResultsRequest, context: grpc.ServicerContext

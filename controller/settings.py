@@ -31,6 +31,8 @@ class ControllerSettings:
     # Which 10.231.<slot>/10.232.<slot> subnets the netns topology uses (one per controller).
     topology_slot: int = 0
     topology_name: str = "mb0"
+    # Node telemetry sampled during each repeat; 0 turns it off.
+    telemetry_interval_s: float = 0.5
     # Shaping lease: the node agent removes shaping this long after the controller stops renewing.
     shaping_lease_s: float = 15.0
 
