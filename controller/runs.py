@@ -35,6 +35,7 @@ from controller.validation import validate_run_spec
 from mecbench.core import durations
 from mecbench.core.errors import Cancelled, FailedPrecondition, MecbenchError, NotFound
 from mecbench.core.logging import get_logger
+from mecbench.profiles import resolve_profile
 from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, node_agent_pb2, sut_agent_pb2
 from store.base import ObjectStore
 from store.layout import content_type_for, repeat_prefix
@@ -116,6 +117,8 @@ class RunManager:
     def start_run(self, spec: controller_pb2.RunSpec) -> controller_pb2.Run:
         validate_run_spec(spec).raise_if_any()
         spec = self._with_defaults(_copy(spec))
+        if spec.HasField("network"):
+            spec.network.CopyFrom(resolve_profile(spec.network, "spec.network"))
         if spec.sut_id and spec.busy_policy == controller_pb2.BUSY_POLICY_REJECT:
             sut = self.pool.get_sut(spec.sut_id)
             if sut.held_by:

@@ -1,0 +1,155 @@
+"""Named network profiles shipped with MECBench, and the original MECBench's string NetEm config.
+
+The original MECBench API took NetEm settings as strings (`{"bandwidth": "100mbit", "delay":
+"20ms", "jitter": "5ms", "loss_rate": "0.5", "reorder": "25"}`); `netem_from_strings` turns that
+into the typed `NetemConfig` (bits per second, Durations, percentages) with every bad value
+reported at once.
+
+Profile figures are one-way, applied on egress, and are representative medians, not worst cases:
+- "4g" and "5g": the original MECBench's own profiles (4G: 10 ms at 12.5 Mbit/s; 5G: 1 ms at
+  10 Gbit/s), kept for comparability with its published results.
+- "lte": Opensignal, "The State of Mobile Network Experience" (2023): LTE download medians of
+  about 20-30 Mbit/s and round-trip latencies of 40-60 ms (20 ms one way here, 5 ms jitter, 0.1%
+  loss).
+- "5g-sa": 3GPP TS 22.261 / ITU-R M.2410 targets for eMBB user-plane latency of 4 ms and a user
+  experienced data rate of 100 Mbit/s; loss 0.01%.
+- "wifi": IEEE 802.11ac home networks as measured in the FCC "Measuring Broadband America"
+  reports: about 2-5 ms one-way over the air with jitter of a few ms, 100 Mbit/s, 0.1% loss.
+- "satellite-geo": a geostationary hop is at least 2 x 35,786 km / c = 239 ms one way (ITU-R
+  S.1711); 25 Mbit/s, 10 ms jitter, 0.5% loss.
+- "satellite-leo": Starlink as measured by Michel et al., "A First Look at Starlink Performance"
+  (IMC 2022): round trips of 40-50 ms, so 25 ms one way, 10 ms jitter, ~100 Mbit/s, 0.5% loss.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from google.protobuf.duration_pb2 import Duration
+
+from mecbench.core import durations
+from mecbench.core.errors import InvalidArgument, Violations
+from mecbench.v1 import common_pb2
+
+
+def _ms(value: float) -> Duration:
+    return durations.from_seconds(value / 1000)
+
+
+def _profile(name: str, rate_bps: float, delay_ms: float, jitter_ms: float = 0.0, loss: float = 0.0
+             ) -> common_pb2.NetworkProfile:
+    netem = common_pb2.NetemConfig(rate_bps=int(rate_bps), loss_percent=loss)
+    if delay_ms:
+        netem.delay.CopyFrom(_ms(delay_ms))
+    if jitter_ms:
+        netem.jitter.CopyFrom(_ms(jitter_ms))
+        netem.jitter_distribution = common_pb2.JITTER_DISTRIBUTION_NORMAL
+    return common_pb2.NetworkProfile(name=name, netem=netem, direction=common_pb2.DIRECTION_EGRESS,
+                                     side=common_pb2.SHAPING_SIDE_SUT)
+
+
+PROFILES: dict[str, common_pb2.NetworkProfile] = {
+    p.name: p
+    for p in (
+        _profile("4g", 12.5e6, 10),
+        _profile("5g", 10e9, 1),
+        _profile("lte", 25e6, 20, 5, 0.1),
+        _profile("5g-sa", 100e6, 4, 1, 0.01),
+        _profile("wifi", 100e6, 3, 2, 0.1),
+        _profile("satellite-geo", 25e6, 240, 10, 0.5),
+        _profile("satellite-leo", 100e6, 25, 10, 0.5),
+        # No shaping at all: the reference point of a sweep.
+        common_pb2.NetworkProfile(name="unshaped"),
+    )
+}
+
+
+def resolve_profile(profile: common_pb2.NetworkProfile, field: str = "network") -> common_pb2.NetworkProfile:
+    """A profile that names a shipped one and sets no netem of its own gets the shipped figures."""
+    if profile.HasField("netem") or not profile.name:
+        return profile
+    shipped = PROFILES.get(profile.name)
+    if shipped is None:
+        raise InvalidArgument(f"no network profile named {profile.name!r} (shipped: {', '.join(PROFILES)})",
+                              field=f"{field}.name")
+    resolved = common_pb2.NetworkProfile()
+    resolved.CopyFrom(shipped)
+    if profile.direction:
+        resolved.direction = profile.direction
+    if profile.side:
+        resolved.side = profile.side
+    return resolved
+
+
+_RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(bit|bps|b)?\s*$", re.IGNORECASE)
+_TIME = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(us|usec|ms|msec|s|sec)?\s*$", re.IGNORECASE)
+_RATE_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_TIME_UNITS = {"us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3, "s": 1.0, "sec": 1.0, None: 1e-3}
+
+
+def parse_rate(text: str) -> int:
+    """'100mbit' -> 100_000_000 bits per second (tc's units: kbit, mbit, gbit; 'bps' means bytes)."""
+    match = _RATE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a rate like '100mbit' or '12.5Mbit'")
+    number, prefix, unit = match.groups()
+    value = float(number) * _RATE_UNITS[prefix.lower()]
+    if unit and unit.lower() == "bps":  # tc: "bps" is bytes per second
+        value *= 8
+    return int(value)
+
+
+def parse_time(text: str) -> Duration:
+    """'20ms' -> 20 ms; a bare number is milliseconds, as tc reads it."""
+    match = _TIME.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a time like '20ms' or '1.5s'")
+    number, unit = match.groups()
+    return durations.from_seconds(float(number) * _TIME_UNITS[unit.lower() if unit else None])
+
+
+def parse_percent(text: str) -> float:
+    value = float(text.strip().rstrip("%"))
+    if not 0 <= value <= 100:
+        raise ValueError(f"{text!r} is not a percentage between 0 and 100")
+    return value
+
+
+_STRING_FIELDS = {
+    "bandwidth": ("rate_bps", parse_rate),
+    "rate": ("rate_bps", parse_rate),
+    "delay": ("delay", parse_time),
+    "jitter": ("jitter", parse_time),
+    "loss_rate": ("loss_percent", parse_percent),
+    "loss": ("loss_percent", parse_percent),
+    "reorder": ("reorder_percent", parse_percent),
+    "duplicate": ("duplicate_percent", parse_percent),
+    "corrupt": ("corrupt_percent", parse_percent),
+}
+
+
+def netem_from_strings(config: Mapping[str, str], field: str = "netem") -> common_pb2.NetemConfig:
+    """The original MECBench NetEm config (strings) as a typed NetemConfig."""
+    violations = Violations()
+    netem = common_pb2.NetemConfig()
+    for key, raw in config.items():
+        if key not in _STRING_FIELDS:
+            violations.add(f"{field}.{key}", f"unknown setting (known: {', '.join(_STRING_FIELDS)})")
+            continue
+        if raw is None or str(raw).strip() == "":
+            continue
+        target, parse = _STRING_FIELDS[key]
+        try:
+            value = parse(str(raw))
+        except ValueError as exc:
+            violations.add(f"{field}.{key}", str(exc))
+            continue
+        if isinstance(value, Duration):
+            getattr(netem, target).CopyFrom(value)
+        else:
+            setattr(netem, target, value)
+    if netem.reorder_percent and not netem.HasField("delay"):
+        violations.add(f"{field}.reorder", "reordering needs a delay (netem reorders by sending some packets at once)")
+    violations.raise_if_any()
+    return netem
