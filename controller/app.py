@@ -6,6 +6,7 @@ from controller.agents import AgentPool
 from controller.backends.base import DeploymentBackend
 from controller.backends.local import LocalProcessBackend
 from controller.backends.topology import NetnsTopology
+from controller.experiments import ExperimentManager
 from controller.registry import RunRegistry
 from controller.runs import RunManager
 from controller.settings import ControllerSettings
@@ -45,6 +46,7 @@ class ControllerApp:
         self.registry = RunRegistry(settings.data_dir / "registry.sqlite3")
         self.pool = AgentPool(open_backend(settings))
         self.runs = RunManager(self.registry, self.pool, self.store, settings)
+        self.experiments = ExperimentManager(self.runs)
 
     def close(self) -> None:
         self.runs.close()

@@ -131,6 +131,29 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         return response
 
 
+    def StartExperiment(
+        self, request: controller_pb2.StartExperimentRequest, context: grpc.ServicerContext
+    ) -> controller_pb2.StartExperimentResponse:
+        return controller_pb2.StartExperimentResponse(experiment=self.app.experiments.start(request.spec))
+
+    def GetExperiment(
+        self, request: controller_pb2.GetExperimentRequest, context: grpc.ServicerContext
+    ) -> controller_pb2.GetExperimentResponse:
+        _require(request.experiment_id, "experiment_id")
+        return controller_pb2.GetExperimentResponse(experiment=self.app.experiments.get(request.experiment_id))
+
+    def ListExperiments(
+        self, request: controller_pb2.ListExperimentsRequest, context: grpc.ServicerContext
+    ) -> controller_pb2.ListExperimentsResponse:
+        return controller_pb2.ListExperimentsResponse(experiments=self.app.experiments.list())
+
+    def CancelExperiment(
+        self, request: controller_pb2.CancelExperimentRequest, context: grpc.ServicerContext
+    ) -> controller_pb2.CancelExperimentResponse:
+        _require(request.experiment_id, "experiment_id")
+        return controller_pb2.CancelExperimentResponse(experiment=self.app.experiments.cancel(request.experiment_id))
+
+
 def _key_for(record: controller_pb2.ResultRecord, name: str) -> str:
     return repeat_prefix(record.experiment_id, record.selector, record.run_id, record.repeat) + name
 

@@ -116,7 +116,7 @@ def parse_percent(text: str) -> float:
     return value
 
 
-_STRING_FIELDS = {
+STRING_FIELDS = {
     "bandwidth": ("rate_bps", parse_rate),
     "rate": ("rate_bps", parse_rate),
     "delay": ("delay", parse_time),
@@ -134,12 +134,12 @@ def netem_from_strings(config: Mapping[str, str], field: str = "netem") -> commo
     violations = Violations()
     netem = common_pb2.NetemConfig()
     for key, raw in config.items():
-        if key not in _STRING_FIELDS:
-            violations.add(f"{field}.{key}", f"unknown setting (known: {', '.join(_STRING_FIELDS)})")
+        if key not in STRING_FIELDS:
+            violations.add(f"{field}.{key}", f"unknown setting (known: {', '.join(STRING_FIELDS)})")
             continue
         if raw is None or str(raw).strip() == "":
             continue
-        target, parse = _STRING_FIELDS[key]
+        target, parse = STRING_FIELDS[key]
         try:
             value = parse(str(raw))
         except ValueError as exc:

@@ -109,6 +109,7 @@ class LocalProcessBackend(DeploymentBackend):
         if netns:
             command += ["--netns", netns]
         child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", EXIT_WITH_PARENT_ENV: "1"}
+        log_start = log_path.stat().st_size if log_path.exists() else 0
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
                 command,
@@ -119,7 +120,7 @@ class LocalProcessBackend(DeploymentBackend):
                 text=True,
                 start_new_session=True,
             )
-        bound = self._read_address(process, name, log_path)
+        bound = self._read_address(process, name, log_path, log_start)
         address = f"{dial_host}:{bound.rpartition(':')[2]}"
         handle = AgentHandle(
             name=name,
@@ -143,7 +144,7 @@ class LocalProcessBackend(DeploymentBackend):
         log.info("agent_started", agent=name, kind=kind.value, address=address, pid=process.pid)
         return handle
 
-    def _read_address(self, process: subprocess.Popen[str], name: str, log_path: Path) -> str:
+    def _read_address(self, process: subprocess.Popen[str], name: str, log_path: Path, log_start: int) -> str:
         assert process.stdout is not None
         found: list[str] = []
 
@@ -165,7 +166,9 @@ class LocalProcessBackend(DeploymentBackend):
             time.sleep(0.01)
         if not found:
             self._terminate(process)
-            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+            with log_path.open("rb") as handle:
+                handle.seek(log_start)
+                tail = handle.read().decode(errors="replace")[-2000:]
             raise Unavailable(f"agent {name} did not start (exit code {process.poll()}): {tail.strip()}")
         return found[0]
 

@@ -24,6 +24,28 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _SearchMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SearchMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SearchMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEARCH_METHOD_UNSPECIFIED: _SearchMethod.ValueType  # 0
+    SEARCH_METHOD_BISECTION: _SearchMethod.ValueType  # 1
+    """Bisection over Server-scenario runs (each a full LoadGen test)."""
+    SEARCH_METHOD_LOADGEN_FIND_PEAK: _SearchMethod.ValueType  # 2
+    """LoadGen's own FindPeakPerformance mode."""
+
+class SearchMethod(_SearchMethod, metaclass=_SearchMethodEnumTypeWrapper):
+    """How the highest QPS meeting a latency bound is searched for."""
+
+SEARCH_METHOD_UNSPECIFIED: SearchMethod.ValueType  # 0
+SEARCH_METHOD_BISECTION: SearchMethod.ValueType  # 1
+"""Bisection over Server-scenario runs (each a full LoadGen test)."""
+SEARCH_METHOD_LOADGEN_FIND_PEAK: SearchMethod.ValueType  # 2
+"""LoadGen's own FindPeakPerformance mode."""
+Global___SearchMethod: _TypeAlias = SearchMethod  # noqa: Y015
+
 class _BucketState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -87,6 +109,457 @@ BUSY_POLICY_QUEUE: BusyPolicy.ValueType  # 1
 BUSY_POLICY_REJECT: BusyPolicy.ValueType  # 2
 """Fail with FAILED_PRECONDITION naming the run holding it."""
 Global___BusyPolicy: _TypeAlias = BusyPolicy  # noqa: Y015
+
+@_typing.final
+class LoadGenSide(_message.Message):
+    """The LoadGen side of an experiment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NodeSelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NODE_SELECTOR_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    DATA_PLANE_FIELD_NUMBER: _builtins.int
+    mode: Global___LoadGenMode.ValueType
+    @_builtins.property
+    def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def resources(self) -> _common_pb2.ResourceLimits: ...
+    @_builtins.property
+    def data_plane(self) -> _loadgen_agent_pb2.DataPlaneOptions: ...
+    def __init__(
+        self,
+        *,
+        node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        resources: _common_pb2.ResourceLimits | None = ...,
+        mode: Global___LoadGenMode.ValueType = ...,
+        data_plane: _loadgen_agent_pb2.DataPlaneOptions | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_plane", b"data_plane", "resources", b"resources"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_plane", b"data_plane", "mode", b"mode", "node_selector", b"node_selector", "resources", b"resources"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadGenSide: _TypeAlias = LoadGenSide  # noqa: Y015
+
+@_typing.final
+class Sweep(_message.Message):
+    """The points of an experiment: the cross product of every list, each point run `repeats` times."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENTS_FIELD_NUMBER: _builtins.int
+    NETWORK_PROFILES_FIELD_NUMBER: _builtins.int
+    SCENARIOS_FIELD_NUMBER: _builtins.int
+    SERVER_TARGET_QPS_FIELD_NUMBER: _builtins.int
+    REPEATS_FIELD_NUMBER: _builtins.int
+    repeats: _builtins.int
+    @_builtins.property
+    def clients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def network_profiles(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.NetworkProfile]: ...
+    @_builtins.property
+    def scenarios(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Scenario.ValueType]: ...
+    @_builtins.property
+    def server_target_qps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Server scenario only: total target QPS across clients."""
+
+    def __init__(
+        self,
+        *,
+        clients: _abc.Iterable[_builtins.int] | None = ...,
+        network_profiles: _abc.Iterable[_common_pb2.NetworkProfile] | None = ...,
+        scenarios: _abc.Iterable[_common_pb2.Scenario.ValueType] | None = ...,
+        server_target_qps: _abc.Iterable[_builtins.float] | None = ...,
+        repeats: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "network_profiles", b"network_profiles", "repeats", b"repeats", "scenarios", b"scenarios", "server_target_qps", b"server_target_qps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Sweep: _TypeAlias = Sweep  # noqa: Y015
+
+@_typing.final
+class PeakSearch(_message.Message):
+    """The highest Server QPS whose latency at `percentile` stays within `latency_bound`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    LATENCY_BOUND_FIELD_NUMBER: _builtins.int
+    PERCENTILE_FIELD_NUMBER: _builtins.int
+    LOW_QPS_FIELD_NUMBER: _builtins.int
+    HIGH_QPS_FIELD_NUMBER: _builtins.int
+    TOLERANCE_FIELD_NUMBER: _builtins.int
+    MAX_STEPS_FIELD_NUMBER: _builtins.int
+    method: Global___SearchMethod.ValueType
+    percentile: _builtins.float
+    """0..100; 0 = 99."""
+    low_qps: _builtins.float
+    high_qps: _builtins.float
+    tolerance: _builtins.float
+    """Stop when high/low is within this fraction; 0 = 0.05."""
+    max_steps: _builtins.int
+    @_builtins.property
+    def latency_bound(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        method: Global___SearchMethod.ValueType = ...,
+        latency_bound: _duration_pb2.Duration | None = ...,
+        percentile: _builtins.float = ...,
+        low_qps: _builtins.float = ...,
+        high_qps: _builtins.float = ...,
+        tolerance: _builtins.float = ...,
+        max_steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency_bound", b"latency_bound"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["high_qps", b"high_qps", "latency_bound", b"latency_bound", "low_qps", b"low_qps", "max_steps", b"max_steps", "method", b"method", "percentile", b"percentile", "tolerance", b"tolerance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeakSearch: _TypeAlias = PeakSearch  # noqa: Y015
+
+@_typing.final
+class ExperimentSpec(_message.Message):
+    """One experiment, as a YAML/JSON file or this message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    SUT_FIELD_NUMBER: _builtins.int
+    LOADGEN_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    SWEEP_FIELD_NUMBER: _builtins.int
+    SEARCH_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    BUSY_POLICY_FIELD_NUMBER: _builtins.int
+    experiment_id: _builtins.str
+    webhook_url: _builtins.str
+    busy_policy: Global___BusyPolicy.ValueType
+    @_builtins.property
+    def sut(self) -> _sut_agent_pb2.SutConfig: ...
+    @_builtins.property
+    def loadgen(self) -> Global___LoadGenSide: ...
+    @_builtins.property
+    def dataset(self) -> _common_pb2.DatasetSpec: ...
+    @_builtins.property
+    def settings(self) -> _common_pb2.LoadGenSettings:
+        """Base settings of every point; the sweep sets scenario, QPS and clients."""
+
+    @_builtins.property
+    def sweep(self) -> Global___Sweep: ...
+    @_builtins.property
+    def search(self) -> Global___PeakSearch: ...
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        experiment_id: _builtins.str = ...,
+        sut: _sut_agent_pb2.SutConfig | None = ...,
+        loadgen: Global___LoadGenSide | None = ...,
+        dataset: _common_pb2.DatasetSpec | None = ...,
+        settings: _common_pb2.LoadGenSettings | None = ...,
+        sweep: Global___Sweep | None = ...,
+        search: Global___PeakSearch | None = ...,
+        webhook_url: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        busy_policy: Global___BusyPolicy.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "loadgen", b"loadgen", "search", b"search", "settings", b"settings", "sut", b"sut", "sweep", b"sweep"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_policy", b"busy_policy", "dataset", b"dataset", "experiment_id", b"experiment_id", "labels", b"labels", "loadgen", b"loadgen", "search", b"search", "settings", b"settings", "sut", b"sut", "sweep", b"sweep", "webhook_url", b"webhook_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExperimentSpec: _TypeAlias = ExperimentSpec  # noqa: Y015
+
+@_typing.final
+class PeakResult(_message.Message):
+    """Result of a peak search for one network profile and client count."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_PROFILE_FIELD_NUMBER: _builtins.int
+    CLIENTS_FIELD_NUMBER: _builtins.int
+    PEAK_QPS_FIELD_NUMBER: _builtins.int
+    LATENCY_AT_PEAK_FIELD_NUMBER: _builtins.int
+    RUN_IDS_FIELD_NUMBER: _builtins.int
+    network_profile: _builtins.str
+    clients: _builtins.int
+    peak_qps: _builtins.float
+    """Highest QPS found that met the bound; 0 if even `low_qps` missed it."""
+    @_builtins.property
+    def latency_at_peak(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        network_profile: _builtins.str = ...,
+        clients: _builtins.int = ...,
+        peak_qps: _builtins.float = ...,
+        latency_at_peak: _duration_pb2.Duration | None = ...,
+        run_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency_at_peak", b"latency_at_peak"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "latency_at_peak", b"latency_at_peak", "network_profile", b"network_profile", "peak_qps", b"peak_qps", "run_ids", b"run_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeakResult: _TypeAlias = PeakResult  # noqa: Y015
+
+@_typing.final
+class Experiment(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    POINTS_TOTAL_FIELD_NUMBER: _builtins.int
+    POINTS_DONE_FIELD_NUMBER: _builtins.int
+    RUN_IDS_FIELD_NUMBER: _builtins.int
+    PEAKS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    experiment_id: _builtins.str
+    state: _common_pb2.RunState.ValueType
+    points_total: _builtins.int
+    points_done: _builtins.int
+    error: _builtins.str
+    @_builtins.property
+    def spec(self) -> Global___ExperimentSpec: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def peaks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeakResult]: ...
+    def __init__(
+        self,
+        *,
+        experiment_id: _builtins.str = ...,
+        spec: Global___ExperimentSpec | None = ...,
+        state: _common_pb2.RunState.ValueType = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        points_total: _builtins.int = ...,
+        points_done: _builtins.int = ...,
+        run_ids: _abc.Iterable[_builtins.str] | None = ...,
+        peaks: _abc.Iterable[Global___PeakResult] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "experiment_id", b"experiment_id", "finished_at", b"finished_at", "peaks", b"peaks", "points_done", b"points_done", "points_total", b"points_total", "run_ids", b"run_ids", "spec", b"spec", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Experiment: _TypeAlias = Experiment  # noqa: Y015
+
+@_typing.final
+class StartExperimentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def spec(self) -> Global___ExperimentSpec: ...
+    def __init__(
+        self,
+        *,
+        spec: Global___ExperimentSpec | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartExperimentRequest: _TypeAlias = StartExperimentRequest  # noqa: Y015
+
+@_typing.final
+class StartExperimentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def experiment(self) -> Global___Experiment: ...
+    def __init__(
+        self,
+        *,
+        experiment: Global___Experiment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartExperimentResponse: _TypeAlias = StartExperimentResponse  # noqa: Y015
+
+@_typing.final
+class GetExperimentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    experiment_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        experiment_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_id", b"experiment_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExperimentRequest: _TypeAlias = GetExperimentRequest  # noqa: Y015
+
+@_typing.final
+class GetExperimentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def experiment(self) -> Global___Experiment: ...
+    def __init__(
+        self,
+        *,
+        experiment: Global___Experiment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExperimentResponse: _TypeAlias = GetExperimentResponse  # noqa: Y015
+
+@_typing.final
+class ListExperimentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExperimentsRequest: _TypeAlias = ListExperimentsRequest  # noqa: Y015
+
+@_typing.final
+class ListExperimentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def experiments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Experiment]: ...
+    def __init__(
+        self,
+        *,
+        experiments: _abc.Iterable[Global___Experiment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiments", b"experiments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExperimentsResponse: _TypeAlias = ListExperimentsResponse  # noqa: Y015
+
+@_typing.final
+class CancelExperimentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    experiment_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        experiment_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_id", b"experiment_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelExperimentRequest: _TypeAlias = CancelExperimentRequest  # noqa: Y015
+
+@_typing.final
+class CancelExperimentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def experiment(self) -> Global___Experiment: ...
+    def __init__(
+        self,
+        *,
+        experiment: Global___Experiment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelExperimentResponse: _TypeAlias = CancelExperimentResponse  # noqa: Y015
 
 @_typing.final
 class BucketStatus(_message.Message):

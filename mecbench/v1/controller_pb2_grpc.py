@@ -96,6 +96,26 @@ class ControllerStub:
                 request_serializer=mecbench_dot_v1_dot_controller__pb2.GetResultRequest.SerializeToString,
                 response_deserializer=mecbench_dot_v1_dot_controller__pb2.GetResultResponse.FromString,
                 _registered_method=True)
+        self.StartExperiment = channel.unary_unary(
+                '/mecbench.v1.Controller/StartExperiment',
+                request_serializer=mecbench_dot_v1_dot_controller__pb2.StartExperimentRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_controller__pb2.StartExperimentResponse.FromString,
+                _registered_method=True)
+        self.GetExperiment = channel.unary_unary(
+                '/mecbench.v1.Controller/GetExperiment',
+                request_serializer=mecbench_dot_v1_dot_controller__pb2.GetExperimentRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_controller__pb2.GetExperimentResponse.FromString,
+                _registered_method=True)
+        self.ListExperiments = channel.unary_unary(
+                '/mecbench.v1.Controller/ListExperiments',
+                request_serializer=mecbench_dot_v1_dot_controller__pb2.ListExperimentsRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_controller__pb2.ListExperimentsResponse.FromString,
+                _registered_method=True)
+        self.CancelExperiment = channel.unary_unary(
+                '/mecbench.v1.Controller/CancelExperiment',
+                request_serializer=mecbench_dot_v1_dot_controller__pb2.CancelExperimentRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_controller__pb2.CancelExperimentResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -178,6 +198,31 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartExperiment(self, request, context):
+        """Starts an experiment (a sweep of points, each a run) and returns at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExperiment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExperiments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelExperiment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -240,6 +285,26 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.GetResult,
                     request_deserializer=mecbench_dot_v1_dot_controller__pb2.GetResultRequest.FromString,
                     response_serializer=mecbench_dot_v1_dot_controller__pb2.GetResultResponse.SerializeToString,
+            ),
+            'StartExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartExperiment,
+                    request_deserializer=mecbench_dot_v1_dot_controller__pb2.StartExperimentRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_controller__pb2.StartExperimentResponse.SerializeToString,
+            ),
+            'GetExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperiment,
+                    request_deserializer=mecbench_dot_v1_dot_controller__pb2.GetExperimentRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_controller__pb2.GetExperimentResponse.SerializeToString,
+            ),
+            'ListExperiments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExperiments,
+                    request_deserializer=mecbench_dot_v1_dot_controller__pb2.ListExperimentsRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_controller__pb2.ListExperimentsResponse.SerializeToString,
+            ),
+            'CancelExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelExperiment,
+                    request_deserializer=mecbench_dot_v1_dot_controller__pb2.CancelExperimentRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_controller__pb2.CancelExperimentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -568,6 +633,114 @@ class Controller:
             '/mecbench.v1.Controller/GetResult',
             mecbench_dot_v1_dot_controller__pb2.GetResultRequest.SerializeToString,
             mecbench_dot_v1_dot_controller__pb2.GetResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mecbench.v1.Controller/StartExperiment',
+            mecbench_dot_v1_dot_controller__pb2.StartExperimentRequest.SerializeToString,
+            mecbench_dot_v1_dot_controller__pb2.StartExperimentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mecbench.v1.Controller/GetExperiment',
+            mecbench_dot_v1_dot_controller__pb2.GetExperimentRequest.SerializeToString,
+            mecbench_dot_v1_dot_controller__pb2.GetExperimentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExperiments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mecbench.v1.Controller/ListExperiments',
+            mecbench_dot_v1_dot_controller__pb2.ListExperimentsRequest.SerializeToString,
+            mecbench_dot_v1_dot_controller__pb2.ListExperimentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mecbench.v1.Controller/CancelExperiment',
+            mecbench_dot_v1_dot_controller__pb2.CancelExperimentRequest.SerializeToString,
+            mecbench_dot_v1_dot_controller__pb2.CancelExperimentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,11 @@ class ControllerStub:
     GetMetrics: _grpc.UnaryUnaryMultiCallable[_controller_pb2.GetMetricsRequest, _controller_pb2.GetMetricsResponse]
     ListResults: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListResultsRequest, _controller_pb2.ListResultsResponse]
     GetResult: _grpc.UnaryUnaryMultiCallable[_controller_pb2.GetResultRequest, _controller_pb2.GetResultResponse]
+    StartExperiment: _grpc.UnaryUnaryMultiCallable[_controller_pb2.StartExperimentRequest, _controller_pb2.StartExperimentResponse]
+    """Starts an experiment (a sweep of points, each a run) and returns at once."""
+    GetExperiment: _grpc.UnaryUnaryMultiCallable[_controller_pb2.GetExperimentRequest, _controller_pb2.GetExperimentResponse]
+    ListExperiments: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListExperimentsRequest, _controller_pb2.ListExperimentsResponse]
+    CancelExperiment: _grpc.UnaryUnaryMultiCallable[_controller_pb2.CancelExperimentRequest, _controller_pb2.CancelExperimentResponse]
 
 @_typing.type_check_only
 class ControllerAsyncStub(ControllerStub):
@@ -73,6 +78,11 @@ class ControllerAsyncStub(ControllerStub):
     GetMetrics: _aio.UnaryUnaryMultiCallable[_controller_pb2.GetMetricsRequest, _controller_pb2.GetMetricsResponse]  # type: ignore[assignment]
     ListResults: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListResultsRequest, _controller_pb2.ListResultsResponse]  # type: ignore[assignment]
     GetResult: _aio.UnaryUnaryMultiCallable[_controller_pb2.GetResultRequest, _controller_pb2.GetResultResponse]  # type: ignore[assignment]
+    StartExperiment: _aio.UnaryUnaryMultiCallable[_controller_pb2.StartExperimentRequest, _controller_pb2.StartExperimentResponse]  # type: ignore[assignment]
+    """Starts an experiment (a sweep of points, each a run) and returns at once."""
+    GetExperiment: _aio.UnaryUnaryMultiCallable[_controller_pb2.GetExperimentRequest, _controller_pb2.GetExperimentResponse]  # type: ignore[assignment]
+    ListExperiments: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListExperimentsRequest, _controller_pb2.ListExperimentsResponse]  # type: ignore[assignment]
+    CancelExperiment: _aio.UnaryUnaryMultiCallable[_controller_pb2.CancelExperimentRequest, _controller_pb2.CancelExperimentResponse]  # type: ignore[assignment]
 
 class ControllerServicer(metaclass=_abc_1.ABCMeta):
     """The API users and tools talk to: deploys the SUT and the LoadGen side, runs tests, tracks
@@ -165,5 +175,34 @@ class ControllerServicer(metaclass=_abc_1.ABCMeta):
         request: _controller_pb2.GetResultRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_controller_pb2.GetResultResponse, _abc.Awaitable[_controller_pb2.GetResultResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StartExperiment(
+        self,
+        request: _controller_pb2.StartExperimentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.StartExperimentResponse, _abc.Awaitable[_controller_pb2.StartExperimentResponse]]:
+        """Starts an experiment (a sweep of points, each a run) and returns at once."""
+
+    @_abc_1.abstractmethod
+    def GetExperiment(
+        self,
+        request: _controller_pb2.GetExperimentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.GetExperimentResponse, _abc.Awaitable[_controller_pb2.GetExperimentResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListExperiments(
+        self,
+        request: _controller_pb2.ListExperimentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.ListExperimentsResponse, _abc.Awaitable[_controller_pb2.ListExperimentsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CancelExperiment(
+        self,
+        request: _controller_pb2.CancelExperimentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.CancelExperimentResponse, _abc.Awaitable[_controller_pb2.CancelExperimentResponse]]: ...
 
 def add_ControllerServicer_to_server(servicer: ControllerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
