@@ -121,7 +121,8 @@ def main() -> None:
     print("| --- | --- |")
     print(f"| TCP ping-pong on loopback | p50 {tcp['p50_us']:.0f} us |")
     print(f"| grpcio unary on loopback | p50 {unary['p50_us']:.0f} us, {unary['calls_per_s']:.0f} calls/s |")
-    print(f"| LoadGen in-process SUT | SingleStream p50 {inprocess_ss:.1f} us; Server ceiling {inprocess_ceiling:.0f} QPS |")
+    print(f"| LoadGen in-process SUT | SingleStream p50 {inprocess_ss:.1f} us; "
+          f"Server ceiling {inprocess_ceiling:.0f} QPS |")
     print()
     print("| clients | SingleStream p50 (us) | p99 (us) | p50 / grpc unary p50 | p50 / TCP p50 "
           "| Server ceiling (QPS) | ceiling / in-process | ceiling / grpc unary calls/s |")

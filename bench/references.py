@@ -57,7 +57,8 @@ def _loadgen_in_process(scenario: str, target_qps: float, duration_s: float, que
         log_settings.log_output.outdir = outdir
         log_settings.log_output.copy_summary_to_stdout = False
         lg.StartTestWithLogSettings(sut, qsl, settings, log_settings)
-        summary = open(f"{outdir}/mlperf_log_summary.txt").read()
+        with open(f"{outdir}/mlperf_log_summary.txt") as handle:
+            summary = handle.read()
     lg.DestroyQSL(qsl)
     lg.DestroyFastSUT(sut)
     fields = {}

@@ -229,7 +229,7 @@ class AgentPool:
             if existing is not None and self.backend.is_alive(existing.agent.name):
                 return existing
         if existing is not None:
-            self._forget_loadgen(loadgen_id)
+            self.forget_loadgen(loadgen_id)
         agent = self.backend.start_agent(AgentKind.LOADGEN, loadgen_id, placement=placement)
         channel = open_channel(agent.address)
         handle = LoadGenHandle(loadgen_id, agent, channel, loadgen_agent_pb2_grpc.LoadGenAgentStub(channel))
@@ -237,7 +237,7 @@ class AgentPool:
             self._loadgens[loadgen_id] = handle
         return handle
 
-    def _forget_loadgen(self, loadgen_id: str) -> None:
+    def forget_loadgen(self, loadgen_id: str) -> None:
         with self._lock:
             handle = self._loadgens.pop(loadgen_id, None)
         if handle is not None:
@@ -337,7 +337,7 @@ class AgentPool:
             loadgens = list(self._loadgens)
             suts = list(self._suts)
         for loadgen_id in loadgens:
-            self._forget_loadgen(loadgen_id)
+            self.forget_loadgen(loadgen_id)
         for sut_id in suts:
             self.remove_sut(sut_id)
         if self._node is not None:

@@ -44,7 +44,11 @@ class ControllerApp:
             store.init_buckets()
         self.store = store
         self.registry = RunRegistry(settings.data_dir / "registry.sqlite3")
-        self.pool = AgentPool(open_backend(settings))
+        # The node agent this controller starts keeps its leases beside the controller's data, so a
+        # restarted controller's node agent reconciles what the previous one left.
+        self.pool = AgentPool(
+            open_backend(settings), {"MECBENCH_NODE_AGENT_STATE_DIR": str(settings.data_dir.resolve() / "node-agent")}
+        )
         self.runs = RunManager(self.registry, self.pool, self.store, settings)
         self.experiments = ExperimentManager(self.runs)
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -27,6 +28,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 import mecbench
 from controller.agents import AgentPool, LoadGenHandle, SutHandle, remote_error
+from controller.backends.base import AgentHandle
 from controller.registry import ACTIVE_STATES, RunRegistry
 from controller.settings import ControllerSettings
 from controller.shaping import RunShaping, is_shaped
@@ -277,7 +279,7 @@ class RunManager:
                 raise Cancelled("cancelled while waiting for the SUT")
             if spec.sut_id and spec.HasField("sut") and spec.sut != sut.config:
                 self.pool.deploy_sut(spec.sut_id, spec.sut)
-            loadgens = [self.pool.loadgen_for_client(c, spec.loadgen_id) for c in range(spec.clients)]
+            job_mode = spec.loadgen_mode == controller_pb2.LOAD_GEN_MODE_JOB
             with contextlib.ExitStack() as held_resources:
                 if spec.HasField("network") and is_shaped(spec.network):
                     self._publish(active, f"applying network profile {spec.network.name or 'custom'}", persist=False)
@@ -287,7 +289,7 @@ class RunManager:
                 for repeat in range(1, spec.repeats + 1):
                     if active.cancel.is_set():
                         raise Cancelled("cancelled")
-                    self._run_repeat(active, sut, loadgens, repeat)
+                    self._run_repeat(active, sut, repeat, job_mode)
             self._publish(active, "succeeded", common_pb2.RUN_STATE_SUCCEEDED)
         except Cancelled as exc:
             with active.changed:
@@ -320,15 +322,38 @@ class RunManager:
         except NotFound as exc:
             raise FailedPrecondition(f"results store not ready ({exc}); call InitStorage first") from None
 
-    def _run_repeat(self, active: ActiveRun, sut: SutHandle, loadgens: list[LoadGenHandle], repeat: int) -> None:
+    def _run_repeat(self, active: ActiveRun, sut: SutHandle, repeat: int, job_mode: bool) -> None:
+        """One repeat. In job mode every client gets a fresh LoadGen process that loads the
+        dataset itself and goes away after the test (isolation); otherwise the persistent
+        sessions of the LoadGen servers are reused (speed). Both record their set-up time."""
+        if not job_mode:
+            loadgens = [self.pool.loadgen_for_client(c, active.run.spec.loadgen_id)
+                        for c in range(active.run.spec.clients)]
+            self._run_repeat_on(active, sut, repeat, loadgens, time.monotonic())
+            return
+        setup_started = time.monotonic()
+        job_ids = [f"job-{active.run.run_id.removeprefix('run-')}-r{repeat}-c{c}"
+                   for c in range(active.run.spec.clients)]
+        try:
+            loadgens = [self.pool.deploy_loadgen(job_id, self.pool.backend.loadgen_placement(c))
+                        for c, job_id in enumerate(job_ids)]
+            self._run_repeat_on(active, sut, repeat, loadgens, setup_started)
+        finally:
+            for job_id in job_ids:
+                self.pool.forget_loadgen(job_id)
+
+    def _run_repeat_on(self, active: ActiveRun, sut: SutHandle, repeat: int, loadgens: list[LoadGenHandle],
+                       setup_started: float) -> None:
         run = active.run
         spec = run.spec
         clients = spec.clients
         with active.changed:
             run.progress.repeat = repeat
         self.pool.check_alive(sut)
+        log_marks = _log_marks(
+            [("sut-agent", sut.agent), *((f"loadgen-c{i}", lg.agent) for i, lg in enumerate(loadgens))]
+        )
         sessions: list[str] = []
-        setup_started = time.monotonic()
         for client, loadgen in enumerate(loadgens):
             try:
                 session_id, _opened = self.pool.session_for(
@@ -376,7 +401,7 @@ class RunManager:
             raise Cancelled(f"cancelled during repeat {repeat}; repeats finished before it are kept")
         sut_stats = self.pool.sut_stats(sut, reset=False)
         self._publish(active, f"repeat {repeat}: uploading", common_pb2.RUN_STATE_UPLOADING)
-        self._store_repeat(active, sut, repeat, outcomes, sut_stats, session_setup_s, telemetry)
+        self._store_repeat(active, sut, repeat, outcomes, sut_stats, session_setup_s, telemetry, log_marks)
 
     def _run_client(
         self,
@@ -455,12 +480,17 @@ class RunManager:
         sut_stats: sut_agent_pb2.SutStats,
         session_setup_s: float,
         telemetry: list[common_pb2.TelemetrySample],
+        log_marks: list[LogMark],
     ) -> None:
         run = active.run
         spec = run.spec
         prefix = repeat_prefix(spec.experiment_id, spec.selector, run.run_id, repeat)
         bucket = self.store.results_bucket
         names: list[str] = []
+        for mark in log_marks:
+            # What each agent logged while this repeat ran, kept beside LoadGen's own logs.
+            self.store.put(bucket, f"{prefix}logs/{mark.label}.log", mark.read_since(), "text/plain; charset=utf-8")
+            names.append(f"logs/{mark.label}.log")
         if telemetry:
             self.store.put(bucket, f"{prefix}telemetry.json", telemetry_json(telemetry), "application/json")
             self.store.put(bucket, f"{prefix}telemetry.csv", telemetry_csv(telemetry), "text/csv; charset=utf-8")
@@ -515,6 +545,34 @@ class RunManager:
         with active.changed:
             run.results.append(repeat_result)
         self._publish(active, f"repeat {repeat} stored at {repeat_result.result_uri}")
+
+
+@dataclass(frozen=True)
+class LogMark:
+    """Where an agent's log file stood when a repeat began."""
+
+    label: str
+    path: Path
+    offset: int
+
+    def read_since(self, limit: int = 16 * 1024 * 1024) -> bytes:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self.offset)
+                return handle.read(limit)
+        except OSError:
+            return b""
+
+
+def _log_marks(agents: list[tuple[str, AgentHandle]]) -> list[LogMark]:
+    marks = []
+    for label, agent in agents:
+        if agent.log_path is not None:
+            try:
+                marks.append(LogMark(label, agent.log_path, agent.log_path.stat().st_size))
+            except OSError:
+                continue
+    return marks
 
 
 def aggregate_results(results: list[common_pb2.TestResult]) -> common_pb2.TestResult:

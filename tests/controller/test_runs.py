@@ -58,7 +58,8 @@ def test_every_scenario_runs_end_to_end(stack: Stack, scenario: int) -> None:
     document = json.loads(files["result.json"])
     assert document["run_id"] == run.run_id and document["repeat"] == 1
     assert document["software"]["mlcommons-loadgen"] == "6.0.17"
-    assert {"mlperf_log_summary.txt", "mlperf_log_detail.txt", "result.json"} <= set(record.record.files)
+    assert {"mlperf_log_summary.txt", "mlperf_log_detail.txt", "result.json", "logs/sut-agent.log",
+            "logs/loadgen-c0.log"} <= set(record.record.files)
     # Files live under {experiment}/{selector}/{run}/repeat-{k}/ in the results bucket.
     prefix = f"e2e/{final.spec.selector}/{run.run_id}/repeat-1/"
     keys = stack.app.store.list(stack.app.store.results_bucket, prefix)
@@ -217,3 +218,40 @@ def _alive(pid: int) -> bool:
             return handle.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_job_mode_starts_a_fresh_loadgen_per_repeat_and_records_its_setup(stack: Stack) -> None:
+    settings = short_settings(common_pb2.SCENARIO_SINGLE_STREAM)
+    server_mode = stack.wait(start(stack, settings, repeats=2).run_id)
+    job_mode = stack.wait(start(stack, settings, repeats=2, loadgen_mode=controller_pb2.LOAD_GEN_MODE_JOB).run_id)
+    assert job_mode.state == common_pb2.RUN_STATE_SUCCEEDED, job_mode.error
+    job_setup = [durations.to_seconds(r.loadgen_setup_time) for r in job_mode.results]
+    server_setup = [durations.to_seconds(r.loadgen_setup_time) for r in server_mode.results]
+    # A fresh LoadGen process per repeat costs a process start and a dataset load every time;
+    # a persistent session costs neither once it is open.
+    assert min(job_setup) > max(server_setup[1:])
+    assert not [a for a in stack.app.pool.backend.agents() if a.name.startswith("job-")]
+
+
+def test_overlapping_runs_on_one_sut_are_queued_not_mixed(stack: Stack) -> None:
+    settings = short_settings(common_pb2.SCENARIO_SINGLE_STREAM)
+    first = start(stack, settings)
+    second = start(stack, settings)
+    finished = [stack.wait(first.run_id), stack.wait(second.run_id)]
+    assert all(r.state == common_pb2.RUN_STATE_SUCCEEDED for r in finished)
+    earlier, later = sorted(finished, key=lambda r: r.started_at.ToNanoseconds())
+    assert later.started_at.ToNanoseconds() >= earlier.finished_at.ToNanoseconds() - 200_000_000
+
+
+def test_a_busy_sut_can_be_refused_naming_the_holder(stack: Stack) -> None:
+    settings = short_settings(common_pb2.SCENARIO_SERVER, min_duration=durations.from_seconds(3))
+    holder = start(stack, settings)
+    deadline = time.monotonic() + 20
+    while stack.app.pool.get_sut("sut-2ms").held_by != holder.run_id:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(grpc.RpcError) as info:
+        start(stack, settings, busy_policy=controller_pb2.BUSY_POLICY_REJECT)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert holder.run_id in info.value.details()
+    stack.wait(holder.run_id)

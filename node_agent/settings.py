@@ -1,0 +1,62 @@
+"""Node agent settings: `MECBENCH_NODE_AGENT_*` environment variables override the defaults.
+
+Tuples are comma-separated in the environment, e.g.
+`MECBENCH_NODE_AGENT_HOST_INTERFACE_ALLOWLIST=veth*,mb*,cni*`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mecbench.core.settings import from_env
+
+
+def default_state_dir() -> Path:
+    """Where leases and installed shaping are recorded: a system path for root (a DaemonSet
+    mounts it from the host so a restarted agent finds its records), the user's state
+    directory otherwise (an unprivileged agent cannot shape, but still serves GPUs and telemetry)."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/mecbench/node-agent")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "mecbench" / "node-agent"
+
+
+@dataclass
+class NodeAgentSettings:
+    # Reported node name; "" = this machine's hostname.
+    node_name: str = ""
+    # Holds the sqlite database of leases, shaping and GPU allocations. Agents that share it
+    # (a restarted one, or several on one machine) share one view of what MECBench installed.
+    state_dir: Path = field(default_factory=default_state_dir)
+    # Interfaces of the agent's own (host) network namespace that may be shaped, as fnmatch
+    # patterns. The uplink (eth*, en*, wl*, bond*) is deliberately absent: shaping it by mistake
+    # cuts the node off. Veth ends (containers, the netns topology) match.
+    host_interface_allowlist: tuple[str, ...] = ("veth*", "mb*", "mec*")
+    # Interfaces inside any other network namespace (pods, the netns topology's nodes), which
+    # cannot carry the node's uplink.
+    netns_interface_allowlist: tuple[str, ...] = ("*",)
+    # Never shaped, whatever the allowlists say.
+    interface_denylist: tuple[str, ...] = ("lo",)
+    # Lease length when a request gives none, and the longest one granted.
+    default_lease_s: float = 60.0
+    max_lease_s: float = 7 * 24 * 3600.0
+    # How often the reaper looks for lapsed leases (removal happens within this of expiry).
+    reaper_interval_s: float = 0.2
+    # How pods are resolved to their sandbox's network namespace: "proc" scans
+    # <proc_root>/*/cgroup for the pod UID (needs hostPID in a DaemonSet); "disabled" refuses pods.
+    pod_resolver: str = "proc"
+    proc_root: Path = field(default_factory=lambda: Path("/proc"))
+    # Probe the kernel's qdisc support at start (in a scratch namespace). Off: assume nothing works.
+    probe_kernel: bool = True
+    # Also list interfaces of named namespaces (/var/run/netns) in GetNodeInfo.
+    list_named_netns: bool = True
+    # gRPC worker threads; every open StreamTelemetry holds one.
+    max_workers: int = 32
+    # Shortest telemetry interval accepted.
+    min_telemetry_interval_s: float = 0.05
+
+    @classmethod
+    def load(cls, **overrides: object) -> NodeAgentSettings:
+        return from_env(cls, "MECBENCH_NODE_AGENT_", None, **overrides)
