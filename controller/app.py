@@ -14,6 +14,8 @@ from mecbench.core.errors import InvalidArgument
 from mecbench.core.logging import get_logger
 from store.base import ObjectStore
 from store.local import LocalDirStore
+from store.settings import StoreSettings, open_store
+from store.spool import UploadSpool
 
 log = get_logger("mecbench.controller")
 
@@ -38,10 +40,12 @@ class ControllerApp:
     def __init__(self, settings: ControllerSettings, store: ObjectStore | None = None) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store_settings = StoreSettings.load()
         if store is None:
-            store = LocalDirStore(settings.data_dir / "store")
-            # The embedded default needs no set-up step: its buckets are folders.
-            store.init_buckets()
+            store = open_store(self.store_settings, settings.data_dir / "store")
+            if isinstance(store, LocalDirStore):
+                # The embedded default needs no set-up step: its buckets are folders.
+                store.init_buckets()
         self.store = store
         self.registry = RunRegistry(settings.data_dir / "registry.sqlite3")
         # The node agent this controller starts keeps its leases beside the controller's data, so a
@@ -49,12 +53,19 @@ class ControllerApp:
         self.pool = AgentPool(
             open_backend(settings), {"MECBENCH_NODE_AGENT_STATE_DIR": str(settings.data_dir.resolve() / "node-agent")}
         )
-        self.runs = RunManager(self.registry, self.pool, self.store, settings)
+        self.spool = UploadSpool(
+            store, settings.data_dir / "spool", attempts=self.store_settings.upload_attempts,
+            backoff_s=self.store_settings.upload_backoff_s, flush_interval_s=self.store_settings.spool_flush_interval_s,
+            on_drained=lambda run_id: self.runs.results_uploaded(run_id),  # noqa: PLW0108 - runs is made below
+        )
+        self.runs = RunManager(self.registry, self.pool, self.store, settings, self.spool)
+        self.spool.start()
         self.experiments = ExperimentManager(self.runs)
 
     def close(self) -> None:
         self.runs.close()
         self.pool.close()
+        self.spool.close()
         self.registry.close()
         self.store.close()
         log.info("controller_closed")

@@ -41,6 +41,7 @@ from mecbench.profiles import resolve_profile
 from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, node_agent_pb2, sut_agent_pb2
 from store.base import ObjectStore
 from store.layout import content_type_for, repeat_prefix
+from store.spool import PendingObject, UploadSpool
 
 log = get_logger("mecbench.controller.runs")
 
@@ -94,10 +95,12 @@ class RunManager:
         pool: AgentPool,
         store: ObjectStore,
         settings: ControllerSettings,
+        spool: UploadSpool,
     ) -> None:
         self.registry = registry
         self.pool = pool
         self.store = store
+        self.spool = spool
         self.settings = settings
         self._active: dict[str, ActiveRun] = {}
         self._lock = threading.Lock()
@@ -113,6 +116,32 @@ class RunManager:
             run.finished_at.CopyFrom(now())
             self.registry.save_run(run)
             log.warning("run_marked_failed_on_restart", run_id=run.run_id)
+        # Results a previous controller spooled but did not upload: the flusher finishes them.
+        for owner in self.spool.pending_owners():
+            try:
+                run = self.registry.get_run(owner)
+            except NotFound:
+                continue
+            if not run.results_spooled:
+                run.results_spooled = True
+                self.registry.save_run(run)
+
+    def results_uploaded(self, run_id: str) -> None:
+        """The spool has delivered every file of `run_id` to the store."""
+        with self._lock:
+            active = self._active.get(run_id)
+        if active is not None:
+            with active.changed:
+                active.run.results_spooled = False
+            self._publish(active, "spooled results are now in the store")
+            return
+        try:
+            run = self.registry.get_run(run_id)
+        except NotFound:
+            return
+        run.results_spooled = False
+        self.registry.save_run(run)
+        log.info("spooled_results_uploaded", run_id=run_id)
 
     # --- API ---------------------------------------------------------------------------------
 
@@ -486,21 +515,17 @@ class RunManager:
         spec = run.spec
         prefix = repeat_prefix(spec.experiment_id, spec.selector, run.run_id, repeat)
         bucket = self.store.results_bucket
-        names: list[str] = []
+        files: dict[str, tuple[bytes, str]] = {}
         for mark in log_marks:
             # What each agent logged while this repeat ran, kept beside LoadGen's own logs.
-            self.store.put(bucket, f"{prefix}logs/{mark.label}.log", mark.read_since(), "text/plain; charset=utf-8")
-            names.append(f"logs/{mark.label}.log")
+            files[f"logs/{mark.label}.log"] = (mark.read_since(), "text/plain; charset=utf-8")
         if telemetry:
-            self.store.put(bucket, f"{prefix}telemetry.json", telemetry_json(telemetry), "application/json")
-            self.store.put(bucket, f"{prefix}telemetry.csv", telemetry_csv(telemetry), "text/csv; charset=utf-8")
-            names += ["telemetry.json", "telemetry.csv"]
+            files["telemetry.json"] = (telemetry_json(telemetry), "application/json")
+            files["telemetry.csv"] = (telemetry_csv(telemetry), "text/csv; charset=utf-8")
         for outcome in outcomes:
             client_prefix = f"client-{outcome.client}/" if len(outcomes) > 1 else ""
             for name, data in sorted(outcome.files.items()):
-                key = f"{prefix}{client_prefix}{name}"
-                self.store.put(bucket, key, bytes(data), content_type_for(name))
-                names.append(f"{client_prefix}{name}")
+                files[f"{client_prefix}{name}"] = (bytes(data), content_type_for(name))
         results = [o.result for o in outcomes if o.result is not None]
         aggregate = aggregate_results(results)
         setup = durations.from_seconds(session_setup_s + max((o.setup_time_s for o in outcomes), default=0.0))
@@ -524,8 +549,12 @@ class RunManager:
             "node": {"name": platform.node(), "platform": platform.platform(), "python": platform.python_version()},
             "created_at": now().ToJsonString(),
         }
-        self.store.put(bucket, f"{prefix}result.json", json.dumps(document, indent=2).encode(), "application/json")
-        names.append("result.json")
+        files["result.json"] = (json.dumps(document, indent=2).encode(), "application/json")
+        # Spooled to local disk first, then uploaded: a store outage or a crash loses nothing.
+        spooled = self.spool.write(
+            run.run_id, [PendingObject(bucket, prefix + name, data, kind) for name, (data, kind) in files.items()]
+        )
+        names = list(files)
         record = controller_pb2.ResultRecord(
             experiment_id=spec.experiment_id,
             selector=spec.selector,
@@ -544,7 +573,16 @@ class RunManager:
         self.registry.save_result(record)
         with active.changed:
             run.results.append(repeat_result)
-        self._publish(active, f"repeat {repeat} stored at {repeat_result.result_uri}")
+            if spooled:
+                run.results_spooled = True
+        if spooled:
+            self._publish(
+                active,
+                f"repeat {repeat}: the store is unreachable ({self.spool.last_error}); {spooled} files kept in the "
+                "local spool and uploaded when it returns",
+            )
+        else:
+            self._publish(active, f"repeat {repeat} stored at {repeat_result.result_uri}")
 
 
 @dataclass(frozen=True)

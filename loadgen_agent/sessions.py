@@ -37,6 +37,7 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from loadgen_agent.datasets import uri_problem
 from loadgen_agent.protocol import Message, MessageWriter, error_from_message, read_message
 from loadgen_agent.results import iter_file_chunks, parse_result_dir
 from loadgen_agent.settings import LoadGenAgentSettings
@@ -79,7 +80,9 @@ def validate_open_request(request: loadgen_agent_pb2.OpenSessionRequest, max_dat
     dataset = request.dataset
     source = dataset.WhichOneof("source")
     if source == "uri":
-        v.check(bool(dataset.uri.strip()), "dataset.uri", "must not be empty")
+        problem = uri_problem(dataset.uri)
+        if problem is not None:
+            v.add("dataset.uri", problem)
     else:
         synthetic = dataset.synthetic
         v.check(synthetic.sample_count <= _MAX_SAMPLE_COUNT, "dataset.synthetic.sample_count", "at most 10,000,000")
@@ -256,6 +259,8 @@ class LoadGenSession:
             "sut_connect_timeout_s": self.settings.sut_connect_timeout_s,
             "log_level": self.settings.worker_log_level,
             "session_dir": str(self.directory),
+            "dataset_cache_dir": str(self.settings.dataset_cache_dir),
+            "max_dataset_bytes": self.settings.max_dataset_bytes,
         }
 
     def start_worker(self) -> None:

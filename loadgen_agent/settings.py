@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadgen_agent.datasets import default_cache_dir
 from mecbench.core.settings import from_env
 
 
@@ -23,8 +24,11 @@ class LoadGenAgentSettings:
     # After CancelTest (or a data-plane abort) LoadGen gets this long to end the test with every
     # query answered at once; past it the session process is replaced by a fresh one.
     cancel_grace_s: float = 3.0
-    # Largest synthetic dataset a session may hold, in bytes.
+    # Largest dataset a session may hold, in bytes (synthetic, or the samples of a fetched one).
     max_dataset_bytes: int = 4 * 1024 * 1024 * 1024
+    # Datasets fetched from `dataset.uri`, kept under their SHA-256 so a session that names the
+    # digest fetches nothing; shared safely by the agent's session processes.
+    dataset_cache_dir: Path = field(default_factory=default_cache_dir)
     # Where each test's LoadGen log directory is created (removed after it was streamed back);
     # empty = the system temporary directory.
     work_dir: Path | None = None

@@ -39,11 +39,12 @@ import grpc
 import numpy as np
 import structlog
 
+from loadgen_agent import datasets
 from loadgen_agent.protocol import Message, MessageWriter, error_to_message, read_message
 from loadgen_agent.settings_builder import build_test_settings, describe_test_settings
 from mecbench.core import durations
 from mecbench.core.channels import open_channel, wait_until_serving
-from mecbench.core.errors import DeadlineExceeded, MecbenchError, Unavailable, Unimplemented
+from mecbench.core.errors import DeadlineExceeded, MecbenchError, Unavailable
 from mecbench.core.logging import configure_logging, get_logger
 from mecbench.v1 import common_pb2, loadgen_agent_pb2, sut_agent_pb2, sut_agent_pb2_grpc
 
@@ -101,15 +102,14 @@ def synthetic_samples(spec: common_pb2.SyntheticDataset) -> list[bytes]:
     return [row.tobytes() for row in data]
 
 
-def _uri_samples(spec: common_pb2.DatasetSpec) -> list[bytes]:
-    """Where datasets fetched from `uri` will be loaded (and their sha256 checked)."""
-    raise Unimplemented("datasets from dataset.uri are not supported yet; use dataset.synthetic")
-
-
-def load_samples(spec: common_pb2.DatasetSpec) -> list[bytes]:
-    """The samples of the session's dataset, held in memory for the whole session."""
+def load_samples(
+    spec: common_pb2.DatasetSpec, cache_dir: Path | None = None, max_bytes: int | None = None
+) -> list[bytes]:
+    """The samples of the session's dataset, held in memory for the whole session. A `uri` dataset
+    is fetched into `cache_dir` (default: the user's cache) unless it holds the `sha256` already."""
     if spec.WhichOneof("source") == "uri":
-        return _uri_samples(spec)
+        path = datasets.fetch(spec.uri, spec.sha256, cache_dir or datasets.default_cache_dir())
+        return datasets.load_samples(path, max_bytes=max_bytes)
     return synthetic_samples(spec.synthetic)
 
 
@@ -421,6 +421,10 @@ class SessionWorker:
         self.progress_interval_s = float(open_message.get("progress_interval_s", 0.5))
         self.connect_timeout_s = float(open_message.get("sut_connect_timeout_s", 30.0))
         self.session_dir = str(open_message.get("session_dir", ""))
+        cache_dir = open_message.get("dataset_cache_dir")
+        self.dataset_cache_dir = Path(cache_dir) if cache_dir else None
+        max_bytes = open_message.get("max_dataset_bytes")
+        self.max_dataset_bytes = int(max_bytes) if max_bytes is not None else None
         self.events = events
         self.tests: queue.SimpleQueue[Message] = queue.SimpleQueue()
         # Tests received and not finished (queued or running), and those of them cancelled.
@@ -437,7 +441,7 @@ class SessionWorker:
         import mlperf_loadgen as lg
 
         started = time.monotonic()
-        samples = load_samples(self.dataset)
+        samples = load_samples(self.dataset, self.dataset_cache_dir, self.max_dataset_bytes)
         channel = open_channel(self.sut_address)
         wait_until_serving(channel, timeout=self.connect_timeout_s)
         stub = sut_agent_pb2_grpc.SutAgentStub(channel)

@@ -77,4 +77,5 @@ class LocalDirStore(ObjectStore):
         self._path(bucket, key).unlink(missing_ok=True)
 
     def uri(self, bucket: str, key: str) -> str:
-        return (self.root / bucket / key).as_uri() if key else (self.root / bucket).as_uri()
+        uri = (self.root / bucket / key).as_uri() if key else (self.root / bucket).as_uri()
+        return uri + "/" if key.endswith("/") else uri  # a prefix stays a prefix

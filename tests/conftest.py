@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
 from mecbench.core.logging import configure_logging
+from tests.s3server import S3Server
 
 configure_logging(level=os.environ.get("MECBENCH_TEST_LOG_LEVEL", "warning"), json_output=True)
 
@@ -16,3 +18,12 @@ def is_root() -> bool:
 
 
 requires_root = pytest.mark.skipif(not is_root(), reason="needs root for network namespaces and qdiscs")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server on loopback for the whole session (started on first use, ~5 s)."""
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()

@@ -209,6 +209,8 @@ def agent_settings(work_dir: Path, **overrides: object) -> LoadGenAgentSettings:
         "open_timeout_s": 60.0,
         "progress_interval_s": 0.25,
         "worker_log_level": "warning",
+        # Never the user's own cache: each agent fetches into its work directory.
+        "dataset_cache_dir": work_dir / "dataset-cache",
     }
     base |= overrides
     return LoadGenAgentSettings(**base)  # type: ignore[arg-type]

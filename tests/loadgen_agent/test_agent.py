@@ -379,8 +379,9 @@ def test_unreachable_sut_and_uri_datasets(tmp_path: Path) -> None:
             agent.open("127.0.0.1:9")  # nothing listens on the discard port
         assert unreachable.value.code() == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(grpc.RpcError) as uri:
-            agent.open("127.0.0.1:9", dataset=common_pb2.DatasetSpec(uri="s3://bucket/data.tar"))
-        assert uri.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            agent.open("127.0.0.1:9", dataset=common_pb2.DatasetSpec(uri=f"file://{tmp_path}/missing.tar"))
+        assert uri.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "missing.tar" in (uri.value.details() or "")
         assert not agent.stub.ListSessions(loadgen_agent_pb2.ListSessionsRequest()).sessions
         assert set(worker_processes()) == before
     finally:
