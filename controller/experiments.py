@@ -9,26 +9,30 @@ for the highest QPS LoadGen still judges VALID at the latency bound.
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
 from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller.registry import ACTIVE_STATES
 from controller.runs import TERMINAL_STATES, RunManager, now
+from controller.shaping import is_shaped
 from controller.validation import MAX_CLIENTS, validate_run_spec
 from mecbench.core import durations
 from mecbench.core.errors import Cancelled, FailedPrecondition, InvalidArgument, MecbenchError, NotFound, Violations
 from mecbench.core.logging import get_logger
-from mecbench.profiles import STRING_FIELDS, netem_from_strings, resolve_profile
+from mecbench.profiles import resolve_profile
 from mecbench.v1 import common_pb2, controller_pb2
-from store.layout import check_segment
+from store.layout import check_segment, experiment_manifest_key, run_prefix
+from store.spool import PendingObject
 
 log = get_logger("mecbench.controller.experiments")
 
@@ -38,50 +42,6 @@ _SCENARIO_SLUGS: dict[int, str] = {
     common_pb2.SCENARIO_SERVER: "server",
     common_pb2.SCENARIO_OFFLINE: "offline",
 }
-
-
-# --- the spec file ---------------------------------------------------------------------------
-
-
-def _normalise(document: dict[str, Any]) -> dict[str, Any]:
-    """Accept the shorthands people write: profile names as strings, and the original MECBench
-    string NetEm config (`bandwidth: 100mbit`, `delay: 20ms`) inside a profile."""
-    sweep = document.get("sweep") or {}
-    profiles = sweep.get("network_profiles") or sweep.get("networkProfiles") or []
-    normalised = []
-    for index, entry in enumerate(profiles):
-        profile = {"name": entry} if isinstance(entry, str) else dict(entry)
-        netem = profile.get("netem")
-        if isinstance(netem, dict) and set(netem) & set(STRING_FIELDS):
-            typed = netem_from_strings({k: str(v) for k, v in netem.items()},
-                                       f"spec.sweep.network_profiles[{index}].netem")
-            profile["netem"] = json_format.MessageToDict(typed, preserving_proto_field_name=True)
-        normalised.append(profile)
-    if profiles:
-        sweep = {k: v for k, v in sweep.items() if k not in ("network_profiles", "networkProfiles")}
-        sweep["network_profiles"] = normalised
-        document = {**document, "sweep": sweep}
-    return document
-
-
-def parse_experiment(text: str, source: str = "experiment") -> controller_pb2.ExperimentSpec:
-    """An ExperimentSpec from YAML or JSON text (JSON is YAML)."""
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InvalidArgument(f"{source}: not valid YAML/JSON: {exc}", field="spec") from None
-    if not isinstance(document, dict):
-        raise InvalidArgument(f"{source}: expected a mapping at the top level", field="spec")
-    spec = controller_pb2.ExperimentSpec()
-    try:
-        json_format.ParseDict(_normalise(document), spec)
-    except json_format.ParseError as exc:
-        raise InvalidArgument(f"{source}: {exc}", field="spec") from None
-    return spec
-
-
-def load_experiment_file(path: Path) -> controller_pb2.ExperimentSpec:
-    return parse_experiment(path.read_text(), str(path))
 
 
 # --- validation and expansion ----------------------------------------------------------------
@@ -133,10 +93,32 @@ def expand(spec: controller_pb2.ExperimentSpec) -> tuple[list[Point], Violations
     return points, violations
 
 
-def point_spec(spec: controller_pb2.ExperimentSpec, point: Point, sut_id: str,
-               selector: str = "") -> controller_pb2.RunSpec:
+MLPERF_SCENARIO_NAMES: dict[int, str] = {
+    common_pb2.SCENARIO_SINGLE_STREAM: "SingleStream",
+    common_pb2.SCENARIO_MULTI_STREAM: "MultiStream",
+    common_pb2.SCENARIO_SERVER: "Server",
+    common_pb2.SCENARIO_OFFLINE: "Offline",
+}
+
+
+def _matches(pattern: str, value: str) -> bool:
+    return not pattern or fnmatch.fnmatchcase(value, pattern)
+
+
+def settings_for(spec: controller_pb2.ExperimentSpec, scenario: int) -> common_pb2.LoadGenSettings:
+    """The base settings with every matching override merged over them, in order (later wins)."""
     settings = common_pb2.LoadGenSettings()
     settings.CopyFrom(spec.settings)
+    scenario_name = MLPERF_SCENARIO_NAMES.get(scenario, "")
+    for override in spec.overrides:
+        if _matches(override.model, spec.model or "*") and _matches(override.scenario, scenario_name):
+            settings.MergeFrom(override.settings)
+    return settings
+
+
+def point_spec(spec: controller_pb2.ExperimentSpec, point: Point, sut_id: str,
+               selector: str = "") -> controller_pb2.RunSpec:
+    settings = settings_for(spec, point.scenario)
     settings.scenario = point.scenario  # type: ignore[assignment]
     if point.scenario == common_pb2.SCENARIO_SERVER and point.qps:
         # The sweep's QPS is the total offered load; each client carries its share.
@@ -193,6 +175,18 @@ def validate_experiment(spec: controller_pb2.ExperimentSpec) -> list[Point]:
                     seen_fields.add(violation.field)
     if not points and not spec.HasField("search"):
         violations.add("spec.sweep", "has no points")
+    for index, override in enumerate(spec.overrides):
+        scenario = override.scenario
+        violations.check(
+            not scenario or any(ch in scenario for ch in "*?[") or scenario in MLPERF_SCENARIO_NAMES.values(),
+            f"spec.overrides[{index}].scenario",
+            f"{scenario!r} is no MLPerf scenario ({', '.join(MLPERF_SCENARIO_NAMES.values())}) or pattern",
+        )
+        violations.check(
+            not override.settings.scenario,
+            f"spec.overrides[{index}].settings.scenario",
+            "an override cannot change the scenario; the sweep sets it",
+        )
     violations.raise_if_any()
     return points
 
@@ -210,14 +204,60 @@ class ActiveExperiment:
 
 
 class ExperimentManager:
+    """Runs experiments one point at a time. Every change of an experiment is checkpointed: its
+    row in the registry (so a restarted controller keeps the history) and its manifest in the
+    results store, `{experiment}/manifest.json`, listing every run with where its files are."""
+
     def __init__(self, runs: RunManager, run_timeout_s: float = 24 * 3600.0) -> None:
         self.runs = runs
+        self.registry = runs.registry
         self.run_timeout_s = run_timeout_s
         self._experiments: dict[str, ActiveExperiment] = {}
         self._lock = threading.Lock()
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """An experiment that was running when a previous controller stopped cannot go on where
+        it was (its current run died with that controller): it is marked failed, and every point
+        it finished stays listed with its results."""
+        for experiment in self.registry.list_experiments(ACTIVE_STATES):
+            experiment.state = common_pb2.RUN_STATE_FAILED
+            experiment.error = "controller restarted while the experiment was running; finished points are kept"
+            experiment.finished_at.CopyFrom(now())
+            self._save(experiment)
+            log.warning("experiment_marked_failed_on_restart", experiment_id=experiment.experiment_id)
+
+    def _save(self, experiment: controller_pb2.Experiment) -> None:
+        self.registry.save_experiment(experiment)
+        runs = []
+        for run_id in experiment.run_ids:
+            try:
+                runs.append(self.runs.get_run(run_id))
+            except NotFound:
+                runs.append(controller_pb2.Run(run_id=run_id, error="no record of this run"))
+        manifest = experiment_manifest(experiment, runs)
+        # Through the spool like every result file: a store outage delays the manifest, never loses it.
+        self.runs.spool.write(
+            f"experiment:{experiment.experiment_id}",
+            [PendingObject(self.runs.store.results_bucket, experiment_manifest_key(experiment.experiment_id),
+                           manifest, "application/json")],
+        )
+
+    def _checkpoint(self, active: ActiveExperiment) -> None:
+        with active.lock:
+            copy = controller_pb2.Experiment()
+            copy.CopyFrom(active.experiment)
+        try:
+            self._save(copy)
+        except Exception:
+            # The registry is local sqlite; a failure here is a bug or a full disk. The experiment
+            # goes on (its runs keep their own records) and the next checkpoint tries again.
+            log.exception("experiment_checkpoint_failed", experiment_id=copy.experiment_id)
 
     def start(self, spec: controller_pb2.ExperimentSpec) -> controller_pb2.Experiment:
         points = validate_experiment(spec)
+        if any(is_shaped(point.profile) for point in points):
+            self.runs.check_can_shape()
         with self._lock:
             existing = self._experiments.get(spec.experiment_id)
             if existing is not None and existing.experiment.state not in TERMINAL_STATES:
@@ -228,6 +268,7 @@ class ExperimentManager:
             )
             active = ActiveExperiment(experiment, points)
             self._experiments[spec.experiment_id] = active
+        self._checkpoint(active)
         threading.Thread(target=self._execute, args=(active,), name=f"exp-{spec.experiment_id}", daemon=True).start()
         return self.get(spec.experiment_id)
 
@@ -235,30 +276,32 @@ class ExperimentManager:
         with self._lock:
             active = self._experiments.get(experiment_id)
         if active is None:
-            raise NotFound(f"experiment {experiment_id!r} not found")
+            return self.registry.get_experiment(experiment_id)
         with active.lock:
             copy = controller_pb2.Experiment()
             copy.CopyFrom(active.experiment)
             return copy
 
     def list(self) -> list[controller_pb2.Experiment]:
+        """Every experiment this controller or an earlier one ran; live ones as they are now."""
         with self._lock:
-            ids = list(self._experiments)
-        return [self.get(i) for i in ids]
+            live = set(self._experiments)
+        stored = {e.experiment_id: e for e in self.registry.list_experiments()}
+        for experiment_id in live:
+            stored[experiment_id] = self.get(experiment_id)
+        return sorted(stored.values(), key=lambda e: (e.created_at.ToNanoseconds(), e.experiment_id))
 
     def cancel(self, experiment_id: str) -> controller_pb2.Experiment:
         with self._lock:
             active = self._experiments.get(experiment_id)
         if active is None:
-            raise NotFound(f"experiment {experiment_id!r} not found")
+            return self.registry.get_experiment(experiment_id)  # finished before: nothing to cancel
         active.cancel.set()
         if active.current_run:
             self.runs.cancel_run(active.current_run)
         return self.get(experiment_id)
 
     def wait(self, experiment_id: str, timeout: float) -> controller_pb2.Experiment:
-        import time
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             experiment = self.get(experiment_id)
@@ -271,6 +314,7 @@ class ExperimentManager:
         with active.lock:
             for name, value in fields.items():
                 setattr(active.experiment, name, value)
+        self._checkpoint(active)
 
     def _run_point(self, active: ActiveExperiment, run_spec: controller_pb2.RunSpec) -> controller_pb2.Run:
         if active.cancel.is_set():
@@ -279,6 +323,7 @@ class ExperimentManager:
         active.current_run = run.run_id
         with active.lock:
             active.experiment.run_ids.append(run.run_id)
+        self._checkpoint(active)
         final = self.runs.wait(run.run_id, self.run_timeout_s)
         active.current_run = ""
         if final.state == common_pb2.RUN_STATE_CANCELLED:
@@ -297,11 +342,13 @@ class ExperimentManager:
                 self._run_point(active, point_spec(spec, point, sut_id))
                 with active.lock:
                     active.experiment.points_done += 1
+                self._checkpoint(active)
             if spec.HasField("search"):
                 for profile, clients in _search_cells(spec):
                     peak = self._search(active, spec, sut_id, profile, clients)
                     with active.lock:
                         active.experiment.peaks.append(peak)
+                    self._checkpoint(active)
             self._set(active, state=common_pb2.RUN_STATE_SUCCEEDED)
         except Cancelled:
             self._set(active, state=common_pb2.RUN_STATE_CANCELLED, error="cancelled")
@@ -313,6 +360,7 @@ class ExperimentManager:
         finally:
             with active.lock:
                 active.experiment.finished_at.CopyFrom(now())
+            self._checkpoint(active)
             try:
                 self.runs.pool.remove_sut(sut_id)
             except MecbenchError:
@@ -362,6 +410,41 @@ class ExperimentManager:
 
     def iter_results(self, experiment_id: str) -> Iterator[controller_pb2.ResultRecord]:
         yield from self.runs.registry.list_results(controller_pb2.ListResultsRequest(experiment_id=experiment_id))
+
+
+def experiment_manifest(experiment: controller_pb2.Experiment, runs: list[controller_pb2.Run]) -> bytes:
+    """The experiment's index in the store: what it is, how it went, and every run with where
+    its files are, so the bucket alone is enough to find and compare its results."""
+    def stamp(value: Timestamp) -> str | None:
+        return value.ToJsonString() if value.ToNanoseconds() else None
+
+    document = {
+        "experiment_id": experiment.experiment_id,
+        "state": common_pb2.RunState.Name(experiment.state),
+        "error": experiment.error,
+        "created_at": stamp(experiment.created_at),
+        "finished_at": stamp(experiment.finished_at),
+        "points_total": experiment.points_total,
+        "points_done": experiment.points_done,
+        "runs": [
+            {
+                "run_id": run.run_id,
+                "selector": run.spec.selector,
+                "state": common_pb2.RunState.Name(run.state),
+                "error": run.error,
+                "created_at": stamp(run.created_at),
+                "finished_at": stamp(run.finished_at),
+                "results_spooled": run.results_spooled,
+                "prefix": run_prefix(run.spec.experiment_id, run.spec.selector, run.run_id)
+                if run.spec.experiment_id else None,
+                "repeats": [{"repeat": r.repeat, "result_uri": r.result_uri} for r in run.results],
+            }
+            for run in runs
+        ],
+        "peaks": [json_format.MessageToDict(p, preserving_proto_field_name=True) for p in experiment.peaks],
+        "spec": json_format.MessageToDict(experiment.spec, preserving_proto_field_name=True),
+    }
+    return json.dumps(document, indent=2).encode()
 
 
 def _search_cells(spec: controller_pb2.ExperimentSpec) -> list[tuple[common_pb2.NetworkProfile, int]]:

@@ -39,6 +39,12 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (run_id, repeat)
 );
 CREATE INDEX IF NOT EXISTS results_experiment ON results (experiment_id, selector);
+CREATE TABLE IF NOT EXISTS experiments (
+    experiment_id TEXT PRIMARY KEY,
+    state INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    experiment BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS telemetry (
     run_id TEXT NOT NULL,
     node TEXT NOT NULL,
@@ -122,6 +128,33 @@ class RunRegistry:
         with self._lock:
             rows = self._db.execute(f"SELECT run FROM runs WHERE state IN ({marks})", states).fetchall()
         return [controller_pb2.Run.FromString(r[0]) for r in rows]
+
+    def save_experiment(self, experiment: controller_pb2.Experiment) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO experiments (experiment_id, state, created_at, experiment) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (experiment_id) DO UPDATE SET state = excluded.state,"
+                " created_at = excluded.created_at, experiment = excluded.experiment",
+                (experiment.experiment_id, experiment.state, experiment.created_at.ToNanoseconds() / 1e9,
+                 experiment.SerializeToString()),
+            )
+
+    def get_experiment(self, experiment_id: str) -> controller_pb2.Experiment:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT experiment FROM experiments WHERE experiment_id = ?", (experiment_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"experiment {experiment_id!r} not found")
+        return controller_pb2.Experiment.FromString(row[0])
+
+    def list_experiments(self, states: tuple[int, ...] = ()) -> list[controller_pb2.Experiment]:
+        query = "SELECT experiment FROM experiments"
+        if states:
+            query += f" WHERE state IN ({','.join('?' for _ in states)})"
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY created_at, experiment_id", states).fetchall()
+        return [controller_pb2.Experiment.FromString(r[0]) for r in rows]
 
     def save_result(self, record: controller_pb2.ResultRecord) -> None:
         with self._transaction() as db:

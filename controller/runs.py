@@ -28,6 +28,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 import mecbench
 from controller.agents import AgentPool, LoadGenHandle, SutHandle, remote_error
+from controller.aggregate import Latencies, aggregate_results, read_sample_latencies
 from controller.backends.base import AgentHandle
 from controller.registry import ACTIVE_STATES, RunRegistry
 from controller.settings import ControllerSettings
@@ -40,7 +41,7 @@ from mecbench.core.logging import get_logger
 from mecbench.profiles import resolve_profile
 from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, node_agent_pb2, sut_agent_pb2
 from store.base import ObjectStore
-from store.layout import content_type_for, repeat_prefix
+from store.layout import SAMPLE_LATENCIES_NAME, content_type_for, repeat_prefix
 from store.spool import PendingObject, UploadSpool
 
 log = get_logger("mecbench.controller.runs")
@@ -150,6 +151,8 @@ class RunManager:
         spec = self._with_defaults(_copy(spec))
         if spec.HasField("network"):
             spec.network.CopyFrom(resolve_profile(spec.network, "spec.network"))
+            if is_shaped(spec.network):
+                self.check_can_shape()
         if spec.sut_id and spec.busy_policy == controller_pb2.BUSY_POLICY_REJECT:
             sut = self.pool.get_sut(spec.sut_id)
             if sut.held_by:
@@ -171,6 +174,11 @@ class RunManager:
         self._executor.submit(self._execute, active)
         log.info("run_started", run_id=run.run_id, experiment_id=spec.experiment_id, selector=spec.selector)
         return _copy(run)
+
+    def check_can_shape(self) -> None:
+        """Refuse a shaped run before it starts, not at its first point, where the deployment
+        has no path to shape (FAILED_PRECONDITION saying what to use instead)."""
+        self.pool.backend.shaping_points("sut", 0)
 
     @staticmethod
     def _with_defaults(spec: controller_pb2.RunSpec) -> controller_pb2.RunSpec:
@@ -446,6 +454,8 @@ class RunManager:
             session_id=session_id,
             settings=run.spec.settings,
             test_id=f"{run.run_id}-r{repeat}-c{outcome.client}",
+            # Several clients' percentiles are merged from every sample's latency.
+            record_sample_latencies=run.spec.clients > 1,
         )
         try:
             barrier.wait(timeout=60)
@@ -526,8 +536,10 @@ class RunManager:
             client_prefix = f"client-{outcome.client}/" if len(outcomes) > 1 else ""
             for name, data in sorted(outcome.files.items()):
                 files[f"{client_prefix}{name}"] = (bytes(data), content_type_for(name))
-        results = [o.result for o in outcomes if o.result is not None]
-        aggregate = aggregate_results(results)
+        measured = [o for o in outcomes if o.result is not None]
+        aggregate = aggregate_results(
+            [o.result for o in measured if o.result is not None], [_sample_latencies(o) for o in measured]
+        )
         setup = durations.from_seconds(session_setup_s + max((o.setup_time_s for o in outcomes), default=0.0))
         repeat_result = controller_pb2.RepeatResult(
             repeat=repeat,
@@ -613,31 +625,6 @@ def _log_marks(agents: list[tuple[str, AgentHandle]]) -> list[LogMark]:
     return marks
 
 
-def aggregate_results(results: list[common_pb2.TestResult]) -> common_pb2.TestResult:
-    """One client: its result. Several: summed throughput, validity only if all are valid.
-
-    Latency percentiles of several clients cannot be averaged honestly; they stay per client.
-    """
-    if not results:
-        return common_pb2.TestResult()
-    if len(results) == 1:
-        return results[0]
-    aggregate = common_pb2.TestResult(
-        scenario=results[0].scenario,
-        mode=results[0].mode,
-        valid=all(r.valid for r in results),
-        samples_per_second=sum(r.samples_per_second for r in results),
-        scheduled_samples_per_second=sum(r.scheduled_samples_per_second for r in results),
-        completed_samples_per_second=sum(r.completed_samples_per_second for r in results),
-        query_count=sum(r.query_count for r in results),
-        sample_count=sum(r.sample_count for r in results),
-        target_qps=sum(r.target_qps for r in results),
-    )
-    for index, result in enumerate(results):
-        aggregate.invalid_reasons.extend(f"client {index}: {reason}" for reason in result.invalid_reasons)
-    return aggregate
-
-
 def software_versions() -> dict[str, str]:
     versions = {"mecbench": mecbench.__version__, "python": platform.python_version()}
     for dist in ("mlcommons-loadgen", "grpcio", "protobuf", "onnxruntime"):
@@ -656,3 +643,14 @@ def _copy(message: MessageT) -> MessageT:
     copy = type(message)()
     copy.CopyFrom(message)
     return copy
+
+
+def _sample_latencies(outcome: ClientOutcome) -> Latencies | None:
+    data = outcome.files.get(SAMPLE_LATENCIES_NAME)
+    if data is None:
+        return None
+    try:
+        return read_sample_latencies(bytes(data))
+    except ValueError as exc:
+        log.warning("sample_latencies_unreadable", client=outcome.client, error=str(exc))
+        return None

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from controller import blobs
 from controller.agents import DEFAULT_LOADGEN
 from controller.app import ControllerApp
 from controller.validation import validate_sut
@@ -152,6 +153,17 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     ) -> controller_pb2.CancelExperimentResponse:
         _require(request.experiment_id, "experiment_id")
         return controller_pb2.CancelExperimentResponse(experiment=self.app.experiments.cancel(request.experiment_id))
+
+    def UploadBlob(
+        self, request_iterator: Iterator[controller_pb2.UploadBlobRequest], context: grpc.ServicerContext
+    ) -> controller_pb2.UploadBlobResponse:
+        header, data = blobs.receive(request_iterator, self.app.settings.max_blob_bytes)
+        return controller_pb2.UploadBlobResponse(blob=blobs.upload(self.app.store, header, data))
+
+    def ListBlobs(
+        self, request: controller_pb2.ListBlobsRequest, context: grpc.ServicerContext
+    ) -> controller_pb2.ListBlobsResponse:
+        return controller_pb2.ListBlobsResponse(blobs=blobs.list_blobs(self.app.store, request.prefix))
 
 
 def _key_for(record: controller_pb2.ResultRecord, name: str) -> str:

@@ -24,6 +24,8 @@ class ControllerSettings:
     max_test_duration_s: float = 3600.0
     # A result file's LoadGen log chunks are kept in memory up to this size per file.
     max_log_bytes: int = 512 * 1024 * 1024
+    # A blob upload (a dataset) is held in memory to check its digest before it is stored.
+    max_blob_bytes: int = 2 * 1024 * 1024 * 1024
     # "loopback": every agent on 127.0.0.1. "netns" (root only): the SUT on an edge namespace and
     # each LoadGen client on a client namespace, joined by veth pairs that shaping applies to.
     topology: str = "loopback"

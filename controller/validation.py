@@ -8,7 +8,7 @@ from google.protobuf.duration_pb2 import Duration
 from mecbench.core.durations import is_negative
 from mecbench.core.errors import Violations
 from mecbench.v1 import common_pb2, controller_pb2, sut_agent_pb2
-from store.layout import check_segment
+from store.layout import MANIFEST_NAME, check_segment
 
 MAX_CLIENTS = 64
 MAX_REPEATS = 100
@@ -80,6 +80,8 @@ def validate_run_spec(spec: controller_pb2.RunSpec, prefix: str = "spec") -> Vio
         _segment_ok(spec.experiment_id, f"{prefix}.experiment_id", violations)
     if spec.selector:
         _segment_ok(spec.selector, f"{prefix}.selector", violations)
+        violations.check(spec.selector != MANIFEST_NAME, f"{prefix}.selector",
+                         f"{MANIFEST_NAME!r} is the name of the experiment's manifest in the store")
     if not spec.sut_id and not spec.HasField("sut"):
         violations.add(f"{prefix}.sut", "set sut_id (a deployed SUT) or sut (a config to deploy)")
     if spec.HasField("sut"):

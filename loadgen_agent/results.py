@@ -25,13 +25,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from mecbench.core import durations
 from mecbench.v1 import common_pb2
+from store.layout import SAMPLE_LATENCIES_NAME
 
 SUMMARY_FILE = "mlperf_log_summary.txt"
 DETAIL_FILE = "mlperf_log_detail.txt"
 ACCURACY_FILE = "mlperf_log_accuracy.json"
 TRACE_FILE = "mlperf_log_trace.json"
+SAMPLE_LATENCIES_FILE = SAMPLE_LATENCIES_NAME
 # Streamed first, in this order; any other file of the directory follows by name.
 LOG_FILE_ORDER = (SUMMARY_FILE, DETAIL_FILE, ACCURACY_FILE, TRACE_FILE)
 DEFAULT_CHUNK_BYTES = 1024 * 1024
@@ -50,6 +54,9 @@ _MODES: dict[str, common_pb2.TestMode.ValueType] = {
 }
 _KEY_VALUE = re.compile(r"^\s*(?:\*\s*)?(?P<key>[^:]*?[^:\s])\s*:\s*(?P<value>.*?)\s*$")
 _HEADLINE_PERCENTILE = re.compile(r"^(?P<pct>\d+(?:\.\d+)?)th percentile latency \(ns\)$")
+# A sample's begin event in LoadGen's Chrome trace: `complete_ns` is LoadGen's own latency of
+# the sample, from the query's scheduled time to QuerySamplesComplete.
+_TRACE_SAMPLE = re.compile(rb'^\{"name":"Sample","cat":"[^"]*","ph":"b".*"query_seq":(\d+),.*"complete_ns":(\d+)\}')
 _COUNT_LINE = re.compile(r"^(?P<count>No|\d+) (?P<kind>warning|error)s? encountered")
 _PERCENTILES = (
     ("p50", "50.00"),
@@ -295,3 +302,20 @@ def iter_file_chunks(directory: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) ->
                 if not following:
                     break
                 data = following
+
+
+def extract_sample_latencies(trace_path: Path, destination: Path) -> int:
+    """Write the (query sequence, latency ns) of every sample of LoadGen's trace to `destination`
+    as an int64 .npy array, and remove the trace (its size grows with the test; the latencies
+    are what is kept). Returns the number of samples."""
+    rows: list[tuple[int, int]] = []
+    with trace_path.open("rb") as trace:
+        for line in trace:
+            match = _TRACE_SAMPLE.match(line)
+            if match:
+                rows.append((int(match[1]), int(match[2])))
+    array = np.array(rows, dtype=np.int64).reshape(-1, 2)
+    with destination.open("wb") as handle:
+        np.save(handle, array)
+    trace_path.unlink()
+    return len(rows)

@@ -351,7 +351,9 @@ class LoadGenSession:
 
     # --- tests ---------------------------------------------------------------------------------
 
-    def begin_test(self, test_id: str, settings: common_pb2.LoadGenSettings, arrival: float) -> ActiveTest:
+    def begin_test(
+        self, test_id: str, settings: common_pb2.LoadGenSettings, arrival: float, record_latencies: bool = False
+    ) -> ActiveTest:
         deadline = time.monotonic() + self.settings.open_timeout_s
         with self._cond:
             while self.state == State.SESSION_STATE_OPENING and time.monotonic() < deadline:
@@ -379,6 +381,7 @@ class LoadGenSession:
                 "settings": settings.SerializeToString(),
                 "outdir": str(outdir),
                 "conf_dir": str(self.directory / "conf"),
+                "record_latencies": record_latencies,
             }
             if not worker.send(command):
                 raise Unavailable(f"session {self.session_id}: its LoadGen process is gone")
@@ -568,7 +571,7 @@ class SessionManager:
         test_id = request.test_id or f"test-{uuid.uuid4().hex[:12]}"
         if not _TEST_ID.match(test_id):
             raise InvalidArgument("letters, digits, '.', '_' and '-', at most 128, starting alphanumeric", "test_id")
-        test = session.begin_test(test_id, request.settings, arrival)
+        test = session.begin_test(test_id, request.settings, arrival, request.record_sample_latencies)
         return test_id, self._test_events(session, test)
 
     def _test_events(self, session: LoadGenSession, test: ActiveTest) -> Iterator[loadgen_agent_pb2.RunTestResponse]:

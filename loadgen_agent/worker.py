@@ -41,6 +41,7 @@ import structlog
 
 from loadgen_agent import datasets
 from loadgen_agent.protocol import Message, MessageWriter, error_to_message, read_message
+from loadgen_agent.results import SAMPLE_LATENCIES_FILE, TRACE_FILE, extract_sample_latencies
 from loadgen_agent.settings_builder import build_test_settings, describe_test_settings
 from mecbench.core import durations
 from mecbench.core.channels import open_channel, wait_until_serving
@@ -565,7 +566,10 @@ class SessionWorker:
         output.copy_detail_to_stdout = False
         log_settings = lg.LogSettings()
         log_settings.log_output = output
-        log_settings.enable_trace = False
+        record_latencies = bool(command.get("record_latencies"))
+        # The trace is the one place LoadGen writes each sample's latency; it is turned into
+        # sample_latencies.npy after the test.
+        log_settings.enable_trace = record_latencies
         want_data = (
             test_settings.mode in (lg.TestMode.AccuracyOnly, lg.TestMode.SubmissionRun)
             or test_settings.accuracy_log_probability > 0
@@ -583,6 +587,12 @@ class SessionWorker:
             wall_s = time.monotonic() - started
             counters, cancelled, error = self.data_plane.end_test()
         log.info("test_finished", test_id=test_id, wall_s=round(wall_s, 3), cancelled=cancelled, error=str(error or ""))
+        trace = outdir / TRACE_FILE
+        if record_latencies and trace.is_file():
+            try:
+                extract_sample_latencies(trace, outdir / SAMPLE_LATENCIES_FILE)
+            except (OSError, ValueError) as exc:
+                log.warning("sample_latencies_unreadable", test_id=test_id, error=str(exc))
         self.events.send(
             {
                 "ev": "finished",

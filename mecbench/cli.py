@@ -1,7 +1,8 @@
-"""The `mecbench` command: start services, and run the quickstart.
+"""The `mecbench` command: start services, run the quickstart and experiments, upload blobs.
 
-Exit codes: 0 success, 1 a run failed or a result was INVALID, 2 bad usage or input,
-3 a service could not be reached.
+Exit codes: 0 success, 1 a run failed or a result was INVALID, 2 bad usage or input (the
+controller's field violations are printed), 3 a service could not be reached, 130 interrupted
+(Ctrl-C cancels the experiment first).
 """
 
 from __future__ import annotations
@@ -13,18 +14,26 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
+from mecbench.client import DEFAULT_CONTROLLER, Client, default_address
 from mecbench.core import durations
+from mecbench.core.errors import MecbenchError
 from mecbench.core.logging import configure_logging
+from mecbench.experiment_file import load_experiment_file
 from mecbench.v1 import common_pb2, controller_pb2
 
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
 
 
 def _serve_controller(address: str) -> None:
@@ -67,16 +76,16 @@ def _ms(d: object) -> str:
 
 
 def format_results_table(rows: Sequence[tuple[str, controller_pb2.Run]]) -> str:
-    """A plain-text table of each run's first repeat result."""
+    """A plain-text table of every repeat's aggregate result (over all clients) of each run."""
     header = ["test", "state", "valid", "samples/s", "p50 ms", "p90 ms", "p99 ms", "queries"]
     lines = [header]
     for label, run in rows:
         state = common_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_")
-        if run.results:
-            result = run.results[0].aggregate
+        for repeat in run.results:
+            result = repeat.aggregate
             lines.append(
                 [
-                    label,
+                    label if len(run.results) == 1 else f"{label} #{repeat.repeat}",
                     state,
                     "VALID" if result.valid else "INVALID",
                     f"{result.samples_per_second:.1f}",
@@ -86,7 +95,7 @@ def format_results_table(rows: Sequence[tuple[str, controller_pb2.Run]]) -> str:
                     str(result.query_count),
                 ]
             )
-        else:
+        if not run.results:
             lines.append([label, state, "-", "-", "-", "-", "-", "-"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
@@ -175,6 +184,168 @@ def quickstart(args: argparse.Namespace) -> int:
         running.stop(grace=2.0)
 
 
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.controller or default_address())
+
+
+def _print_json(message: Message | Sequence[Message]) -> None:
+    if isinstance(message, Message):
+        print(json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), indent=2))
+    else:
+        print(json.dumps([json_format.MessageToDict(m, preserving_proto_field_name=True) for m in message], indent=2))
+
+
+def storage_init(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        storage = client.init_storage()
+    if args.json:
+        _print_json(storage)
+    for bucket in storage.buckets if not args.json else []:
+        state = controller_pb2.BucketState.Name(bucket.state).removeprefix("BUCKET_STATE_").lower()
+        print(f"{storage.backend}: bucket {bucket.name} {state}" + (f" ({bucket.message})" if bucket.message else ""))
+    failed = any(b.state == controller_pb2.BUCKET_STATE_FAILED for b in storage.buckets)
+    return EXIT_UNAVAILABLE if failed else EXIT_OK
+
+
+def _readable_file(path: str) -> Path:
+    source = Path(path)
+    if not source.is_file():
+        raise UsageError(f"{path}: no such file")
+    return source
+
+
+def blob_upload(args: argparse.Namespace) -> int:
+    source = _readable_file(args.file)
+    with _client(args) as client:
+        blob = client.upload_blob(
+            source, args.key or source.name, content_type=args.content_type, overwrite=args.overwrite
+        )
+    if args.json:
+        _print_json(blob)
+    else:
+        print(f"{blob.uri}  {blob.size_bytes} bytes  sha256 {blob.sha256}")
+    return EXIT_OK
+
+
+def blob_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        blobs = client.list_blobs(args.prefix)
+    if args.json:
+        _print_json(blobs)
+    for blob in blobs if not args.json else []:
+        print(f"{blob.uri}  {blob.size_bytes} bytes  sha256 {blob.sha256}")
+    return EXIT_OK
+
+
+def dataset_upload(args: argparse.Namespace) -> int:
+    source = _readable_file(args.file)
+    with _client(args) as client:
+        dataset = client.upload_dataset(source, args.name, overwrite=args.overwrite)
+    if args.json:
+        _print_json(dataset)
+    else:
+        print(f"uploaded {source} as {dataset.uri} (sha256 {dataset.sha256})")
+        print("in an experiment spec:")
+        print(f"dataset:\n  uri: {dataset.uri}\n  sha256: {dataset.sha256}")
+    return EXIT_OK
+
+
+def _experiment_outcome(client: Client, experiment: controller_pb2.Experiment, as_json: bool) -> int:
+    """Print the experiment's runs as a table (or JSON); non-zero unless every run succeeded
+    and every result is VALID, so a CI pipeline can gate on it."""
+    runs = [client.get_run(run_id) for run_id in experiment.run_ids]
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "experiment": json_format.MessageToDict(experiment, preserving_proto_field_name=True),
+                    "runs": [json_format.MessageToDict(run, preserving_proto_field_name=True) for run in runs],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(format_results_table([(run.spec.selector or run.run_id, run) for run in runs]))
+        for peak in experiment.peaks:
+            print(
+                f"peak {peak.network_profile or 'unshaped'} x{peak.clients}: {peak.peak_qps:.1f} QPS"
+                f" within the latency bound"
+            )
+        state = common_pb2.RunState.Name(experiment.state).removeprefix("RUN_STATE_")
+        print(f"experiment {experiment.experiment_id}: {state}" + (f": {experiment.error}" if experiment.error else ""))
+    invalid = [
+        f"{run.spec.selector} #{repeat.repeat}" for run in runs for repeat in run.results if not repeat.aggregate.valid
+    ]
+    if invalid and not as_json:
+        print(f"INVALID results: {', '.join(invalid)}", file=sys.stderr)
+    ok = experiment.state == common_pb2.RUN_STATE_SUCCEEDED and not invalid
+    return EXIT_OK if ok else EXIT_RUN_FAILED
+
+
+def _follow(client: Client, experiment_id: str, as_json: bool) -> controller_pb2.Experiment:
+    """Watch to the end, printing each point as it starts and finishes; Ctrl-C cancels the
+    experiment and waits for its clean-up before re-raising."""
+    experiment = client.get_experiment(experiment_id)
+    try:
+        for experiment in client.watch_experiment(experiment_id):
+            if not as_json:
+                state = common_pb2.RunState.Name(experiment.state).removeprefix("RUN_STATE_")
+                print(f"[{experiment.points_done}/{experiment.points_total}] {state}", flush=True)
+    except KeyboardInterrupt:
+        print(f"cancelling experiment {experiment_id}", file=sys.stderr)
+        client.cancel_experiment(experiment_id)
+        for _ in client.watch_experiment(experiment_id):
+            pass
+        raise
+    return experiment
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    spec = load_experiment_file(_readable_file(args.file))
+    if args.experiment_id:
+        spec.experiment_id = args.experiment_id
+    address = args.controller or os.environ.get("MECBENCH_CONTROLLER")
+    if address:
+        with Client(address) as client:
+            experiment = client.start_experiment(spec)
+            if not args.wait:
+                if args.json:
+                    _print_json(experiment)
+                else:
+                    print(f"experiment {experiment.experiment_id} started: {experiment.points_total} points")
+                return EXIT_OK
+            return _experiment_outcome(client, _follow(client, experiment.experiment_id, args.json), args.json)
+    # No controller named: run this one experiment on an embedded controller (local processes).
+    from controller.server import create_server
+    from controller.settings import ControllerSettings
+
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="mecbench-run-")).resolve()
+    running, port = create_server("127.0.0.1:0", ControllerSettings.load(data_dir=data_dir))
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            client.init_storage()
+            if not args.json:
+                print(f"embedded controller on 127.0.0.1:{port}, results in {data_dir}")
+            experiment = client.start_experiment(spec)
+            return _experiment_outcome(client, _follow(client, experiment.experiment_id, args.json), args.json)
+    finally:
+        running.stop(grace=2.0)
+
+
+class UsageError(Exception):
+    """Bad input found on this side, before any call."""
+
+
+def _print_rpc_error(exc: grpc.RpcError) -> None:
+    print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    status = rpc_status.from_call(exc)
+    for detail in status.details if status else []:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            for violation in bad_request.field_violations:
+                print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mecbench", description="Benchmark AI inference at the network edge.")
     parser.add_argument("--log-level", default=os.environ.get("MECBENCH_LOG_LEVEL", "info"))
@@ -187,6 +358,54 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--data-dir", default="", help="where results go (default: a new temporary folder)")
     quick.add_argument("--experiment", default="quickstart", help="experiment id")
     quick.add_argument("--json", action="store_true", help="also print the runs as JSON")
+
+    def client_command(parent: Any, name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) -> Any:
+        command = parent.add_parser(name, help=help_text)
+        command.add_argument(
+            "--controller",
+            default="",
+            help=f"controller HOST:PORT (default $MECBENCH_CONTROLLER or {DEFAULT_CONTROLLER})",
+        )
+        command.add_argument("--json", action="store_true", help="print JSON instead of text")
+        command.set_defaults(handler=handler)
+        return command
+
+    run = client_command(commands, "run", "run an experiment file", run_experiment)
+    run.add_argument("file", help="experiment spec (YAML or JSON)")
+    run.add_argument(
+        "--wait", action="store_true", help="watch to the end; exit 1 if a run failed or a result is INVALID"
+    )
+    run.add_argument("--experiment-id", default="", help="override the spec's experiment_id")
+    run.add_argument(
+        "--data-dir", default="", help="with no controller named: where the embedded controller keeps results"
+    )
+    run.epilog = (
+        "With no --controller and no $MECBENCH_CONTROLLER, an embedded controller runs it and --wait is implied."
+    )
+
+    storage = commands.add_parser("storage", help="the results and blob buckets").add_subparsers(
+        dest="verb", required=True
+    )
+    client_command(storage, "init", "create or check the buckets", storage_init)
+
+    blob = commands.add_parser("blob", help="configs and files in the blob bucket").add_subparsers(
+        dest="verb", required=True
+    )
+    upload = client_command(blob, "upload", "upload a file through the controller", blob_upload)
+    upload.add_argument("file")
+    upload.add_argument("--key", default="", help="object key (default: the file's name)")
+    upload.add_argument("--content-type", default="", help="default: from the key's extension")
+    upload.add_argument("--overwrite", action="store_true", help="replace an existing blob")
+    listing = client_command(blob, "list", "list blobs", blob_list)
+    listing.add_argument("--prefix", default="")
+
+    dataset = commands.add_parser("dataset", help="datasets in the blob bucket").add_subparsers(
+        dest="verb", required=True
+    )
+    dataset_up = client_command(dataset, "upload", "upload a dataset; prints the DatasetSpec to use", dataset_upload)
+    dataset_up.add_argument("file", help="a tar archive, a .npy array or one file")
+    dataset_up.add_argument("--name", default="", help="stored as datasets/NAME (default: the file's name)")
+    dataset_up.add_argument("--overwrite", action="store_true")
     return parser
 
 
@@ -207,10 +426,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "quickstart":
             return quickstart(args)
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except (UsageError, MecbenchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return EXIT_UNAVAILABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_USAGE
-    return EXIT_USAGE
+        _print_rpc_error(exc)
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return EXIT_UNAVAILABLE
+        return EXIT_RUN_FAILED if exc.code() == grpc.StatusCode.INTERNAL else EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 Run: python scripts/genproto.py [--out DIR]
 
+Also writes examples/experiment.schema.json, the JSON Schema of experiment spec files, which
+follows ExperimentSpec.
+
 Compiled with `-I protos` so the generated modules import each other as
 `from mecbench.v1 import ..._pb2`, with mypy-protobuf stubs beside them. Generated files are
 committed; tests/test_protos.py regenerates into a temporary folder and fails if they differ.
@@ -51,10 +54,24 @@ def generate(out_dir: Path) -> None:
         raise SystemExit("protoc failed")
 
 
+def write_experiment_schema() -> None:
+    """The JSON Schema of spec files follows ExperimentSpec: regenerated with the code."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT))
+    for name in [m for m in sys.modules if m == "mecbench" or m.startswith("mecbench.")]:
+        del sys.modules[name]  # freshly generated code, not what was imported before
+    schema = importlib.import_module("mecbench.schema")
+    (ROOT / "examples" / schema.SCHEMA_FILE).write_text(schema.experiment_json_schema_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT, help="root to write mecbench/v1 under")
-    generate(parser.parse_args().out)
+    out = parser.parse_args().out
+    generate(out)
+    if out.resolve() == ROOT:
+        write_experiment_schema()
 
 
 if __name__ == "__main__":

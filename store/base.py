@@ -65,6 +65,10 @@ class ObjectStore(abc.ABC):
     def uri(self, bucket: str, key: str) -> str:
         """A location a person can use: file:///... or s3://bucket/key."""
 
+    @abc.abstractmethod
+    def size(self, bucket: str, key: str) -> int:
+        """An object's size in bytes; NotFound when it is missing."""
+
     def exists(self, bucket: str, key: str) -> bool:
         return key in self.list(bucket, key)
 

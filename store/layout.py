@@ -1,4 +1,5 @@
-"""Object layout of the results bucket: `{experiment}/{selector}/{run}/repeat-{k}/`."""
+"""Object layout of the results bucket: `{experiment}/{selector}/{run}/repeat-{k}/`, and each
+experiment's index at `{experiment}/manifest.json`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ CONTENT_TYPES = {
     ".png": "image/png",
     ".html": "text/html; charset=utf-8",
     ".tar": "application/x-tar",
+    ".npy": "application/x-npy",
 }
+# Per-client LoadGen latencies of every sample, int64 rows of (query sequence, latency ns),
+# written by the LoadGen agent and pooled by the controller for merged percentiles.
+SAMPLE_LATENCIES_NAME = "sample_latencies.npy"
 
 
 def content_type_for(name: str) -> str:
@@ -43,3 +48,10 @@ def repeat_prefix(experiment: str, selector: str, run: str, repeat: int) -> str:
 
 def run_prefix(experiment: str, selector: str, run: str) -> str:
     return f"{experiment}/{selector}/{run}/"
+
+
+MANIFEST_NAME = "manifest.json"
+
+
+def experiment_manifest_key(experiment: str) -> str:
+    return f"{experiment}/{MANIFEST_NAME}"

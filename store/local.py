@@ -72,6 +72,13 @@ class LocalDirStore(ObjectStore):
                     keys.append(key)
         return sorted(keys)
 
+    def size(self, bucket: str, key: str) -> int:
+        self._bucket_dir(bucket)
+        try:
+            return self._path(bucket, key).stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"no object {key!r} in bucket {bucket!r}") from None
+
     def delete(self, bucket: str, key: str) -> None:
         self._bucket_dir(bucket)
         self._path(bucket, key).unlink(missing_ok=True)

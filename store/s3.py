@@ -145,6 +145,11 @@ class S3Store(ObjectStore):
             return False
         return True
 
+    def size(self, bucket: str, key: str) -> int:
+        self._check_key(bucket, key)
+        stat = self._call(lambda: self._client.stat_object(bucket, key), bucket, key)
+        return int(stat.size or 0)
+
     def content_type(self, bucket: str, key: str) -> str:
         stat = self._call(lambda: self._client.stat_object(bucket, key), bucket, key)
         return str(stat.content_type or "")

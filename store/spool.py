@@ -73,6 +73,8 @@ class UploadSpool:
         self.last_error = ""
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
+        # One upload at a time, so objects reach the store in the order they were spooled.
+        self._upload_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,7 +102,15 @@ class UploadSpool:
         os.rename(staging, self.directory / batch_id)
         _fsync_dir(self.directory)
         try:
-            remaining = self._upload(batch_id, retries=True, from_spool=False)
+            with self._upload_lock:
+                # Older spooled batches go first: the store receives objects in the order they
+                # were written, so an earlier version of a key (an experiment's manifest) never
+                # lands over a later one. If they cannot go, this batch waits behind them.
+                if self._flush_locked(before=batch_id):
+                    remaining = len(entries)
+                    self.last_error = self.last_error or "older spooled batches are still waiting"
+                else:
+                    remaining = self._upload(batch_id, retries=True, from_spool=False)
         finally:
             with self._lock:
                 self._claimed.discard(batch_id)
@@ -150,20 +160,25 @@ class UploadSpool:
     def flush(self) -> int:
         """One pass over the spooled batches, oldest first, stopping at the first the store does
         not take; returns how many objects remain spooled."""
+        with self._upload_lock:
+            return self._flush_locked()
+
+    def _flush_locked(self, before: str | None = None) -> int:
+        """Flush batches older than `before` (all when None) that no writer is uploading itself."""
         for batch in self.pending():
+            if before is not None and batch.batch_id >= before:
+                break
             with self._lock:
                 if batch.batch_id in self._claimed:
                     continue
-                self._claimed.add(batch.batch_id)
-            try:
-                left = self._upload(batch.batch_id, retries=False, from_spool=True)
-            finally:
-                with self._lock:
-                    self._claimed.discard(batch.batch_id)
+            left = self._upload(batch.batch_id, retries=False, from_spool=True)
             if left:
                 break  # the store is still away
             log.info("spool_flushed", owner=batch.owner, batch=batch.batch_id)
-        return sum(b.remaining for b in self.pending())
+        with self._lock:
+            claimed = set(self._claimed)
+        return sum(b.remaining for b in self.pending()
+                   if (before is None or b.batch_id < before) and b.batch_id not in claimed)
 
     # --- state --------------------------------------------------------------------------------
 

@@ -111,6 +111,160 @@ BUSY_POLICY_REJECT: BusyPolicy.ValueType  # 2
 Global___BusyPolicy: _TypeAlias = BusyPolicy  # noqa: Y015
 
 @_typing.final
+class BlobHeader(_message.Message):
+    """What an upload stores, and where."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    OVERWRITE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Key in the blob bucket, e.g. "datasets/300.tar": segments of letters, digits and ._=+-."""
+    content_type: _builtins.str
+    """Default: from the key's suffix."""
+    sha256: _builtins.str
+    """Expected SHA-256 (hex) of the whole blob; on a mismatch nothing is stored."""
+    overwrite: _builtins.bool
+    """Replace a blob already stored under this key (otherwise ALREADY_EXISTS)."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        content_type: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        overwrite: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "key", b"key", "overwrite", b"overwrite", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlobHeader: _TypeAlias = BlobHeader  # noqa: Y015
+
+@_typing.final
+class UploadBlobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    @_builtins.property
+    def header(self) -> Global___BlobHeader: ...
+    def __init__(
+        self,
+        *,
+        header: Global___BlobHeader | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___UploadBlobRequest: _TypeAlias = UploadBlobRequest  # noqa: Y015
+
+@_typing.final
+class Blob(_message.Message):
+    """A stored blob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    URI_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    uri: _builtins.str
+    """`s3://bucket/key` or `file:///...`: what a DatasetSpec.uri names."""
+    size_bytes: _builtins.int
+    """Size, digest and content type: set by UploadBlob; ListBlobs gives key and uri."""
+    sha256: _builtins.str
+    content_type: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        uri: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        content_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "key", b"key", "sha256", b"sha256", "size_bytes", b"size_bytes", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Blob: _TypeAlias = Blob  # noqa: Y015
+
+@_typing.final
+class UploadBlobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def blob(self) -> Global___Blob: ...
+    def __init__(
+        self,
+        *,
+        blob: Global___Blob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadBlobResponse: _TypeAlias = UploadBlobResponse  # noqa: Y015
+
+@_typing.final
+class ListBlobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREFIX_FIELD_NUMBER: _builtins.int
+    prefix: _builtins.str
+    """Only keys that start with this."""
+    def __init__(
+        self,
+        *,
+        prefix: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prefix", b"prefix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBlobsRequest: _TypeAlias = ListBlobsRequest  # noqa: Y015
+
+@_typing.final
+class ListBlobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def blobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Blob]: ...
+    def __init__(
+        self,
+        *,
+        blobs: _abc.Iterable[Global___Blob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blobs", b"blobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBlobsResponse: _TypeAlias = ListBlobsResponse  # noqa: Y015
+
+@_typing.final
 class LoadGenSide(_message.Message):
     """The LoadGen side of an experiment."""
 
@@ -280,9 +434,13 @@ class ExperimentSpec(_message.Message):
     WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     BUSY_POLICY_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    OVERRIDES_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     webhook_url: _builtins.str
     busy_policy: Global___BusyPolicy.ValueType
+    model: _builtins.str
+    """The model's name, matched by the overrides' `model` patterns (user.conf's first key)."""
     @_builtins.property
     def sut(self) -> _sut_agent_pb2.SutConfig: ...
     @_builtins.property
@@ -299,6 +457,13 @@ class ExperimentSpec(_message.Message):
     def search(self) -> Global___PeakSearch: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def overrides(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettingsOverride]:
+        """Settings per model and scenario, as in MLPerf's user.conf (`*.Server.target_qps = 100`)
+        and the original MECBench `models` list: in order, every override whose patterns match a
+        point merges the fields it sets over `settings`, before the sweep sets scenario and QPS.
+        """
+
     def __init__(
         self,
         *,
@@ -312,14 +477,44 @@ class ExperimentSpec(_message.Message):
         webhook_url: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         busy_policy: Global___BusyPolicy.ValueType = ...,
+        model: _builtins.str = ...,
+        overrides: _abc.Iterable[Global___SettingsOverride] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "loadgen", b"loadgen", "search", b"search", "settings", b"settings", "sut", b"sut", "sweep", b"sweep"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_policy", b"busy_policy", "dataset", b"dataset", "experiment_id", b"experiment_id", "labels", b"labels", "loadgen", b"loadgen", "search", b"search", "settings", b"settings", "sut", b"sut", "sweep", b"sweep", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_policy", b"busy_policy", "dataset", b"dataset", "experiment_id", b"experiment_id", "labels", b"labels", "loadgen", b"loadgen", "model", b"model", "overrides", b"overrides", "search", b"search", "settings", b"settings", "sut", b"sut", "sweep", b"sweep", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExperimentSpec: _TypeAlias = ExperimentSpec  # noqa: Y015
+
+@_typing.final
+class SettingsOverride(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SCENARIO_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """fnmatch patterns; empty or `*` matches anything."""
+    scenario: _builtins.str
+    """An MLPerf scenario name (SingleStream, MultiStream, Server, Offline) or a pattern."""
+    @_builtins.property
+    def settings(self) -> _common_pb2.LoadGenSettings: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        scenario: _builtins.str = ...,
+        settings: _common_pb2.LoadGenSettings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "scenario", b"scenario", "settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettingsOverride: _TypeAlias = SettingsOverride  # noqa: Y015
 
 @_typing.final
 class PeakResult(_message.Message):

@@ -116,6 +116,16 @@ class ControllerStub:
                 request_serializer=mecbench_dot_v1_dot_controller__pb2.CancelExperimentRequest.SerializeToString,
                 response_deserializer=mecbench_dot_v1_dot_controller__pb2.CancelExperimentResponse.FromString,
                 _registered_method=True)
+        self.UploadBlob = channel.stream_unary(
+                '/mecbench.v1.Controller/UploadBlob',
+                request_serializer=mecbench_dot_v1_dot_controller__pb2.UploadBlobRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_controller__pb2.UploadBlobResponse.FromString,
+                _registered_method=True)
+        self.ListBlobs = channel.unary_unary(
+                '/mecbench.v1.Controller/ListBlobs',
+                request_serializer=mecbench_dot_v1_dot_controller__pb2.ListBlobsRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_controller__pb2.ListBlobsResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -223,6 +233,20 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadBlob(self, request_iterator, context):
+        """Stores a blob (a dataset, a LoadGen configuration) in the blob bucket: the first message
+        is the header, the rest are chunks. Returns the URI to name it by (a DatasetSpec.uri).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBlobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -305,6 +329,16 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.CancelExperiment,
                     request_deserializer=mecbench_dot_v1_dot_controller__pb2.CancelExperimentRequest.FromString,
                     response_serializer=mecbench_dot_v1_dot_controller__pb2.CancelExperimentResponse.SerializeToString,
+            ),
+            'UploadBlob': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadBlob,
+                    request_deserializer=mecbench_dot_v1_dot_controller__pb2.UploadBlobRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_controller__pb2.UploadBlobResponse.SerializeToString,
+            ),
+            'ListBlobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBlobs,
+                    request_deserializer=mecbench_dot_v1_dot_controller__pb2.ListBlobsRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_controller__pb2.ListBlobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -741,6 +775,60 @@ class Controller:
             '/mecbench.v1.Controller/CancelExperiment',
             mecbench_dot_v1_dot_controller__pb2.CancelExperimentRequest.SerializeToString,
             mecbench_dot_v1_dot_controller__pb2.CancelExperimentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadBlob(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/mecbench.v1.Controller/UploadBlob',
+            mecbench_dot_v1_dot_controller__pb2.UploadBlobRequest.SerializeToString,
+            mecbench_dot_v1_dot_controller__pb2.UploadBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mecbench.v1.Controller/ListBlobs',
+            mecbench_dot_v1_dot_controller__pb2.ListBlobsRequest.SerializeToString,
+            mecbench_dot_v1_dot_controller__pb2.ListBlobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

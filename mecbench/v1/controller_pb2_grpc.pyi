@@ -55,6 +55,11 @@ class ControllerStub:
     GetExperiment: _grpc.UnaryUnaryMultiCallable[_controller_pb2.GetExperimentRequest, _controller_pb2.GetExperimentResponse]
     ListExperiments: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListExperimentsRequest, _controller_pb2.ListExperimentsResponse]
     CancelExperiment: _grpc.UnaryUnaryMultiCallable[_controller_pb2.CancelExperimentRequest, _controller_pb2.CancelExperimentResponse]
+    UploadBlob: _grpc.StreamUnaryMultiCallable[_controller_pb2.UploadBlobRequest, _controller_pb2.UploadBlobResponse]
+    """Stores a blob (a dataset, a LoadGen configuration) in the blob bucket: the first message
+    is the header, the rest are chunks. Returns the URI to name it by (a DatasetSpec.uri).
+    """
+    ListBlobs: _grpc.UnaryUnaryMultiCallable[_controller_pb2.ListBlobsRequest, _controller_pb2.ListBlobsResponse]
 
 @_typing.type_check_only
 class ControllerAsyncStub(ControllerStub):
@@ -83,6 +88,11 @@ class ControllerAsyncStub(ControllerStub):
     GetExperiment: _aio.UnaryUnaryMultiCallable[_controller_pb2.GetExperimentRequest, _controller_pb2.GetExperimentResponse]  # type: ignore[assignment]
     ListExperiments: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListExperimentsRequest, _controller_pb2.ListExperimentsResponse]  # type: ignore[assignment]
     CancelExperiment: _aio.UnaryUnaryMultiCallable[_controller_pb2.CancelExperimentRequest, _controller_pb2.CancelExperimentResponse]  # type: ignore[assignment]
+    UploadBlob: _aio.StreamUnaryMultiCallable[_controller_pb2.UploadBlobRequest, _controller_pb2.UploadBlobResponse]  # type: ignore[assignment]
+    """Stores a blob (a dataset, a LoadGen configuration) in the blob bucket: the first message
+    is the header, the rest are chunks. Returns the URI to name it by (a DatasetSpec.uri).
+    """
+    ListBlobs: _aio.UnaryUnaryMultiCallable[_controller_pb2.ListBlobsRequest, _controller_pb2.ListBlobsResponse]  # type: ignore[assignment]
 
 class ControllerServicer(metaclass=_abc_1.ABCMeta):
     """The API users and tools talk to: deploys the SUT and the LoadGen side, runs tests, tracks
@@ -204,5 +214,22 @@ class ControllerServicer(metaclass=_abc_1.ABCMeta):
         request: _controller_pb2.CancelExperimentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_controller_pb2.CancelExperimentResponse, _abc.Awaitable[_controller_pb2.CancelExperimentResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadBlob(
+        self,
+        request_iterator: _MaybeAsyncIterator[_controller_pb2.UploadBlobRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.UploadBlobResponse, _abc.Awaitable[_controller_pb2.UploadBlobResponse]]:
+        """Stores a blob (a dataset, a LoadGen configuration) in the blob bucket: the first message
+        is the header, the rest are chunks. Returns the URI to name it by (a DatasetSpec.uri).
+        """
+
+    @_abc_1.abstractmethod
+    def ListBlobs(
+        self,
+        request: _controller_pb2.ListBlobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_controller_pb2.ListBlobsResponse, _abc.Awaitable[_controller_pb2.ListBlobsResponse]]: ...
 
 def add_ControllerServicer_to_server(servicer: ControllerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
+import jsonschema
 import pytest
+import yaml
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from controller.experiments import parse_experiment, validate_experiment
+from controller.experiments import point_spec, settings_for, validate_experiment
 from mecbench.core import durations
 from mecbench.core.errors import InvalidArgument
+from mecbench.experiment_file import parse_experiment
+from mecbench.schema import SCHEMA_FILE, experiment_json_schema_text
 from mecbench.v1 import common_pb2, controller_pb2
 from tests.controller.conftest import Stack, short_settings, synthetic_sut
 
@@ -25,8 +30,59 @@ def test_the_example_parses_with_its_shorthands_and_expands() -> None:
     assert len(points) == 12
     shaped = [p for p in points if p.profile.name == "edge-5mbit"]
     assert shaped[0].profile.netem.rate_bps == 5_000_000
-    assert durations.to_ns(shaped[0].profile.netem.delay) == 5_000_000
-    assert {p.selector for p in points} >= {"ss-c1-unshaped", "server-c4-edge-5mbit-q200"}
+    assert {p.selector for p in points} >= {"ss-c1-unshaped", "server-c4-edge-5mbit-q800"}
+    # The user.conf-style override gives Server points enough queries; SingleStream keeps the base.
+    server = next(p for p in points if p.scenario == common_pb2.SCENARIO_SERVER and p.clients == 4)
+    server_settings = point_spec(spec, server, "sut").settings
+    assert server_settings.min_query_count == 500 and server_settings.server_target_qps == 200
+    single = next(p for p in points if p.scenario == common_pb2.SCENARIO_SINGLE_STREAM)
+    assert point_spec(spec, single, "sut").settings.min_query_count == 50
+
+
+def test_overrides_match_model_and_scenario_patterns_in_order() -> None:
+    spec = parse_experiment(
+        """
+        model: resnet50-int8
+        settings: {min_query_count: 10, min_duration: 1s}
+        overrides:
+          - {model: "*", scenario: "*", settings: {min_query_count: 20}}
+          - {model: "resnet50*", scenario: Server, settings: {min_query_count: 30, server_target_qps: 7}}
+          - {model: bert, scenario: Server, settings: {min_query_count: 99}}
+          - {scenario: "*Stream", settings: {min_duration: 2s}}
+        """
+    )
+    server = settings_for(spec, common_pb2.SCENARIO_SERVER)
+    assert server.min_query_count == 30 and server.server_target_qps == 7
+    assert durations.to_ns(server.min_duration) == 1_000_000_000
+    single = settings_for(spec, common_pb2.SCENARIO_SINGLE_STREAM)
+    assert single.min_query_count == 20 and durations.to_ns(single.min_duration) == 2_000_000_000
+    assert spec.settings.min_query_count == 10  # the base is not changed
+
+
+def test_bad_overrides_are_named() -> None:
+    spec = parse_experiment((EXAMPLES / "quick-sweep.yaml").read_text())
+    spec.overrides.add(scenario="Serverr")
+    spec.overrides.add(scenario="Server", settings=common_pb2.LoadGenSettings(scenario=common_pb2.SCENARIO_OFFLINE))
+    with pytest.raises(InvalidArgument) as info:
+        validate_experiment(spec)
+    fields = {v.field for v in info.value.violations}
+    assert {"spec.overrides[1].scenario", "spec.overrides[2].settings.scenario"} <= fields
+
+
+def test_the_json_schema_is_fresh_and_checks_spec_files() -> None:
+    schema_path = EXAMPLES / SCHEMA_FILE
+    assert schema_path.read_text() == experiment_json_schema_text(), "stale: run scripts/genproto.py"
+    schema = json.loads(schema_path.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    example = yaml.safe_load((EXAMPLES / "quick-sweep.yaml").read_text())
+    assert list(validator.iter_errors(example)) == []
+    example["sweep"]["repeats"] = "two"
+    example["sweep"]["scenarios"] = ["SERVERX"]
+    example["settings"]["min_duration"] = "1 minute"
+    example["typo"] = 1
+    errors = {tuple(str(part) for part in error.absolute_path) for error in validator.iter_errors(example)}
+    assert {("sweep", "repeats"), ("sweep", "scenarios", "0"), ("settings", "min_duration"), ()} <= errors
 
 
 def test_every_violation_of_a_spec_is_reported_at_once() -> None:
@@ -83,6 +139,15 @@ def test_a_sweep_runs_every_point_and_keeps_every_result(stack: Stack) -> None:
         # Throughput of two clients adds up.
         per_client = sum(c.result.samples_per_second for c in run.results[0].clients)
         assert record.result.samples_per_second == pytest.approx(per_client)
+    # The experiment's manifest in the store lists every run and where its files are.
+    manifest = json.loads(stack.app.store.get(stack.app.store.results_bucket, "sweep-e2e/manifest.json"))
+    assert manifest["state"] == "RUN_STATE_SUCCEEDED" and manifest["points_done"] == 4
+    assert [r["run_id"] for r in manifest["runs"]] == list(final.run_ids)
+    for listed in manifest["runs"]:
+        assert listed["state"] == "RUN_STATE_SUCCEEDED"
+        assert listed["prefix"] == f"sweep-e2e/{listed['selector']}/{listed['run_id']}/"
+        assert [r["result_uri"].endswith(f"{listed['prefix']}repeat-1/") for r in listed["repeats"]] == [True]
+    assert manifest["spec"]["experiment_id"] == "sweep-e2e"
 
 
 def test_peak_search_finds_the_capacity_of_a_single_server_sut(stack: Stack) -> None:

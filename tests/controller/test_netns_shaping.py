@@ -3,6 +3,7 @@ data link, and a 5 Mbit/s profile slows responses of a known size by what the ra
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from controller.server import create_server
 from controller.settings import ControllerSettings
 from mecbench.core import durations
 from mecbench.core.channels import open_channel
+from mecbench.experiment_file import parse_experiment
 from mecbench.v1 import common_pb2, controller_pb2, controller_pb2_grpc, node_agent_pb2, sut_agent_pb2
 from tests.conftest import requires_root
 from tests.controller.conftest import Stack, short_settings, stop_stack
@@ -94,3 +96,75 @@ def test_the_topology_goes_away_with_the_controller(tmp_path: Path) -> None:
     assert any(name.startswith("mb-mbgone") for name in netns.listnetns())
     server.stop(grace=1)
     assert not any(name.startswith("mb-mbgone") for name in netns.listnetns())
+
+
+def test_cancelling_an_experiment_mid_point_cleans_up_and_keeps_finished_points(netns_stack: Stack) -> None:
+    """Point 1 (SingleStream) finishes; point 2 (a 60 s Server test, shaped, LoadGen job mode) is
+    cancelled while it runs: no LoadGen job is left, no shaping, and point 1's results stay."""
+    spec = parse_experiment(
+        """
+        experiment_id: cancel-mid-point
+        sut: {synthetic: {distribution: SERVICE_TIME_DISTRIBUTION_CONSTANT, mean: 0.001s}}
+        loadgen: {mode: LOAD_GEN_MODE_JOB}
+        settings: {min_duration: 1s, min_query_count: 50, server_target_latency: 0.05s,
+                   single_stream_expected_latency: 0.002s, skip_mlperf_defaults: true}
+        overrides: [{scenario: Server, settings: {min_duration: 60s}}]
+        sweep:
+          scenarios: [SCENARIO_SINGLE_STREAM, SCENARIO_SERVER]
+          server_target_qps: [100]
+          network_profiles: [{name: edge-50mbit, netem: {bandwidth: 50mbit}}]
+        """
+    )
+    experiment = netns_stack.stub.StartExperiment(controller_pb2.StartExperimentRequest(spec=spec)).experiment
+    experiment_id = experiment.experiment_id
+    deadline = time.monotonic() + 90
+    while True:
+        experiment = netns_stack.app.experiments.get(experiment_id)
+        if len(experiment.run_ids) == 2:
+            second = netns_stack.app.runs.get_run(experiment.run_ids[1])
+            if second.state == common_pb2.RUN_STATE_RUNNING and second.progress.samples_completed > 0:
+                break
+        assert experiment.state == common_pb2.RUN_STATE_RUNNING, experiment.error
+        assert time.monotonic() < deadline, "the second point never started"
+        time.sleep(0.1)
+    node_agent = netns_stack.app.pool.node_agent().stub
+    assert node_agent.ListShaping(node_agent_pb2.ListShapingRequest()).shapings  # shaped while it runs
+    jobs = [a.pid for a in netns_stack.app.pool.backend.agents() if a.name.startswith("job-")]
+    loadgen_processes = jobs + [pid for job in jobs for pid in _children(job)]
+    assert jobs and len(loadgen_processes) > len(jobs)  # the job agent and its LoadGen session
+    cancelled_at = time.monotonic()
+    netns_stack.stub.CancelExperiment(controller_pb2.CancelExperimentRequest(experiment_id=experiment_id))
+    final = netns_stack.app.experiments.wait(experiment_id, 30)
+    assert final.state == common_pb2.RUN_STATE_CANCELLED
+    assert time.monotonic() - cancelled_at < 15
+    first, second = (netns_stack.app.runs.get_run(run_id) for run_id in final.run_ids)
+    assert first.state == common_pb2.RUN_STATE_SUCCEEDED and second.state == common_pb2.RUN_STATE_CANCELLED
+    kept = netns_stack.stub.ListResults(controller_pb2.ListResultsRequest(experiment_id=experiment_id)).results
+    assert {r.run_id for r in kept} == {first.run_id}
+    assert not node_agent.ListShaping(node_agent_pb2.ListShapingRequest()).shapings
+    assert not [a for a in netns_stack.app.pool.backend.agents() if a.name.startswith("job-")]
+    deadline = time.monotonic() + 10
+    while [pid for pid in loadgen_processes if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in loadgen_processes if _alive(pid)], "a LoadGen process outlived the cancel"
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

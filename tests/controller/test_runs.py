@@ -193,6 +193,16 @@ def test_restart_keeps_history_and_marks_in_flight_runs_failed(tmp_path_factory:
         in_flight = controller_pb2.Run(run_id="run-inflight", state=common_pb2.RUN_STATE_RUNNING, spec=done.spec)
         in_flight.created_at.GetCurrentTime()
         first.app.registry.save_run(in_flight)
+        experiment = controller_pb2.ExperimentSpec(
+            experiment_id="kept-exp", sut=synthetic_sut(), settings=short_settings(common_pb2.SCENARIO_SINGLE_STREAM))
+        first.stub.StartExperiment(controller_pb2.StartExperimentRequest(spec=experiment))
+        kept_experiment = first.app.experiments.wait("kept-exp", timeout=120)
+        assert kept_experiment.state == common_pb2.RUN_STATE_SUCCEEDED, kept_experiment.error
+        # An experiment the controller was executing when it died.
+        running = controller_pb2.Experiment(experiment_id="exp-inflight", state=common_pb2.RUN_STATE_RUNNING,
+                                            run_ids=["run-inflight"], points_total=3)
+        running.created_at.GetCurrentTime()
+        first.app.registry.save_experiment(running)
     finally:
         stop_stack(first)
     for pid in pids:
@@ -204,6 +214,14 @@ def test_restart_keeps_history_and_marks_in_flight_runs_failed(tmp_path_factory:
         marked = second.stub.GetRun(controller_pb2.GetRunRequest(run_id="run-inflight")).run
         assert marked.state == common_pb2.RUN_STATE_FAILED and "restarted" in marked.error
         assert second.stub.ListResults(controller_pb2.ListResultsRequest(run_id=done.run_id)).results
+        experiments = {e.experiment_id: e for e in
+                       second.stub.ListExperiments(controller_pb2.ListExperimentsRequest()).experiments}
+        assert experiments["kept-exp"].state == common_pb2.RUN_STATE_SUCCEEDED
+        assert list(experiments["kept-exp"].run_ids) == list(kept_experiment.run_ids)
+        failed = second.stub.GetExperiment(controller_pb2.GetExperimentRequest(experiment_id="exp-inflight")).experiment
+        assert failed.state == common_pb2.RUN_STATE_FAILED and "restarted" in failed.error
+        manifest = json.loads(second.app.store.get(second.app.store.results_bucket, "exp-inflight/manifest.json"))
+        assert manifest["state"] == "RUN_STATE_FAILED" and [r["run_id"] for r in manifest["runs"]] == ["run-inflight"]
     finally:
         stop_stack(second)
 

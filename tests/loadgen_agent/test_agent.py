@@ -17,6 +17,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from controller.aggregate import latencies_for_scenario, latency_stats, read_sample_latencies
 from loadgen_agent.worker import synthetic_samples
 from mecbench.core import durations
 from mecbench.core.channels import open_channel
@@ -453,3 +454,27 @@ def test_killed_agent_leaves_no_session_process(tmp_path: Path, sut: SutServer) 
         time.sleep(0.05)
     assert not process_exists(opened.pid)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("scenario", [common_pb2.SCENARIO_SERVER, common_pb2.SCENARIO_MULTI_STREAM])
+def test_recorded_sample_latencies_reproduce_loadgens_own_percentiles(
+    agent: Agent, session: loadgen_agent_pb2.Session, scenario: common_pb2.Scenario.ValueType
+) -> None:
+    """The latencies kept for merging are LoadGen's own: pooled by LoadGen's rule, one client's
+    give exactly the figures of its summary, and LoadGen's trace is not left behind."""
+    request = loadgen_agent_pb2.RunTestRequest(
+        session_id=session.session_id, settings=short_settings(scenario), record_sample_latencies=True
+    )
+    outcome = collect(agent.stub.RunTest(request, timeout=120))
+    assert "mlperf_log_trace.json" not in outcome.files
+    rows = read_sample_latencies(bytes(outcome.files["sample_latencies.npy"]))
+    latencies = latencies_for_scenario(rows, scenario)
+    expected_count = outcome.result.query_count if scenario == common_pb2.SCENARIO_MULTI_STREAM else len(rows)
+    assert len(latencies) == expected_count
+    merged = latency_stats(latencies)
+    assert merged == outcome.result.latency, (merged, outcome.result.latency)
+
+
+def test_sample_latencies_are_only_kept_when_asked(agent: Agent, session: loadgen_agent_pb2.Session) -> None:
+    outcome = run_test(agent, session.session_id, short_settings(common_pb2.SCENARIO_SINGLE_STREAM))
+    assert "sample_latencies.npy" not in outcome.files and "mlperf_log_trace.json" not in outcome.files

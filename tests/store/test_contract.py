@@ -24,6 +24,7 @@ def test_objects_round_trip_byte_for_byte(object_store: ObjectStore) -> None:
     object_store.put(bucket, "exp/sel/run-1/repeat-1/result.json", b"{}", "application/json")
     object_store.put(bucket, "exp/other/run-2/repeat-1/result.json", b"[]", "application/json")
     assert object_store.get(bucket, "exp/sel/run-1/repeat-1/mlperf_log_detail.txt") == payload
+    assert object_store.size(bucket, "exp/sel/run-1/repeat-1/mlperf_log_detail.txt") == len(payload)
     assert object_store.list(bucket, "exp/sel/") == [
         "exp/sel/run-1/repeat-1/mlperf_log_detail.txt", "exp/sel/run-1/repeat-1/result.json"
     ]
@@ -44,6 +45,8 @@ def test_missing_objects_and_buckets_are_not_found_by_name(object_store: ObjectS
     object_store.init_buckets()
     with pytest.raises(NotFound, match=r"a/b\.json"):
         object_store.get(object_store.results_bucket, "a/b.json")
+    with pytest.raises(NotFound, match=r"a/b\.json"):
+        object_store.size(object_store.results_bucket, "a/b.json")
 
 
 @pytest.mark.parametrize("key", ["", "/abs", "dir/", "../escape", "a/../../b"])

@@ -51,3 +51,15 @@ def test_a_restarted_writer_finishes_a_spooled_batch_and_drops_unfinished_stagin
     assert [b.remaining for b in reopened.pending()] == [3]
     assert reopened.flush() == 0
     assert [store.get(o.bucket, o.key) for o in objects] == [o.data for o in objects]
+
+
+def test_a_later_version_of_an_object_is_never_overwritten_by_an_earlier_spooled_one(tmp_path: Path) -> None:
+    store = LocalDirStore(tmp_path / "store")  # buckets not created yet: the store "is down"
+    spool = UploadSpool(store, tmp_path / "spool", attempts=1)
+    key = "exp/manifest.json"
+    assert spool.write("exp", [PendingObject(store.results_bucket, key, b"version 1")]) == 1
+    assert spool.write("exp", [PendingObject(store.results_bucket, key, b"version 2")]) == 1
+    store.init_buckets()  # the store is back; the next write must not jump the queue
+    assert spool.write("exp", [PendingObject(store.results_bucket, key, b"version 3")]) == 0
+    assert spool.flush() == 0 and not spool.pending()
+    assert store.get(store.results_bucket, key) == b"version 3"

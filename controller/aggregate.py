@@ -1,0 +1,92 @@
+"""The results of several concurrent LoadGen clients, combined into one.
+
+Throughput adds up. Latency percentiles do not average: the p99 of two clients is the p99 of all
+their samples together. Each client's LoadGen keeps its own latency of every sample
+(sample_latencies.npy, from LoadGen's trace, measured from the scheduled time as LoadGen does), so
+the latencies are pooled and the percentiles taken from the pool by LoadGen's own rule: the value
+at index floor(n * p) of the sorted latencies. For one client this reproduces LoadGen's summary
+exactly. MultiStream's percentiles are over queries, so there each query counts once, with the
+latency of its slowest sample.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import numpy.typing as npt
+
+from mecbench.v1 import common_pb2
+
+PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p95", 0.95), ("p97", 0.97), ("p99", 0.99), ("p999", 0.999))
+
+Latencies = npt.NDArray[np.int64]
+
+
+def read_sample_latencies(data: bytes) -> Latencies:
+    """(query sequence, latency ns) rows, as the LoadGen agent writes them."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise ValueError(f"expected rows of (query sequence, latency ns), got shape {array.shape}")
+    rows: Latencies = array.astype(np.int64, copy=False)
+    return rows
+
+
+def latencies_for_scenario(rows: Latencies, scenario: int) -> Latencies:
+    """The latencies LoadGen's percentiles are over: per sample, or per query for MultiStream."""
+    if scenario != common_pb2.SCENARIO_MULTI_STREAM or len(rows) == 0:
+        return rows[:, 1]
+    ordered = rows[np.argsort(rows[:, 0], kind="stable")]
+    starts = np.flatnonzero(np.r_[True, ordered[1:, 0] != ordered[:-1, 0]])
+    return np.maximum.reduceat(ordered[:, 1], starts)
+
+
+def latency_stats(latencies: Latencies) -> common_pb2.LatencyStats:
+    stats = common_pb2.LatencyStats()
+    if len(latencies) == 0:
+        return stats
+    ordered = np.sort(latencies)
+    count = len(ordered)
+    stats.min.FromNanoseconds(int(ordered[0]))
+    stats.max.FromNanoseconds(int(ordered[-1]))
+    # LoadGen's mean is an integer division of the sum.
+    stats.mean.FromNanoseconds(int(ordered.sum()) // count)
+    for name, fraction in PERCENTILES:
+        getattr(stats, name).FromNanoseconds(int(ordered[min(count - 1, int(count * fraction))]))
+    return stats
+
+
+def aggregate_results(
+    results: list[common_pb2.TestResult], latencies: list[Latencies | None] | None = None
+) -> common_pb2.TestResult:
+    """One client: its result, as LoadGen reported it. Several: summed throughput, valid only if
+    every client is, and latency percentiles over the pooled latencies of all clients. Without
+    every client's latencies the aggregate carries no latency rather than a made-up one."""
+    if not results:
+        return common_pb2.TestResult()
+    if len(results) == 1:
+        return results[0]
+    scenario = results[0].scenario
+    aggregate = common_pb2.TestResult(
+        scenario=scenario,
+        mode=results[0].mode,
+        valid=all(r.valid for r in results),
+        samples_per_second=sum(r.samples_per_second for r in results),
+        scheduled_samples_per_second=sum(r.scheduled_samples_per_second for r in results),
+        completed_samples_per_second=sum(r.completed_samples_per_second for r in results),
+        query_count=sum(r.query_count for r in results),
+        sample_count=sum(r.sample_count for r in results),
+        target_qps=sum(r.target_qps for r in results),
+        min_duration_met=all(r.min_duration_met for r in results),
+        min_queries_met=all(r.min_queries_met for r in results),
+        early_stopping_met=all(r.early_stopping_met for r in results),
+        performance_constraints_met=all(r.performance_constraints_met for r in results),
+        error_count=sum(r.error_count for r in results),
+        warning_count=sum(r.warning_count for r in results),
+    )
+    for index, result in enumerate(results):
+        aggregate.invalid_reasons.extend(f"client {index}: {reason}" for reason in result.invalid_reasons)
+    if latencies and len(latencies) == len(results) and all(rows is not None for rows in latencies):
+        pooled = np.concatenate([latencies_for_scenario(rows, scenario) for rows in latencies if rows is not None])
+        aggregate.latency.CopyFrom(latency_stats(pooled))
+    return aggregate

@@ -1,0 +1,162 @@
+"""The `mecbench` command as a user runs it: a subprocess against a real controller (or its own
+embedded one), checked by its output and exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import requires_root
+from tests.controller.conftest import Stack, start_stack, stop_stack
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quick-sweep.yaml"
+
+TINY_SPEC = """
+experiment_id: {experiment_id}
+sut:
+  synthetic: {{distribution: SERVICE_TIME_DISTRIBUTION_CONSTANT, mean: 0.001s}}
+dataset:
+  synthetic: {{sample_count: 64, shape: [16], data_type: DATA_TYPE_FLOAT32}}
+settings:
+  min_duration: 0.3s
+  min_query_count: {queries}
+  server_target_latency: 0.05s
+  single_stream_expected_latency: 0.001s
+  skip_mlperf_defaults: true
+sweep:
+  scenarios: [{scenario}]
+  clients: [1, 2]
+  server_target_qps: [200]
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    running = start_stack(tmp_path_factory.mktemp("cli-controller"))
+    yield running
+    stop_stack(running)
+
+
+def mecbench(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`mecbench ARGS` as a user runs it, with no controller named in the environment."""
+    env = {k: v for k, v in os.environ.items() if k != "MECBENCH_CONTROLLER"} | (env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "mecbench", *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+
+
+def spec_file(tmp_path: Path, experiment_id: str, scenario: str = "SCENARIO_SINGLE_STREAM", queries: int = 100) -> Path:
+    path = tmp_path / f"{experiment_id}.yaml"
+    path.write_text(TINY_SPEC.format(experiment_id=experiment_id, scenario=scenario, queries=queries))
+    return path
+
+
+def test_storage_init_reports_each_bucket(stack: Stack) -> None:
+    done = mecbench("storage", "init", "--controller", stack.server.address)
+    assert done.returncode == 0, done.stderr
+    assert "mecbench-results" in done.stdout and "mecbench-blobs" in done.stdout
+
+
+def test_blob_and_dataset_upload_then_list(stack: Stack, tmp_path: Path) -> None:
+    conf = tmp_path / "user.conf"
+    conf.write_text("*.Server.target_qps = 100\n")
+    done = mecbench("blob", "upload", str(conf), "--key", "configs/user.conf", "--controller", stack.server.address)
+    assert done.returncode == 0, done.stderr
+    assert "configs/user.conf" in done.stdout
+    again = mecbench("blob", "upload", str(conf), "--key", "configs/user.conf", "--controller", stack.server.address)
+    assert again.returncode == 2 and "ALREADY_EXISTS" in again.stderr
+
+    samples = tmp_path / "samples.bin"
+    samples.write_bytes(os.urandom(4096))
+    uploaded = mecbench("dataset", "upload", str(samples), "--json", "--controller", stack.server.address)
+    assert uploaded.returncode == 0, uploaded.stderr
+    dataset = json.loads(uploaded.stdout)
+    assert dataset["sha256"] == hashlib.sha256(samples.read_bytes()).hexdigest()
+    assert dataset["uri"].endswith("datasets/samples.bin")
+
+    listed = mecbench("blob", "list", "--json", "--controller", stack.server.address)
+    assert listed.returncode == 0, listed.stderr
+    keys = {blob["key"] for blob in json.loads(listed.stdout)}
+    assert {"configs/user.conf", "datasets/samples.bin"} <= keys
+
+    missing = mecbench("blob", "upload", str(tmp_path / "nope"), "--controller", stack.server.address)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def test_run_wait_prints_every_point_and_exits_zero(stack: Stack, tmp_path: Path) -> None:
+    done = mecbench("run", str(spec_file(tmp_path, "cli-ok")), "--wait", "--controller", stack.server.address)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ss-c1-unshaped" in done.stdout and "ss-c2-unshaped" in done.stdout
+    assert "experiment cli-ok: SUCCEEDED" in done.stdout
+    assert "INVALID" not in done.stdout
+
+
+def test_run_wait_exits_one_when_a_result_is_invalid(stack: Stack, tmp_path: Path) -> None:
+    # Too few queries for LoadGen's early stopping to judge a Server p99: LoadGen says INVALID.
+    spec = spec_file(tmp_path, "cli-invalid", "SCENARIO_SERVER", queries=20)
+    done = mecbench("run", str(spec), "--wait", "--controller", stack.server.address)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "INVALID results: server-c1-unshaped-q200 #1" in done.stderr
+
+
+def test_a_bad_spec_exits_two_naming_every_field(stack: Stack, tmp_path: Path) -> None:
+    spec = spec_file(tmp_path, "cli-bad")
+    spec.write_text(spec.read_text().replace("clients: [1, 2]", "clients: [0, 2]\n  repeats: 500"))
+    done = mecbench("run", str(spec), "--wait", "--controller", stack.server.address)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "INVALID_ARGUMENT" in done.stderr
+    assert "spec.sweep.clients[0]" in done.stderr and "spec.sweep.repeats" in done.stderr
+    assert stack.app.experiments.list() == [] or all(
+        e.experiment_id != "cli-bad" for e in stack.app.experiments.list()
+    )
+
+
+def test_an_unreachable_controller_exits_three(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = mecbench("run", str(spec_file(tmp_path, "cli-nowhere")), "--controller", f"127.0.0.1:{port}")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "UNAVAILABLE" in done.stderr
+
+
+def test_run_without_a_controller_uses_an_embedded_one(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    done = mecbench("run", str(spec_file(tmp_path, "cli-embedded")), "--json", "--data-dir", str(data_dir))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["experiment"]["state"] == "RUN_STATE_SUCCEEDED"
+    assert len(report["runs"]) == 2
+    summaries = list(data_dir.rglob("mlperf_log_summary.txt"))
+    assert len(summaries) == 3  # one client, then two
+    assert list(data_dir.rglob("manifest.json"))
+
+
+@requires_root
+def test_the_example_runs_end_to_end_with_its_profiles_applied(tmp_path: Path) -> None:
+    """examples/quick-sweep.yaml (2 scenarios x clients 1, 2, 4 x 2 profiles x 2 repeats) from the
+    CLI, in the netns topology where its 5 Mbit/s profile is shaped for real."""
+    data_dir = tmp_path / "data"
+    env_topology = {"MECBENCH_CONTROLLER_TOPOLOGY": "netns", "MECBENCH_CONTROLLER_TOPOLOGY_NAME": "mbex"}
+    done = mecbench("run", str(EXAMPLE), "--json", "--data-dir", str(data_dir), env=env_topology, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    runs = report["runs"]
+    assert len(runs) == 12 and all(run["state"] == "RUN_STATE_SUCCEEDED" for run in runs)
+    assert all(len(run["results"]) == 2 and all(r["aggregate"]["valid"] for r in run["results"]) for run in runs)
+    for run in runs:
+        # Several clients: percentiles merged from every client's samples.
+        assert all(int(r["aggregate"]["sample_count"]) > 0 and "p99" in r["aggregate"]["latency"] for r in run["results"])
+    shaped = [run for run in runs if run["spec"].get("network", {}).get("name") == "edge-5mbit"]
+    assert len(shaped) == 6
+    assert len(list(data_dir.rglob("result.json"))) == 24
+    manifest = json.loads(next(data_dir.rglob("quick-sweep/manifest.json")).read_text())
+    assert manifest["state"] == "RUN_STATE_SUCCEEDED" and len(manifest["runs"]) == 12
