@@ -30,7 +30,7 @@ from mecbench.core import durations
 from mecbench.core.errors import Cancelled, FailedPrecondition, InvalidArgument, MecbenchError, NotFound, Violations
 from mecbench.core.logging import get_logger
 from mecbench.profiles import resolve_profile
-from mecbench.v1 import common_pb2, controller_pb2
+from mecbench.v1 import common_pb2, controller_pb2, sut_agent_pb2
 from store.layout import check_segment, experiment_manifest_key, run_prefix
 from store.spool import PendingObject
 
@@ -193,6 +193,39 @@ def validate_experiment(spec: controller_pb2.ExperimentSpec) -> list[Point]:
 
 # --- execution -------------------------------------------------------------------------------
 
+# Nothing to compute: whatever latency and ceiling remain are the harness's own.
+CALIBRATION_SUT = sut_agent_pb2.SutConfig(
+    synthetic=sut_agent_pb2.SyntheticBackendConfig(distribution=sut_agent_pb2.SERVICE_TIME_DISTRIBUTION_CONSTANT)
+)
+
+
+def calibration_settings() -> list[tuple[str, common_pb2.LoadGenSettings]]:
+    """Two short tests: SingleStream for the added latency, Offline for the throughput ceiling
+    (LoadGen issues everything at once, so the harness alone sets the pace)."""
+    return [
+        (
+            "calibration-singlestream",
+            common_pb2.LoadGenSettings(
+                scenario=common_pb2.SCENARIO_SINGLE_STREAM,
+                min_duration=durations.from_seconds(1.0),
+                min_query_count=200,
+                single_stream_expected_latency=durations.from_seconds(0.0005),
+                skip_mlperf_defaults=True,
+            ),
+        ),
+        (
+            "calibration-offline",
+            common_pb2.LoadGenSettings(
+                scenario=common_pb2.SCENARIO_OFFLINE,
+                min_duration=durations.from_seconds(0.5),
+                min_query_count=1,
+                offline_expected_qps=10_000,
+                skip_mlperf_defaults=True,
+            ),
+        ),
+    ]
+
+
 
 @dataclass
 class ActiveExperiment:
@@ -230,7 +263,7 @@ class ExperimentManager:
     def _save(self, experiment: controller_pb2.Experiment) -> None:
         self.registry.save_experiment(experiment)
         runs = []
-        for run_id in experiment.run_ids:
+        for run_id in [*experiment.calibration.run_ids, *experiment.run_ids]:
             try:
                 runs.append(self.runs.get_run(run_id))
             except NotFound:
@@ -337,6 +370,8 @@ class ExperimentManager:
         sut_id = f"exp-{spec.experiment_id}"
         self._set(active, state=common_pb2.RUN_STATE_RUNNING)
         try:
+            if not spec.skip_calibration:
+                self._calibrate(active)
             self.runs.pool.deploy_sut(sut_id, spec.sut)
             for point in active.points:
                 self._run_point(active, point_spec(spec, point, sut_id))
@@ -367,6 +402,57 @@ class ExperimentManager:
                 log.warning("sut_removal_failed", sut_id=sut_id)
             if spec.webhook_url:
                 _call_webhook(spec.webhook_url, self.get(spec.experiment_id))
+
+    def _calibrate(self, active: ActiveExperiment) -> None:
+        """Measure the harness's floor (see HarnessCalibration) before the first point. A failed
+        calibration is recorded and the experiment goes on; a cancel stops it here."""
+        spec = active.experiment.spec
+        sut_id = f"exp-{spec.experiment_id}-calibration"
+        calibration = controller_pb2.HarnessCalibration()
+        try:
+            self.runs.pool.deploy_sut(sut_id, CALIBRATION_SUT)
+            for selector, settings in calibration_settings():
+                run_spec = controller_pb2.RunSpec(
+                    experiment_id=spec.experiment_id,
+                    selector=selector,
+                    sut_id=sut_id,
+                    loadgen_mode=spec.loadgen.mode,
+                    dataset=spec.dataset,
+                    settings=settings,
+                    data_plane=spec.loadgen.data_plane,
+                    clients=1,
+                    repeats=1,
+                    labels={**spec.labels, "mecbench.calibration": "true"},
+                )
+                if active.cancel.is_set():
+                    raise Cancelled("experiment cancelled")
+                run = self.runs.start_run(run_spec)
+                active.current_run = run.run_id
+                calibration.run_ids.append(run.run_id)
+                final = self.runs.wait(run.run_id, self.run_timeout_s)
+                active.current_run = ""
+                if final.state == common_pb2.RUN_STATE_CANCELLED:
+                    raise Cancelled("experiment cancelled")
+                if final.state != common_pb2.RUN_STATE_SUCCEEDED or not final.results:
+                    raise FailedPrecondition(f"calibration run {selector} failed: {final.error}")
+                result = final.results[0].aggregate
+                if settings.scenario == common_pb2.SCENARIO_SINGLE_STREAM:
+                    calibration.single_stream_latency.CopyFrom(result.latency)
+                else:
+                    calibration.offline_samples_per_second = result.samples_per_second
+        except MecbenchError as exc:
+            if isinstance(exc, Cancelled):
+                raise
+            calibration.error = str(exc)
+            log.warning("calibration_failed", experiment_id=spec.experiment_id, error=str(exc))
+        finally:
+            with active.lock:
+                active.experiment.calibration.CopyFrom(calibration)
+            self._checkpoint(active)
+            try:
+                self.runs.pool.remove_sut(sut_id)
+            except MecbenchError:
+                log.warning("sut_removal_failed", sut_id=sut_id)
 
     def _search(self, active: ActiveExperiment, spec: controller_pb2.ExperimentSpec, sut_id: str,
                 profile: common_pb2.NetworkProfile, clients: int) -> controller_pb2.PeakResult:
@@ -418,6 +504,8 @@ def experiment_manifest(experiment: controller_pb2.Experiment, runs: list[contro
     def stamp(value: Timestamp) -> str | None:
         return value.ToJsonString() if value.ToNanoseconds() else None
 
+    calibration_runs = set(experiment.calibration.run_ids)
+
     document = {
         "experiment_id": experiment.experiment_id,
         "state": common_pb2.RunState.Name(experiment.state),
@@ -440,7 +528,19 @@ def experiment_manifest(experiment: controller_pb2.Experiment, runs: list[contro
                 "repeats": [{"repeat": r.repeat, "result_uri": r.result_uri} for r in run.results],
             }
             for run in runs
+            if run.run_id not in calibration_runs
         ],
+        "calibration": {
+            **json_format.MessageToDict(experiment.calibration, preserving_proto_field_name=True),
+            "runs": [
+                {"run_id": run.run_id, "selector": run.spec.selector, "result_uri": r.result_uri}
+                for run in runs
+                if run.run_id in calibration_runs
+                for r in run.results
+            ],
+        }
+        if experiment.HasField("calibration")
+        else None,
         "peaks": [json_format.MessageToDict(p, preserving_proto_field_name=True) for p in experiment.peaks],
         "spec": json_format.MessageToDict(experiment.spec, preserving_proto_field_name=True),
     }

@@ -271,6 +271,16 @@ def _experiment_outcome(client: Client, experiment: controller_pb2.Experiment, a
                 f"peak {peak.network_profile or 'unshaped'} x{peak.clients}: {peak.peak_qps:.1f} QPS"
                 f" within the latency bound"
             )
+        if experiment.HasField("calibration"):
+            floor = experiment.calibration
+            if floor.error:
+                print(f"harness calibration failed: {floor.error}")
+            else:
+                print(
+                    "harness floor (zero-time SUT, 1 client, unshaped): SingleStream p50"
+                    f" {_ms(floor.single_stream_latency.p50)} ms, p99 {_ms(floor.single_stream_latency.p99)} ms;"
+                    f" Offline ceiling {floor.offline_samples_per_second:.0f} samples/s"
+                )
         state = common_pb2.RunState.Name(experiment.state).removeprefix("RUN_STATE_")
         print(f"experiment {experiment.experiment_id}: {state}" + (f": {experiment.error}" if experiment.error else ""))
     invalid = [

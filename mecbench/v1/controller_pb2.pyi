@@ -436,11 +436,14 @@ class ExperimentSpec(_message.Message):
     BUSY_POLICY_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     OVERRIDES_FIELD_NUMBER: _builtins.int
+    SKIP_CALIBRATION_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     webhook_url: _builtins.str
     busy_policy: Global___BusyPolicy.ValueType
     model: _builtins.str
     """The model's name, matched by the overrides' `model` patterns (user.conf's first key)."""
+    skip_calibration: _builtins.bool
+    """Skip the harness calibration at the start of the experiment (see HarnessCalibration)."""
     @_builtins.property
     def sut(self) -> _sut_agent_pb2.SutConfig: ...
     @_builtins.property
@@ -479,10 +482,11 @@ class ExperimentSpec(_message.Message):
         busy_policy: Global___BusyPolicy.ValueType = ...,
         model: _builtins.str = ...,
         overrides: _abc.Iterable[Global___SettingsOverride] | None = ...,
+        skip_calibration: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "loadgen", b"loadgen", "search", b"search", "settings", b"settings", "sut", b"sut", "sweep", b"sweep"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_policy", b"busy_policy", "dataset", b"dataset", "experiment_id", b"experiment_id", "labels", b"labels", "loadgen", b"loadgen", "model", b"model", "overrides", b"overrides", "search", b"search", "settings", b"settings", "sut", b"sut", "sweep", b"sweep", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_policy", b"busy_policy", "dataset", b"dataset", "experiment_id", b"experiment_id", "labels", b"labels", "loadgen", b"loadgen", "model", b"model", "overrides", b"overrides", "search", b"search", "settings", b"settings", "skip_calibration", b"skip_calibration", "sut", b"sut", "sweep", b"sweep", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -553,6 +557,48 @@ class PeakResult(_message.Message):
 Global___PeakResult: _TypeAlias = PeakResult  # noqa: Y015
 
 @_typing.final
+class HarnessCalibration(_message.Message):
+    """The harness's own floor, measured at the start of an experiment: one client, unshaped, the
+    experiment's dataset and data plane, against a synthetic SUT with zero service time. What
+    LoadGen, the LoadGen agent, the data plane and the SUT agent cost by themselves, so each
+    result of the experiment can be read against it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINGLE_STREAM_LATENCY_FIELD_NUMBER: _builtins.int
+    OFFLINE_SAMPLES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    RUN_IDS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    offline_samples_per_second: _builtins.float
+    """Offline samples per second with nothing to compute: the harness's throughput ceiling."""
+    error: _builtins.str
+    """Why calibration failed, if it did; the experiment goes on without it."""
+    @_builtins.property
+    def single_stream_latency(self) -> _common_pb2.LatencyStats:
+        """SingleStream latency with nothing to compute: the latency the harness adds."""
+
+    @_builtins.property
+    def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The calibration runs; their files are stored like any run's."""
+
+    def __init__(
+        self,
+        *,
+        single_stream_latency: _common_pb2.LatencyStats | None = ...,
+        offline_samples_per_second: _builtins.float = ...,
+        run_ids: _abc.Iterable[_builtins.str] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["single_stream_latency", b"single_stream_latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "offline_samples_per_second", b"offline_samples_per_second", "run_ids", b"run_ids", "single_stream_latency", b"single_stream_latency"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HarnessCalibration: _TypeAlias = HarnessCalibration  # noqa: Y015
+
+@_typing.final
 class Experiment(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -566,6 +612,7 @@ class Experiment(_message.Message):
     RUN_IDS_FIELD_NUMBER: _builtins.int
     PEAKS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     state: _common_pb2.RunState.ValueType
     points_total: _builtins.int
@@ -581,6 +628,8 @@ class Experiment(_message.Message):
     def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def peaks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeakResult]: ...
+    @_builtins.property
+    def calibration(self) -> Global___HarnessCalibration: ...
     def __init__(
         self,
         *,
@@ -594,10 +643,11 @@ class Experiment(_message.Message):
         run_ids: _abc.Iterable[_builtins.str] | None = ...,
         peaks: _abc.Iterable[Global___PeakResult] | None = ...,
         error: _builtins.str = ...,
+        calibration: Global___HarnessCalibration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "created_at", b"created_at", "finished_at", b"finished_at", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "experiment_id", b"experiment_id", "finished_at", b"finished_at", "peaks", b"peaks", "points_done", b"points_done", "points_total", b"points_total", "run_ids", b"run_ids", "spec", b"spec", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "created_at", b"created_at", "error", b"error", "experiment_id", b"experiment_id", "finished_at", b"finished_at", "peaks", b"peaks", "points_done", b"points_done", "points_total", b"points_total", "run_ids", b"run_ids", "spec", b"spec", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

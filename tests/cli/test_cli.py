@@ -96,6 +96,7 @@ def test_run_wait_prints_every_point_and_exits_zero(stack: Stack, tmp_path: Path
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ss-c1-unshaped" in done.stdout and "ss-c2-unshaped" in done.stdout
     assert "experiment cli-ok: SUCCEEDED" in done.stdout
+    assert "harness floor (zero-time SUT, 1 client, unshaped): SingleStream p50" in done.stdout
     assert "INVALID" not in done.stdout
 
 
@@ -136,7 +137,8 @@ def test_run_without_a_controller_uses_an_embedded_one(tmp_path: Path) -> None:
     assert report["experiment"]["state"] == "RUN_STATE_SUCCEEDED"
     assert len(report["runs"]) == 2
     summaries = list(data_dir.rglob("mlperf_log_summary.txt"))
-    assert len(summaries) == 3  # one client, then two
+    assert len(summaries) == 2 + 3  # the two calibration tests, then one client and two
+    assert report["experiment"]["calibration"]["offline_samples_per_second"] > 0
     assert list(data_dir.rglob("manifest.json"))
 
 
@@ -157,6 +159,6 @@ def test_the_example_runs_end_to_end_with_its_profiles_applied(tmp_path: Path) -
         assert all(int(r["aggregate"]["sample_count"]) > 0 and "p99" in r["aggregate"]["latency"] for r in run["results"])
     shaped = [run for run in runs if run["spec"].get("network", {}).get("name") == "edge-5mbit"]
     assert len(shaped) == 6
-    assert len(list(data_dir.rglob("result.json"))) == 24
+    assert len(list(data_dir.rglob("result.json"))) == 2 + 24  # calibration, then every repeat
     manifest = json.loads(next(data_dir.rglob("quick-sweep/manifest.json")).read_text())
     assert manifest["state"] == "RUN_STATE_SUCCEEDED" and len(manifest["runs"]) == 12

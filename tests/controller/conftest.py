@@ -8,6 +8,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from controller.app import ControllerApp
 from controller.server import create_server
@@ -72,3 +74,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running.stub.DeploySut(controller_pb2.DeploySutRequest(sut_id="sut-2ms", config=synthetic_sut(0.002)))
     yield running
     stop_stack(running)
+
+
+def field_violations(error: grpc.RpcError) -> dict[str, str]:
+    """The google.rpc.BadRequest field violations of an INVALID_ARGUMENT error, by field."""
+    status = rpc_status.from_call(error)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details and status.details[0].Unpack(bad_request)
+    return {v.field: v.description for v in bad_request.field_violations}

@@ -10,21 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from mecbench.client import Client
 from mecbench.core import durations
 from mecbench.v1 import common_pb2, controller_pb2
-from tests.controller.conftest import Stack, short_settings
-
-
-def _violations(error: grpc.RpcError) -> dict[str, str]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    bad_request = error_details_pb2.BadRequest()
-    assert status.details and status.details[0].Unpack(bad_request)
-    return {v.field: v.description for v in bad_request.field_violations}
+from tests.controller.conftest import Stack, field_violations, short_settings
 
 
 def _tar(path: Path, samples: int = 24) -> Path:
@@ -73,7 +63,7 @@ def test_a_checksum_mismatch_stores_nothing(stack: Stack, client: Client) -> Non
     with pytest.raises(grpc.RpcError) as caught:
         stack.stub.UploadBlob(iter(parts))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "header.sha256" in _violations(caught.value)
+    assert "header.sha256" in field_violations(caught.value)
     assert not stack.app.store.exists(stack.app.store.blobs_bucket, "configs/user.conf")
 
 
@@ -92,7 +82,7 @@ def test_bad_uploads_name_the_field(stack: Stack, parts: list[controller_pb2.Upl
     with pytest.raises(grpc.RpcError) as caught:
         stack.stub.UploadBlob(iter(parts))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in _violations(caught.value)
+    assert field in field_violations(caught.value)
     assert stack.app.store.list(stack.app.store.blobs_bucket, "") == before
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import grpc
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 import yaml
 from google.rpc import error_details_pb2
@@ -129,9 +129,21 @@ def test_a_sweep_runs_every_point_and_keeps_every_result(stack: Stack) -> None:
     final = stack.app.experiments.wait("sweep-e2e", timeout=180)
     assert final.state == common_pb2.RUN_STATE_SUCCEEDED, final.error
     assert final.points_done == 4 and len(final.run_ids) == 4
-    records = stack.stub.ListResults(controller_pb2.ListResultsRequest(experiment_id="sweep-e2e")).results
+    everything = stack.stub.ListResults(controller_pb2.ListResultsRequest(experiment_id="sweep-e2e")).results
+    records = [r for r in everything if r.run_id in final.run_ids]
     assert sorted(r.selector for r in records) == ["offline-c1-unshaped", "offline-c2-unshaped",
                                                    "ss-c1-unshaped", "ss-c2-unshaped"]
+    # The harness's floor was measured first, against a zero-time SUT, and kept with the results.
+    calibration = final.calibration
+    assert not calibration.error and len(calibration.run_ids) == 2
+    assert 0 < calibration.single_stream_latency.p50.ToNanoseconds() <= calibration.single_stream_latency.p99.ToNanoseconds()
+    assert calibration.offline_samples_per_second > 0
+    assert {r.selector for r in everything if r.run_id in calibration.run_ids} == {
+        "calibration-singlestream", "calibration-offline"
+    }
+    # Every point is slower than the floor: the SUT's 1 ms comes on top of the harness.
+    single = next(r for r in records if r.selector == "ss-c1-unshaped")
+    assert single.result.latency.p50.ToNanoseconds() > calibration.single_stream_latency.p50.ToNanoseconds()
     two_clients = [r for r in records if r.clients == 2]
     for record in two_clients:
         run = stack.stub.GetRun(controller_pb2.GetRunRequest(run_id=record.run_id)).run
@@ -148,6 +160,8 @@ def test_a_sweep_runs_every_point_and_keeps_every_result(stack: Stack) -> None:
         assert listed["prefix"] == f"sweep-e2e/{listed['selector']}/{listed['run_id']}/"
         assert [r["result_uri"].endswith(f"{listed['prefix']}repeat-1/") for r in listed["repeats"]] == [True]
     assert manifest["spec"]["experiment_id"] == "sweep-e2e"
+    assert [r["selector"] for r in manifest["calibration"]["runs"]] == ["calibration-singlestream", "calibration-offline"]
+    assert manifest["calibration"]["offline_samples_per_second"] > 0
 
 
 def test_peak_search_finds_the_capacity_of_a_single_server_sut(stack: Stack) -> None:

@@ -19,6 +19,7 @@ from mecbench.experiment_file import parse_experiment
 from mecbench.v1 import common_pb2, controller_pb2, controller_pb2_grpc, node_agent_pb2, sut_agent_pb2
 from tests.conftest import requires_root
 from tests.controller.conftest import Stack, short_settings, stop_stack
+from tests.loadgen_agent.conftest import process_exists
 
 pytestmark = requires_root
 
@@ -140,13 +141,13 @@ def test_cancelling_an_experiment_mid_point_cleans_up_and_keeps_finished_points(
     first, second = (netns_stack.app.runs.get_run(run_id) for run_id in final.run_ids)
     assert first.state == common_pb2.RUN_STATE_SUCCEEDED and second.state == common_pb2.RUN_STATE_CANCELLED
     kept = netns_stack.stub.ListResults(controller_pb2.ListResultsRequest(experiment_id=experiment_id)).results
-    assert {r.run_id for r in kept} == {first.run_id}
+    assert {r.run_id for r in kept} == {first.run_id, *final.calibration.run_ids}
     assert not node_agent.ListShaping(node_agent_pb2.ListShapingRequest()).shapings
     assert not [a for a in netns_stack.app.pool.backend.agents() if a.name.startswith("job-")]
     deadline = time.monotonic() + 10
-    while [pid for pid in loadgen_processes if _alive(pid)] and time.monotonic() < deadline:
+    while [pid for pid in loadgen_processes if process_exists(pid)] and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [pid for pid in loadgen_processes if _alive(pid)], "a LoadGen process outlived the cancel"
+    assert not [pid for pid in loadgen_processes if process_exists(pid)], "a LoadGen process outlived the cancel"
 
 
 def _children(parent: int) -> list[int]:
@@ -160,11 +161,3 @@ def _children(parent: int) -> list[int]:
             if int(fields[1]) == parent:
                 found.append(int(entry.name))
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

@@ -9,13 +9,11 @@ import time
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from controller.backends.base import AgentKind
 from mecbench.core import durations
 from mecbench.v1 import common_pb2, controller_pb2
-from tests.controller.conftest import Stack, short_settings, start_stack, stop_stack, synthetic_sut
+from tests.controller.conftest import Stack, field_violations, short_settings, start_stack, stop_stack, synthetic_sut
 
 SCENARIOS = [
     common_pb2.SCENARIO_SINGLE_STREAM,
@@ -119,13 +117,6 @@ def test_cancel_stops_a_long_test_promptly(stack: Stack) -> None:
     assert after.state == common_pb2.RUN_STATE_SUCCEEDED, after.error
 
 
-def _violations(error: grpc.RpcError) -> dict[str, str]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    bad_request = error_details_pb2.BadRequest()
-    assert status.details and status.details[0].Unpack(bad_request)
-    return {v.field: v.description for v in bad_request.field_violations}
-
 
 @pytest.mark.parametrize(
     ("spec", "field"),
@@ -149,7 +140,7 @@ def test_bad_requests_are_refused_and_start_nothing(stack: Stack, spec: dict[str
     with pytest.raises(grpc.RpcError) as info:
         start(stack, settings, **fields)  # type: ignore[arg-type]
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in _violations(info.value), info.value.details()
+    assert field in field_violations(info.value), info.value.details()
     assert field in info.value.details()
     assert {a.name for a in stack.app.pool.backend.agents()} == agents_before
     assert len(stack.stub.ListRuns(controller_pb2.ListRunsRequest(page_size=500)).runs) == runs_before
@@ -161,7 +152,7 @@ def test_every_violation_is_reported_at_once(stack: Stack) -> None:
     with pytest.raises(grpc.RpcError) as info:
         start(stack, bad, experiment_id="")
     assert {"spec.experiment_id", "spec.settings.server_target_qps", "spec.settings.max_duration"} <= set(
-        _violations(info.value)
+        field_violations(info.value)
     )
 
 
