@@ -115,7 +115,7 @@ class _EchoSut(sut_agent_pb2_grpc.SutAgentServicer):
 
 def grpc_unary(count: int = 3000) -> dict[str, float]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    sut_agent_pb2_grpc.add_SutAgentServicer_to_server(_EchoSut(), server)
+    sut_agent_pb2_grpc.add_SutAgentServicer_to_server(_EchoSut(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

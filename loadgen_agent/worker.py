@@ -25,6 +25,7 @@ import itertools
 import os
 import queue
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -45,8 +46,10 @@ from loadgen_agent.results import SAMPLE_LATENCIES_FILE, TRACE_FILE, extract_sam
 from loadgen_agent.settings_builder import build_test_settings, describe_test_settings
 from mecbench.core import durations
 from mecbench.core.channels import open_channel, wait_until_serving
-from mecbench.core.errors import DeadlineExceeded, MecbenchError, Unavailable
+from mecbench.core.errors import DeadlineExceeded, FailedPrecondition, MecbenchError, Unavailable
+from mecbench.core.framing import FrameError, read_frame, write_frame
 from mecbench.core.logging import configure_logging, get_logger
+from mecbench.core.server import split_address
 from mecbench.v1 import common_pb2, loadgen_agent_pb2, sut_agent_pb2, sut_agent_pb2_grpc
 
 log = get_logger("mecbench.loadgen.worker")
@@ -170,6 +173,8 @@ class DataPlane:
         self.omit_payloads = options.omit_payloads
         self.response_timeout_s = durations.to_seconds(options.response_timeout) or DEFAULT_RESPONSE_TIMEOUT_S
         self.stream_count = options.streams or 1
+        self.transport = options.transport
+        self._tcp_port: int | None = None
         self._cond = threading.Condition()
         # Held around a FirstTokenComplete and around an abort's taking of the samples in flight,
         # so LoadGen never hears of a first token for a sample it was already told is complete.
@@ -253,14 +258,15 @@ class DataPlane:
         backoff = 0.05
         while True:
             call = _Call()
-            responses = self._stub.StreamInfer(self._requests(call))
             try:
-                for response in responses:
+                for batch in self._open_stream(call, index):
                     backoff = 0.05
-                    self._on_response(response.batch)
+                    self._on_response(batch)
                 reason = "the SUT agent ended the stream"
             except grpc.RpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
+            except (OSError, FrameError, MecbenchError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
             with self._cond:
                 call.dead = True
                 self._cond.notify_all()
@@ -274,6 +280,51 @@ class DataPlane:
                 )
             time.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    def _open_stream(self, call: _Call, index: int) -> Iterator[sut_agent_pb2.ResponseBatch]:
+        """The response batches of one stream to the SUT agent, over the chosen transport: TCP
+        by default where the SUT agent offers it, else gRPC; TCP when asked, or an error."""
+        address = None if self.transport == loadgen_agent_pb2.DATA_PLANE_TRANSPORT_GRPC else self._tcp_address()
+        if address is None:
+            if self.transport == loadgen_agent_pb2.DATA_PLANE_TRANSPORT_TCP:
+                raise FailedPrecondition(f"the SUT agent at {self._sut_address} offers no TCP data plane")
+            for response in self._stub.StreamInfer(self._requests(call)):
+                yield response.batch
+            return
+        connection = socket.create_connection(address, timeout=10)
+        try:
+            connection.settimeout(None)
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            start_thread(f"sender-{index}", self._send_frames, connection, call)
+            reader = connection.makefile("rb")
+            while (frame := read_frame(reader)) is not None:
+                yield sut_agent_pb2.StreamInferResponse.FromString(frame).batch
+        finally:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+
+    def _send_frames(self, connection: socket.socket, call: _Call) -> None:
+        """The TCP transport's sending side: what `_requests` batches, framed, until the call dies."""
+        try:
+            for request in self._requests(call):
+                write_frame(connection, request.SerializeToString())
+        except OSError:
+            return  # the receiving side sees the connection end and reports it
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_WR)
+
+    def _tcp_address(self) -> tuple[str, int] | None:
+        """The SUT agent's plain-TCP data plane (its gRPC host, the port its status reports), or
+        None when it has none. Asked once per session: the port lives as long as the agent."""
+        if self._tcp_port is None:
+            status = self._stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status
+            self._tcp_port = status.tcp_data_plane_port
+            log.info("data_plane_transport", sut=self._sut_address, tcp_port=self._tcp_port or None)
+        if not self._tcp_port:
+            return None
+        host, _ = split_address(self._sut_address)
+        return host, self._tcp_port
 
     def _on_response(self, batch: sut_agent_pb2.ResponseBatch) -> None:
         if batch.first_tokens:

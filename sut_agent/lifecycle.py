@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -15,6 +16,9 @@ from sut_agent.backends.base import Backend
 from sut_agent.config import validate_config
 from sut_agent.settings import SutAgentSettings
 from sut_agent.stats import SutStatsRecorder
+
+if TYPE_CHECKING:
+    from sut_agent.tcp_dataplane import TcpDataPlaneServer
 
 log = get_logger("sut_agent.lifecycle")
 
@@ -32,6 +36,9 @@ class BackendManager:
         self._message = ""
         self._started_at_ns = 0
         self.open_streams = 0
+        # Set by the server when the plain-TCP data plane listens; the port is in the status.
+        self.tcp_data_plane: TcpDataPlaneServer | None = None
+        self.tcp_data_plane_port = 0
 
     def ready_backend(self) -> Backend:
         """The backend to submit to; FAILED_PRECONDITION when none is ready."""
@@ -92,6 +99,7 @@ class BackendManager:
             message=self._message,
             in_flight=max(self.stats.in_flight, 0),
             open_streams=self.open_streams,
+            tcp_data_plane_port=self.tcp_data_plane_port,
         )
         if backend is not None:
             status.config.CopyFrom(self._config)

@@ -8,6 +8,7 @@ from sut_agent.dataplane import DataPlane
 from sut_agent.lifecycle import BackendManager
 from sut_agent.servicer import SutAgentServicer
 from sut_agent.settings import SutAgentSettings
+from sut_agent.tcp_dataplane import TcpDataPlaneServer
 
 SERVICE_NAME = sut_agent_pb2.DESCRIPTOR.services_by_name["SutAgent"].full_name
 
@@ -26,6 +27,11 @@ def create_server(
         [SERVICE_NAME],
         max_workers=settings.max_workers,
     )
+    if settings.tcp_data_plane:
+        tcp = TcpDataPlaneServer(dataplane, running.host, settings.tcp_data_plane_port)
+        manager.tcp_data_plane = tcp
+        manager.tcp_data_plane_port = tcp.port
+        running.on_stop.append(tcp.close)
     running.on_stop.append(manager.close)
     return running, running.port
 

@@ -21,6 +21,10 @@ class SutAgentSettings:
     # Coalescing caps of one StreamInfer response message.
     max_response_samples: int = 8192
     max_response_bytes: int = 8 * 1024 * 1024
+    # The plain-TCP data plane (DATA_PLANE_TRANSPORT_TCP) on the gRPC server's host; port 0
+    # picks a free one, reported in SutStatus.tcp_data_plane_port.
+    tcp_data_plane: bool = True
+    tcp_data_plane_port: int = 0
 
     @classmethod
     def load(cls, **overrides: object) -> SutAgentSettings:

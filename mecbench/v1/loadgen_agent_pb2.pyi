@@ -48,6 +48,42 @@ SUT_INTERFACE_NETWORK_QDL: SutInterface.ValueType  # 3
 """ConstructQDL: MLPerf's network-division query dispatch library."""
 Global___SutInterface: _TypeAlias = SutInterface  # noqa: Y015
 
+class _DataPlaneTransport:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DataPlaneTransportEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataPlaneTransport.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATA_PLANE_TRANSPORT_UNSPECIFIED: _DataPlaneTransport.ValueType  # 0
+    """TCP where the SUT agent offers it (SutStatus.tcp_data_plane_port), else gRPC. TCP measured
+    here (bench/harness.py) at about a quarter of gRPC's latency and many times its
+    Server-scenario ceiling with several clients.
+    """
+    DATA_PLANE_TRANSPORT_GRPC: _DataPlaneTransport.ValueType  # 1
+    """SutAgent.StreamInfer over gRPC: for a SUT agent reachable only through its gRPC port."""
+    DATA_PLANE_TRANSPORT_TCP: _DataPlaneTransport.ValueType  # 2
+    """The same StreamInfer messages, each prefixed by its 4-byte big-endian length, over a plain
+    TCP connection to the SUT agent's data-plane port (SutStatus.tcp_data_plane_port): no
+    HTTP/2 framing and no gRPC threads on the measured path. Fails if the agent has none.
+    """
+
+class DataPlaneTransport(_DataPlaneTransport, metaclass=_DataPlaneTransportEnumTypeWrapper):
+    """How samples travel between a LoadGen session and the SUT agent."""
+
+DATA_PLANE_TRANSPORT_UNSPECIFIED: DataPlaneTransport.ValueType  # 0
+"""TCP where the SUT agent offers it (SutStatus.tcp_data_plane_port), else gRPC. TCP measured
+here (bench/harness.py) at about a quarter of gRPC's latency and many times its
+Server-scenario ceiling with several clients.
+"""
+DATA_PLANE_TRANSPORT_GRPC: DataPlaneTransport.ValueType  # 1
+"""SutAgent.StreamInfer over gRPC: for a SUT agent reachable only through its gRPC port."""
+DATA_PLANE_TRANSPORT_TCP: DataPlaneTransport.ValueType  # 2
+"""The same StreamInfer messages, each prefixed by its 4-byte big-endian length, over a plain
+TCP connection to the SUT agent's data-plane port (SutStatus.tcp_data_plane_port): no
+HTTP/2 framing and no gRPC threads on the measured path. Fails if the agent has none.
+"""
+Global___DataPlaneTransport: _TypeAlias = DataPlaneTransport  # noqa: Y015
+
 class _SessionState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -84,6 +120,7 @@ class DataPlaneOptions(_message.Message):
     OMIT_PAYLOADS_FIELD_NUMBER: _builtins.int
     SUT_INTERFACE_FIELD_NUMBER: _builtins.int
     RESPONSE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    TRANSPORT_FIELD_NUMBER: _builtins.int
     max_batch_size: _builtins.int
     """Most samples sent in one message."""
     streams: _builtins.int
@@ -91,6 +128,7 @@ class DataPlaneOptions(_message.Message):
     omit_payloads: _builtins.bool
     """Send payloads with each sample (true models a real client; false sends indices only)."""
     sut_interface: Global___SutInterface.ValueType
+    transport: Global___DataPlaneTransport.ValueType
     @_builtins.property
     def max_batch_delay(self) -> _duration_pb2.Duration:
         """Longest a sample may wait for others to join its batch; 0 = send what is queued at once."""
@@ -108,10 +146,11 @@ class DataPlaneOptions(_message.Message):
         omit_payloads: _builtins.bool = ...,
         sut_interface: Global___SutInterface.ValueType = ...,
         response_timeout: _duration_pb2.Duration | None = ...,
+        transport: Global___DataPlaneTransport.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "response_timeout", b"response_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "max_batch_size", b"max_batch_size", "omit_payloads", b"omit_payloads", "response_timeout", b"response_timeout", "streams", b"streams", "sut_interface", b"sut_interface"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "max_batch_size", b"max_batch_size", "omit_payloads", b"omit_payloads", "response_timeout", b"response_timeout", "streams", b"streams", "sut_interface", b"sut_interface", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -521,11 +521,14 @@ class SutStatus(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     OPEN_STREAMS_FIELD_NUMBER: _builtins.int
+    TCP_DATA_PLANE_PORT_FIELD_NUMBER: _builtins.int
     state: Global___BackendState.ValueType
     backend: _builtins.str
     message: _builtins.str
     in_flight: _builtins.int
     open_streams: _builtins.int
+    tcp_data_plane_port: _builtins.int
+    """Port of the plain-TCP data plane (DATA_PLANE_TRANSPORT_TCP) on the agent's host; 0: off."""
     @_builtins.property
     def config(self) -> Global___SutConfig: ...
     @_builtins.property
@@ -540,10 +543,11 @@ class SutStatus(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         in_flight: _builtins.int = ...,
         open_streams: _builtins.int = ...,
+        tcp_data_plane_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "in_flight", b"in_flight", "message", b"message", "open_streams", b"open_streams", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "in_flight", b"in_flight", "message", b"message", "open_streams", b"open_streams", "started_at", b"started_at", "state", b"state", "tcp_data_plane_port", b"tcp_data_plane_port"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,6 +23,7 @@ from mecbench.core.channels import open_channel
 from mecbench.core.server import RunningServer, build_server
 from mecbench.v1 import common_pb2, loadgen_agent_pb2, loadgen_agent_pb2_grpc, sut_agent_pb2, sut_agent_pb2_grpc
 from sut_agent.server import create_server as create_sut_server
+from sut_agent.settings import SutAgentSettings
 
 # --- SUT agents ------------------------------------------------------------------------------------
 
@@ -119,9 +120,9 @@ class SutServer:
     stand_in: StandInSut | None = None
 
 
-def start_sut(mean_s: float) -> SutServer:
+def start_sut(mean_s: float, settings: SutAgentSettings | None = None) -> SutServer:
     """The real SUT agent with its synthetic backend: a constant service time of `mean_s`."""
-    running, port = create_sut_server("127.0.0.1:0")
+    running, port = create_sut_server("127.0.0.1:0", settings)
     address = f"127.0.0.1:{port}"
     channel = open_channel(address)
     try:

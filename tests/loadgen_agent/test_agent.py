@@ -21,7 +21,10 @@ from controller.aggregate import latencies_for_scenario, latency_stats, read_sam
 from loadgen_agent.worker import synthetic_samples
 from mecbench.core import durations
 from mecbench.core.channels import open_channel
-from mecbench.v1 import common_pb2, loadgen_agent_pb2, loadgen_agent_pb2_grpc
+from mecbench.v1 import common_pb2, loadgen_agent_pb2, loadgen_agent_pb2_grpc, sut_agent_pb2
+from sut_agent.lifecycle import BackendManager
+from sut_agent.server import create_server as create_sut_server
+from sut_agent.settings import SutAgentSettings
 from tests.loadgen_agent.conftest import (
     Agent,
     SutServer,
@@ -31,6 +34,7 @@ from tests.loadgen_agent.conftest import (
     short_settings,
     start_agent,
     start_stand_in_sut,
+    start_sut,
     worker_processes,
 )
 
@@ -478,3 +482,66 @@ def test_recorded_sample_latencies_reproduce_loadgens_own_percentiles(
 def test_sample_latencies_are_only_kept_when_asked(agent: Agent, session: loadgen_agent_pb2.Session) -> None:
     outcome = run_test(agent, session.session_id, short_settings(common_pb2.SCENARIO_SINGLE_STREAM))
     assert "sample_latencies.npy" not in outcome.files and "mlperf_log_trace.json" not in outcome.files
+
+
+def test_the_tcp_transport_carries_samples_and_outputs_like_grpc(agent: Agent, sut: SutServer) -> None:
+    """DATA_PLANE_TRANSPORT_TCP: the same messages over plain TCP. An accuracy run gets every
+    sample's output back through it, and a Server run completes every sample it issued."""
+    opened = agent.open(
+        sut.address,
+        dataset=common_pb2.DatasetSpec(
+            synthetic=common_pb2.SyntheticDataset(sample_count=64, shape=[4], data_type=common_pb2.DATA_TYPE_INT32)
+        ),
+        data_plane=loadgen_agent_pb2.DataPlaneOptions(
+            transport=loadgen_agent_pb2.DATA_PLANE_TRANSPORT_TCP, streams=2, max_batch_size=8
+        ),
+    )
+    try:
+        accuracy = run_test(
+            agent, opened.session_id, short_settings(common_pb2.SCENARIO_OFFLINE, mode=common_pb2.TEST_MODE_ACCURACY_ONLY)
+        )
+        entries = json.loads(bytes(accuracy.files["mlperf_log_accuracy.json"]))
+        assert sorted(e["qsl_idx"] for e in entries) == list(range(64))
+        assert accuracy.finished is not None and accuracy.finished.samples_sent == 64
+        server = run_test(agent, opened.session_id, short_settings(common_pb2.SCENARIO_SERVER))
+        assert server.result.sample_count > 0 and server.result.error_count == 0
+        assert server.finished is not None and server.finished.samples_sent == server.result.sample_count
+        assert durations.to_ns(server.result.latency.p50) >= 2_000_000  # the SUT's 2 ms
+    finally:
+        agent.close(opened.session_id)
+
+
+def test_a_sut_agent_without_a_tcp_data_plane_fails_the_test_saying_so(agent: Agent) -> None:
+    grpc_only = start_sut(0.001, SutAgentSettings(tcp_data_plane=False))
+    try:
+        opened = agent.open(
+            grpc_only.address,
+            data_plane=loadgen_agent_pb2.DataPlaneOptions(transport=loadgen_agent_pb2.DATA_PLANE_TRANSPORT_TCP),
+        )
+        try:
+            with pytest.raises(grpc.RpcError) as caught:
+                run_test(agent, opened.session_id, short_settings(common_pb2.SCENARIO_SINGLE_STREAM))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "offers no TCP data plane" in (caught.value.details() or "")
+        finally:
+            agent.close(opened.session_id)
+    finally:
+        grpc_only.stop()
+
+
+def test_the_default_transport_is_tcp_where_offered_and_grpc_elsewhere(agent: Agent) -> None:
+    for offers_tcp in (True, False):
+        manager = BackendManager(SutAgentSettings(tcp_data_plane=offers_tcp))
+        running, port = create_sut_server("127.0.0.1:0", SutAgentSettings(tcp_data_plane=offers_tcp), manager)
+        try:
+            manager.start(sut_agent_pb2.SutConfig(synthetic=sut_agent_pb2.SyntheticBackendConfig()), restart=False)
+            opened = agent.open(f"127.0.0.1:{port}")  # transport left unspecified
+            try:
+                outcome = run_test(agent, opened.session_id, short_settings(common_pb2.SCENARIO_SINGLE_STREAM))
+                assert outcome.result.sample_count > 0
+            finally:
+                agent.close(opened.session_id)
+            accepted = manager.tcp_data_plane.accepted if manager.tcp_data_plane else 0
+            assert (accepted > 0) == offers_tcp
+        finally:
+            running.stop(grace=0.5)

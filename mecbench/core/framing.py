@@ -1,0 +1,41 @@
+"""Length-prefixed messages over a byte stream: the plain-TCP data plane's wire format.
+
+Each frame is a 4-byte big-endian length, then that many bytes (a serialized protobuf message).
+A clean end of stream between frames reads as None; an end inside a frame, or a length over
+the bound, is an error, so a peer cannot make the reader allocate without limit.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import BinaryIO
+
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+_LENGTH = struct.Struct(">I")
+
+
+class FrameError(ValueError):
+    """The stream broke inside a frame, or announced one over MAX_FRAME_BYTES."""
+
+
+def write_frame(connection: socket.socket, payload: bytes) -> None:
+    if len(payload) > MAX_FRAME_BYTES:
+        raise FrameError(f"a frame of {len(payload)} bytes is over the limit of {MAX_FRAME_BYTES}")
+    # One send for header and payload: two small writes would cost two segments (NODELAY).
+    connection.sendall(_LENGTH.pack(len(payload)) + payload)
+
+
+def read_frame(reader: BinaryIO) -> bytes | None:
+    header = reader.read(_LENGTH.size)
+    if not header:
+        return None
+    if len(header) < _LENGTH.size:
+        raise FrameError("the stream ended inside a frame header")
+    (length,) = _LENGTH.unpack(header)
+    if length > MAX_FRAME_BYTES:
+        raise FrameError(f"a frame of {length} bytes is over the limit of {MAX_FRAME_BYTES}")
+    payload = reader.read(length)
+    if len(payload) < length:
+        raise FrameError(f"the stream ended {length - len(payload)} bytes short of a frame")
+    return payload
