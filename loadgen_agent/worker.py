@@ -291,7 +291,11 @@ class DataPlane:
             for response in self._stub.StreamInfer(self._requests(call)):
                 yield response.batch
             return
-        connection = socket.create_connection(address, timeout=10)
+        try:
+            connection = socket.create_connection(address, timeout=10)
+        except OSError:
+            self._tcp_port = None  # a restarted SUT agent listens elsewhere: ask again next time
+            raise
         try:
             connection.settimeout(None)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -296,11 +296,24 @@ def _follow(client: Client, experiment_id: str, as_json: bool) -> controller_pb2
     """Watch to the end, printing each point as it starts and finishes; Ctrl-C cancels the
     experiment and waits for its clean-up before re-raising."""
     experiment = client.get_experiment(experiment_id)
+    shown: tuple[int, int, int] | None = None
     try:
         for experiment in client.watch_experiment(experiment_id):
-            if not as_json:
+            progress = (experiment.state, experiment.points_done, len(experiment.run_ids))
+            if not as_json and progress != shown:
+                shown = progress
                 state = common_pb2.RunState.Name(experiment.state).removeprefix("RUN_STATE_")
-                print(f"[{experiment.points_done}/{experiment.points_total}] {state}", flush=True)
+                current = ""
+                started = len(experiment.run_ids)
+                if experiment.state == common_pb2.RUN_STATE_RUNNING and started > experiment.points_done:
+                    current = f": point {started} ({client.get_run(experiment.run_ids[-1]).spec.selector})"
+                elif (
+                    experiment.state == common_pb2.RUN_STATE_RUNNING
+                    and not experiment.spec.skip_calibration
+                    and not experiment.HasField("calibration")
+                ):
+                    current = ": measuring the harness's floor"
+                print(f"[{experiment.points_done}/{experiment.points_total}] {state}{current}", flush=True)
     except KeyboardInterrupt:
         print(f"cancelling experiment {experiment_id}", file=sys.stderr)
         client.cancel_experiment(experiment_id)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from mecbench.core.logging import configure_logging
 from tests.s3server import S3Server
@@ -27,3 +30,17 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server.start()
     yield server
     server.stop()
+
+
+def field_violations(error: grpc.RpcError) -> dict[str, str]:
+    """The google.rpc.BadRequest field violations of an INVALID_ARGUMENT error, field to
+    description, in the order the server reported them."""
+    status = rpc_status.from_call(error)
+    assert status is not None
+    violations: dict[str, str] = {}
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            violations |= {v.field: v.description for v in bad_request.field_violations}
+    assert violations, f"no field violations in: {error}"
+    return violations

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from controller.app import ControllerApp
 from controller.server import create_server
@@ -75,11 +73,3 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     yield running
     stop_stack(running)
 
-
-def field_violations(error: grpc.RpcError) -> dict[str, str]:
-    """The google.rpc.BadRequest field violations of an INVALID_ARGUMENT error, by field."""
-    status = rpc_status.from_call(error)
-    assert status is not None
-    bad_request = error_details_pb2.BadRequest()
-    assert status.details and status.details[0].Unpack(bad_request)
-    return {v.field: v.description for v in bad_request.field_violations}

@@ -14,7 +14,8 @@ import pytest
 from mecbench.client import Client
 from mecbench.core import durations
 from mecbench.v1 import common_pb2, controller_pb2
-from tests.controller.conftest import Stack, field_violations, short_settings
+from tests.conftest import field_violations
+from tests.controller.conftest import Stack, short_settings
 
 
 def _tar(path: Path, samples: int = 24) -> Path:

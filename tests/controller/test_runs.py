@@ -13,7 +13,8 @@ from google.protobuf.duration_pb2 import Duration
 from controller.backends.base import AgentKind
 from mecbench.core import durations
 from mecbench.v1 import common_pb2, controller_pb2
-from tests.controller.conftest import Stack, field_violations, short_settings, start_stack, stop_stack, synthetic_sut
+from tests.conftest import field_violations
+from tests.controller.conftest import Stack, short_settings, start_stack, stop_stack, synthetic_sut
 
 SCENARIOS = [
     common_pb2.SCENARIO_SINGLE_STREAM,

@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mecbench.v1 import common_pb2, sut_agent_pb2
+from tests.conftest import field_violations
 from tests.sut_agent.conftest import Agent
-from tests.sut_agent.test_server import field_violations
 
 FEATURES, OUTPUTS = 16, 8
 
@@ -121,7 +121,7 @@ def test_bad_onnx_configs_are_invalid(
     with pytest.raises(grpc.RpcError) as info:
         agent.start(onnx_config(path, **fields))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field_violations(info.value) == expected
+    assert list(field_violations(info.value)) == expected
     reply: sut_agent_pb2.GetStatusResponse = agent.stub.GetStatus(sut_agent_pb2.GetStatusRequest())
     assert reply.status.state == sut_agent_pb2.BACKEND_STATE_STOPPED
 
@@ -131,4 +131,4 @@ def test_a_file_that_is_not_a_model_is_invalid(agent: Agent, tmp_path: Path) -> 
     junk.write_bytes(b"not a model")
     with pytest.raises(grpc.RpcError) as info:
         agent.start(onnx_config(junk))
-    assert field_violations(info.value) == ["config.onnxruntime.model_path"]
+    assert list(field_violations(info.value)) == ["config.onnxruntime.model_path"]

@@ -8,13 +8,12 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 
 from mecbench.core import durations
 from mecbench.v1 import sut_agent_pb2
+from tests.conftest import field_violations
 from tests.sut_agent.conftest import Agent, synthetic
 
 
@@ -26,13 +25,6 @@ def _requests(
     if hold is not None:
         hold.wait(10)  # keeps the stream half-open until the test lets go
 
-
-def field_violations(error: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    bad_request = error_details_pb2.BadRequest()
-    assert status.details and status.details[0].Unpack(bad_request)
-    return [v.field for v in bad_request.field_violations]
 
 
 def wait_for(predicate: object, timeout: float = 5.0) -> None:
@@ -168,12 +160,12 @@ def test_bad_config_reports_every_field_and_starts_nothing(agent: Agent) -> None
     with pytest.raises(grpc.RpcError) as info:
         agent.start(bad)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field_violations(info.value) == ["config.synthetic.mean", "config.synthetic.stddev", "config.synthetic.low"]
+    assert list(field_violations(info.value)) == ["config.synthetic.mean", "config.synthetic.stddev", "config.synthetic.low"]
     assert status(agent).state == sut_agent_pb2.BACKEND_STATE_STOPPED
 
     with pytest.raises(grpc.RpcError) as info:
         agent.start(sut_agent_pb2.SutConfig())
-    assert field_violations(info.value) == ["config.backend"]
+    assert list(field_violations(info.value)) == ["config.backend"]
 
     # A running backend survives a restart with a bad config.
     agent.start(synthetic(0.001))
@@ -198,7 +190,7 @@ def test_mismatched_batch_arrays_are_invalid(agent: Agent) -> None:
     batch = sut_agent_pb2.QueryBatch(sample_ids=[1, 2], payloads=[b"x"])
     with pytest.raises(grpc.RpcError) as info:
         agent.stub.Infer(sut_agent_pb2.InferRequest(batch=batch), timeout=10)
-    assert field_violations(info.value) == ["batch.payloads"]
+    assert list(field_violations(info.value)) == ["batch.payloads"]
 
 
 def test_health_and_reflection_answer(agent: Agent) -> None:
