@@ -15,7 +15,7 @@ import json
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -349,21 +349,31 @@ class ExperimentManager:
                 setattr(active.experiment, name, value)
         self._checkpoint(active)
 
-    def _run_point(self, active: ActiveExperiment, run_spec: controller_pb2.RunSpec) -> controller_pb2.Run:
+    def _run_to_end(
+        self, active: ActiveExperiment, run_spec: controller_pb2.RunSpec, record: Callable[[str], None], what: str
+    ) -> controller_pb2.Run:
+        """Start a run, `record` its id, and wait for it: Cancelled when it (or the experiment)
+        was cancelled, FailedPrecondition naming `what` when it did not succeed."""
         if active.cancel.is_set():
             raise Cancelled("experiment cancelled")
         run = self.runs.start_run(run_spec)
         active.current_run = run.run_id
-        with active.lock:
-            active.experiment.run_ids.append(run.run_id)
-        self._checkpoint(active)
+        record(run.run_id)
         final = self.runs.wait(run.run_id, self.run_timeout_s)
         active.current_run = ""
         if final.state == common_pb2.RUN_STATE_CANCELLED:
             raise Cancelled("experiment cancelled")
         if final.state != common_pb2.RUN_STATE_SUCCEEDED:
-            raise FailedPrecondition(f"point {run_spec.selector} failed: {final.error}")
+            raise FailedPrecondition(f"{what} failed: {final.error}")
         return final
+
+    def _run_point(self, active: ActiveExperiment, run_spec: controller_pb2.RunSpec) -> controller_pb2.Run:
+        def record(run_id: str) -> None:
+            with active.lock:
+                active.experiment.run_ids.append(run_id)
+            self._checkpoint(active)
+
+        return self._run_to_end(active, run_spec, record, f"point {run_spec.selector}")
 
     def _execute(self, active: ActiveExperiment) -> None:
         spec = active.experiment.spec
@@ -424,17 +434,10 @@ class ExperimentManager:
                     repeats=1,
                     labels={**spec.labels, "mecbench.calibration": "true"},
                 )
-                if active.cancel.is_set():
-                    raise Cancelled("experiment cancelled")
-                run = self.runs.start_run(run_spec)
-                active.current_run = run.run_id
-                calibration.run_ids.append(run.run_id)
-                final = self.runs.wait(run.run_id, self.run_timeout_s)
-                active.current_run = ""
-                if final.state == common_pb2.RUN_STATE_CANCELLED:
-                    raise Cancelled("experiment cancelled")
-                if final.state != common_pb2.RUN_STATE_SUCCEEDED or not final.results:
-                    raise FailedPrecondition(f"calibration run {selector} failed: {final.error}")
+                what = f"calibration run {selector}"
+                final = self._run_to_end(active, run_spec, calibration.run_ids.append, what)
+                if not final.results:
+                    raise FailedPrecondition(f"{what} failed: it stored no result")
                 result = final.results[0].aggregate
                 if settings.scenario == common_pb2.SCENARIO_SINGLE_STREAM:
                     calibration.single_stream_latency.CopyFrom(result.latency)

@@ -42,7 +42,7 @@ import structlog
 
 from loadgen_agent import datasets
 from loadgen_agent.protocol import Message, MessageWriter, error_to_message, read_message
-from loadgen_agent.results import SAMPLE_LATENCIES_FILE, TRACE_FILE, extract_sample_latencies
+from loadgen_agent.results import TRACE_FILE, extract_sample_latencies
 from loadgen_agent.settings_builder import build_test_settings, describe_test_settings
 from mecbench.core import durations
 from mecbench.core.channels import open_channel, wait_until_serving
@@ -51,6 +51,7 @@ from mecbench.core.framing import FrameError, read_frame, write_frame
 from mecbench.core.logging import configure_logging, get_logger
 from mecbench.core.server import split_address
 from mecbench.v1 import common_pb2, loadgen_agent_pb2, sut_agent_pb2, sut_agent_pb2_grpc
+from store.layout import SAMPLE_LATENCIES_NAME
 
 log = get_logger("mecbench.loadgen.worker")
 
@@ -645,7 +646,7 @@ class SessionWorker:
         trace = outdir / TRACE_FILE
         if record_latencies and trace.is_file():
             try:
-                extract_sample_latencies(trace, outdir / SAMPLE_LATENCIES_FILE)
+                extract_sample_latencies(trace, outdir / SAMPLE_LATENCIES_NAME)
             except (OSError, ValueError) as exc:
                 log.warning("sample_latencies_unreadable", test_id=test_id, error=str(exc))
         self.events.send(

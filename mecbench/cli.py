@@ -8,11 +8,12 @@ controller's field violations are printed), 3 a service could not be reached, 13
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,15 +131,30 @@ def quickstart_specs(experiment_id: str) -> list[tuple[str, controller_pb2.RunSp
     return [("Server @200 QPS", server), ("SingleStream", single)]
 
 
-def quickstart(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def embedded_controller(data_dir: str, prefix: str) -> Iterator[tuple[int, Path]]:
+    """A controller in this process on an ephemeral loopback port, its agents local processes:
+    (port, data directory), stopped on leaving. With no `data_dir`, a new temporary folder."""
     from controller.server import create_server
     from controller.settings import ControllerSettings
+
+    directory = Path(data_dir or tempfile.mkdtemp(prefix=prefix)).resolve()
+    running, port = create_server("127.0.0.1:0", ControllerSettings.load(data_dir=directory))
+    try:
+        yield port, directory
+    finally:
+        running.stop(grace=2.0)
+
+
+def quickstart(args: argparse.Namespace) -> int:
+    with embedded_controller(args.data_dir, "mecbench-quickstart-") as (port, data_dir):
+        return _quickstart_on(port, data_dir, args)
+
+
+def _quickstart_on(port: int, data_dir: Path, args: argparse.Namespace) -> int:
     from mecbench.core.channels import open_channel
     from mecbench.v1 import controller_pb2_grpc, sut_agent_pb2
 
-    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="mecbench-quickstart-")).resolve()
-    settings = ControllerSettings.load(data_dir=data_dir)
-    running, port = create_server("127.0.0.1:0", settings)
     channel = open_channel(f"127.0.0.1:{port}")
     stub = controller_pb2_grpc.ControllerStub(channel)
     try:
@@ -181,7 +197,6 @@ def quickstart(args: argparse.Namespace) -> int:
         return EXIT_OK if ok else EXIT_RUN_FAILED
     finally:
         channel.close()
-        running.stop(grace=2.0)
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -339,20 +354,12 @@ def run_experiment(args: argparse.Namespace) -> int:
                 return EXIT_OK
             return _experiment_outcome(client, _follow(client, experiment.experiment_id, args.json), args.json)
     # No controller named: run this one experiment on an embedded controller (local processes).
-    from controller.server import create_server
-    from controller.settings import ControllerSettings
-
-    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="mecbench-run-")).resolve()
-    running, port = create_server("127.0.0.1:0", ControllerSettings.load(data_dir=data_dir))
-    try:
-        with Client(f"127.0.0.1:{port}") as client:
-            client.init_storage()
-            if not args.json:
-                print(f"embedded controller on 127.0.0.1:{port}, results in {data_dir}")
-            experiment = client.start_experiment(spec)
-            return _experiment_outcome(client, _follow(client, experiment.experiment_id, args.json), args.json)
-    finally:
-        running.stop(grace=2.0)
+    with embedded_controller(args.data_dir, "mecbench-run-") as (port, data_dir), Client(f"127.0.0.1:{port}") as client:
+        client.init_storage()
+        if not args.json:
+            print(f"embedded controller on 127.0.0.1:{port}, results in {data_dir}")
+        experiment = client.start_experiment(spec)
+        return _experiment_outcome(client, _follow(client, experiment.experiment_id, args.json), args.json)
 
 
 class UsageError(Exception):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import grpc
@@ -10,6 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from mecbench.core.channels import open_channel, wait_until_serving
 from mecbench.core.logging import configure_logging
 from tests.s3server import S3Server
 
@@ -44,3 +47,20 @@ def field_violations(error: grpc.RpcError) -> dict[str, str]:
             violations |= {v.field: v.description for v in bad_request.field_violations}
     assert violations, f"no field violations in: {error}"
     return violations
+
+
+def start_service_process(service: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    """`mecbench SERVICE --listen 127.0.0.1:0` as a child process, as an operator starts it, with
+    `env` over this environment; (process, address) once it serves gRPC health."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mecbench", service, "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **env},
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("listening on "):
+            address = line.removeprefix("listening on ").strip()
+            with open_channel(address) as channel:
+                wait_until_serving(channel, timeout=30)
+            return process, address
+    raise AssertionError(f"{service} did not start")

@@ -4,18 +4,17 @@ loopback is stopped mid-run, and a controller process is killed with results sti
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from controller.app import ControllerApp
 from controller.settings import ControllerSettings
 from mecbench.core import durations
-from mecbench.core.channels import open_channel, wait_until_serving
+from mecbench.core.channels import open_channel
 from mecbench.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+from tests.conftest import start_service_process
 from tests.controller.conftest import short_settings, synthetic_sut
 from tests.s3server import S3Server
 
@@ -69,20 +68,11 @@ def test_stopping_the_s3_server_mid_run_loses_no_result_file(s3_server: S3Server
 
 
 def _start_controller(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mecbench", "controller", "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, **env, "MECBENCH_CONTROLLER_DATA_DIR": str(data_dir),
-             "MECBENCH_CONTROLLER_TELEMETRY_INTERVAL_S": "0", "MECBENCH_STORE_SPOOL_FLUSH_INTERVAL_S": "0.3"},
+    return start_service_process(
+        "controller",
+        {**env, "MECBENCH_CONTROLLER_DATA_DIR": str(data_dir), "MECBENCH_CONTROLLER_TELEMETRY_INTERVAL_S": "0",
+         "MECBENCH_STORE_SPOOL_FLUSH_INTERVAL_S": "0.3"},
     )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("listening on "):
-            address = line.removeprefix("listening on ").strip()
-            with open_channel(address) as channel:
-                wait_until_serving(channel, timeout=30)
-            return process, address
-    raise AssertionError("controller did not start")
 
 
 def test_a_controller_killed_with_results_spooled_flushes_them_after_restart(

@@ -19,6 +19,14 @@ from node_agent.server import create_server
 from node_agent.settings import NodeAgentSettings
 
 
+def real_gpu_inventory() -> NvmlInventory:
+    """NVML's view of this machine's GPUs; the test skips, saying why, where there is none."""
+    inventory = NvmlInventory()
+    if inventory.unavailable_reason:
+        inventory.close()
+        pytest.skip(inventory.unavailable_reason)
+    return inventory
+
 def test_nvml_inventory_and_readings_on_a_real_gpu() -> None:
     inventory = NvmlInventory()
     try:
@@ -38,10 +46,7 @@ def test_nvml_inventory_and_readings_on_a_real_gpu() -> None:
 def test_gpus_through_the_node_agent_api_on_a_real_gpu(tmp_path: Path) -> None:
     """GetNodeInfo lists what NVML sees, AllocateGpus pins by UUID and refuses a second holder
     naming the first, ReleaseGpus frees, and telemetry carries the GPU readings."""
-    inventory = NvmlInventory()
-    if inventory.unavailable_reason:
-        inventory.close()
-        pytest.skip(inventory.unavailable_reason)
+    inventory = real_gpu_inventory()
     settings = NodeAgentSettings.load(state_dir=tmp_path / "state", reaper_interval_s=0.1)
     agent = NodeAgent(settings, gpu_inventory=inventory)
     running, _port = create_server("127.0.0.1:0", settings, agent)
@@ -92,10 +97,7 @@ def test_the_allocated_environment_pins_a_cuda_process_and_nvml_sees_it(tmp_path
     """The env AllocateGpus returns is what a SUT process gets: CUDA shows it exactly the allocated
     GPU, and NVML then lists that process on it. Needs torch (there on the device tool's machine)."""
     pytest.importorskip("torch")
-    inventory = NvmlInventory()
-    if inventory.unavailable_reason:
-        inventory.close()
-        pytest.skip(inventory.unavailable_reason)
+    inventory = real_gpu_inventory()
     settings = NodeAgentSettings.load(state_dir=tmp_path / "state", reaper_interval_s=0.1)
     agent = NodeAgent(settings, gpu_inventory=inventory)
     try:

@@ -3,10 +3,8 @@ throughput; leases, reconcile after kill -9, and bad input that must touch nothi
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,10 +12,10 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from mecbench.core.channels import open_channel, wait_until_serving
+from mecbench.core.channels import open_channel
 from mecbench.v1 import common_pb2, node_agent_pb2, node_agent_pb2_grpc
 from node_agent.probe import probe_kernel
-from tests.conftest import requires_root
+from tests.conftest import requires_root, start_service_process
 from tests.node_agent.conftest import (
     AgentUnderTest,
     VethPair,
@@ -124,19 +122,9 @@ def test_a_lapsed_lease_removes_the_shaping_within_a_second(node_agent: AgentUnd
 
 
 def _start_agent_process(state_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    env = {**os.environ, "MECBENCH_NODE_AGENT_STATE_DIR": str(state_dir), "MECBENCH_NODE_AGENT_REAPER_INTERVAL_S": "0.1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mecbench", "node-agent", "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    return start_service_process(
+        "node-agent", {"MECBENCH_NODE_AGENT_STATE_DIR": str(state_dir), "MECBENCH_NODE_AGENT_REAPER_INTERVAL_S": "0.1"}
     )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("listening on "):
-            address = line.removeprefix("listening on ").strip()
-            with open_channel(address) as channel:
-                wait_until_serving(channel, timeout=30)
-            return process, address
-    raise AssertionError("node agent did not start")
 
 
 def test_kill_9_then_restart_removes_shaping_whose_lease_lapsed(tmp_path: Path, veth_pair: VethPair) -> None:
