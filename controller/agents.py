@@ -204,6 +204,42 @@ class AgentPool:
             deployment.status.message = f"unreachable: {exc.code().name}"
         return deployment
 
+    def sut_status(self, handle: SutHandle) -> sut_agent_pb2.SutStatus:
+        try:
+            reply = handle.stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            raise remote_error(f"SUT agent {handle.sut_id}", exc) from None
+        status: sut_agent_pb2.SutStatus = reply.status
+        return status
+
+    def sut_serving(self, handle: SutHandle) -> sut_agent_pb2.SutStatus:
+        """The SUT's status when it can serve a test; FAILED_PRECONDITION saying why when not."""
+        status = self.sut_status(handle)
+        if status.state != sut_agent_pb2.BACKEND_STATE_READY:
+            state = sut_agent_pb2.BackendState.Name(status.state).removeprefix("BACKEND_STATE_")
+            raise FailedPrecondition(f"SUT {handle.sut_id} is {state}: {status.message or 'not ready'}")
+        return status
+
+    def sut_failure(self, handle: SutHandle) -> str:
+        """Why the SUT's backend stopped serving (its server died or hangs); "" while it serves."""
+        status = self.sut_status(handle)
+        if status.state == sut_agent_pb2.BACKEND_STATE_FAILED:
+            return status.message or "failed"
+        return ""
+
+    def sut_server_log(self, handle: SutHandle, offset: int, limit: int) -> bytes:
+        """What the SUT's external server wrote since `offset`; b"" when the agent cannot say (a
+        log is worth keeping, never worth failing a measured run for)."""
+        parts: list[bytes] = []
+        try:
+            for reply in handle.stub.GetServerLog(
+                sut_agent_pb2.GetServerLogRequest(offset=offset, limit=limit), timeout=30
+            ):
+                parts.append(reply.data)
+        except grpc.RpcError as exc:
+            log.warning("server_log_unavailable", sut=handle.sut_id, code=exc.code().name)
+        return b"".join(parts)
+
     def sut_stats(self, handle: SutHandle, reset: bool) -> sut_agent_pb2.SutStats:
         try:
             reply: sut_agent_pb2.GetStatsResponse = handle.stub.GetStats(

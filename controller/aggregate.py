@@ -90,3 +90,15 @@ def aggregate_results(
         pooled = np.concatenate([latencies_for_scenario(rows, scenario) for rows in latencies if rows is not None])
         aggregate.latency.CopyFrom(latency_stats(pooled))
     return aggregate
+
+
+def mark_failures(result: common_pb2.TestResult, sample_errors: int, first_error: str, sut_failure: str) -> None:
+    """A result whose samples failed at the SUT measured failures, not inference: LoadGen counts
+    them as completed, so it is marked INVALID here, saying why."""
+    if sample_errors:
+        result.valid = False
+        detail = first_error or "no detail"
+        result.invalid_reasons.append(f"{sample_errors} samples failed at the SUT (first: {detail})")
+    if sut_failure:
+        result.valid = False
+        result.invalid_reasons.append(f"the SUT failed during the test: {sut_failure}")

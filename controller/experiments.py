@@ -22,6 +22,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller.accuracy import validate_accuracy
 from controller.registry import ACTIVE_STATES
 from controller.runs import TERMINAL_STATES, RunManager, now
 from controller.shaping import is_shaped
@@ -138,6 +139,8 @@ def point_spec(spec: controller_pb2.ExperimentSpec, point: Point, sut_id: str,
     )
     if point.profile.name or point.profile.HasField("netem"):
         run.network.CopyFrom(point.profile)
+    if spec.HasField("accuracy"):
+        run.accuracy.CopyFrom(spec.accuracy)
     return run
 
 
@@ -153,6 +156,8 @@ def validate_experiment(spec: controller_pb2.ExperimentSpec) -> list[Point]:
             violations.extend(exc.violations)
     if not spec.HasField("sut"):
         violations.add("spec.sut", "must be set")
+    if spec.HasField("accuracy"):
+        validate_accuracy(spec.accuracy, "spec.accuracy", violations)
     points, expansion = expand(spec)
     violations.extend(expansion.items)
     violations.check(spec.sweep.repeats <= 100, "spec.sweep.repeats", "at most 100")
@@ -168,6 +173,7 @@ def validate_experiment(spec: controller_pb2.ExperimentSpec) -> list[Point]:
         for point in points:
             run_spec = point_spec(spec, point, sut_id="")
             run_spec.ClearField("sut_id")
+            run_spec.ClearField("accuracy")  # checked once above, as spec.accuracy
             run_spec.sut.CopyFrom(spec.sut)
             for violation in validate_run_spec(run_spec, f"spec.points[{point.selector}]").items:
                 if violation.field not in seen_fields:

@@ -27,8 +27,9 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import mecbench
+from controller.accuracy import ACCURACY_MODES, apply_accuracy, read_labels, score_clients
 from controller.agents import AgentPool, LoadGenHandle, SutHandle, remote_error
-from controller.aggregate import Latencies, aggregate_results, read_sample_latencies
+from controller.aggregate import Latencies, aggregate_results, mark_failures, read_sample_latencies
 from controller.backends.base import AgentHandle
 from controller.registry import ACTIVE_STATES, RunRegistry
 from controller.settings import ControllerSettings
@@ -41,7 +42,13 @@ from mecbench.core.logging import get_logger
 from mecbench.profiles import resolve_profile
 from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, node_agent_pb2, sut_agent_pb2
 from store.base import ObjectStore
-from store.layout import SAMPLE_LATENCIES_NAME, content_type_for, repeat_prefix
+from store.layout import (
+    ACCURACY_LOG_NAME,
+    ACCURACY_SCORE_NAME,
+    SAMPLE_LATENCIES_NAME,
+    content_type_for,
+    repeat_prefix,
+)
 from store.spool import PendingObject, UploadSpool
 
 log = get_logger("mecbench.controller.runs")
@@ -87,6 +94,8 @@ class ClientOutcome:
     error: MecbenchError | None = None
     live_qps: float = 0.0
     samples_completed: int = 0
+    sample_errors: int = 0
+    first_sample_error: str = ""
 
 
 class RunManager:
@@ -387,6 +396,13 @@ class RunManager:
         with active.changed:
             run.progress.repeat = repeat
         self.pool.check_alive(sut)
+        serving = self.pool.sut_serving(sut)
+        server_log_offset = serving.server_log_size
+        if repeat == 1 and serving.server_pid:
+            # The run's first repeat keeps the server's start-up output too (model loading),
+            # as much of its end as the log limit allows.
+            tail_start = serving.server_log_size - self.settings.max_log_bytes // 2
+            server_log_offset = max(serving.server_log_start, tail_start)
         log_marks = _log_marks(
             [("sut-agent", sut.agent), *((f"loadgen-c{i}", lg.agent) for i, lg in enumerate(loadgens))]
         )
@@ -437,8 +453,16 @@ class RunManager:
         if any(o.cancelled for o in outcomes) or active.cancel.is_set():
             raise Cancelled(f"cancelled during repeat {repeat}; repeats finished before it are kept")
         sut_stats = self.pool.sut_stats(sut, reset=False)
+        # A server that died or hung during the test: what was measured is kept, marked invalid,
+        # and the run fails saying why.
+        sut_failure = self.pool.sut_failure(sut)
+        server_log = self.pool.sut_server_log(sut, server_log_offset, self.settings.max_log_bytes)
         self._publish(active, f"repeat {repeat}: uploading", common_pb2.RUN_STATE_UPLOADING)
-        self._store_repeat(active, sut, repeat, outcomes, sut_stats, session_setup_s, telemetry, log_marks)
+        self._store_repeat(
+            active, sut, repeat, outcomes, sut_stats, session_setup_s, telemetry, log_marks, server_log, sut_failure
+        )
+        if sut_failure:
+            raise FailedPrecondition(f"the SUT failed during repeat {repeat}: {sut_failure}")
 
     def _run_client(
         self,
@@ -478,6 +502,8 @@ class RunManager:
                 elif kind == "finished":
                     outcome.result = event.finished.result
                     outcome.cancelled = event.finished.cancelled
+                    outcome.sample_errors = event.finished.sample_errors
+                    outcome.first_sample_error = event.finished.first_sample_error
             if outcome.result is None and not outcome.cancelled:
                 raise FailedPrecondition(f"LoadGen agent {loadgen.loadgen_id}: test ended without a result")
         except grpc.RpcError as exc:
@@ -491,6 +517,35 @@ class RunManager:
             outcome.error = exc
         if outcome.error is not None:
             barrier.abort()
+
+    def _score_accuracy(
+        self, spec: common_pb2.AccuracySpec, measured: list[ClientOutcome], aggregate: common_pb2.TestResult
+    ) -> dict[str, object]:
+        """Score each client's accuracy log into its result and the aggregate. A scoring failure
+        is reported in the result (and the run's files), never a reason to lose the logs."""
+        results = [o.result for o in measured if o.result is not None]
+        try:
+            logs = []
+            for outcome in measured:
+                log_file = outcome.files.get(ACCURACY_LOG_NAME)
+                if log_file is None:
+                    raise FailedPrecondition(f"client {outcome.client} produced no {ACCURACY_LOG_NAME}")
+                logs.append(bytes(log_file))
+            scores = score_clients(spec, logs, read_labels(spec, self.store))
+        except (MecbenchError, ValueError) as exc:
+            reason = f"accuracy not scored: {exc}"
+            aggregate.valid = False
+            aggregate.invalid_reasons.append(reason)
+            log.warning("accuracy_not_scored", error=str(exc))
+            return {"scorer": spec.scorer, "labels_uri": spec.labels_uri, "error": str(exc)}
+        apply_accuracy(aggregate, results, scores, spec.scorer)
+        return {
+            "scorer": spec.scorer,
+            "labels_uri": spec.labels_uri,
+            "options": dict(spec.options),
+            "metrics": dict(aggregate.accuracy),
+            "clients": [{"client": o.client, "metrics": m} for o, m in zip(measured, scores, strict=True)],
+        }
 
     def _telemetry_targets(self, spec: controller_pb2.RunSpec) -> list[node_agent_pb2.ShapingTarget]:
         """The data-path interfaces of the run, where the topology has them; else the node's own."""
@@ -520,6 +575,8 @@ class RunManager:
         session_setup_s: float,
         telemetry: list[common_pb2.TelemetrySample],
         log_marks: list[LogMark],
+        server_log: bytes = b"",
+        sut_failure: str = "",
     ) -> None:
         run = active.run
         spec = run.spec
@@ -529,6 +586,9 @@ class RunManager:
         for mark in log_marks:
             # What each agent logged while this repeat ran, kept beside LoadGen's own logs.
             files[f"logs/{mark.label}.log"] = (mark.read_since(), "text/plain; charset=utf-8")
+        if server_log:
+            # What the external inference server printed while this repeat ran.
+            files["logs/server.log"] = (server_log, "text/plain; charset=utf-8")
         if telemetry:
             files["telemetry.json"] = (telemetry_json(telemetry), "application/json")
             files["telemetry.csv"] = (telemetry_csv(telemetry), "text/csv; charset=utf-8")
@@ -537,9 +597,15 @@ class RunManager:
             for name, data in sorted(outcome.files.items()):
                 files[f"{client_prefix}{name}"] = (bytes(data), content_type_for(name))
         measured = [o for o in outcomes if o.result is not None]
+        for outcome in measured:
+            assert outcome.result is not None
+            mark_failures(outcome.result, outcome.sample_errors, outcome.first_sample_error, sut_failure)
         aggregate = aggregate_results(
             [o.result for o in measured if o.result is not None], [_sample_latencies(o) for o in measured]
         )
+        if spec.HasField("accuracy") and spec.settings.mode in ACCURACY_MODES and measured:
+            score = self._score_accuracy(spec.accuracy, measured, aggregate)
+            files[ACCURACY_SCORE_NAME] = (json.dumps(score, indent=2).encode(), "application/json")
         setup = durations.from_seconds(session_setup_s + max((o.setup_time_s for o in outcomes), default=0.0))
         repeat_result = controller_pb2.RepeatResult(
             repeat=repeat,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from google.protobuf.duration_pb2 import Duration
 
+from controller.accuracy import validate_accuracy
 from mecbench.core.durations import is_negative
 from mecbench.core.errors import Violations
+from mecbench.core.sut_config import validate_config
 from mecbench.v1 import common_pb2, controller_pb2, sut_agent_pb2
 from store.layout import MANIFEST_NAME, check_segment
 
@@ -57,19 +59,7 @@ def validate_settings(settings: common_pb2.LoadGenSettings, prefix: str, violati
 
 
 def validate_sut(config: sut_agent_pb2.SutConfig, prefix: str, violations: Violations) -> None:
-    backend = config.WhichOneof("backend")
-    if backend is None:
-        violations.add(f"{prefix}.backend", "one of synthetic, onnxruntime, external must be set")
-        return
-    if backend == "synthetic":
-        synthetic = config.synthetic
-        for name in ("mean", "stddev", "low", "high", "per_sample_time"):
-            _duration(getattr(synthetic, name), f"{prefix}.synthetic.{name}", violations)
-    elif backend == "onnxruntime":
-        violations.check(
-            bool(config.onnxruntime.model_path), f"{prefix}.onnxruntime.model_path", "must name an .onnx file"
-        )
-    violations.check(config.resources.cpu_cores >= 0, f"{prefix}.resources.cpu_cores", "must not be negative")
+    validate_config(config, prefix, violations)
 
 
 def validate_run_spec(spec: controller_pb2.RunSpec, prefix: str = "spec") -> Violations:
@@ -86,6 +76,8 @@ def validate_run_spec(spec: controller_pb2.RunSpec, prefix: str = "spec") -> Vio
         violations.add(f"{prefix}.sut", "set sut_id (a deployed SUT) or sut (a config to deploy)")
     if spec.HasField("sut"):
         validate_sut(spec.sut, f"{prefix}.sut", violations)
+    if spec.HasField("accuracy"):
+        validate_accuracy(spec.accuracy, f"{prefix}.accuracy", violations)
     if not spec.HasField("settings"):
         violations.add(f"{prefix}.settings", "must be set (at least the scenario)")
     else:

@@ -38,20 +38,19 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
 from mecbench.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from mecbench.core.logging import get_logger
 from store.settings import StoreSettings, open_store
+from store.uris import local_path, object_uri_problem, s3_location
 
 log = get_logger("mecbench.loadgen.datasets")
 
 URI_FIELD = "dataset.uri"
 SHA256_FIELD = "dataset.sha256"
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _NPY_MAGIC = b"\x93NUMPY"
 _COPY_CHUNK = 1024 * 1024
 # Prefix of the temporary files objects are written to before the rename.
@@ -71,45 +70,13 @@ def default_cache_dir() -> Path:
 def uri_problem(uri: str) -> str | None:
     """Why `uri` cannot name a dataset, or None; checked when a session is opened, before any
     process starts, and again when it is fetched."""
-    if not uri.strip():
-        return "must not be empty"
-    scheme_match = _SCHEME.match(uri)
-    if scheme_match is None:
-        return None  # a local path
-    scheme = scheme_match.group(1).lower()
-    if scheme == "s3":
-        bucket, _, key = uri[len("s3://") :].partition("/")
-        if not bucket or not key:
-            return "an s3 URI must name a bucket and a key: s3://bucket/key"
-        # The store's own key rules, reported here as the caller's mistake rather than the store's.
-        if key.startswith("/") or key.endswith("/") or "//" in key or ".." in key.split("/"):
-            return f"invalid S3 key {key!r}: no leading or trailing '/', no '//' and no '..' segment"
-        return None
-    if scheme == "file":
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            return f"a file URI names a path on the LoadGen agent's machine (file:///path), not host {parts.netloc!r}"
-        if not parts.path:
-            return "a file URI must name a path: file:///path"
-        return None
-    return f"unsupported scheme {scheme!r}: use s3://bucket/key, file:///path or a local path"
+    return object_uri_problem(uri, "the LoadGen agent's machine")
 
 
 def _check_uri(uri: str) -> None:
     problem = uri_problem(uri)
     if problem is not None:
         raise InvalidArgument(problem, field=URI_FIELD)
-
-
-def _local_path(uri: str) -> Path:
-    if uri.lower().startswith("file://"):
-        return Path(unquote(urlsplit(uri).path))
-    return Path(uri).expanduser()
-
-
-def _s3_location(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    return bucket, key
 
 
 # --- fetching into the cache ---------------------------------------------------------------------
@@ -193,7 +160,7 @@ def fetch(uri: str, sha256: str, cache_dir: Path, s3_settings: StoreSettings | N
 
 def _copy_local(uri: str, out: IO[bytes]) -> tuple[str, int]:
     """Copy the local file into `out`; its SHA-256 and size."""
-    path = _local_path(uri)
+    path = local_path(uri)
     hasher = hashlib.sha256()
     size = 0
     try:
@@ -228,7 +195,7 @@ def _download_s3(uri: str, out: IO[bytes], s3_settings: StoreSettings | None) ->
     except InvalidArgument as exc:
         # The agent's own configuration is wrong, not the caller's request.
         raise FailedPrecondition(f"dataset {uri}: the LoadGen agent's S3 settings are invalid: {exc}") from None
-    bucket, key = _s3_location(uri)
+    bucket, key = s3_location(uri)
     try:
         data = store.get(bucket, key)
     except NotFound as exc:

@@ -29,10 +29,11 @@ import numpy as np
 
 from mecbench.core import durations
 from mecbench.v1 import common_pb2
+from store.layout import ACCURACY_LOG_NAME
 
 SUMMARY_FILE = "mlperf_log_summary.txt"
 DETAIL_FILE = "mlperf_log_detail.txt"
-ACCURACY_FILE = "mlperf_log_accuracy.json"
+ACCURACY_FILE = ACCURACY_LOG_NAME
 TRACE_FILE = "mlperf_log_trace.json"
 # Streamed first, in this order; any other file of the directory follows by name.
 LOG_FILE_ORDER = (SUMMARY_FILE, DETAIL_FILE, ACCURACY_FILE, TRACE_FILE)

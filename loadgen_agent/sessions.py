@@ -636,6 +636,7 @@ class SessionManager:
             batches_sent=int(message.get("batches_sent", 0)),
             samples_sent=int(message.get("samples_sent", 0)),
             sample_errors=int(message.get("sample_errors", 0)),
+            first_sample_error=str(message.get("first_sample_error", "")),
         )
         if finished.batches_sent:
             finished.mean_batch_size = finished.samples_sent / finished.batches_sent

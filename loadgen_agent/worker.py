@@ -128,6 +128,7 @@ class TestCounters:
     batches_sent: int = 0
     samples_sent: int = 0
     sample_errors: int = 0
+    first_sample_error: str = ""
 
 
 class _Call:
@@ -351,6 +352,7 @@ class DataPlane:
                 self.counters.sample_errors += len(failed)
                 if failed and not self._error_logged:
                     self._error_logged = True
+                    self.counters.first_sample_error = failed[0][:1000]
                     log.warning("sut_sample_errors", first_error=failed[0])
             want_data = self._want_data
         if not matched:
@@ -660,6 +662,7 @@ class SessionWorker:
                 "batches_sent": counters.batches_sent,
                 "samples_sent": counters.samples_sent,
                 "sample_errors": counters.sample_errors,
+                "first_sample_error": counters.first_sample_error,
                 "issued": counters.issued,
                 "completed": counters.completed,
             }

@@ -77,27 +77,37 @@ def _ms(d: object) -> str:
 
 
 def format_results_table(rows: Sequence[tuple[str, controller_pb2.Run]]) -> str:
-    """A plain-text table of every repeat's aggregate result (over all clients) of each run."""
+    """A plain-text table of every repeat's aggregate result (over all clients) of each run; token
+    latencies and accuracy get columns when any result has them."""
+    results = [repeat.aggregate for _, run in rows for repeat in run.results]
+    tokens = any(result.HasField("ttft") for result in results)
+    accuracy = any(result.accuracy for result in results)
     header = ["test", "state", "valid", "samples/s", "p50 ms", "p90 ms", "p99 ms", "queries"]
+    header += ["TTFT p50 ms", "TPOT p50 ms", "tokens/s"] if tokens else []
+    header += ["accuracy"] if accuracy else []
     lines = [header]
     for label, run in rows:
         state = common_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_")
         for repeat in run.results:
             result = repeat.aggregate
-            lines.append(
-                [
-                    label if len(run.results) == 1 else f"{label} #{repeat.repeat}",
-                    state,
-                    "VALID" if result.valid else "INVALID",
-                    f"{result.samples_per_second:.1f}",
-                    _ms(result.latency.p50),
-                    _ms(result.latency.p90),
-                    _ms(result.latency.p99),
-                    str(result.query_count),
-                ]
-            )
+            line = [
+                label if len(run.results) == 1 else f"{label} #{repeat.repeat}",
+                state,
+                "VALID" if result.valid else "INVALID",
+                f"{result.samples_per_second:.1f}",
+                _ms(result.latency.p50),
+                _ms(result.latency.p90),
+                _ms(result.latency.p99),
+                str(result.query_count),
+            ]
+            if tokens:
+                line += [_ms(result.ttft.p50), _ms(result.tpot.p50), f"{result.tokens_per_second:.1f}"]
+            if accuracy:
+                metric = result.accuracy_scorer
+                line.append(f"{metric} {result.accuracy[metric]:.4f}" if metric in result.accuracy else "-")
+            lines.append(line)
         if not run.results:
-            lines.append([label, state, "-", "-", "-", "-", "-", "-"])
+            lines.append([label, state] + ["-"] * (len(header) - 2))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
 

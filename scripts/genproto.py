@@ -1,4 +1,4 @@
-"""Regenerate the Python code for protos/mecbench/v1 into mecbench/v1.
+"""Regenerate the Python code for protos/mecbench/{v1,kserve} into mecbench/v1 and mecbench/kserve.
 
 Run: python scripts/genproto.py [--out DIR]
 
@@ -21,11 +21,15 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-PACKAGE_DIR = Path("mecbench") / "v1"
+# MECBench's API, and the KServe v2 inference protocol the SUT agent's adapters and the model
+# server speak (package `inference`, as the protocol names it).
+PACKAGE_DIRS = (Path("mecbench") / "v1", Path("mecbench") / "kserve")
 
 
 def proto_files() -> list[str]:
-    return sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
+    return sorted(
+        str(p.relative_to(PROTO_ROOT)) for package in PACKAGE_DIRS for p in (PROTO_ROOT / package).glob("*.proto")
+    )
 
 
 def plugin(name: str) -> str:

@@ -23,6 +23,9 @@ CONTENT_TYPES = {
 # Per-client LoadGen latencies of every sample, int64 rows of (query sequence, latency ns),
 # written by the LoadGen agent and pooled by the controller for merged percentiles.
 SAMPLE_LATENCIES_NAME = "sample_latencies.npy"
+# LoadGen's accuracy log, kept as produced, and MECBench's score of it.
+ACCURACY_LOG_NAME = "mlperf_log_accuracy.json"
+ACCURACY_SCORE_NAME = "accuracy.json"
 
 
 def content_type_for(name: str) -> str:

@@ -33,7 +33,8 @@ def check_batch(batch: sut_agent_pb2.QueryBatch, field: str) -> int:
 
 
 def build_response(completions: list[Completion]) -> sut_agent_pb2.ResponseBatch:
-    """One ResponseBatch from completions, keeping the parallel arrays aligned."""
+    """One ResponseBatch from completions (all first tokens, or all final), keeping the parallel
+    arrays aligned."""
     if len(completions) == 1:
         only = completions[0]
         return sut_agent_pb2.ResponseBatch(
@@ -42,6 +43,8 @@ def build_response(completions: list[Completion]) -> sut_agent_pb2.ResponseBatch
             compute_us=only.compute_us,
             outputs=only.outputs or (),
             errors=only.errors or (),
+            token_counts=only.token_counts or (),
+            first_tokens=only.first_tokens,
         )
     sample_ids: list[int] = []
     queue_us: list[int] = []
@@ -61,6 +64,12 @@ def build_response(completions: list[Completion]) -> sut_agent_pb2.ResponseBatch
         for completion in completions:
             errors += completion.errors if completion.errors is not None else [""] * len(completion)
         response.errors.extend(errors)
+    if any(completion.token_counts is not None for completion in completions):
+        counts: list[int] = []
+        for completion in completions:
+            counts += completion.token_counts if completion.token_counts is not None else [0] * len(completion)
+        response.token_counts.extend(counts)
+    response.first_tokens = completions[0].first_tokens
     return response
 
 
@@ -96,7 +105,8 @@ class InferStream:
         self._closed = False
 
     def on_done(self, completion: Completion) -> None:
-        self._stats.record(completion)
+        if not completion.first_tokens:
+            self._stats.record(completion)
         if not self._closed:
             self._queue.put(completion)
 
@@ -139,11 +149,17 @@ class InferStream:
             while True:
                 item = get()
                 taken: list[Completion] = []
+                first_tokens: list[Completion] = []
                 samples = size = 0
                 while True:
                     if type(item) is Completion:
-                        taken.append(item)
-                        samples += len(item.sample_ids)
+                        if item.first_tokens:
+                            # Sent apart, and before the final completions taken with them: a
+                            # sample's first token must reach LoadGen before its completion.
+                            first_tokens.append(item)
+                        else:
+                            taken.append(item)
+                            samples += len(item.sample_ids)
                         if item.outputs:
                             size += sum(map(len, item.outputs))
                     elif item is _CLOSED:
@@ -156,6 +172,8 @@ class InferStream:
                         item = get_nowait()
                     except queue.Empty:
                         break
+                if first_tokens:
+                    yield sut_agent_pb2.StreamInferResponse(batch=build_response(first_tokens))
                 if taken:
                     received += samples
                     yield sut_agent_pb2.StreamInferResponse(batch=build_response(taken))
@@ -212,6 +230,8 @@ class DataPlane:
         remaining = [count]
 
         def on_done(completion: Completion) -> None:
+            if completion.first_tokens:
+                return  # a unary call answers once, with the final outputs
             stats.record(completion)
             with lock:
                 completions.append(completion)

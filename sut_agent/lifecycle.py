@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from mecbench.core.errors import FailedPrecondition, MecbenchError
+from mecbench.core.errors import FailedPrecondition, InvalidArgument, MecbenchError
 from mecbench.core.logging import get_logger
+from mecbench.core.sut_config import validate_config
 from mecbench.v1 import sut_agent_pb2
 from sut_agent.backends import create_backend
 from sut_agent.backends.base import Backend
-from sut_agent.config import validate_config
 from sut_agent.settings import SutAgentSettings
 from sut_agent.stats import SutStatsRecorder
 
@@ -27,6 +30,8 @@ class BackendManager:
     """Holds the one running backend, its config and state, and the server-side stats."""
 
     def __init__(self, settings: SutAgentSettings) -> None:
+        if settings.server_log_dir is None:
+            settings = dataclasses.replace(settings, server_log_dir=Path(tempfile.mkdtemp(prefix="mecbench-sut-")))
         self.settings = settings
         self.stats = SutStatsRecorder()
         self._lock = threading.Lock()  # serialises Start and Stop
@@ -50,6 +55,20 @@ class BackendManager:
     def state_name(self) -> str:
         return sut_agent_pb2.BackendState.Name(self._state).removeprefix("BACKEND_STATE_")
 
+    def server_log_size(self) -> int:
+        try:
+            return self.settings.server_log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def read_server_log(self, offset: int, limit: int = 0) -> bytes:
+        try:
+            with self.settings.server_log_path.open("rb") as handle:
+                handle.seek(offset)
+                return handle.read(limit if limit > 0 else -1)
+        except FileNotFoundError:
+            return b""
+
     def start(self, config: sut_agent_pb2.SutConfig, restart: bool) -> sut_agent_pb2.SutStatus:
         validate_config(config).raise_if_any()
         with self._lock:
@@ -63,12 +82,14 @@ class BackendManager:
             try:
                 # Built before the running one stops: a config that fails to load leaves it serving.
                 backend = create_backend(config, self.settings)
-            except MecbenchError:  # a request the backend refused: nothing changed
+            except InvalidArgument:  # a request the backend refused: nothing changed
                 self._state = previous_state
                 raise
-            except Exception as exc:
+            except Exception as exc:  # the server did not come up: the status says why
                 self._state = previous_state if self.backend is not None else sut_agent_pb2.BACKEND_STATE_FAILED
-                self._message = f"start failed: {exc}"
+                self._message = f"start failed: {exc}" if isinstance(exc, MecbenchError) else (
+                    f"start failed: {type(exc).__name__}: {exc}"
+                )
                 raise
             old, self.backend = self.backend, backend
             self._config = sut_agent_pb2.SutConfig()
@@ -93,15 +114,23 @@ class BackendManager:
 
     def status(self) -> sut_agent_pb2.SutStatus:
         backend = self.backend
+        state, message = self._state, self._message
+        failure = backend.failure() if backend is not None else None
+        if failure is not None:
+            # The server died or hangs under a running backend: say so until it is restarted.
+            state, message = sut_agent_pb2.BACKEND_STATE_FAILED, failure
         status = sut_agent_pb2.SutStatus(
-            state=self._state,
+            state=state,
             backend=backend.name if backend is not None else "",
-            message=self._message,
+            message=message,
             in_flight=max(self.stats.in_flight, 0),
             open_streams=self.open_streams,
             tcp_data_plane_port=self.tcp_data_plane_port,
+            server_log_size=self.server_log_size(),
         )
         if backend is not None:
+            info = backend.server_info()
+            status.server_pid, status.server_endpoint, status.server_log_start = info.pid, info.endpoint, info.log_start
             status.config.CopyFrom(self._config)
             started = Timestamp()
             started.FromNanoseconds(self._started_at_ns)

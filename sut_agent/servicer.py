@@ -12,6 +12,7 @@ from sut_agent.dataplane import DataPlane
 from sut_agent.lifecycle import BackendManager
 
 MAX_WAIT_S = 365 * 24 * 3600.0
+LOG_CHUNK_BYTES = 1024 * 1024
 
 
 class SutAgentServicer(sut_agent_pb2_grpc.SutAgentServicer):
@@ -50,3 +51,13 @@ class SutAgentServicer(sut_agent_pb2_grpc.SutAgentServicer):
         timeout = remaining if remaining is not None and remaining < MAX_WAIT_S else None
         batch = self._dataplane.infer(request.batch, done, timeout)
         return sut_agent_pb2.InferResponse(batch=batch)
+
+    def GetServerLog(
+        self, request: sut_agent_pb2.GetServerLogRequest, context: grpc.ServicerContext
+    ) -> Iterator[sut_agent_pb2.GetServerLogResponse]:
+        offset = request.offset
+        data = self._manager.read_server_log(offset, request.limit)
+        for start in range(0, len(data), LOG_CHUNK_BYTES):
+            yield sut_agent_pb2.GetServerLogResponse(
+                offset=offset + start, data=data[start : start + LOG_CHUNK_BYTES]
+            )

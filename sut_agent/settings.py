@@ -25,6 +25,19 @@ class SutAgentSettings:
     # picks a free one, reported in SutStatus.tcp_data_plane_port.
     tcp_data_plane: bool = True
     tcp_data_plane_port: int = 0
+    # Launch profiles of external inference servers (YAML; examples/servers.yaml shows the
+    # format). Requests name a profile; commands only ever come from this file.
+    server_profiles: Path | None = None
+    # Where an external server's stdout and stderr are written; empty: a fresh temporary folder.
+    server_log_dir: Path | None = None
+
+    @property
+    def server_log_path(self) -> Path:
+        """One log for every external server the agent runs, appended start after start, so a
+        byte offset taken at any time stays valid."""
+        if self.server_log_dir is None:
+            raise ValueError("server_log_dir is not set (the BackendManager sets it)")
+        return self.server_log_dir / "server.log"
 
     @classmethod
     def load(cls, **overrides: object) -> SutAgentSettings:

@@ -577,6 +577,26 @@ class TestResult(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class AccuracyEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SCENARIO_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     VALID_FIELD_NUMBER: _builtins.int
@@ -599,6 +619,8 @@ class TestResult(_message.Message):
     SUMMARY_FIELDS_FIELD_NUMBER: _builtins.int
     ERROR_COUNT_FIELD_NUMBER: _builtins.int
     WARNING_COUNT_FIELD_NUMBER: _builtins.int
+    ACCURACY_FIELD_NUMBER: _builtins.int
+    ACCURACY_SCORER_FIELD_NUMBER: _builtins.int
     scenario: Global___Scenario.ValueType
     mode: Global___TestMode.ValueType
     valid: _builtins.bool
@@ -621,6 +643,7 @@ class TestResult(_message.Message):
     error_count: _builtins.int
     """Errors and warnings LoadGen logged."""
     warning_count: _builtins.int
+    accuracy_scorer: _builtins.str
     @_builtins.property
     def invalid_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -636,6 +659,12 @@ class TestResult(_message.Message):
     @_builtins.property
     def summary_fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Every "key : value" line of the summary, as printed."""
+
+    @_builtins.property
+    def accuracy(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Accuracy runs with an AccuracySpec: the scorer's metrics (e.g. "top1": 0.93) over the
+        responses in mlperf_log_accuracy.json.
+        """
 
     def __init__(
         self,
@@ -662,14 +691,78 @@ class TestResult(_message.Message):
         summary_fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         error_count: _builtins.int = ...,
         warning_count: _builtins.int = ...,
+        accuracy: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        accuracy_scorer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "test_duration", b"test_duration", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_samples_per_second", b"completed_samples_per_second", "early_stopping_met", b"early_stopping_met", "error_count", b"error_count", "invalid_reasons", b"invalid_reasons", "latency", b"latency", "min_duration_met", b"min_duration_met", "min_queries_met", b"min_queries_met", "mode", b"mode", "performance_constraints_met", b"performance_constraints_met", "query_count", b"query_count", "sample_count", b"sample_count", "samples_per_second", b"samples_per_second", "scenario", b"scenario", "scheduled_samples_per_second", b"scheduled_samples_per_second", "summary_fields", b"summary_fields", "target_qps", b"target_qps", "test_duration", b"test_duration", "tokens_per_second", b"tokens_per_second", "tpot", b"tpot", "ttft", b"ttft", "valid", b"valid", "warning_count", b"warning_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "accuracy_scorer", b"accuracy_scorer", "completed_samples_per_second", b"completed_samples_per_second", "early_stopping_met", b"early_stopping_met", "error_count", b"error_count", "invalid_reasons", b"invalid_reasons", "latency", b"latency", "min_duration_met", b"min_duration_met", "min_queries_met", b"min_queries_met", "mode", b"mode", "performance_constraints_met", b"performance_constraints_met", "query_count", b"query_count", "sample_count", b"sample_count", "samples_per_second", b"samples_per_second", "scenario", b"scenario", "scheduled_samples_per_second", b"scheduled_samples_per_second", "summary_fields", b"summary_fields", "target_qps", b"target_qps", "test_duration", b"test_duration", "tokens_per_second", b"tokens_per_second", "tpot", b"tpot", "ttft", b"ttft", "valid", b"valid", "warning_count", b"warning_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TestResult: _TypeAlias = TestResult  # noqa: Y015
+
+@_typing.final
+class AccuracySpec(_message.Message):
+    """How the responses of an accuracy run are scored against the dataset's ground truth, as
+    MLPerf's per-task accuracy scripts do.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OptionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SCORER_FIELD_NUMBER: _builtins.int
+    LABELS_URI_FIELD_NUMBER: _builtins.int
+    LABELS_SHA256_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    scorer: _builtins.str
+    """A registered scorer ("top1", "exact_match", or one a plugin registers through the
+    `mecbench.accuracy_scorers` entry points).
+    """
+    labels_uri: _builtins.str
+    """Ground truth, indexed by the sample's index in the dataset: `s3://bucket/key`,
+    `file:///path` or a local path to a .npy array, or a JSON list.
+    """
+    labels_sha256: _builtins.str
+    """Expected SHA-256 of the labels object, hex; checked when set."""
+    @_builtins.property
+    def options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Scorer settings (e.g. top1: dtype=float32)."""
+
+    def __init__(
+        self,
+        *,
+        scorer: _builtins.str = ...,
+        labels_uri: _builtins.str = ...,
+        labels_sha256: _builtins.str = ...,
+        options: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels_sha256", b"labels_sha256", "labels_uri", b"labels_uri", "options", b"options", "scorer", b"scorer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccuracySpec: _TypeAlias = AccuracySpec  # noqa: Y015
 
 @_typing.final
 class DatasetSpec(_message.Message):

@@ -437,6 +437,7 @@ class ExperimentSpec(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     OVERRIDES_FIELD_NUMBER: _builtins.int
     SKIP_CALIBRATION_FIELD_NUMBER: _builtins.int
+    ACCURACY_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     webhook_url: _builtins.str
     busy_policy: Global___BusyPolicy.ValueType
@@ -467,6 +468,10 @@ class ExperimentSpec(_message.Message):
         point merges the fields it sets over `settings`, before the sweep sets scenario and QPS.
         """
 
+    @_builtins.property
+    def accuracy(self) -> _common_pb2.AccuracySpec:
+        """How accuracy runs (TEST_MODE_ACCURACY_ONLY, SUBMISSION_RUN) are scored."""
+
     def __init__(
         self,
         *,
@@ -483,10 +488,11 @@ class ExperimentSpec(_message.Message):
         model: _builtins.str = ...,
         overrides: _abc.Iterable[Global___SettingsOverride] | None = ...,
         skip_calibration: _builtins.bool = ...,
+        accuracy: _common_pb2.AccuracySpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "loadgen", b"loadgen", "search", b"search", "settings", b"settings", "sut", b"sut", "sweep", b"sweep"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "dataset", b"dataset", "loadgen", b"loadgen", "search", b"search", "settings", b"settings", "sut", b"sut", "sweep", b"sweep"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_policy", b"busy_policy", "dataset", b"dataset", "experiment_id", b"experiment_id", "labels", b"labels", "loadgen", b"loadgen", "model", b"model", "overrides", b"overrides", "search", b"search", "settings", b"settings", "skip_calibration", b"skip_calibration", "sut", b"sut", "sweep", b"sweep", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "busy_policy", b"busy_policy", "dataset", b"dataset", "experiment_id", b"experiment_id", "labels", b"labels", "loadgen", b"loadgen", "model", b"model", "overrides", b"overrides", "search", b"search", "settings", b"settings", "skip_calibration", b"skip_calibration", "sut", b"sut", "sweep", b"sweep", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1113,6 +1119,7 @@ class RunSpec(_message.Message):
     BUSY_POLICY_FIELD_NUMBER: _builtins.int
     WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    ACCURACY_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     selector: _builtins.str
     """Names the point within the experiment, e.g. "server-qps100-4g-c2"."""
@@ -1140,6 +1147,10 @@ class RunSpec(_message.Message):
     def network(self) -> _common_pb2.NetworkProfile: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def accuracy(self) -> _common_pb2.AccuracySpec:
+        """How accuracy runs are scored; none: the accuracy log is kept, unscored."""
+
     def __init__(
         self,
         *,
@@ -1158,10 +1169,11 @@ class RunSpec(_message.Message):
         busy_policy: Global___BusyPolicy.ValueType = ...,
         webhook_url: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        accuracy: _common_pb2.AccuracySpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data_plane", b"data_plane", "dataset", b"dataset", "network", b"network", "settings", b"settings", "sut", b"sut"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "data_plane", b"data_plane", "dataset", b"dataset", "network", b"network", "settings", b"settings", "sut", b"sut"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_policy", b"busy_policy", "clients", b"clients", "data_plane", b"data_plane", "dataset", b"dataset", "experiment_id", b"experiment_id", "labels", b"labels", "loadgen_id", b"loadgen_id", "loadgen_mode", b"loadgen_mode", "network", b"network", "repeats", b"repeats", "selector", b"selector", "settings", b"settings", "sut", b"sut", "sut_id", b"sut_id", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "busy_policy", b"busy_policy", "clients", b"clients", "data_plane", b"data_plane", "dataset", b"dataset", "experiment_id", b"experiment_id", "labels", b"labels", "loadgen_id", b"loadgen_id", "loadgen_mode", b"loadgen_mode", "network", b"network", "repeats", b"repeats", "selector", b"selector", "settings", b"settings", "sut", b"sut", "sut_id", b"sut_id", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

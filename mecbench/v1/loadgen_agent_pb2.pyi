@@ -428,6 +428,7 @@ class TestFinished(_message.Message):
     CANCELLED_FIELD_NUMBER: _builtins.int
     SAMPLES_SENT_FIELD_NUMBER: _builtins.int
     SAMPLE_ERRORS_FIELD_NUMBER: _builtins.int
+    FIRST_SAMPLE_ERROR_FIELD_NUMBER: _builtins.int
     batches_sent: _builtins.int
     """Client-side data-plane figures."""
     mean_batch_size: _builtins.float
@@ -436,6 +437,8 @@ class TestFinished(_message.Message):
     """Samples sent to the SUT agent (batches_sent counts the messages that carried them)."""
     sample_errors: _builtins.int
     """Samples the SUT answered with a per-sample error (LoadGen still counts them as completed)."""
+    first_sample_error: _builtins.str
+    """The first of those errors, as the SUT reported it."""
     @_builtins.property
     def result(self) -> _common_pb2.TestResult: ...
     @_builtins.property
@@ -450,10 +453,11 @@ class TestFinished(_message.Message):
         cancelled: _builtins.bool = ...,
         samples_sent: _builtins.int = ...,
         sample_errors: _builtins.int = ...,
+        first_sample_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "wall_time", b"wall_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches_sent", b"batches_sent", "cancelled", b"cancelled", "mean_batch_size", b"mean_batch_size", "result", b"result", "sample_errors", b"sample_errors", "samples_sent", b"samples_sent", "wall_time", b"wall_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches_sent", b"batches_sent", "cancelled", b"cancelled", "first_sample_error", b"first_sample_error", "mean_batch_size", b"mean_batch_size", "result", b"result", "sample_errors", b"sample_errors", "samples_sent", b"samples_sent", "wall_time", b"wall_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -185,7 +185,9 @@ Global___OnnxRuntimeBackendConfig: _TypeAlias = OnnxRuntimeBackendConfig  # noqa
 
 @_typing.final
 class ExternalBackendConfig(_message.Message):
-    """An external inference server the SUT agent forwards to."""
+    """An external inference server the SUT agent forwards to: one it starts from a launch profile,
+    or one already running at `endpoint`.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -215,19 +217,42 @@ class ExternalBackendConfig(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     READY_TIMEOUT_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    WARMUP_REQUESTS_FIELD_NUMBER: _builtins.int
+    REQUEST_TIMEOUT_FIELD_NUMBER: _builtins.int
     server_type: _builtins.str
-    """Registered server type ("openai", "kserve_v2", "ollama", ...)."""
+    """Registered server type: "openai", "kserve_v2_http", "kserve_v2_grpc", "ollama", or one a
+    plugin registers. Empty: the launch profile's.
+    """
     profile: _builtins.str
-    """Name of a server launch profile in the SUT agent's own configuration; commands never come
-    from requests.
+    """Name of a server launch profile in the SUT agent's own configuration
+    (MECBENCH_SUT_SERVER_PROFILES); commands never come from requests.
     """
     endpoint: _builtins.str
-    """Base URL or host:port when the server is already running."""
+    """Base URL (http://host:port) or host:port of a server already running; empty with a profile:
+    the profile's endpoint.
+    """
     model: _builtins.str
+    """The model the server serves the queries with (loaded or pulled before the test)."""
+    max_concurrency: _builtins.int
+    """Requests in flight at once; 0 = 32."""
+    max_batch_size: _builtins.int
+    """Samples per request where the protocol batches (KServe v2); 0 or 1 = one sample a request."""
+    warmup_requests: _builtins.int
+    """Requests sent before the backend reports ready, to warm the server; 0 = 1."""
     @_builtins.property
-    def options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Settings of the server type's adapter (e.g. openai: api=chat, max_tokens=128, stream=true)."""
+
     @_builtins.property
-    def ready_timeout(self) -> _duration_pb2.Duration: ...
+    def ready_timeout(self) -> _duration_pb2.Duration:
+        """How long the server may take to start and load the model; 0 = the profile's, else 120s."""
+
+    @_builtins.property
+    def request_timeout(self) -> _duration_pb2.Duration:
+        """Whole-request timeout; 0 = 60s."""
+
     def __init__(
         self,
         *,
@@ -237,10 +262,14 @@ class ExternalBackendConfig(_message.Message):
         model: _builtins.str = ...,
         options: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ready_timeout: _duration_pb2.Duration | None = ...,
+        max_concurrency: _builtins.int = ...,
+        max_batch_size: _builtins.int = ...,
+        warmup_requests: _builtins.int = ...,
+        request_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ready_timeout", b"ready_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ready_timeout", b"ready_timeout", "request_timeout", b"request_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "model", b"model", "options", b"options", "profile", b"profile", "ready_timeout", b"ready_timeout", "server_type", b"server_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "max_batch_size", b"max_batch_size", "max_concurrency", b"max_concurrency", "model", b"model", "options", b"options", "profile", b"profile", "ready_timeout", b"ready_timeout", "request_timeout", b"request_timeout", "server_type", b"server_type", "warmup_requests", b"warmup_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -522,6 +551,10 @@ class SutStatus(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     OPEN_STREAMS_FIELD_NUMBER: _builtins.int
     TCP_DATA_PLANE_PORT_FIELD_NUMBER: _builtins.int
+    SERVER_LOG_SIZE_FIELD_NUMBER: _builtins.int
+    SERVER_PID_FIELD_NUMBER: _builtins.int
+    SERVER_ENDPOINT_FIELD_NUMBER: _builtins.int
+    SERVER_LOG_START_FIELD_NUMBER: _builtins.int
     state: Global___BackendState.ValueType
     backend: _builtins.str
     message: _builtins.str
@@ -529,6 +562,14 @@ class SutStatus(_message.Message):
     open_streams: _builtins.int
     tcp_data_plane_port: _builtins.int
     """Port of the plain-TCP data plane (DATA_PLANE_TRANSPORT_TCP) on the agent's host; 0: off."""
+    server_log_size: _builtins.int
+    """External servers: bytes the server process has written to its log so far, its process id
+    (0 when the agent did not start it) and the address queries are forwarded to.
+    """
+    server_pid: _builtins.int
+    server_endpoint: _builtins.str
+    server_log_start: _builtins.int
+    """Where in the log the running server's output begins (its start-up, model loading)."""
     @_builtins.property
     def config(self) -> Global___SutConfig: ...
     @_builtins.property
@@ -544,10 +585,14 @@ class SutStatus(_message.Message):
         in_flight: _builtins.int = ...,
         open_streams: _builtins.int = ...,
         tcp_data_plane_port: _builtins.int = ...,
+        server_log_size: _builtins.int = ...,
+        server_pid: _builtins.int = ...,
+        server_endpoint: _builtins.str = ...,
+        server_log_start: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "in_flight", b"in_flight", "message", b"message", "open_streams", b"open_streams", "started_at", b"started_at", "state", b"state", "tcp_data_plane_port", b"tcp_data_plane_port"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "in_flight", b"in_flight", "message", b"message", "open_streams", b"open_streams", "server_endpoint", b"server_endpoint", "server_log_size", b"server_log_size", "server_log_start", b"server_log_start", "server_pid", b"server_pid", "started_at", b"started_at", "state", b"state", "tcp_data_plane_port", b"tcp_data_plane_port"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -759,3 +804,52 @@ class InferResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InferResponse: _TypeAlias = InferResponse  # noqa: Y015
+
+@_typing.final
+class GetServerLogRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Start at this byte of the log."""
+    limit: _builtins.int
+    """At most this many bytes; 0 = all there is."""
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerLogRequest: _TypeAlias = GetServerLogRequest  # noqa: Y015
+
+@_typing.final
+class GetServerLogResponse(_message.Message):
+    """Part of the server log, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Byte offset of `data` in the log."""
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerLogResponse: _TypeAlias = GetServerLogResponse  # noqa: Y015

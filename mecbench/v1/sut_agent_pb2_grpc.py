@@ -66,6 +66,11 @@ class SutAgentStub:
                 request_serializer=mecbench_dot_v1_dot_sut__agent__pb2.InferRequest.SerializeToString,
                 response_deserializer=mecbench_dot_v1_dot_sut__agent__pb2.InferResponse.FromString,
                 _registered_method=True)
+        self.GetServerLog = channel.unary_stream(
+                '/mecbench.v1.SutAgent/GetServerLog',
+                request_serializer=mecbench_dot_v1_dot_sut__agent__pb2.GetServerLogRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_sut__agent__pb2.GetServerLogResponse.FromString,
+                _registered_method=True)
 
 
 class SutAgentServicer:
@@ -114,6 +119,14 @@ class SutAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerLog(self, request, context):
+        """What an external server process wrote to stdout and stderr, from a byte offset (the
+        `server_log_size` a status reported earlier gives what was written since).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SutAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_SutAgentServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=mecbench_dot_v1_dot_sut__agent__pb2.InferRequest.FromString,
                     response_serializer=mecbench_dot_v1_dot_sut__agent__pb2.InferResponse.SerializeToString,
+            ),
+            'GetServerLog': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetServerLog,
+                    request_deserializer=mecbench_dot_v1_dot_sut__agent__pb2.GetServerLogRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_sut__agent__pb2.GetServerLogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +330,33 @@ class SutAgent:
             '/mecbench.v1.SutAgent/Infer',
             mecbench_dot_v1_dot_sut__agent__pb2.InferRequest.SerializeToString,
             mecbench_dot_v1_dot_sut__agent__pb2.InferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mecbench.v1.SutAgent/GetServerLog',
+            mecbench_dot_v1_dot_sut__agent__pb2.GetServerLogRequest.SerializeToString,
+            mecbench_dot_v1_dot_sut__agent__pb2.GetServerLogResponse.FromString,
             options,
             channel_credentials,
             insecure,

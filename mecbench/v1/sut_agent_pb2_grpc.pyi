@@ -47,6 +47,10 @@ class SutAgentStub:
     """
     Infer: _grpc.UnaryUnaryMultiCallable[_sut_agent_pb2.InferRequest, _sut_agent_pb2.InferResponse]
     """The same for simple clients: one batch, answered when all its samples are done."""
+    GetServerLog: _grpc.UnaryStreamMultiCallable[_sut_agent_pb2.GetServerLogRequest, _sut_agent_pb2.GetServerLogResponse]
+    """What an external server process wrote to stdout and stderr, from a byte offset (the
+    `server_log_size` a status reported earlier gives what was written since).
+    """
 
 @_typing.type_check_only
 class SutAgentAsyncStub(SutAgentStub):
@@ -67,6 +71,10 @@ class SutAgentAsyncStub(SutAgentStub):
     """
     Infer: _aio.UnaryUnaryMultiCallable[_sut_agent_pb2.InferRequest, _sut_agent_pb2.InferResponse]  # type: ignore[assignment]
     """The same for simple clients: one batch, answered when all its samples are done."""
+    GetServerLog: _aio.UnaryStreamMultiCallable[_sut_agent_pb2.GetServerLogRequest, _sut_agent_pb2.GetServerLogResponse]  # type: ignore[assignment]
+    """What an external server process wrote to stdout and stderr, from a byte offset (the
+    `server_log_size` a status reported earlier gives what was written since).
+    """
 
 class SutAgentServicer(metaclass=_abc_1.ABCMeta):
     """Wraps an inference server: starts it, probes it, forwards LoadGen's queries to it and
@@ -120,5 +128,15 @@ class SutAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_sut_agent_pb2.InferResponse, _abc.Awaitable[_sut_agent_pb2.InferResponse]]:
         """The same for simple clients: one batch, answered when all its samples are done."""
+
+    @_abc_1.abstractmethod
+    def GetServerLog(
+        self,
+        request: _sut_agent_pb2.GetServerLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sut_agent_pb2.GetServerLogResponse], _abc.AsyncIterator[_sut_agent_pb2.GetServerLogResponse]]:
+        """What an external server process wrote to stdout and stderr, from a byte offset (the
+        `server_log_size` a status reported earlier gives what was written since).
+        """
 
 def add_SutAgentServicer_to_server(servicer: SutAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -30,9 +30,21 @@ def _onnxruntime(config: sut_agent_pb2.SutConfig, settings: SutAgentSettings) ->
     return OnnxRuntimeBackend(config.onnxruntime, model_dir=settings.model_dir)
 
 
+def _external(config: sut_agent_pb2.SutConfig, settings: SutAgentSettings) -> Backend:
+    from sut_agent.backends.external import ExternalBackend
+
+    return ExternalBackend(
+        config.external,
+        profiles_path=settings.server_profiles,
+        log_path=settings.server_log_path,
+        model_dir=settings.model_dir,
+    )
+
+
 BACKENDS: dict[str, BackendFactory] = {
     "synthetic": _synthetic,
     "onnxruntime": _onnxruntime,
+    "external": _external,
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 
 class Completion:
@@ -21,9 +22,13 @@ class Completion:
     `outputs` is None when every output is empty and `errors` None when every sample succeeded,
     so the common cases carry no per-sample lists. `batches` is how many backend executions
     (batches run by the model) these samples account for, for the mean batch size.
+
+    Token streaming: `token_counts` gives each sample's output tokens, and a completion with
+    `first_tokens` set reports that these samples' first tokens arrived (`outputs` holds them);
+    it completes nothing, and the samples' final completion follows later.
     """
 
-    __slots__ = ("batches", "compute_us", "errors", "outputs", "queue_us", "sample_ids")
+    __slots__ = ("batches", "compute_us", "errors", "first_tokens", "outputs", "queue_us", "sample_ids", "token_counts")
 
     def __init__(
         self,
@@ -33,6 +38,8 @@ class Completion:
         outputs: list[bytes] | None = None,
         errors: list[str] | None = None,
         batches: int = 0,
+        token_counts: list[int] | None = None,
+        first_tokens: bool = False,
     ) -> None:
         self.sample_ids = sample_ids
         self.queue_us = queue_us
@@ -40,6 +47,8 @@ class Completion:
         self.outputs = outputs
         self.errors = errors
         self.batches = batches
+        self.token_counts = token_counts
+        self.first_tokens = first_tokens
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -51,6 +60,15 @@ class Completion:
 
 
 CompletionCallback = Callable[[Completion], None]
+
+
+class ServerInfo(NamedTuple):
+    """A server process a backend started (pid 0: none), the address it forwards queries to
+    ("" for backends that compute in the agent), and where its output begins in the server log."""
+
+    pid: int = 0
+    endpoint: str = ""
+    log_start: int = 0
 
 
 class Backend(ABC):
@@ -71,6 +89,15 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop serving: queued and running samples complete with an error; later submits fail."""
+
+    def failure(self) -> str | None:
+        """Why the backend can no longer serve (its server process died or hangs); None while it
+        can. Samples submitted after a failure complete with this error."""
+        return None
+
+    def server_info(self) -> ServerInfo:
+        """The server process behind this backend, if any."""
+        return ServerInfo()
 
 
 STOPPED_ERROR = "backend stopped"

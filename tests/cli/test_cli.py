@@ -162,3 +162,27 @@ def test_the_example_runs_end_to_end_with_its_profiles_applied(tmp_path: Path) -
     assert len(list(data_dir.rglob("result.json"))) == 2 + 24  # calibration, then every repeat
     manifest = json.loads(next(data_dir.rglob("quick-sweep/manifest.json")).read_text())
     assert manifest["state"] == "RUN_STATE_SUCCEEDED" and len(manifest["runs"]) == 12
+
+
+def test_results_table_shows_token_latencies_and_accuracy_only_when_present() -> None:
+    from mecbench.cli import format_results_table
+    from mecbench.core import durations
+    from mecbench.v1 import common_pb2, controller_pb2
+
+    plain = controller_pb2.Run(state=common_pb2.RUN_STATE_SUCCEEDED)
+    plain.results.add(repeat=1).aggregate.samples_per_second = 10.0
+    assert "TTFT" not in format_results_table([("plain", plain)])
+    assert "accuracy" not in format_results_table([("plain", plain)])
+
+    llm = controller_pb2.Run(state=common_pb2.RUN_STATE_SUCCEEDED)
+    result = llm.results.add(repeat=1).aggregate
+    result.ttft.p50.CopyFrom(durations.from_seconds(0.0125))
+    result.tpot.p50.CopyFrom(durations.from_seconds(0.002))
+    result.tokens_per_second = 480.0
+    result.accuracy["top1"] = 0.8125
+    result.accuracy_scorer = "top1"
+    table = format_results_table([("plain", plain), ("llm", llm)])
+    header, first, second = table.splitlines()
+    assert "TTFT p50 ms" in header and "accuracy" in header
+    assert "12.500" in second and "2.000" in second and "480.0" in second and "top1 0.8125" in second
+    assert first.rstrip().endswith("-")

@@ -12,17 +12,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-GENERATED = ROOT / "mecbench" / "v1"
+GENERATED_PACKAGES = ("v1", "kserve")
 
 
-def test_generated_code_is_fresh(tmp_path: Path) -> None:
+@pytest.mark.parametrize("package", GENERATED_PACKAGES)
+def test_generated_code_is_fresh(tmp_path: Path, package: str) -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "genproto.py"), "--out", str(tmp_path)], check=True,
                    capture_output=True)
-    fresh = tmp_path / "mecbench" / "v1"
+    fresh = tmp_path / "mecbench" / package
+    generated = ROOT / "mecbench" / package
     names = sorted(p.name for p in fresh.iterdir())
-    committed = sorted(p.name for p in GENERATED.iterdir() if p.suffix in {".py", ".pyi"} and p.name != "__init__.py")
+    committed = sorted(p.name for p in generated.iterdir() if p.suffix in {".py", ".pyi"} and p.name != "__init__.py")
     assert names == committed, "generated file set differs: run `python scripts/genproto.py`"
-    stale = [name for name in names if not filecmp.cmp(fresh / name, GENERATED / name, shallow=False)]
+    stale = [name for name in names if not filecmp.cmp(fresh / name, generated / name, shallow=False)]
     assert not stale, f"stale generated code {stale}: run `python scripts/genproto.py`"
 
 

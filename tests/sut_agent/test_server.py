@@ -176,13 +176,23 @@ def test_bad_config_reports_every_field_and_starts_nothing(agent: Agent) -> None
     assert list(agent.infer([4]).sample_ids) == [4]
 
 
-def test_external_backend_is_not_available_yet(agent: Agent) -> None:
+def test_external_backend_over_grpc_names_bad_fields_and_unreachable_servers(agent: Agent) -> None:
     agent.stub.Stop(sut_agent_pb2.StopRequest())
     with pytest.raises(grpc.RpcError) as info:
         agent.start(sut_agent_pb2.SutConfig(external=sut_agent_pb2.ExternalBackendConfig(server_type="openai")))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "external backend" in (info.value.details() or "")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert {"config.external.endpoint", "config.external.model"} <= set(field_violations(info.value))
     assert status(agent).state == sut_agent_pb2.BACKEND_STATE_STOPPED
+    # Nothing listens on port 1: preparing the model fails, and the status says why.
+    unreachable = sut_agent_pb2.ExternalBackendConfig(server_type="openai", endpoint="127.0.0.1:1", model="m")
+    with pytest.raises(grpc.RpcError) as info:
+        agent.start(sut_agent_pb2.SutConfig(external=unreachable))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "127.0.0.1:1" in (info.value.details() or "")
+    assert status(agent).state == sut_agent_pb2.BACKEND_STATE_FAILED
+    assert "127.0.0.1:1" in status(agent).message
+    # No server was started by this agent: its log is empty, and reading it streams nothing.
+    assert list(agent.stub.GetServerLog(sut_agent_pb2.GetServerLogRequest())) == []
 
 
 def test_mismatched_batch_arrays_are_invalid(agent: Agent) -> None:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from mecbench.core.errors import InvalidArgument
+from mecbench.core.sut_config import validate_config
 from mecbench.v1 import common_pb2, sut_agent_pb2
 from sut_agent.backends import BACKENDS
 from sut_agent.backends.base import Completion
-from sut_agent.config import validate_config
 from sut_agent.lifecycle import BackendManager
 from sut_agent.settings import SutAgentSettings
 from sut_agent.stats import BUCKET_COUNT, Histogram, bucket_index, bucket_indices, bucket_lower_us, bucket_upper_us
@@ -54,7 +54,7 @@ def test_settings_come_from_the_environment() -> None:
 
 
 def test_registry_names_the_built_in_backends() -> None:
-    assert set(BACKENDS) == {"synthetic", "onnxruntime"}
+    assert set(BACKENDS) == {"synthetic", "onnxruntime", "external"}
 
 
 def test_validation_reports_everything_at_once() -> None:

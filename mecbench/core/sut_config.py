@@ -1,4 +1,7 @@
-"""Validation of SutConfig: every bad value is reported at once, with its field path."""
+"""Validation of SutConfig: every bad value is reported at once, with its field path.
+
+Shared: the controller checks a config when it is asked to deploy it, and the SUT agent again
+when it is started with it (the agent can be called directly)."""
 
 from __future__ import annotations
 
@@ -58,8 +61,35 @@ def _validate_onnxruntime(config: sut_agent_pb2.OnnxRuntimeBackendConfig, prefix
     violations.check(config.intra_op_threads <= 1024, f"{prefix}.intra_op_threads", "at most 1024")
 
 
-def validate_config(config: sut_agent_pb2.SutConfig, prefix: str = "config") -> Violations:
-    violations = Violations()
+MAX_EXTERNAL_CONCURRENCY = 4096
+MAX_READY_TIMEOUT_NS = 3600 * 1_000_000_000
+
+
+def _validate_external(config: sut_agent_pb2.ExternalBackendConfig, prefix: str, violations: Violations) -> None:
+    # The server type's options, and the profile (which lives in the agent's own settings), are
+    # checked when the backend is built, before any server starts.
+    violations.check(
+        bool(config.profile or config.endpoint), f"{prefix}.endpoint", "set an endpoint, or a launch profile"
+    )
+    violations.check(bool(config.model), f"{prefix}.model", "must name the model the server serves")
+    for name, ceiling in (("ready_timeout", MAX_READY_TIMEOUT_NS), ("request_timeout", MAX_READY_TIMEOUT_NS)):
+        value = getattr(config, name)
+        if durations.is_negative(value):
+            violations.add(f"{prefix}.{name}", "must not be negative")
+        elif durations.to_ns(value) > ceiling:
+            violations.add(f"{prefix}.{name}", "must be at most 3600s")
+    violations.check(
+        config.max_concurrency <= MAX_EXTERNAL_CONCURRENCY, f"{prefix}.max_concurrency",
+        f"at most {MAX_EXTERNAL_CONCURRENCY}",
+    )
+    violations.check(config.max_batch_size <= MAX_BATCH_SIZE, f"{prefix}.max_batch_size", f"at most {MAX_BATCH_SIZE}")
+    violations.check(config.warmup_requests <= 1000, f"{prefix}.warmup_requests", "at most 1000")
+
+
+def validate_config(
+    config: sut_agent_pb2.SutConfig, prefix: str = "config", violations: Violations | None = None
+) -> Violations:
+    violations = violations if violations is not None else Violations()
     backend = config.WhichOneof("backend")
     if backend is None:
         violations.add(f"{prefix}.backend", "one of synthetic, onnxruntime, external must be set")
@@ -67,5 +97,7 @@ def validate_config(config: sut_agent_pb2.SutConfig, prefix: str = "config") -> 
         _validate_synthetic(config.synthetic, f"{prefix}.synthetic", violations)
     elif backend == "onnxruntime":
         _validate_onnxruntime(config.onnxruntime, f"{prefix}.onnxruntime", violations)
+    elif backend == "external":
+        _validate_external(config.external, f"{prefix}.external", violations)
     violations.check(config.resources.cpu_cores >= 0, f"{prefix}.resources.cpu_cores", "must not be negative")
     return violations

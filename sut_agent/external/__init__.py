@@ -1,0 +1,1 @@
+"""External inference servers: launch profiles, the server process, and protocol adapters registered by server type."""
