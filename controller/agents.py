@@ -108,6 +108,7 @@ class AgentPool:
         self._suts: dict[str, SutHandle] = {}
         self._loadgens: dict[str, LoadGenHandle] = {}
         self._node: NodeAgentHandle | None = None
+        self._nodes: dict[str, NodeAgentHandle] = {}
         self._lock = threading.RLock()
 
     # --- node agents ------------------------------------------------------------------------
@@ -124,6 +125,22 @@ class AgentPool:
             self._node = NodeAgentHandle(agent, channel, node_agent_pb2_grpc.NodeAgentStub(channel))
             return self._node
 
+    def node_agent_on(self, node: str) -> NodeAgentHandle:
+        """The node agent of `node` (cluster backends run one per node); "" is this node's."""
+        if not node:
+            return self.node_agent()
+        with self._lock:
+            handle = self._nodes.get(node)
+            if handle is not None and self.backend.is_alive(handle.agent.name):
+                return handle
+            if handle is not None:
+                handle.channel.close()
+            agent = self.backend.start_agent(AgentKind.NODE, f"node-agent-{node}", placement=node)
+            channel = open_channel(agent.address)
+            handle = NodeAgentHandle(agent, channel, node_agent_pb2_grpc.NodeAgentStub(channel))
+            self._nodes[node] = handle
+            return handle
+
     def node_infos(self) -> list[common_pb2.NodeInfo]:
         node = self.node_agent()
         try:
@@ -139,13 +156,21 @@ class AgentPool:
     def deploy_sut(self, sut_id: str, config: sut_agent_pb2.SutConfig, ephemeral: bool = False) -> SutHandle:
         with self._lock:
             existing = self._suts.get(sut_id)
+        if existing is not None and not existing.held_by and not self.backend.is_alive(existing.agent.name):
+            # Its agent died (killed, crashed): forget it and start a fresh one under the same id.
+            log.warning("sut_agent_gone", sut_id=sut_id, agent=existing.agent.name)
+            self.remove_sut(sut_id)
+            existing = None
+        if existing is not None and existing.config != config and not existing.held_by \
+                and self.backend.needs_new_sut_agent(existing.config, config):
+            # A pod's image, resources or GPUs cannot change in place: a new agent serves it.
+            self.remove_sut(sut_id)
+            existing = None
         if existing is not None:
             if existing.config != config:
                 self._start_backend(existing, config, restart=True)
             return existing
-        agent = self.backend.start_agent(
-            AgentKind.SUT, f"sut-{sut_id}", env=dict(config.env), placement=self.backend.sut_placement()
-        )
+        agent = self.backend.start_sut_agent(f"sut-{sut_id}", config, placement=self.backend.sut_placement())
         channel = open_channel(agent.address)
         handle = SutHandle(sut_id, agent, config, channel, sut_agent_pb2_grpc.SutAgentStub(channel), ephemeral)
         try:

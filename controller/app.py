@@ -33,7 +33,24 @@ def open_backend(settings: ControllerSettings) -> DeploymentBackend:
             start_timeout=settings.agent_start_timeout_s,
             topology=topology,
         )
-    raise InvalidArgument(f"unknown backend {settings.backend!r} (known: local)", field="backend")
+    if settings.backend == "kubernetes":
+        # Imported here: the local backend never loads the Kubernetes client.
+        from controller.backends.kubernetes import open_kubernetes_backend
+
+        return open_kubernetes_backend(
+            settings.k8s_namespace,
+            settings.k8s_image,
+            kubeconfig=settings.k8s_kubeconfig,
+            image_pull_policy=settings.k8s_image_pull_policy,
+            service_account=settings.k8s_service_account,
+            node_agent_selector=settings.k8s_node_agent_selector,
+            ready_timeout_s=settings.k8s_ready_timeout_s,
+            ttl_s=settings.k8s_ttl_s,
+            gpu_runtime_class=settings.k8s_gpu_runtime_class,
+            store_secret=settings.k8s_store_secret,
+            log_dir=settings.data_dir / "logs",
+        )
+    raise InvalidArgument(f"unknown backend {settings.backend!r} (known: local, kubernetes)", field="backend")
 
 
 class ControllerApp:

@@ -129,6 +129,15 @@ class RunRegistry:
             rows = self._db.execute(f"SELECT run FROM runs WHERE state IN ({marks})", states).fetchall()
         return [controller_pb2.Run.FromString(r[0]) for r in rows]
 
+    def count_by_state(self, table: str) -> dict[int, int]:
+        """Rows of `runs` or `experiments` per state, counted in sqlite (for metrics: no row is
+        deserialized)."""
+        if table not in ("runs", "experiments"):
+            raise ValueError(f"no state column in {table!r}")
+        with self._lock:
+            rows = self._db.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state").fetchall()
+        return {int(state): int(count) for state, count in rows}
+
     def save_experiment(self, experiment: controller_pb2.Experiment) -> None:
         with self._transaction() as db:
             db.execute(

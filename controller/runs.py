@@ -37,7 +37,14 @@ from controller.shaping import RunShaping, is_shaped
 from controller.telemetry import TelemetryRecorder, telemetry_csv, telemetry_json
 from controller.validation import validate_run_spec
 from mecbench.core import durations
-from mecbench.core.errors import Cancelled, FailedPrecondition, MecbenchError, NotFound
+from mecbench.core.errors import (
+    Cancelled,
+    FailedPrecondition,
+    MecbenchError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from mecbench.core.logging import get_logger
 from mecbench.profiles import resolve_profile
 from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, node_agent_pb2, sut_agent_pb2
@@ -72,6 +79,10 @@ def now() -> Timestamp:
     return stamp
 
 
+# How long a cancel keeps stopping tests that were starting when it arrived.
+CANCEL_REPEAT_S = 30.0
+
+
 @dataclass
 class ActiveRun:
     """A run this controller process is executing, with its watchers' event log."""
@@ -82,6 +93,8 @@ class ActiveRun:
     changed: threading.Condition = field(default_factory=threading.Condition)
     # (loadgen, session id) of tests in flight, for CancelRun.
     sessions: list[tuple[LoadGenHandle, str]] = field(default_factory=list)
+    # Why the run was stopped from the inside (its shaping was lost): it ends FAILED with this.
+    failure: str = ""
 
 
 @dataclass
@@ -156,7 +169,21 @@ class RunManager:
     # --- API ---------------------------------------------------------------------------------
 
     def start_run(self, spec: controller_pb2.RunSpec) -> controller_pb2.Run:
-        validate_run_spec(spec).raise_if_any()
+        violations = validate_run_spec(spec)
+        limit_s = self.settings.max_test_duration_s
+        for name in ("min_duration", "max_duration"):
+            value = getattr(spec.settings, name)
+            violations.check(
+                durations.to_seconds(value) <= limit_s, f"spec.settings.{name}",
+                f"longer than this controller allows for one test ({limit_s:g}s, max_test_duration_s)",
+            )
+        violations.raise_if_any()
+        with self._lock:
+            waiting = sum(1 for a in self._active.values() if a.run.state == common_pb2.RUN_STATE_PENDING)
+        if waiting >= self.settings.max_pending_runs:
+            raise ResourceExhausted(
+                f"{waiting} runs are already waiting to start (max_pending_runs); try again when some have run"
+            )
         spec = self._with_defaults(_copy(spec))
         if spec.HasField("network"):
             spec.network.CopyFrom(resolve_profile(spec.network, "spec.network"))
@@ -253,14 +280,42 @@ class RunManager:
             if run.state not in TERMINAL_STATES:
                 raise FailedPrecondition(f"run {run_id} is not executing in this controller")
             return run
-        active.cancel.set()
-        for loadgen, session_id in list(active.sessions):
-            try:
-                loadgen.stub.CancelTest(loadgen_agent_pb2.CancelTestRequest(session_id=session_id), timeout=10)
-            except grpc.RpcError as exc:
-                log.warning("cancel_test_failed", run_id=run_id, session_id=session_id, error=exc.details())
+        self._stop_tests(active)
         self._publish(active, "cancel requested")
         return self.get_run(run_id)
+
+    def _stop_tests(self, active: ActiveRun) -> None:
+        """Stop the run's LoadGen tests. A test may be about to start when the cancel arrives
+        (sessions open, RunTest not yet at the agent, where a CancelTest finds nothing to cancel),
+        so the cancel is repeated until the run has no tests left in flight."""
+        active.cancel.set()
+
+        def cancel_until_idle() -> None:
+            deadline = time.monotonic() + CANCEL_REPEAT_S
+            while time.monotonic() < deadline:
+                with active.changed:
+                    sessions = list(active.sessions)
+                if not sessions:
+                    return
+                for loadgen, session_id in sessions:
+                    try:
+                        loadgen.stub.CancelTest(
+                            loadgen_agent_pb2.CancelTestRequest(session_id=session_id), timeout=10
+                        )
+                    except grpc.RpcError as exc:
+                        log.warning("cancel_test_failed", run_id=active.run.run_id, session_id=session_id,
+                                    error=exc.details())
+                time.sleep(0.2)
+
+        threading.Thread(target=cancel_until_idle, name=f"cancel-{active.run.run_id}", daemon=True).start()
+
+    def _abort(self, active: ActiveRun, reason: str) -> None:
+        """End a run from the inside: its tests stop, and it fails with `reason`."""
+        if active.failure:
+            return
+        active.failure = reason
+        log.error("run_aborted", run_id=active.run.run_id, reason=reason)
+        self._stop_tests(active)
 
     def wait(self, run_id: str, timeout: float) -> controller_pb2.Run:
         """Block until the run ends (for tests and the CLI's in-process use)."""
@@ -330,19 +385,24 @@ class RunManager:
                 if spec.HasField("network") and is_shaped(spec.network):
                     self._publish(active, f"applying network profile {spec.network.name or 'custom'}", persist=False)
                     held_resources.enter_context(
-                        RunShaping(self.pool, run.run_id, spec.network, spec.clients, self.settings.shaping_lease_s)
+                        RunShaping(self.pool, run.run_id, spec.network, spec.clients, self.settings.shaping_lease_s,
+                                   on_lost=lambda reason: self._abort(active, reason), sut=sut.agent)
                     )
                 for repeat in range(1, spec.repeats + 1):
                     if active.cancel.is_set():
                         raise Cancelled("cancelled")
                     self._run_repeat(active, sut, repeat, job_mode)
             self._publish(active, "succeeded", common_pb2.RUN_STATE_SUCCEEDED)
-        except Cancelled as exc:
-            with active.changed:
-                run.error = str(exc)
-            self._publish(active, "cancelled", common_pb2.RUN_STATE_CANCELLED)
         except Exception as exc:
-            if active.cancel.is_set():
+            if active.failure:
+                with active.changed:
+                    run.error = active.failure
+                self._publish(active, f"failed: {active.failure}", common_pb2.RUN_STATE_FAILED)
+            elif isinstance(exc, Cancelled):
+                with active.changed:
+                    run.error = str(exc)
+                self._publish(active, "cancelled", common_pb2.RUN_STATE_CANCELLED)
+            elif active.cancel.is_set():
                 self._publish(active, "cancelled", common_pb2.RUN_STATE_CANCELLED)
             else:
                 reason = str(exc) if isinstance(exc, MecbenchError) else f"{type(exc).__name__}: {exc}"
@@ -449,6 +509,13 @@ class RunManager:
             for outcome, loadgen, session_id in zip(outcomes, loadgens, sessions, strict=True):
                 if outcome.error is not None:
                     self.pool.drop_session(loadgen, session_id)
+            # An agent that died is the cause, whatever the clients saw of it: say which.
+            handles: list[SutHandle | LoadGenHandle] = [sut, *loadgens]
+            for handle in handles:
+                try:
+                    self.pool.check_alive(handle)
+                except Unavailable as dead:
+                    raise Unavailable(f"{dead}: it stopped during repeat {repeat} ({errors[0]})") from None
             raise errors[0]
         if any(o.cancelled for o in outcomes) or active.cancel.is_set():
             raise Cancelled(f"cancelled during repeat {repeat}; repeats finished before it are kept")
@@ -483,6 +550,9 @@ class RunManager:
         )
         try:
             barrier.wait(timeout=60)
+            if active.cancel.is_set():
+                outcome.cancelled = True  # cancelled while the sessions were being set up
+                return
             # Every client's test starts together so their measurement windows overlap.
             stream = loadgen.stub.RunTest(request, timeout=self.settings.max_test_duration_s)
             for event in stream:
@@ -553,7 +623,7 @@ class RunManager:
             points = [p for c in range(spec.clients) for p in self.pool.backend.shaping_points("both", c)]
         except MecbenchError:
             return []
-        return [node_agent_pb2.ShapingTarget(interface=p.interface, netns_name=p.netns) for p in points]
+        return [p.target() for p in points]
 
     def telemetry(self, run_id: str, since: float) -> list[common_pb2.TelemetrySample]:
         return self.registry.telemetry(run_id=run_id, since=since)

@@ -10,6 +10,7 @@ from controller import blobs
 from controller.agents import DEFAULT_LOADGEN
 from controller.app import ControllerApp
 from controller.validation import validate_sut
+from mecbench.core import durations
 from mecbench.core.errors import InvalidArgument, Violations
 from mecbench.v1 import controller_pb2, controller_pb2_grpc
 from store.layout import check_segment, repeat_prefix
@@ -101,7 +102,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
     def GetMetrics(
         self, request: controller_pb2.GetMetricsRequest, context: grpc.ServicerContext
     ) -> controller_pb2.GetMetricsResponse:
-        since = request.since.ToNanoseconds() / 1e9 if request.HasField("since") else 0.0
+        since = durations.timestamp_seconds(request.since, "since") if request.HasField("since") else 0.0
         subject = request.WhichOneof("subject")
         if subject == "run_id" and request.run_id:
             self.app.runs.get_run(request.run_id)  # NOT_FOUND for an unknown run

@@ -12,14 +12,15 @@ from mecbench.core.settings import from_env
 class ControllerSettings:
     # Where the registry database, the store's local root and the spool live.
     data_dir: Path = field(default_factory=lambda: Path("mecbench-data"))
-    # "local": agents are child processes on this machine.
+    # "local": agents are child processes on this machine. "kubernetes": pods (the k8s_* fields).
     backend: str = "local"
     # Host the local backend binds agents on.
     agent_host: str = "127.0.0.1"
     agent_start_timeout_s: float = 30.0
     max_workers: int = 32
-    # Runs executing at once; more wait in PENDING.
+    # Runs executing at once; more wait in PENDING, up to max_pending_runs (then RESOURCE_EXHAUSTED).
     max_concurrent_runs: int = 4
+    max_pending_runs: int = 256
     # Longest a single LoadGen test may take before the run fails (guards stuck SUTs).
     max_test_duration_s: float = 3600.0
     # A result file's LoadGen log chunks are kept in memory up to this size per file.
@@ -37,6 +38,30 @@ class ControllerSettings:
     telemetry_interval_s: float = 0.5
     # Shaping lease: the node agent removes shaping this long after the controller stops renewing.
     shaping_lease_s: float = 15.0
+    # backend = "kubernetes": agents are pods in this namespace (docs/kubernetes.md).
+    k8s_namespace: str = "mecbench"
+    k8s_image: str = "ghcr.io/mecbench/mecbench:0.1.0"
+    k8s_image_pull_policy: str = "IfNotPresent"
+    # "" = the in-cluster service account; else the path of a kubeconfig (its current context).
+    k8s_kubeconfig: str = ""
+    # The agents' pods run as this service account (it needs no API rights).
+    k8s_service_account: str = "mecbench-agent"
+    # How node agents (the DaemonSet's pods) are found.
+    k8s_node_agent_selector: str = "app.kubernetes.io/name=mecbench,app.kubernetes.io/component=node-agent"
+    # Longest an agent's pod may take to be Ready (pulling a server image, scheduling).
+    k8s_ready_timeout_s: float = 300.0
+    # Objects left behind by a controller that is gone are swept this long after it last renewed.
+    k8s_ttl_s: float = 24 * 3600.0
+    # RuntimeClass for pods asking for GPUs ("nvidia" where the GPU operator made one); "" = none.
+    k8s_gpu_runtime_class: str = ""
+    # Secret of MECBENCH_STORE_* variables LoadGen pods read s3:// datasets with.
+    k8s_store_secret: str = "mecbench-store"
+    # Prometheus /metrics on the gRPC server's host: -1 off, 0 any free port (logged as
+    # metrics_listening), else that port.
+    metrics_port: int = -1
+    # Bearer tokens and their roles (controller/auth.py; docs/security.md); unset: no
+    # authentication on the controller API.
+    tokens_file: Path | None = None
 
     @classmethod
     def load(cls, **overrides: object) -> ControllerSettings:

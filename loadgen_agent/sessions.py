@@ -213,6 +213,20 @@ class ActiveTest:
     cancel_requested: bool = False
     abort_error: MecbenchError | None = None
     grace_timer: threading.Timer | None = None
+    # The previous progress event's time and completed count (live QPS is the rate between two).
+    progress_time: float = 0.0
+    progress_completed: int = 0
+
+
+@dataclass(frozen=True)
+class SessionProgress:
+    """What the agent's /metrics reports of one session."""
+
+    session_id: str
+    owner: str
+    state: loadgen_agent_pb2.SessionState.ValueType
+    live_qps: float
+    samples_completed: int
 
 
 class LoadGenSession:
@@ -236,6 +250,9 @@ class LoadGenSession:
         self.sample_count = 0
         self.tests_run = 0
         self.worker_restarts = 0
+        # Samples completed over every test of the session, and the current test's live QPS.
+        self.samples_completed = 0
+        self.live_qps = 0.0
         self.error = ""
         self.pid = 0
         self.test: ActiveTest | None = None
@@ -325,12 +342,33 @@ class LoadGenSession:
             test = self.test
             if test is None or message.get("test_id") != test.test_id or test.finished:
                 return
-            if kind == "aborting":
+            if kind == "started":
+                test.progress_time = float(message["start_time"])
+            elif kind == "progress":
+                # Counted here, not where RunTest's stream reads it, so a caller that stops
+                # reading does not stop the metrics.
+                self.live_qps = message["live_qps"] = self._count_progress(test, message)
+            elif kind == "aborting":
                 test.abort_error = error_from_message(message["error"])
                 self._arm_grace_timer(test)
             elif kind == "finished":
+                self._count_progress(test, message)
                 self._finish_test(test)
             test.events.put(message)
+
+    def _count_progress(self, test: ActiveTest, message: Message) -> float:
+        """With the lock held: add the samples completed since the previous event to the session's
+        total; returns the QPS since then (0 for an event without a time: the test's end)."""
+        completed = int(message.get("completed", test.progress_completed))
+        delta = completed - test.progress_completed
+        self.samples_completed += delta
+        test.progress_completed = completed
+        if "time" not in message:
+            return 0.0
+        now = float(message["time"])
+        interval = now - test.progress_time
+        test.progress_time = now
+        return delta / interval if interval > 0 else 0.0
 
     def _on_exit(self, generation: int, description: str) -> None:
         with self._cond:
@@ -395,6 +433,7 @@ class LoadGenSession:
         if test.grace_timer is not None:
             test.grace_timer.cancel()
         self.tests_run += 1
+        self.live_qps = 0.0
         if self.state == State.SESSION_STATE_RUNNING:
             self.state = State.SESSION_STATE_IDLE
         self._cond.notify_all()
@@ -482,6 +521,12 @@ class LoadGenSession:
         if worker is not None:
             worker.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def progress(self) -> SessionProgress:
+        with self._cond:
+            return SessionProgress(
+                self.session_id, self.request.owner, self.state, self.live_qps, self.samples_completed
+            )
 
     def describe(self) -> loadgen_agent_pb2.Session:
         with self._cond:
@@ -581,14 +626,12 @@ class SessionManager:
             return response
 
         start_time = 0.0
-        last_time, last_completed = 0.0, 0
         try:
             while True:
                 message = test.events.get()
                 kind = message.get("ev")
                 if kind == "started":
                     start_time = float(message["start_time"])
-                    last_time = start_time
                     yield event(
                         started=loadgen_agent_pb2.TestStarted(
                             setup_time=durations.from_seconds(max(0.0, start_time - test.arrival)),
@@ -596,16 +639,13 @@ class SessionManager:
                         )
                     )
                 elif kind == "progress":
-                    now, completed = float(message["time"]), int(message["completed"])
-                    interval = now - last_time
-                    live_qps = (completed - last_completed) / interval if interval > 0 else 0.0
-                    last_time, last_completed = now, completed
                     yield event(
                         progress=loadgen_agent_pb2.TestProgress(
-                            elapsed=durations.from_seconds(max(0.0, now - start_time)),
+                            elapsed=durations.from_seconds(max(0.0, float(message["time"]) - start_time)),
                             samples_issued=int(message["issued"]),
-                            samples_completed=completed,
-                            live_qps=live_qps,
+                            samples_completed=int(message["completed"]),
+                            # Computed when the event arrived (LoadGenSession._count_progress).
+                            live_qps=float(message["live_qps"]),
                         )
                     )
                 elif kind == "finished":
@@ -670,6 +710,13 @@ class SessionManager:
         with self._lock:
             sessions = list(self._sessions.values())
         return [s.describe() for s in sessions if s.state != State.SESSION_STATE_CLOSED]
+
+    def progress(self) -> list[SessionProgress]:
+        """Every session not closed, for the agent's /metrics."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        found = [s.progress() for s in sessions]
+        return [p for p in found if p.state != State.SESSION_STATE_CLOSED]
 
     def get_session(self, session_id: str) -> loadgen_agent_pb2.Session:
         return self._get(session_id).describe()

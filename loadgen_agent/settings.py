@@ -36,6 +36,9 @@ class LoadGenAgentSettings:
     log_chunk_bytes: int = 1024 * 1024
     # structlog level inside the session processes.
     worker_log_level: str = "info"
+    # Prometheus /metrics on the gRPC server's host: -1 off, 0 any free port (logged as
+    # metrics_listening), else that port.
+    metrics_port: int = -1
 
     @classmethod
     def load(cls, **overrides: object) -> LoadGenAgentSettings:

@@ -47,9 +47,10 @@ from loadgen_agent.settings_builder import build_test_settings, describe_test_se
 from mecbench.core import durations
 from mecbench.core.channels import open_channel, wait_until_serving
 from mecbench.core.errors import DeadlineExceeded, FailedPrecondition, MecbenchError, Unavailable
-from mecbench.core.framing import FrameError, read_frame, write_frame
+from mecbench.core.framing import FrameError, FrameReader, FrameWriter, read_frame, write_frame
 from mecbench.core.logging import configure_logging, get_logger
 from mecbench.core.server import split_address
+from mecbench.core.tls import TlsSettings, TlsStream, ssl_client_context
 from mecbench.v1 import common_pb2, loadgen_agent_pb2, sut_agent_pb2, sut_agent_pb2_grpc
 from store.layout import SAMPLE_LATENCIES_NAME
 
@@ -177,6 +178,10 @@ class DataPlane:
         self.stream_count = options.streams or 1
         self.transport = options.transport
         self._tcp_port: int | None = None
+        # The TCP data plane speaks TLS when this process's environment configures it, like
+        # the gRPC channel to the same agent (mecbench.core.channels.open_channel).
+        self._tls = TlsSettings.load()
+        self._ssl_context = ssl_client_context(self._tls)
         self._cond = threading.Condition()
         # Held around a FirstTokenComplete and around an abort's taking of the samples in flight,
         # so LoadGen never hears of a first token for a sample it was already told is complete.
@@ -299,10 +304,20 @@ class DataPlane:
             self._tcp_port = None  # a restarted SUT agent listens elsewhere: ask again next time
             raise
         try:
-            connection.settimeout(None)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            start_thread(f"sender-{index}", self._send_frames, connection, call)
-            reader = connection.makefile("rb")
+            reader: FrameReader
+            writer: FrameWriter
+            if self._ssl_context is None:
+                reader, writer = connection.makefile("rb"), connection
+            else:
+                tls = TlsStream(
+                    connection, self._ssl_context, server_side=False,
+                    server_hostname=self._tls.server_name or address[0],
+                )
+                tls.handshake()
+                reader = writer = tls
+            connection.settimeout(None)
+            start_thread(f"sender-{index}", self._send_frames, connection, writer, call)
             while (frame := read_frame(reader)) is not None:
                 yield sut_agent_pb2.StreamInferResponse.FromString(frame).batch
         finally:
@@ -310,11 +325,14 @@ class DataPlane:
                 connection.shutdown(socket.SHUT_RDWR)
             connection.close()
 
-    def _send_frames(self, connection: socket.socket, call: _Call) -> None:
-        """The TCP transport's sending side: what `_requests` batches, framed, until the call dies."""
+    def _send_frames(self, connection: socket.socket, writer: FrameWriter, call: _Call) -> None:
+        """The TCP transport's sending side: what `_requests` batches, framed, until the call
+        dies; then the end of requests: a half-close, or over TLS (which has none) an empty frame."""
         try:
             for request in self._requests(call):
-                write_frame(connection, request.SerializeToString())
+                write_frame(writer, request.SerializeToString())
+            if writer is not connection:
+                write_frame(writer, b"")
         except OSError:
             return  # the receiving side sees the connection end and reports it
         with contextlib.suppress(OSError):

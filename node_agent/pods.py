@@ -4,9 +4,9 @@ The resolver is a narrow interface so the strategy can change without touching s
 `ProcCgroupPodResolver` finds a process of the pod by the pod UID that the kubelet writes into
 every container's cgroup path (`.../kubepods/burstable/pod<uid>/...`, or `pod<uid_with_underscores>`
 under the systemd driver) and returns that process's `/proc/<pid>/ns/net`; every container of a
-pod shares the sandbox's namespace. It needs the agent to see the host's processes (hostPID in
-the DaemonSet). A CRI-based resolver (PodSandboxStatus over the runtime socket) would fit the same
-interface; it is not built here because this machine has no container runtime to test it against.
+pod shares the sandbox's namespace. It needs the agent to see the host's processes (the host's
+/proc mounted at `proc_root`, or hostPID). `RuntimeBundlePodResolver` (node_agent/podnetns.py)
+reads the container runtime's sandbox records instead; strategy `auto` tries /proc, then those.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from mecbench.core.errors import FailedPrecondition, InvalidArgument, NotFound, 
 _UID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def valid_pod_uid(uid: str) -> bool:
+    return bool(_UID_RE.match(uid))
 
 
 def check_pod_reference(namespace: str, name: str, uid: str, field: str, violations: Violations) -> None:
@@ -76,4 +80,10 @@ def make_pod_resolver(strategy: str, proc_root: Path) -> PodNetnsResolver:
         return ProcCgroupPodResolver(proc_root)
     if strategy == "disabled":
         return DisabledPodResolver()
-    raise InvalidArgument(f"unknown pod resolver {strategy!r} (known: proc, disabled)", field="pod_resolver")
+    if strategy in ("runtime", "auto"):
+        from node_agent.podnetns import make_resolver
+
+        return make_resolver(strategy, proc_root)
+    raise InvalidArgument(
+        f"unknown pod resolver {strategy!r} (known: proc, runtime, auto, disabled)", field="pod_resolver"
+    )

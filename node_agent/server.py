@@ -5,8 +5,10 @@ from __future__ import annotations
 import grpc
 
 from mecbench.core.server import RunningServer, build_server, serve_until_signalled
+from mecbench.core.tls import TlsSettings
 from mecbench.v1 import node_agent_pb2, node_agent_pb2_grpc
 from node_agent.agent import NodeAgent
+from node_agent.metrics import NodeAgentCollector
 from node_agent.servicer import NodeAgentServicer
 from node_agent.settings import NodeAgentSettings
 
@@ -28,7 +30,15 @@ def create_server(
         holder.append(servicer)
         node_agent_pb2_grpc.add_NodeAgentServicer_to_server(servicer, server)
 
-    running = build_server(address, register, [SERVICE_NAME], max_workers=settings.max_workers)
+    running = build_server(
+        address,
+        register,
+        [SERVICE_NAME],
+        max_workers=settings.max_workers,
+        metrics_port=settings.metrics_port,
+        collectors=[NodeAgentCollector(agent)],
+        tls=TlsSettings.load("NODE_AGENT"),
+    )
     holder[0].address = running.address
     running.on_stop.append(agent.close)
     return running, running.port

@@ -37,6 +37,11 @@ class NodeAgentSettings:
     # Interfaces inside any other network namespace (pods, the netns topology's nodes), which
     # cannot carry the node's uplink.
     netns_interface_allowlist: tuple[str, ...] = ("*",)
+    # Which other namespaces may be shaped at all: named ones (and /run/netns paths) by name,
+    # pods by their Kubernetes namespace. MECBench's own (the netns topology's "mb-*", the
+    # controller's "mecbench" pods) match; another program's namespaces are not the agent's to touch.
+    netns_name_allowlist: tuple[str, ...] = ("mb*", "mec*")
+    pod_namespace_allowlist: tuple[str, ...] = ("mecbench*",)
     # Never shaped, whatever the allowlists say.
     interface_denylist: tuple[str, ...] = ("lo",)
     # Lease length when a request gives none, and the longest one granted.
@@ -45,7 +50,9 @@ class NodeAgentSettings:
     # How often the reaper looks for lapsed leases (removal happens within this of expiry).
     reaper_interval_s: float = 0.2
     # How pods are resolved to their sandbox's network namespace: "proc" scans
-    # <proc_root>/*/cgroup for the pod UID (needs hostPID in a DaemonSet); "disabled" refuses pods.
+    # <proc_root>/*/cgroup for the pod UID (in a DaemonSet: the host's /proc mounted at proc_root);
+    # "runtime" reads the container runtime's records (containerd, k3s, CRI-O; see
+    # MECBENCH_NODE_AGENT_RUNTIME_BUNDLE_ROOTS); "auto" tries proc, then runtime; "disabled" refuses pods.
     pod_resolver: str = "proc"
     proc_root: Path = field(default_factory=lambda: Path("/proc"))
     # Probe the kernel's qdisc support at start (in a scratch namespace). Off: assume nothing works.
@@ -56,6 +63,9 @@ class NodeAgentSettings:
     max_workers: int = 32
     # Shortest telemetry interval accepted.
     min_telemetry_interval_s: float = 0.05
+    # Prometheus /metrics on the gRPC server's host: -1 off, 0 any free port (logged as
+    # metrics_listening), else that port.
+    metrics_port: int = -1
 
     @classmethod
     def load(cls, **overrides: object) -> NodeAgentSettings:

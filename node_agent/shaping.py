@@ -102,11 +102,37 @@ class ShapingManager:
 
     # --- resolving targets --------------------------------------------------------------------
 
+    def check_namespace_allowed(self, target: TargetSpec) -> None:
+        """Only MECBench's own namespaces: by name, by /run/netns path, or a pod of an allowed
+        Kubernetes namespace. /proc paths resolve to whatever they are: the host's gets the host
+        allowlist, any other is refused unless it carries an allowed name."""
+        kind, ref = target.netns_kind, target.netns_ref
+        if kind == "name" or (kind == "path" and os.path.dirname(ref) in ("/run/netns", "/var/run/netns")):
+            name, patterns, variable = os.path.basename(ref), self.settings.netns_name_allowlist, "NETNS_NAME_ALLOWLIST"
+        elif kind == "pod":
+            name, patterns, variable = ref.partition("/")[0], self.settings.pod_namespace_allowlist, (
+                "POD_NAMESPACE_ALLOWLIST"
+            )
+        else:
+            return
+        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            raise PermissionDenied(
+                f"{'pods of namespace' if kind == 'pod' else 'network namespace'} {name} is not MECBench's to shape "
+                f"(allowed: {', '.join(patterns) or 'none'}; MECBENCH_NODE_AGENT_{variable})"
+            )
+
     def resolve_namespace(self, target: TargetSpec) -> Namespace:
+        self.check_namespace_allowed(target)
         if target.netns_kind == "name":
             return resolve_named(target.netns_ref)
         if target.netns_kind == "path":
-            return resolve_path(target.netns_ref)
+            ns = resolve_path(target.netns_ref)
+            if not ns.is_host and os.path.dirname(target.netns_ref) not in ("/run/netns", "/var/run/netns"):
+                raise PermissionDenied(
+                    f"{target.netns_ref} is not a named network namespace (/run/netns/NAME) nor the host's: "
+                    "name it, or use a pod target"
+                )
+            return ns
         if target.netns_kind == "pod":
             namespace, _, name = target.netns_ref.partition("/")
             path = self.pods.resolve(namespace, name, target.pod_uid)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from mecbench.core.server import RunningServer, build_server, serve_until_signalled
+from mecbench.core.tls import TlsSettings, ssl_server_context
 from mecbench.v1 import sut_agent_pb2, sut_agent_pb2_grpc
 from sut_agent.dataplane import DataPlane
 from sut_agent.lifecycle import BackendManager
+from sut_agent.metrics import SutAgentCollector
 from sut_agent.servicer import SutAgentServicer
 from sut_agent.settings import SutAgentSettings
 from sut_agent.tcp_dataplane import TcpDataPlaneServer
@@ -21,14 +23,22 @@ def create_server(
     settings = settings or SutAgentSettings.load()
     manager = manager or BackendManager(settings)
     dataplane = DataPlane(manager, settings)
+    # The TCP data plane takes the same certificates and the same allowed callers as gRPC.
+    tls = TlsSettings.load("SUT")
     running = build_server(
         address,
         lambda server: sut_agent_pb2_grpc.add_SutAgentServicer_to_server(SutAgentServicer(manager, dataplane), server),
         [SERVICE_NAME],
         max_workers=settings.max_workers,
+        metrics_port=settings.metrics_port,
+        collectors=[SutAgentCollector(manager)],
+        tls=tls,
     )
     if settings.tcp_data_plane:
-        tcp = TcpDataPlaneServer(dataplane, running.host, settings.tcp_data_plane_port)
+        tcp = TcpDataPlaneServer(
+            dataplane, running.host, settings.tcp_data_plane_port,
+            ssl_context=ssl_server_context(tls), allowed_clients=tls.allowed_clients,
+        )
         manager.tcp_data_plane = tcp
         manager.tcp_data_plane_port = tcp.port
         running.on_stop.append(tcp.close)

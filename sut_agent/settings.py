@@ -28,8 +28,14 @@ class SutAgentSettings:
     # Launch profiles of external inference servers (YAML; examples/servers.yaml shows the
     # format). Requests name a profile; commands only ever come from this file.
     server_profiles: Path | None = None
+    # Let requests carry a server command line (config.external.command). Off: only launch
+    # profiles start processes, so whoever can call the agent cannot run programs on its node.
+    allow_request_commands: bool = False
     # Where an external server's stdout and stderr are written; empty: a fresh temporary folder.
     server_log_dir: Path | None = None
+    # Prometheus /metrics on the gRPC server's host: -1 off, 0 any free port (logged as
+    # metrics_listening), else that port.
+    metrics_port: int = -1
 
     @property
     def server_log_path(self) -> Path:

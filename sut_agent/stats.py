@@ -111,6 +111,10 @@ class SutStatsRecorder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.in_flight = 0
+        # Since the agent started, never reset: what /metrics reports as counters (Prometheus
+        # reads a drop as a restart of the process).
+        self.total_completed = 0
+        self.total_failed = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -146,6 +150,8 @@ class SutStatsRecorder:
             self.in_flight -= count
             self.samples_completed += count - failed
             self.samples_failed += failed
+            self.total_completed += count - failed
+            self.total_failed += failed
             if completion.batches:
                 self.batches += completion.batches
                 self._batched_samples += count
@@ -174,6 +180,11 @@ class SutStatsRecorder:
             if reset:
                 self._reset()
         return stats
+
+    def totals(self) -> tuple[int, int, int]:
+        """(in flight, samples completed, samples failed since the agent started)."""
+        with self._lock:
+            return self.in_flight, self.total_completed, self.total_failed
 
     def reset(self) -> None:
         with self._lock:

@@ -6,18 +6,27 @@ message; this transport carries the same StreamInferRequest / StreamInferRespons
 a reader thread submits what arrives, the connection's thread sends what completed. One thread
 per connection, like the gRPC server's thread per stream. A client half-closes (shutdown for
 writing) when it has nothing more to send; the server answers what is in flight and closes.
+
+With TLS (mecbench.core.tls.TlsStream) each connection's handshake is done on the connection's
+own thread, so a slow or silent client cannot hold up the accept loop; a client certificate that
+names none of the allowed identities gets the connection closed. TLS has no half-close, so a TLS
+client ends its requests with an empty frame instead; the server takes an empty frame as the end
+of requests on either transport (no request message serializes to nothing). Without TLS the
+connection is used as before, with nothing in between.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from mecbench.core.errors import MecbenchError
-from mecbench.core.framing import FrameError, read_frame, write_frame
+from mecbench.core.framing import FrameError, FrameReader, FrameWriter, read_frame, write_frame
 from mecbench.core.logging import get_logger
+from mecbench.core.tls import TlsStream, certificate_identities, is_allowed
 from mecbench.v1 import sut_agent_pb2
 from sut_agent.dataplane import DataPlane
 
@@ -25,8 +34,17 @@ log = get_logger("sut_agent.tcp_dataplane")
 
 
 class TcpDataPlaneServer:
-    def __init__(self, dataplane: DataPlane, host: str, port: int = 0) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        host: str,
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        allowed_clients: Sequence[str] = (),
+    ) -> None:
         self._dataplane = dataplane
+        self._ssl_context = ssl_context
+        self._allowed_clients = tuple(allowed_clients)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -55,12 +73,49 @@ class TcpDataPlaneServer:
                 target=self._serve, args=(connection, peer), name="tcp-dataplane-stream", daemon=True
             ).start()
 
+    def _secure(self, connection: socket.socket, peer: object) -> TlsStream | None:
+        """The connection's TLS session once the handshake is done and the client is allowed;
+        None (the connection closed) when it is not."""
+        assert self._ssl_context is not None
+        try:
+            tls = TlsStream(connection, self._ssl_context, server_side=True)
+            tls.handshake()
+        except OSError as exc:  # ssl.SSLError included
+            log.info("tcp_data_plane_handshake_failed", peer=str(peer), reason=f"{type(exc).__name__}: {exc}")
+            self._release(connection)
+            return None
+        identities = certificate_identities(tls.getpeercert())
+        if not is_allowed(identities, self._allowed_clients):
+            log.warning(
+                "tcp_data_plane_client_refused", peer=str(peer), identities=identities,
+                allowed=list(self._allowed_clients),
+            )
+            self._release(connection)
+            return None
+        return tls
+
+    def _release(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._connections.discard(connection)
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_RDWR)
+        connection.close()
+
     def _serve(self, connection: socket.socket, peer: object) -> None:
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader = connection.makefile("rb")
+        reader: FrameReader
+        writer: FrameWriter
+        if self._ssl_context is None:
+            reader, writer = connection.makefile("rb"), connection
+        else:
+            tls = self._secure(connection, peer)
+            if tls is None:
+                return
+            reader = writer = tls
 
         def requests() -> Iterator[sut_agent_pb2.StreamInferRequest]:
-            while (frame := read_frame(reader)) is not None:
+            # None: the client half-closed; b"": a TLS client's end of requests (see above).
+            while frame := read_frame(reader):
                 yield sut_agent_pb2.StreamInferRequest.FromString(frame)
 
         incoming = requests()
@@ -68,7 +123,7 @@ class TcpDataPlaneServer:
         try:
             stream = self._dataplane.stream(incoming)
             for response in self._dataplane.serve_stream(incoming, stream):
-                write_frame(connection, response.SerializeToString())
+                write_frame(writer, response.SerializeToString())
         except (OSError, FrameError, MecbenchError) as exc:
             # The client sees the connection close; its own side says what that means for a test.
             log.info("tcp_data_plane_stream_ended", peer=str(peer), reason=f"{type(exc).__name__}: {exc}")
@@ -77,11 +132,7 @@ class TcpDataPlaneServer:
         finally:
             if stream is not None:
                 stream.close()
-            with self._lock:
-                self._connections.discard(connection)
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-            connection.close()
+            self._release(connection)
 
     def close(self) -> None:
         with self._lock:

@@ -64,3 +64,16 @@ def start_service_process(service: str, env: dict[str, str]) -> tuple[subprocess
                 wait_until_serving(channel, timeout=30)
             return process, address
     raise AssertionError(f"{service} did not start")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The reliability figures the tests reported (tests/numbers.py)."""
+    from tests.numbers import REPORTED
+
+    if not REPORTED:
+        return
+    terminalreporter.section("MECBench reliability figures")
+    for section, lines in REPORTED.items():
+        terminalreporter.write_line(f"{section}:")
+        for line in lines:
+            terminalreporter.write_line(f"  {line}")

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from mecbench.v1 import node_agent_pb2, sut_agent_pb2
+
 
 class AgentKind(StrEnum):
     SUT = "sut-agent"
@@ -30,11 +32,35 @@ class AgentHandle:
 
 
 @dataclass(frozen=True)
+class PodRef:
+    """A Kubernetes pod as the node agent resolves it to its network namespace (by UID)."""
+
+    namespace: str
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
 class ShapingPoint:
-    """An interface traffic shaping can be applied to, and the network namespace it lives in."""
+    """An interface traffic shaping can be applied to, and the network namespace it lives in.
+
+    A cluster backend names the namespace by its pod instead (`pod`), on the node it runs on
+    (`node`: that node's agent shapes it); `netns` is then empty.
+    """
 
     interface: str
     netns: str
+    pod: PodRef | None = None
+    node: str = ""
+
+    def target(self) -> node_agent_pb2.ShapingTarget:
+        """The node agent's ShapingTarget for this point."""
+        if self.pod is not None:
+            return node_agent_pb2.ShapingTarget(
+                interface=self.interface,
+                pod=node_agent_pb2.PodReference(namespace=self.pod.namespace, name=self.pod.name, uid=self.pod.uid),
+            )
+        return node_agent_pb2.ShapingTarget(interface=self.interface, netns_name=self.netns)
 
 
 class DeploymentBackend(abc.ABC):
@@ -45,6 +71,16 @@ class DeploymentBackend(abc.ABC):
         self, kind: AgentKind, name: str, env: dict[str, str] | None = None, placement: str = ""
     ) -> AgentHandle:
         """Start an agent (at `placement` in the topology) and return once it answers its health check."""
+
+    def start_sut_agent(self, name: str, config: sut_agent_pb2.SutConfig, placement: str = "") -> AgentHandle:
+        """Start the SUT agent that will serve `config`. A cluster backend shapes its pod from the
+        config (image, resources, GPUs, node selector); elsewhere only the environment matters."""
+        return self.start_agent(AgentKind.SUT, name, env=dict(config.env), placement=placement)
+
+    def needs_new_sut_agent(self, old: sut_agent_pb2.SutConfig, new: sut_agent_pb2.SutConfig) -> bool:
+        """Whether serving `new` instead of `old` takes a new agent (a pod's image or resources
+        cannot change in place), rather than a restart of the backend inside the same agent."""
+        return False
 
     def sut_placement(self) -> str:
         """Where SUT agents run; "" is the host itself."""
@@ -65,6 +101,11 @@ class DeploymentBackend(abc.ABC):
         raise FailedPrecondition(
             f"the {self.name} backend's topology has no shaped path (use the netns topology, which needs root)"
         )
+
+    def sut_shaping_points(self, side: str, client: int, sut: AgentHandle) -> list[ShapingPoint]:
+        """`shaping_points` for a run on the SUT agent `sut`: where each SUT has its own pod, the
+        path to shape is that pod's. Backends with one shared path ignore `sut`."""
+        return self.shaping_points(side, client)
 
     @abc.abstractmethod
     def stop_agent(self, name: str) -> None:

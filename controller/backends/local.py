@@ -168,8 +168,15 @@ class LocalProcessBackend(DeploymentBackend):
             self._terminate(process)
             with log_path.open("rb") as handle:
                 handle.seek(log_start)
-                tail = handle.read().decode(errors="replace")[-2000:]
-            raise Unavailable(f"agent {name} did not start (exit code {process.poll()}): {tail.strip()}")
+                tail = handle.read().decode(errors="replace")[-4000:]
+            # The caller gets the agent's last words (the error, never a traceback); the whole
+            # output stays in the controller's log and the agent's log file.
+            lines = [line.strip() for line in tail.splitlines() if line.strip()]
+            reason = lines[-1] if lines else "no output"
+            log.error("agent_start_failed", agent=name, exit_code=process.poll(), log=str(log_path), output=tail)
+            raise Unavailable(
+                f"agent {name} did not start (exit code {process.poll()}): {reason[:500]} (its log: {log_path})"
+            )
         return found[0]
 
     @staticmethod

@@ -9,6 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mecbench.core.errors import Unavailable
 from mecbench.core.server import MAX_MESSAGE_BYTES
+from mecbench.core.tls import TlsSettings, channel_credentials, channel_options
 
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -23,8 +24,18 @@ def open_channel(
     address: str,
     credentials: grpc.ChannelCredentials | None = None,
     extra_options: list[tuple[str, int | str]] | None = None,
+    *,
+    plaintext: bool = False,
 ) -> grpc.Channel:
+    """A channel to a MECBench service: with `credentials` when given, else over TLS with this
+    process's identity when the environment configures TLS (mecbench.core.tls), else plaintext.
+    `plaintext` skips the environment: for servers that are not ours (an external inference
+    server) and for clients whose caller chose explicitly (the SDK)."""
     options = [*CHANNEL_OPTIONS, *(extra_options or [])]
+    if credentials is None and not plaintext:
+        tls = TlsSettings.load()
+        credentials = channel_credentials(tls)
+        options += channel_options(tls)
     if credentials is not None:
         return grpc.secure_channel(address, credentials, options=options)
     return grpc.insecure_channel(address, options=options)

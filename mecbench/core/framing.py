@@ -7,26 +7,37 @@ the bound, is an error, so a peer cannot make the reader allocate without limit.
 
 from __future__ import annotations
 
-import socket
 import struct
-from typing import BinaryIO
+from typing import Protocol
 
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
+
+
+class FrameWriter(Protocol):
+    """A connected socket, or mecbench.core.tls.TlsStream."""
+
+    def sendall(self, data: bytes, /) -> None: ...
+
+
+class FrameReader(Protocol):
+    """A socket's buffered reader (`makefile("rb")`), or mecbench.core.tls.TlsStream."""
+
+    def read(self, size: int, /) -> bytes: ...
 
 
 class FrameError(ValueError):
     """The stream broke inside a frame, or announced one over MAX_FRAME_BYTES."""
 
 
-def write_frame(connection: socket.socket, payload: bytes) -> None:
+def write_frame(connection: FrameWriter, payload: bytes) -> None:
     if len(payload) > MAX_FRAME_BYTES:
         raise FrameError(f"a frame of {len(payload)} bytes is over the limit of {MAX_FRAME_BYTES}")
     # One send for header and payload: two small writes would cost two segments (NODELAY).
     connection.sendall(_LENGTH.pack(len(payload)) + payload)
 
 
-def read_frame(reader: BinaryIO) -> bytes | None:
+def read_frame(reader: FrameReader) -> bytes | None:
     header = reader.read(_LENGTH.size)
     if not header:
         return None

@@ -3,11 +3,15 @@
 It binds log context (RPC method, and run/experiment/session ids found on the request or in
 metadata) into structlog's contextvars, maps domain exceptions to gRPC status codes with
 `google.rpc.BadRequest` details for field violations, and turns anything unexpected into
-INTERNAL with an incident id instead of a traceback.
+INTERNAL with an incident id instead of a traceback. Given `RpcMetrics`, it also records each
+RPC's duration and final status code (a stream's once, when it ends). Given an `Authorizer`, it
+asks it about every RPC but health and reflection before the servicer runs, and binds the caller
+it names into the log context.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +24,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from mecbench.core.errors import InvalidArgument, MecbenchError
+from mecbench.core.metrics import RpcMetrics
 
 log = structlog.get_logger("mecbench.rpc")
 
@@ -27,6 +32,18 @@ log = structlog.get_logger("mecbench.rpc")
 CONTEXT_FIELDS = ("run_id", "experiment_id", "session_id", "sut_id", "owner", "node")
 # Metadata keys a caller may set to carry context across services.
 CONTEXT_METADATA = {"x-mecbench-run-id": "run_id", "x-mecbench-experiment-id": "experiment_id"}
+# Always open to whoever got through the transport (probes, grpcurl): orchestrators probe
+# without tokens, and they reveal only serving status and the (public) service schemas.
+OPEN_METHOD_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+# Decides whether an RPC (its full method name, its context: metadata, peer certificate) may go
+# ahead: returns who the caller is, for the logs (None: nobody in particular), or raises
+# Unauthenticated / PermissionDenied.
+Authorizer = Callable[[str, grpc.ServicerContext], str | None]
 
 
 def status_for(exc: MecbenchError) -> status_pb2.Status:
@@ -78,7 +95,17 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> No
 
 
 class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Maps exceptions to status codes and binds log context for every RPC shape."""
+    """Maps exceptions to status codes, binds log context and records RPC metrics for every RPC
+    shape."""
+
+    def __init__(self, metrics: RpcMetrics | None = None, authorizer: Authorizer | None = None) -> None:
+        self._metrics = metrics
+        self._authorizer = authorizer
+
+    def _authorize(self, method: str, context: grpc.ServicerContext) -> str | None:
+        if self._authorizer is None or method.startswith(OPEN_METHOD_PREFIXES):
+            return None
+        return self._authorizer(method, context)
 
     def intercept_service(
         self,
@@ -117,41 +144,75 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             )
         return handler
 
-    @staticmethod
     def _wrap_unary(
+        self,
         behavior: Callable[[Any, grpc.ServicerContext], Any],
         method: str,
         metadata: tuple[tuple[str, str | bytes], ...],
     ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        metrics = self._metrics
+
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
             with structlog.contextvars.bound_contextvars(rpc=method, **_context_from(request, metadata)):
                 try:
-                    return behavior(request, context)
+                    caller = self._authorize(method, context)
+                    if caller is None:
+                        return behavior(request, context)
+                    with structlog.contextvars.bound_contextvars(caller=caller):
+                        return behavior(request, context)
                 except Exception as exc:
                     if _is_abort(exc, context):
                         raise
                     _abort(context, exc, method)
                     raise  # unreachable: abort raises
+                finally:
+                    if metrics is not None:
+                        metrics.observe(method, _final_code(context), time.perf_counter() - started)
 
         return wrapped
 
-    @staticmethod
     def _wrap_stream(
+        self,
         behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
         method: str,
         metadata: tuple[tuple[str, str | bytes], ...],
     ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        metrics = self._metrics
+
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            started = time.perf_counter()
             with structlog.contextvars.bound_contextvars(rpc=method, **_context_from(request, metadata)):
                 try:
-                    yield from behavior(request, context)
+                    caller = self._authorize(method, context)
+                    if caller is None:
+                        yield from behavior(request, context)
+                    else:
+                        with structlog.contextvars.bound_contextvars(caller=caller):
+                            yield from behavior(request, context)
                 except Exception as exc:
                     if _is_abort(exc, context):
                         raise
                     _abort(context, exc, method)
                     raise
+                finally:
+                    # Also reached when a cancelled stream's generator is closed (GeneratorExit).
+                    if metrics is not None:
+                        metrics.observe(method, _final_code(context), time.perf_counter() - started)
 
         return wrapped
+
+
+def _final_code(context: grpc.ServicerContext) -> str:
+    """The status the RPC ends with, as its name. An abort or `set_code` leaves it on the context;
+    otherwise a call still active is about to end OK, and one that is not was cancelled by its
+    caller or its deadline (the server side never learns which)."""
+    code = getattr(context, "code", lambda: None)()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if code is not None:
+        return str(code)
+    return "OK" if context.is_active() else "CANCELLED"
 
 
 def _is_abort(exc: Exception, context: grpc.ServicerContext) -> bool:

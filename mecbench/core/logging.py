@@ -10,6 +10,17 @@ from typing import Any
 import structlog
 
 
+class _CurrentStderr:
+    """Whatever sys.stderr is when a line is written, not when logging was configured: a
+    process (a test run, an embedding program) may swap and close the stream in between."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", json_output: bool | None = None) -> None:
     """Configure structlog and the stdlib root logger once per process."""
     if json_output is None:
@@ -28,10 +39,10 @@ def configure_logging(level: str = "info", json_output: bool | None = None) -> N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=sys.stderr)
+    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=_CurrentStderr())
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

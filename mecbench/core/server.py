@@ -1,6 +1,8 @@
 """Server bootstrap shared by every service: one thread-pool gRPC server with the error
 interceptor, the standard health service and server reflection, bound to an address whose port
-may be 0 (the bound port is returned)."""
+may be 0 (the bound port is returned); optionally a Prometheus `/metrics` endpoint beside it.
+TLS (and mutual TLS, and which client certificates may call) comes from the environment
+(mecbench.core.tls)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,14 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
 
-from mecbench.core.errors import InvalidArgument
-from mecbench.core.interceptor import ErrorMappingInterceptor
+from mecbench.core.errors import InvalidArgument, PermissionDenied
+from mecbench.core.interceptor import Authorizer, ErrorMappingInterceptor
 from mecbench.core.logging import get_logger
+from mecbench.core.metrics import GuardedCollector, MetricsEndpoint, RpcMetrics
+from mecbench.core.tls import TlsSettings, is_allowed, peer_identities, server_credentials
 
 log = get_logger("mecbench.server")
 
@@ -37,6 +43,16 @@ class RunningServer:
     health: health.HealthServicer
     service_names: list[str]
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    # Set when the server has a /metrics endpoint: its registry and its bound port.
+    metrics_registry: CollectorRegistry | None = None
+    metrics: MetricsEndpoint | None = None
+    # Whether the gRPC port speaks TLS.
+    tls: bool = False
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on; None when metrics are off."""
+        return self.metrics.port if self.metrics is not None else None
 
     @property
     def address(self) -> str:
@@ -46,6 +62,9 @@ class RunningServer:
     def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, let in-flight RPCs finish for `grace` seconds, then release."""
         self.health.enter_graceful_shutdown()
+        # Before the hooks: they close what the collectors read (databases, sessions).
+        if self.metrics is not None:
+            self.metrics.close()
         for hook in self.on_stop:
             try:
                 hook()
@@ -69,12 +88,38 @@ def build_server(
     credentials: grpc.ServerCredentials | None = None,
     extra_interceptors: Sequence[grpc.ServerInterceptor] = (),
     options: ServerOptions = (),
+    metrics_port: int = -1,
+    collectors: Sequence[Collector] = (),
+    tls: TlsSettings | None = None,
+    authorizer: Authorizer | None = None,
 ) -> RunningServer:
-    """Create, bind and start a server; returns it with the port actually bound."""
+    """Create, bind and start a server; returns it with the port actually bound.
+
+    `metrics_port` >= 0 also serves Prometheus `/metrics` on the server's host at that port (0: any
+    free one, in `RunningServer.metrics_port`): RPC durations and codes, and what `collectors`
+    read from the service when scraped. Below 0 no metrics are kept at all.
+
+    `tls` (default: `TlsSettings.load()`, the environment) makes the port TLS, and with
+    `allowed_clients` refuses callers whose certificate names none of them; `credentials`, when
+    given, take the place of its certificates. `authorizer` then decides on each RPC but health
+    and reflection (the controller's bearer tokens).
+    """
     host, _ = split_address(address)
+    tls = TlsSettings.load() if tls is None else tls
+    if credentials is None:
+        credentials = server_credentials(tls)
+    if tls.allowed_clients:
+        authorizer = _require_identity(tls.allowed_clients, authorizer)
+    registry: CollectorRegistry | None = None
+    rpc_metrics: RpcMetrics | None = None
+    if metrics_port >= 0:
+        registry = CollectorRegistry()
+        rpc_metrics = RpcMetrics(registry)
+        for collector in collectors:
+            registry.register(GuardedCollector(collector, type(collector).__name__))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=[*extra_interceptors, ErrorMappingInterceptor()],
+        interceptors=[*extra_interceptors, ErrorMappingInterceptor(rpc_metrics, authorizer)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -92,9 +137,35 @@ def build_server(
     if port == 0:
         raise OSError(f"could not bind {address}")
     server.start()
+    endpoint: MetricsEndpoint | None = None
+    if registry is not None:
+        try:
+            endpoint = MetricsEndpoint(host, metrics_port, registry)
+        except OSError:
+            server.stop(None)
+            raise
+        log.info("metrics_listening", address=endpoint.address, url=f"http://{endpoint.address}/metrics")
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server=server, port=port, host=host, health=health_servicer, service_names=names)
+    return RunningServer(
+        server=server, port=port, host=host, health=health_servicer, service_names=names,
+        metrics_registry=registry, metrics=endpoint, tls=credentials is not None,
+    )
+
+
+def _require_identity(allowed: Sequence[str], then: Authorizer | None) -> Authorizer:
+    """An authorizer that admits only callers whose certificate names one of `allowed`, then
+    asks `then` (if any)."""
+
+    def authorize(method: str, context: grpc.ServicerContext) -> str | None:
+        identities = peer_identities(context)
+        if not is_allowed(identities, allowed):
+            who = f"certificate {identities[0]!r}" if identities else "a caller without a certificate"
+            raise PermissionDenied(f"{who} is not allowed to call this service")
+        caller = then(method, context) if then is not None else None
+        return caller or (identities[0] if identities else None)
+
+    return authorize
 
 
 # Set by a parent that keeps our stdin open for as long as it lives (the local backend): when it
@@ -122,7 +193,10 @@ def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:
     """
     sys.stdout.write(f"listening on {running.address}\n")
     sys.stdout.flush()
-    log.info("server_listening", address=running.address, services=running.service_names)
+    log.info(
+        "server_listening", address=running.address, services=running.service_names,
+        metrics_port=running.metrics_port, tls=running.tls,
+    )
     stop = threading.Event()
 
     def handle(signum: int, _frame: object) -> None:

@@ -69,8 +69,11 @@ def _validate_external(config: sut_agent_pb2.ExternalBackendConfig, prefix: str,
     # The server type's options, and the profile (which lives in the agent's own settings), are
     # checked when the backend is built, before any server starts.
     violations.check(
-        bool(config.profile or config.endpoint), f"{prefix}.endpoint", "set an endpoint, or a launch profile"
+        bool(config.profile or config.endpoint or config.command), f"{prefix}.endpoint",
+        "set an endpoint, or a launch profile",
     )
+    violations.check(len(config.command) <= 256 and all(config.command), f"{prefix}.command",
+                     "at most 256 arguments, none empty")
     violations.check(bool(config.model), f"{prefix}.model", "must name the model the server serves")
     for name, ceiling in (("ready_timeout", MAX_READY_TIMEOUT_NS), ("request_timeout", MAX_READY_TIMEOUT_NS)):
         value = getattr(config, name)

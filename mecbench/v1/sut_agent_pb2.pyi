@@ -221,6 +221,7 @@ class ExternalBackendConfig(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     WARMUP_REQUESTS_FIELD_NUMBER: _builtins.int
     REQUEST_TIMEOUT_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
     server_type: _builtins.str
     """Registered server type: "openai", "kserve_v2_http", "kserve_v2_grpc", "ollama", or one a
     plugin registers. Empty: the launch profile's.
@@ -253,6 +254,13 @@ class ExternalBackendConfig(_message.Message):
     def request_timeout(self) -> _duration_pb2.Duration:
         """Whole-request timeout; 0 = 60s."""
 
+    @_builtins.property
+    def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A server command line sent with the request ({host}, {port} and {model} are filled in; the
+        server must listen on {port}). Refused (PERMISSION_DENIED) unless the SUT agent's operator
+        allows request commands (MECBENCH_SUT_ALLOW_REQUEST_COMMANDS); launch profiles are the safe way.
+        """
+
     def __init__(
         self,
         *,
@@ -266,10 +274,11 @@ class ExternalBackendConfig(_message.Message):
         max_batch_size: _builtins.int = ...,
         warmup_requests: _builtins.int = ...,
         request_timeout: _duration_pb2.Duration | None = ...,
+        command: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ready_timeout", b"ready_timeout", "request_timeout", b"request_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "max_batch_size", b"max_batch_size", "max_concurrency", b"max_concurrency", "model", b"model", "options", b"options", "profile", b"profile", "ready_timeout", b"ready_timeout", "request_timeout", b"request_timeout", "server_type", b"server_type", "warmup_requests", b"warmup_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "endpoint", b"endpoint", "max_batch_size", b"max_batch_size", "max_concurrency", b"max_concurrency", "model", b"model", "options", b"options", "profile", b"profile", "ready_timeout", b"ready_timeout", "request_timeout", b"request_timeout", "server_type", b"server_type", "warmup_requests", b"warmup_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -21,13 +21,26 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mecbench.core import durations
-from mecbench.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, MecbenchError
+from mecbench.core.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    MecbenchError,
+    PermissionDenied,
+)
 from mecbench.core.logging import get_logger
 from mecbench.v1 import sut_agent_pb2
 from sut_agent.backends.base import STOPPED_ERROR, Backend, Completion, CompletionCallback, ServerInfo
 from sut_agent.external.base import InferenceResult, ServerError, ServerType
 from sut_agent.external.process import ServerProcess
-from sut_agent.external.profiles import LaunchProfile, allocate_ports, load_profiles, port_values, render
+from sut_agent.external.profiles import (
+    LaunchProfile,
+    ProbeTemplate,
+    allocate_ports,
+    load_profiles,
+    port_values,
+    render,
+)
 from sut_agent.external.registry import load_server_type, server_types
 
 log = get_logger("sut_agent.external")
@@ -48,7 +61,28 @@ class _Request:
         self.enqueued_ns = enqueued_ns
 
 
-def _profile(config: sut_agent_pb2.ExternalBackendConfig, profiles_path: Path | None) -> LaunchProfile | None:
+def _request_profile(config: sut_agent_pb2.ExternalBackendConfig, allowed: bool) -> LaunchProfile:
+    """A launch profile made from a request's own command line, where the operator allows that."""
+    if not allowed:
+        raise PermissionDenied(
+            "this SUT agent starts only the servers of its launch profiles; its operator has not allowed "
+            "commands in requests (MECBENCH_SUT_ALLOW_REQUEST_COMMANDS)"
+        )
+    if config.profile:
+        raise InvalidArgument("set a profile or a command, not both", field=f"{FIELD}.command")
+    return LaunchProfile(
+        name="request",
+        command=tuple(config.command),
+        endpoint=config.endpoint or "http://{host}:{port}",
+        ready=ProbeTemplate("tcp", "{host}:{port}"),
+    )
+
+
+def _profile(
+    config: sut_agent_pb2.ExternalBackendConfig, profiles_path: Path | None, allow_request_commands: bool
+) -> LaunchProfile | None:
+    if config.command:
+        return _request_profile(config, allow_request_commands)
     if not config.profile:
         return None
     if profiles_path is None:
@@ -80,9 +114,9 @@ class ExternalBackend(Backend):
 
     def __init__(
         self, config: sut_agent_pb2.ExternalBackendConfig, *, profiles_path: Path | None, log_path: Path,
-        model_dir: Path,
+        model_dir: Path, allow_request_commands: bool = False,
     ) -> None:
-        profile = _profile(config, profiles_path)
+        profile = _profile(config, profiles_path, allow_request_commands)
         server_class = _server_type(config.server_type or (profile.server_type if profile else ""))
         ready_timeout_s = durations.to_seconds(config.ready_timeout) or (
             profile.ready_timeout_s if profile else DEFAULT_READY_TIMEOUT_S
@@ -99,6 +133,7 @@ class ExternalBackend(Backend):
                 **port_values(allocate_ports(profile.ports, profile.host)),
             }
             try:
+                # The model name comes from the request: it must be a plain value.
                 launch = render(profile, values)
             except InvalidArgument as exc:  # a request's value the profile puts on a command line
                 raise InvalidArgument(

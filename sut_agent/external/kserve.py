@@ -237,7 +237,8 @@ class KServeGrpcServer(_KServe):
 
     def configure(self, opts: Options) -> None:
         super().configure(opts)
-        self._channel = open_channel(self.endpoint.split("://", 1)[-1].rstrip("/"))
+        # The inference server is not ours: MECBench's own TLS identity does not apply to it.
+        self._channel = open_channel(self.endpoint.split("://", 1)[-1].rstrip("/"), plaintext=True)
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     def prepare(self, deadline: float) -> None:

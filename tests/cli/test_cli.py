@@ -7,56 +7,13 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from tests.cli.conftest import mecbench, spec_file
 from tests.conftest import requires_root
-from tests.controller.conftest import Stack, start_stack, stop_stack
+from tests.controller.conftest import Stack
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quick-sweep.yaml"
-
-TINY_SPEC = """
-experiment_id: {experiment_id}
-sut:
-  synthetic: {{distribution: SERVICE_TIME_DISTRIBUTION_CONSTANT, mean: 0.001s}}
-dataset:
-  synthetic: {{sample_count: 64, shape: [16], data_type: DATA_TYPE_FLOAT32}}
-settings:
-  min_duration: 0.3s
-  min_query_count: {queries}
-  server_target_latency: 0.05s
-  single_stream_expected_latency: 0.001s
-  skip_mlperf_defaults: true
-sweep:
-  scenarios: [{scenario}]
-  clients: [1, 2]
-  server_target_qps: [200]
-"""
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = start_stack(tmp_path_factory.mktemp("cli-controller"))
-    yield running
-    stop_stack(running)
-
-
-def mecbench(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`mecbench ARGS` as a user runs it, with no controller named in the environment."""
-    env = {k: v for k, v in os.environ.items() if k != "MECBENCH_CONTROLLER"} | (env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "mecbench", *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
-    )
-
-
-def spec_file(tmp_path: Path, experiment_id: str, scenario: str = "SCENARIO_SINGLE_STREAM", queries: int = 100) -> Path:
-    path = tmp_path / f"{experiment_id}.yaml"
-    path.write_text(TINY_SPEC.format(experiment_id=experiment_id, scenario=scenario, queries=queries))
-    return path
 
 
 def test_storage_init_reports_each_bucket(stack: Stack) -> None:
@@ -110,7 +67,7 @@ def test_run_wait_exits_one_when_a_result_is_invalid(stack: Stack, tmp_path: Pat
 
 def test_a_bad_spec_exits_two_naming_every_field(stack: Stack, tmp_path: Path) -> None:
     spec = spec_file(tmp_path, "cli-bad")
-    spec.write_text(spec.read_text().replace("clients: [1, 2]", "clients: [0, 2]\n  repeats: 500"))
+    spec.write_text(spec.read_text().replace("clients: [1, 2]", "clients: [0, 2]").replace("repeats: 1", "repeats: 500"))
     done = mecbench("run", str(spec), "--wait", "--controller", stack.server.address)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "INVALID_ARGUMENT" in done.stderr

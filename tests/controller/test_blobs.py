@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from mecbench.client import Client
+from mecbench.client_errors import AlreadyExistsError
 from mecbench.core import durations
 from mecbench.v1 import common_pb2, controller_pb2
 from tests.conftest import field_violations
@@ -93,9 +94,9 @@ def test_an_existing_blob_is_replaced_only_when_asked(stack: Stack, client: Clie
     client.upload_blob(first, "configs/replace-me.conf")
     second = tmp_path / "user2.conf"
     second.write_text("*.Server.target_qps = 200\n")
-    with pytest.raises(grpc.RpcError) as caught:
+    with pytest.raises(AlreadyExistsError) as caught:
         client.upload_blob(second, "configs/replace-me.conf")
-    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert caught.value.code == grpc.StatusCode.ALREADY_EXISTS
     assert stack.app.store.get(stack.app.store.blobs_bucket, "configs/replace-me.conf") == first.read_bytes()
     blob = client.upload_blob(second, "configs/replace-me.conf", overwrite=True)
     assert blob.sha256 == hashlib.sha256(second.read_bytes()).hexdigest()

@@ -161,3 +161,37 @@ def _children(parent: int) -> list[int]:
             if int(fields[1]) == parent:
                 found.append(int(entry.name))
     return found
+
+
+def test_a_killed_node_agent_fails_the_shaped_run_and_leaves_no_shaping(netns_stack: Stack) -> None:
+    import os
+    import signal
+
+    profile = common_pb2.NetworkProfile(name="edge-50mbit", netem=common_pb2.NetemConfig(rate_bps=50_000_000))
+    spec = controller_pb2.RunSpec(
+        experiment_id="netns-e2e", sut_id="sut-big-replies", network=profile,
+        settings=short_settings(common_pb2.SCENARIO_SERVER, server_target_qps=20.0,
+                                min_duration=durations.from_seconds(30)),
+    )
+    run_id = netns_stack.stub.StartRun(controller_pb2.StartRunRequest(spec=spec)).run.run_id
+    deadline = time.monotonic() + 60
+    while netns_stack.app.runs.get_run(run_id).progress.samples_completed == 0:
+        assert time.monotonic() < deadline, "the shaped run never started"
+        time.sleep(0.1)
+    node_pid = netns_stack.app.pool.node_agent().agent.pid
+    killed_at = time.monotonic()
+    os.kill(node_pid, signal.SIGKILL)
+    final = netns_stack.app.runs.wait(run_id, 60)
+    took = time.monotonic() - killed_at
+    from tests.numbers import report
+
+    report("faults", f"node agent killed: run {common_pb2.RunState.Name(final.state)} after {took:.1f}s: "
+                     f"{final.error}")
+    assert final.state == common_pb2.RUN_STATE_FAILED
+    assert "node agent" in final.error
+    assert took < 15
+    # A fresh node agent took over the state directory, and the run's shaping is gone.
+    node = netns_stack.app.pool.node_agent()
+    assert node.agent.pid != node_pid
+    assert not node.stub.ListShaping(node_agent_pb2.ListShapingRequest()).shapings
+    p50_ms(netns_stack, profile)  # and shaped runs work again

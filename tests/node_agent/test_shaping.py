@@ -273,3 +273,18 @@ def test_node_info_reports_the_probe_and_interfaces(node_agent: AgentUnderTest, 
     assert info.cpu_count >= 1 and info.memory_total_bytes > 0
     assert any(i.name == veth_pair.left_if and i.netns == veth_pair.left for i in info.interfaces)
     assert info.agent_address == node_agent.address
+
+
+def test_namespaces_that_are_not_mecbenchs_are_refused(node_agent: AgentUnderTest) -> None:
+    """Another program's network namespaces are not the agent's to shape, by name or by path."""
+    for target_ in (
+        node_agent_pb2.ShapingTarget(interface="veth0", netns_name="othersvc"),
+        node_agent_pb2.ShapingTarget(interface="veth0", netns_path="/var/run/netns/othersvc"),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            node_agent.stub.ApplyShaping(node_agent_pb2.ApplyShapingRequest(
+                target=target_, direction=common_pb2.DIRECTION_EGRESS,
+                netem=common_pb2.NetemConfig(rate_bps=1_000_000), owner="run-x",
+            ))
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "NETNS_NAME_ALLOWLIST" in (refused.value.details() or "")

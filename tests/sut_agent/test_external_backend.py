@@ -293,3 +293,29 @@ def test_a_server_type_from_another_package_is_found_through_its_entry_point(
     manager.ready_backend().submit([1, 2], [0, 1], [b"abc", b"xy"], collector)
     collector.wait(2)
     assert {k: v[0] for k, v in collector.by_sample().items()} == {1: b"cba!", 2: b"yx!"}
+
+
+def test_commands_in_requests_run_only_where_the_operator_allows_them(
+    manager: BackendManager, models: Models, tmp_path: Path
+) -> None:
+    from mecbench.core.errors import PermissionDenied
+
+    command = [sys.executable, "-m", "model_server", "--host", "{host}", "--http-port", "{port}",
+               "--models", str(models.directory)]
+    config = sut_agent_pb2.SutConfig(external=sut_agent_pb2.ExternalBackendConfig(
+        server_type="openai", model=LM_NAME, command=command, options={"max_tokens": "4"}))
+    with pytest.raises(PermissionDenied, match="MECBENCH_SUT_ALLOW_REQUEST_COMMANDS"):
+        manager.start(config, restart=False)
+    assert manager.read_server_log(0) == b""  # nothing ran
+
+    allowing = BackendManager(SutAgentSettings(
+        allow_request_commands=True, server_log_dir=tmp_path, model_dir=models.directory, tcp_data_plane=False))
+    try:
+        status = allowing.start(config, restart=False)
+        assert status.state == sut_agent_pb2.BACKEND_STATE_READY and status.server_pid > 0
+        collector = Collector()
+        allowing.ready_backend().submit([1], [0], [b"The edge"], collector)
+        collector.wait(1)
+        assert collector.by_sample()[1][0]
+    finally:
+        allowing.close()

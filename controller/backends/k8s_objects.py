@@ -1,0 +1,440 @@
+"""The Kubernetes objects the cluster backend creates, built by pure functions as plain dicts in
+the API's JSON shape (camelCase keys, quantities as strings). The same dict is sent to the API
+server and checked by kubernetes-validate in the tests, so what is tested is what is sent.
+
+Every object carries the MECBench labels (`app.kubernetes.io/name=mecbench`, its component, the
+experiment or run it serves, the controller that owns it), an owner reference to the
+controller's owner ConfigMap (deleting that one object garbage-collects the rest) and an
+`mecbench.io/expires-at` annotation that the sweep reads for objects left behind.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from mecbench.core.errors import Violations
+from mecbench.v1 import sut_agent_pb2
+
+JsonObject = dict[str, Any]
+
+# Every agent pod serves gRPC on one fixed port, so probes, Services and addresses need no
+# discovery; the SUT agent's plain-TCP data plane gets a fixed port beside it for the Service.
+GRPC_PORT = 50051
+TCP_DATA_PLANE_PORT = 50052
+TCP_DATA_PLANE_ENV = "MECBENCH_SUT_TCP_DATA_PLANE_PORT"
+
+APP = "mecbench"
+MANAGED_BY = "mecbench-controller"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_EXPERIMENT = "mecbench.io/experiment"
+LABEL_OWNER = "mecbench.io/owner"
+ANNOTATION_EXPIRES_AT = "mecbench.io/expires-at"
+ANNOTATION_AGENT = "mecbench.io/agent"
+# What the sweep and close() select: objects this code made, never the ones deploy/ applies.
+MANAGED_SELECTOR = f"{LABEL_NAME}={APP},{LABEL_MANAGED_BY}={MANAGED_BY}"
+
+GPU_RESOURCE = "nvidia.com/gpu"
+# The agents' image runs as this user (see the Dockerfile); set explicitly so an image built
+# from it runs unprivileged too, whatever its USER line says.
+AGENT_UID = 10001
+# Long enough for an agent's graceful gRPC stop (5 s), short enough that a GPU is free again soon.
+TERMINATION_GRACE_S = 10
+
+_DNS_LABEL_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_LABEL_KEY_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_ENV_NAME_RE = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+_JOB_ID_RE = re.compile(r"^(?P<run>.+)-r\d+-c\d+$")
+
+
+class Component(StrEnum):
+    SUT = "sut-agent"
+    LOADGEN = "loadgen-agent"
+    LOADGEN_JOB = "loadgen-job"
+    OWNER = "owner"
+
+
+# --- names and labels --------------------------------------------------------------------------
+
+
+def new_salt() -> str:
+    return secrets.token_hex(3)
+
+
+def dns_label(text: str, max_len: int = 63) -> str:
+    """`text` as a DNS-1123 label fragment: lower case, [a-z0-9-], no dash at either end."""
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", text.lower())
+    cleaned = re.sub(r"-{2,}", "-", cleaned).strip("-")
+    return cleaned[:max_len].rstrip("-") or "x"
+
+
+def salted_name(scope: str, kind: str, salt: str) -> str:
+    """`mecbench-<scope>-<kind>-<salt>`, at most 63 characters and a DNS-1035 label (a Service's
+    name must be one), the scope shortened to fit. The salt keeps a redeployed agent's objects
+    apart from a previous one's that may still be terminating."""
+    fixed = len("mecbench-") + len(kind) + 1 + len(salt) + 1
+    name = f"mecbench-{dns_label(scope, 63 - fixed)}-{kind}-{salt}"
+    assert is_dns_label(name), name
+    return name
+
+
+def is_dns_label(name: str) -> bool:
+    return bool(_DNS_LABEL_RE.match(name))
+
+
+def label_value(text: str) -> str:
+    """`text` as a valid label value (at most 63 of [A-Za-z0-9._-], alphanumeric at both ends)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text)[:63]
+    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", cleaned)
+
+
+def valid_label_key(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN_RE.match(prefix)):
+        return False
+    return bool(_LABEL_KEY_NAME_RE.match(name))
+
+
+def valid_label_value(value: str) -> bool:
+    return bool(_LABEL_VALUE_RE.match(value))
+
+
+def agent_scope(prefix: str, agent_name: str) -> str:
+    """What an agent's objects are named after: its name without the pool's kind prefix."""
+    return agent_name.removeprefix(prefix) or agent_name
+
+
+def experiment_of(agent_name: str) -> str:
+    """The run (or deployed SUT) an agent serves, for the `mecbench.io/experiment` label: an
+    ephemeral SUT `sut-run-<id>` and job-mode LoadGens `job-<id>-r<k>-c<i>` belong to run-<id>."""
+    name = agent_name.removeprefix("sut-")
+    if agent_name.startswith("job-"):
+        match = _JOB_ID_RE.match(agent_name.removeprefix("job-"))
+        name = f"run-{match.group('run')}" if match else agent_name
+    return label_value(name) or "unnamed"
+
+
+def rfc3339(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: str) -> float | None:
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
+
+
+# --- shared context ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OwnerRef:
+    """The object every other one is owned by (a ConfigMap per controller)."""
+
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class ObjectContext:
+    """What every object the backend makes shares: where, whose, which image, for how long."""
+
+    namespace: str
+    image: str
+    owner_label: str
+    expires_at: str
+    owner: OwnerRef | None = None
+    image_pull_policy: str = "IfNotPresent"
+    service_account: str = "mecbench-agent"
+    # Set on pods that ask for GPUs ("nvidia" with the GPU operator's RuntimeClass); "" = none.
+    gpu_runtime_class: str = ""
+    # A Secret of MECBENCH_STORE_* variables LoadGen agents read s3:// datasets with; "" = none.
+    store_secret: str = ""
+
+
+def _metadata(ctx: ObjectContext, name: str, component: Component, experiment: str, agent: str) -> JsonObject:
+    meta: JsonObject = {
+        "name": name,
+        "namespace": ctx.namespace,
+        "labels": _labels(ctx, name, component, experiment),
+        "annotations": {ANNOTATION_EXPIRES_AT: ctx.expires_at, ANNOTATION_AGENT: agent},
+    }
+    if ctx.owner is not None:
+        # Not a controller reference and no blockOwnerDeletion: the owner is a plain ConfigMap,
+        # and blocking would need update rights on its finalizers that the Role does not grant.
+        meta["ownerReferences"] = [
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": ctx.owner.name, "uid": ctx.owner.uid}
+        ]
+    return meta
+
+
+def _labels(ctx: ObjectContext, name: str, component: Component, experiment: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: APP,
+        LABEL_COMPONENT: component.value,
+        LABEL_INSTANCE: name,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_EXPERIMENT: experiment,
+        LABEL_OWNER: ctx.owner_label,
+    }
+
+
+def owner_configmap(ctx: ObjectContext, name: str, controller: str) -> JsonObject:
+    """The per-controller owner: deleting it garbage-collects every object that names it."""
+    meta = _metadata(ctx, name, Component.OWNER, "controller", controller)
+    meta.pop("ownerReferences", None)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta,
+        "data": {"controller": controller},
+    }
+
+
+# --- containers --------------------------------------------------------------------------------
+
+
+def _grpc_probe(port: int) -> JsonObject:
+    # Every MECBench server runs the standard gRPC health service; the kubelet asks it directly.
+    return {"grpc": {"port": port}, "periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 3}
+
+
+def _env_list(env: dict[str, str]) -> list[JsonObject]:
+    return [{"name": key, "value": value} for key, value in sorted(env.items())]
+
+
+def _restricted_security_context() -> JsonObject:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": AGENT_UID,
+        "runAsGroup": AGENT_UID,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _agent_container(ctx: ObjectContext, name: str, service: str, image: str, env: dict[str, str],
+                     ports: list[JsonObject]) -> JsonObject:
+    container: JsonObject = {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": ctx.image_pull_policy,
+        # Named explicitly so an image built FROM the MECBench one runs the agent whatever its
+        # ENTRYPOINT.
+        "command": ["mecbench"],
+        "args": [service, "--listen", f"0.0.0.0:{GRPC_PORT}"],
+        "ports": ports,
+        "readinessProbe": _grpc_probe(GRPC_PORT),
+        "securityContext": _restricted_security_context(),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if env:
+        container["env"] = _env_list(env)
+    return container
+
+
+def _pod_spec(ctx: ObjectContext, containers: list[JsonObject]) -> JsonObject:
+    return {
+        # A crashed agent is not restarted behind the controller's back: it would come back
+        # without the configuration the controller gave it. The pod ends, is_alive says so.
+        "restartPolicy": "Never",
+        "serviceAccountName": ctx.service_account,
+        # Agents never talk to the API server.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": containers,
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+
+
+def _grpc_port() -> JsonObject:
+    return {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"}
+
+
+# --- SUT ---------------------------------------------------------------------------------------
+
+
+def cpu_quantity(cores: float) -> str:
+    return f"{max(1, math.ceil(round(cores * 1000, 6)))}m"
+
+
+def _resources(config: sut_agent_pb2.SutConfig) -> JsonObject:
+    """Requests equal to limits (Guaranteed QoS where both CPU and memory are given: a benchmark
+    must not share what it measures). GPUs are a count for the device plugin."""
+    amounts: dict[str, str] = {}
+    if config.resources.cpu_cores > 0:
+        amounts["cpu"] = cpu_quantity(config.resources.cpu_cores)
+    if config.resources.memory_bytes > 0:
+        amounts["memory"] = str(config.resources.memory_bytes)
+    if config.gpus.count > 0:
+        amounts[GPU_RESOURCE] = str(config.gpus.count)
+    if not amounts:
+        return {}
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def check_sut_config(config: sut_agent_pb2.SutConfig, prefix: str = "sut") -> None:
+    """What the cluster backend cannot do with a SutConfig, all at once (INVALID_ARGUMENT)."""
+    violations = Violations()
+    if config.gpus.uuids or config.gpus.indices:
+        field = "uuids" if config.gpus.uuids else "indices"
+        violations.add(
+            f"{prefix}.gpus.{field}",
+            "the kubernetes backend asks the device plugin for a number of GPUs (gpus.count); "
+            "choose the kind of GPU with node_selector (e.g. nvidia.com/gpu.product)",
+        )
+    if config.args and not has_server_sidecar(config):
+        violations.add(
+            f"{prefix}.args",
+            "args are the server's when sut.image runs an external server as a sidecar; "
+            "the SUT agent's own command line is fixed",
+        )
+    for key, value in config.node_selector.items():
+        if not valid_label_key(key):
+            violations.add(f"{prefix}.node_selector", f"{key!r} is not a Kubernetes label key")
+        if not valid_label_value(value):
+            violations.add(f"{prefix}.node_selector", f"{value!r} ({key}) is not a Kubernetes label value")
+    for key in config.env:
+        if not _ENV_NAME_RE.match(key):
+            violations.add(f"{prefix}.env", f"{key!r} is not an environment variable name")
+    if config.image and (any(c.isspace() for c in config.image) or len(config.image) > 1024):
+        violations.add(f"{prefix}.image", "not an image reference")
+    violations.raise_if_any()
+
+
+def has_server_sidecar(config: sut_agent_pb2.SutConfig) -> bool:
+    """An external backend with its own image: the server runs beside the agent in the pod and
+    the agent forwards to it over localhost (`external.endpoint`). An external backend without an
+    image is launched by the agent inside its own container from a launch profile."""
+    return config.WhichOneof("backend") == "external" and bool(config.image)
+
+
+def sut_pod(ctx: ObjectContext, name: str, agent: str, config: sut_agent_pb2.SutConfig) -> JsonObject:
+    check_sut_config(config)
+    experiment = experiment_of(agent)
+    sidecar = has_server_sidecar(config)
+    env = dict(config.env)
+    # Fixed, so the Service can expose it: SutStatus.tcp_data_plane_port reports this port.
+    env[TCP_DATA_PLANE_ENV] = str(TCP_DATA_PLANE_PORT)
+    agent_image = config.image if config.image and not sidecar else ctx.image
+    ports = [_grpc_port(), {"name": "tcp-data", "containerPort": TCP_DATA_PLANE_PORT, "protocol": "TCP"}]
+    agent_container = _agent_container(ctx, "sut-agent", "sut-agent", agent_image, env, ports)
+    containers = [agent_container]
+    resources = _resources(config)
+    if sidecar:
+        server: JsonObject = {
+            "name": "server",
+            "image": config.image,
+            "imagePullPolicy": ctx.image_pull_policy,
+            # Server images often run as root (vLLM, Triton): only privilege escalation is
+            # refused; the image's user is its own business.
+            "securityContext": {"allowPrivilegeEscalation": False},
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        }
+        if config.args:
+            server["args"] = list(config.args)
+        if config.env:
+            server["env"] = _env_list(dict(config.env))
+        if resources:
+            server["resources"] = resources
+        containers.append(server)
+    elif resources:
+        agent_container["resources"] = resources
+    spec = _pod_spec(ctx, containers)
+    if config.node_selector:
+        spec["nodeSelector"] = dict(sorted(config.node_selector.items()))
+    if config.gpus.count > 0:
+        # GPU node pools are commonly tainted so that only pods asking for GPUs land there.
+        spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+        if ctx.gpu_runtime_class:
+            spec["runtimeClassName"] = ctx.gpu_runtime_class
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _metadata(ctx, name, Component.SUT, experiment, agent),
+        "spec": spec,
+    }
+
+
+def sut_service(ctx: ObjectContext, name: str, pod_name: str, agent: str) -> JsonObject:
+    """The SUT pod's stable address: gRPC (control and data plane) and the plain-TCP data plane,
+    each on the same port number as in the pod, since the agent reports its TCP port and a
+    LoadGen dials it on the host of the address it was given."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ctx, name, Component.SUT, experiment_of(agent), agent),
+        "spec": {
+            "type": "ClusterIP",
+            # The backend waits for the pod to be Ready before anyone is given this address; after
+            # that, a health probe that times out while the SUT is saturated by a benchmark must
+            # not take the SUT out of its own Service in the middle of the measurement.
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_INSTANCE: pod_name},
+            "ports": [
+                {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
+                {"name": "tcp-data", "port": TCP_DATA_PLANE_PORT, "targetPort": "tcp-data", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+# --- LoadGen -----------------------------------------------------------------------------------
+
+
+def _loadgen_spec(ctx: ObjectContext, env: dict[str, str]) -> JsonObject:
+    container = _agent_container(ctx, "loadgen-agent", "loadgen-agent", ctx.image, env, [_grpc_port()])
+    if ctx.store_secret:
+        # s3:// datasets are read with the store's credentials; optional, so a cluster without a
+        # store still runs synthetic datasets.
+        container["envFrom"] = [{"secretRef": {"name": ctx.store_secret, "optional": True}}]
+    return _pod_spec(ctx, [container])
+
+
+def loadgen_pod(ctx: ObjectContext, name: str, agent: str, env: dict[str, str]) -> JsonObject:
+    """A LoadGen server: one long-lived agent whose sessions are reused across runs."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _metadata(ctx, name, Component.LOADGEN, experiment_of(agent), agent),
+        "spec": _loadgen_spec(ctx, env),
+    }
+
+
+def loadgen_job(ctx: ObjectContext, name: str, agent: str, env: dict[str, str], active_deadline_s: int,
+                ttl_after_finished_s: int) -> JsonObject:
+    """A job-mode LoadGen: a fresh agent for one client of one repeat, deleted after it. The
+    agent is a server and never exits by itself: activeDeadlineSeconds ends a Job whose
+    controller died, and ttlSecondsAfterFinished then removes it."""
+    experiment = experiment_of(agent)
+    labels = _labels(ctx, name, Component.LOADGEN_JOB, experiment)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(ctx, name, Component.LOADGEN_JOB, experiment, agent),
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": active_deadline_s,
+            "ttlSecondsAfterFinished": ttl_after_finished_s,
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {ANNOTATION_AGENT: agent, ANNOTATION_EXPIRES_AT: ctx.expires_at},
+                },
+                "spec": _loadgen_spec(ctx, env),
+            },
+        },
+    }

@@ -1,0 +1,1102 @@
+"""Kubernetes backend: each agent is a pod in one namespace, created, watched and deleted through
+the API server.
+
+- SUT agent: a Pod (the SutConfig's image, resources, GPUs and node selector; an external
+  server image as a sidecar) and a Service exposing its gRPC port and its plain-TCP data-plane
+  port; LoadGens reach it at the Service's DNS name.
+- LoadGen server: a Pod. Job-mode LoadGen (`job-...` agents): a Job of one pod.
+- Node agents: not made here but found, one per node, among the DaemonSet's pods (label
+  selector), addressed by pod IP (they use the host network).
+
+Readiness is the kubelet's gRPC health probe, waited for with a watch on the pod (never a sleep
+loop) under a deadline; a pod that cannot start (image pull errors, a crashing agent, no node
+with room for its requests) fails at once with its reason and its recent Events in the error.
+
+Every object names this controller's owner ConfigMap in an owner reference (deleting it removes
+the rest through the garbage collector), carries the MECBench labels, and an expiry annotation
+that a sweep reads to remove what dead controllers left behind. Jobs also carry a TTL.
+
+The cluster is reached through `ClusterApi`, a narrow protocol over the object kinds used, with
+`KubernetesApi` as the real implementation (the official client's REST layer, JSON in and out)
+and an in-memory fake in the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from controller.backends import k8s_objects as objects
+from controller.backends.base import AgentHandle, AgentKind, DeploymentBackend, PodRef, ShapingPoint
+from controller.backends.k8s_objects import JsonObject
+from mecbench.core.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    MecbenchError,
+    Unavailable,
+)
+from mecbench.core.logging import get_logger
+from mecbench.v1 import sut_agent_pb2
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+log = get_logger("mecbench.controller.kubernetes")
+
+# Waiting reasons of a container that will not start without someone changing something: the
+# kubelet keeps retrying, but a benchmark should say why at once rather than wait out a timeout.
+# ErrImagePull is not one: a registry hiccup clears on the next pull, and a pull that keeps
+# failing turns into ImagePullBackOff right after the first failure.
+FATAL_WAITING_REASONS = frozenset({
+    "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError", "CrashLoopBackOff",
+})
+# Events that say the cluster autoscaler is adding a node: an unschedulable pod may yet run.
+SCALE_UP_REASONS = frozenset({"TriggeredScaleUp"})
+EVENTS_SHOWN = 8
+LOG_LINES_SHOWN = 20
+
+
+class ClusterApiError(Exception):
+    """The API server refused a request (or could not be reached: status 0)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: str  # ADDED, MODIFIED, DELETED or BOOKMARK
+    object: JsonObject
+
+
+@dataclass(frozen=True)
+class Listing:
+    items: list[JsonObject]
+    resource_version: str
+
+
+class ClusterApi(Protocol):
+    """The part of the Kubernetes API the backend uses. Kinds: Pod, Service, ConfigMap, Event,
+    Job (namespaced), Node, Namespace (cluster-scoped: namespace ""). Objects are JSON dicts."""
+
+    def create(self, kind: str, namespace: str, body: JsonObject) -> JsonObject: ...
+
+    def get(self, kind: str, namespace: str, name: str) -> JsonObject: ...
+
+    def list(self, kind: str, namespace: str, label_selector: str = "", field_selector: str = "") -> Listing: ...
+
+    def patch(self, kind: str, namespace: str, name: str, patch: JsonObject) -> JsonObject:
+        """A JSON merge patch."""
+        ...
+
+    def delete(self, kind: str, namespace: str, name: str, propagation: str = "Background") -> None:
+        """Delete; 404 (ClusterApiError) when it is not there."""
+        ...
+
+    def watch(
+        self,
+        kind: str,
+        namespace: str,
+        label_selector: str = "",
+        field_selector: str = "",
+        resource_version: str = "",
+        timeout_s: float = 60.0,
+    ) -> Iterator[WatchEvent]:
+        """Changes after `resource_version` in order, until `timeout_s` passes (the iterator then
+        ends). A version too old to replay raises ClusterApiError 410: list again."""
+        ...
+
+    def read_log(
+        self, namespace: str, pod: str, container: str = "", follow: bool = False, tail_lines: int = 0
+    ) -> Iterator[bytes]: ...
+
+
+# --- the real API ------------------------------------------------------------------------------
+
+_KINDS: dict[str, tuple[str, str, bool]] = {
+    # kind: (API prefix, resource, namespaced)
+    "Pod": ("/api/v1", "pods", True),
+    "Service": ("/api/v1", "services", True),
+    "ConfigMap": ("/api/v1", "configmaps", True),
+    "Event": ("/api/v1", "events", True),
+    "Node": ("/api/v1", "nodes", False),
+    "Namespace": ("/api/v1", "namespaces", False),
+    "Job": ("/apis/batch/v1", "jobs", True),
+}
+
+
+def _path(kind: str, namespace: str, name: str = "") -> str:
+    prefix, resource, namespaced = _KINDS[kind]
+    path = f"{prefix}/namespaces/{namespace}/{resource}" if namespaced else f"{prefix}/{resource}"
+    return f"{path}/{name}" if name else path
+
+
+class KubernetesApi:
+    """ClusterApi over the official client's REST layer. The client's typed models are skipped:
+    bodies go out as the JSON dicts they were built as (what kubernetes-validate checked), and
+    come back as JSON, exactly what the fake returns."""
+
+    def __init__(self, api_client: ApiClient, request_timeout_s: float = 30.0) -> None:
+        self._client = api_client
+        self._timeout = request_timeout_s
+
+    @classmethod
+    def connect(cls, kubeconfig: str = "", context: str = "") -> KubernetesApi:
+        """In-cluster configuration (the pod's service account) when `kubeconfig` is "", else
+        that kubeconfig file (and context)."""
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        try:
+            if kubeconfig:
+                config.load_kube_config(  # type: ignore[no-untyped-call]
+                    config_file=kubeconfig, context=context or None, client_configuration=configuration
+                )
+            else:
+                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        except (config.ConfigException, OSError) as exc:
+            where = f"kubeconfig {kubeconfig}" if kubeconfig else "the in-cluster service account"
+            raise FailedPrecondition(f"cannot configure the Kubernetes client from {where}: {exc}") from None
+        return cls(client.ApiClient(configuration))
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, str]] | None = None,
+        body: JsonObject | None = None,
+        content_type: str = "application/json",
+        timeout: float | tuple[float, float] | None = None,
+    ) -> Any:
+        from kubernetes.client.exceptions import ApiException
+
+        serialized = self._client.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or None,
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        url_method, url, headers, payload, post = serialized
+        try:
+            response = self._client.call_api(
+                url_method, url, header_params=headers, body=payload, post_params=post,
+                _request_timeout=timeout if timeout is not None else self._timeout,
+            )
+        except ApiException as exc:
+            raise _api_error(exc.status or 0, exc.reason or "", exc.body) from None
+        except Exception as exc:  # noqa: BLE001 - urllib3's connection errors have no common base worth naming
+            raise ClusterApiError(0, "Unreachable", f"{type(exc).__name__}: {exc}") from None
+        raw: Any = response
+        if not 200 <= raw.status < 300:
+            raise _api_error(raw.status, raw.reason or "", raw.read())
+        return raw
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> JsonObject:
+        response = self._request(method, path, **kwargs)
+        data: JsonObject = json.loads(response.read() or b"{}")
+        return data
+
+    def create(self, kind: str, namespace: str, body: JsonObject) -> JsonObject:
+        return self._json("POST", _path(kind, namespace), body=body)
+
+    def get(self, kind: str, namespace: str, name: str) -> JsonObject:
+        return self._json("GET", _path(kind, namespace, name))
+
+    def list(self, kind: str, namespace: str, label_selector: str = "", field_selector: str = "") -> Listing:
+        query = _selectors(label_selector, field_selector)
+        data = self._json("GET", _path(kind, namespace), query=query)
+        items = data.get("items") or []
+        for item in items:
+            # A list's items carry no kind of their own.
+            item.setdefault("kind", kind)
+        return Listing(items, str(data.get("metadata", {}).get("resourceVersion", "")))
+
+    def patch(self, kind: str, namespace: str, name: str, patch: JsonObject) -> JsonObject:
+        return self._json(
+            "PATCH", _path(kind, namespace, name), body=patch, content_type="application/merge-patch+json"
+        )
+
+    def delete(self, kind: str, namespace: str, name: str, propagation: str = "Background") -> None:
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        self._request("DELETE", _path(kind, namespace, name), body=body).read()
+
+    def watch(
+        self,
+        kind: str,
+        namespace: str,
+        label_selector: str = "",
+        field_selector: str = "",
+        resource_version: str = "",
+        timeout_s: float = 60.0,
+    ) -> Iterator[WatchEvent]:
+        query = _selectors(label_selector, field_selector)
+        query += [("watch", "true"), ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(max(1, int(timeout_s))))]
+        if resource_version:
+            query.append(("resourceVersion", resource_version))
+        # The server ends the watch after timeoutSeconds; the read timeout only guards a dead link.
+        response = self._request("GET", _path(kind, namespace), query=query, timeout=(10.0, timeout_s + 30.0))
+        try:
+            for line in _lines(response.response.stream(65536)):
+                event = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    raise ClusterApiError(
+                        int(status.get("code", 500)), str(status.get("reason", "")), str(status.get("message", ""))
+                    )
+                yield WatchEvent(str(event.get("type")), event.get("object") or {})
+        finally:
+            response.response.release_conn()
+
+    def read_log(
+        self, namespace: str, pod: str, container: str = "", follow: bool = False, tail_lines: int = 0
+    ) -> Iterator[bytes]:
+        query: list[tuple[str, str]] = []
+        if container:
+            query.append(("container", container))
+        if follow:
+            query.append(("follow", "true"))
+        if tail_lines:
+            query.append(("tailLines", str(tail_lines)))
+        timeout = (10.0, 24 * 3600.0) if follow else self._timeout
+        response = self._request("GET", f"{_path('Pod', namespace, pod)}/log", query=query, timeout=timeout)
+        try:
+            yield from response.response.stream(65536)
+        finally:
+            response.response.release_conn()
+
+
+def _selectors(label_selector: str, field_selector: str) -> list[tuple[str, str]]:
+    query = []
+    if label_selector:
+        query.append(("labelSelector", label_selector))
+    if field_selector:
+        query.append(("fieldSelector", field_selector))
+    return query
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        yield from (line for line in complete if line.strip())
+    if buffer.strip():
+        yield buffer
+
+
+def _api_error(status: int, reason: str, body: object) -> ClusterApiError:
+    """The API server's Status object (reason, message) when the body holds one."""
+    message = body.decode(errors="replace") if isinstance(body, bytes) else str(body or "")
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        return ClusterApiError(status, str(parsed.get("reason") or reason), str(parsed.get("message") or message))
+    return ClusterApiError(status, reason, message)
+
+
+# --- reading pods ------------------------------------------------------------------------------
+
+
+def _meta(obj: JsonObject) -> JsonObject:
+    meta: JsonObject = obj.get("metadata") or {}
+    return meta
+
+
+def _name(obj: JsonObject) -> str:
+    return str(_meta(obj).get("name", ""))
+
+
+def _condition(pod: JsonObject, kind: str) -> JsonObject | None:
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == kind:
+            found: JsonObject = condition
+            return found
+    return None
+
+
+def pod_is_ready(pod: JsonObject) -> bool:
+    status = pod.get("status") or {}
+    ready = _condition(pod, "Ready")
+    return (
+        status.get("phase") == "Running"
+        and ready is not None
+        and ready.get("status") == "True"
+        and not _meta(pod).get("deletionTimestamp")
+    )
+
+
+def pod_is_running(pod: JsonObject) -> bool:
+    return (pod.get("status") or {}).get("phase") == "Running" and not _meta(pod).get("deletionTimestamp")
+
+
+@dataclass(frozen=True)
+class PodProblem:
+    """Why a pod will not become ready by itself: reason (ImagePullBackOff, Unschedulable, ...)."""
+
+    reason: str
+    message: str
+    crashed_container: str = ""
+
+
+def pod_problem(pod: JsonObject) -> PodProblem | None:
+    status = pod.get("status") or {}
+    phase = status.get("phase")
+    if _meta(pod).get("deletionTimestamp"):
+        return PodProblem("Terminating", "the pod is being deleted")
+    statuses = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+    if phase in ("Failed", "Succeeded"):
+        for container in statuses:
+            terminated = (container.get("state") or {}).get("terminated")
+            if terminated and (terminated.get("exitCode") or phase == "Succeeded"):
+                detail = terminated.get("message") or ""
+                return PodProblem(
+                    str(terminated.get("reason") or phase),
+                    f"container {container.get('name')} exited with code {terminated.get('exitCode')}"
+                    + (f": {detail}" if detail else ""),
+                    str(container.get("name", "")),
+                )
+        return PodProblem(str(status.get("reason") or phase), str(status.get("message") or f"the pod is {phase}"))
+    for container in statuses:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in FATAL_WAITING_REASONS:
+            crashed = str(container.get("name", "")) if waiting.get("reason") == "CrashLoopBackOff" else ""
+            return PodProblem(str(waiting["reason"]), str(waiting.get("message") or ""), crashed)
+    scheduled = _condition(pod, "PodScheduled")
+    if scheduled is not None and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        return PodProblem("Unschedulable", str(scheduled.get("message") or ""))
+    return None
+
+
+def _event_time(event: JsonObject) -> str:
+    return str(
+        event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp")
+        or _meta(event).get("creationTimestamp") or ""
+    )
+
+
+def format_events(events: list[JsonObject], limit: int = EVENTS_SHOWN) -> str:
+    """`Warning FailedScheduling: 0/3 nodes are available: ...; Normal Pulling: ...`, oldest first."""
+    shown = sorted(events, key=_event_time)[-limit:]
+    parts = []
+    for event in shown:
+        count = int(event.get("count") or 1)
+        repeat = f" (x{count})" if count > 1 else ""
+        message = str(event.get("message", "")).strip()
+        parts.append(f"{event.get('type', 'Normal')} {event.get('reason', '')}: {message}{repeat}")
+    return "; ".join(parts)
+
+
+# --- the backend -------------------------------------------------------------------------------
+
+
+@dataclass
+class KubernetesConfig:
+    namespace: str = "mecbench"
+    image: str = "ghcr.io/mecbench/mecbench:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    # The agents' pods run under it; it needs no API rights at all (deploy/base/rbac.yaml).
+    service_account: str = "mecbench-agent"
+    node_agent_selector: str = "app.kubernetes.io/name=mecbench,app.kubernetes.io/component=node-agent"
+    ready_timeout_s: float = 300.0
+    # Expiry of every object made (renewed on the owner while this controller lives).
+    ttl_s: float = 24 * 3600.0
+    job_ttl_after_finished_s: int = 300
+    # How long stop_agent and close wait for pods to be gone (GPUs freed) before moving on.
+    delete_timeout_s: float = 60.0
+    cluster_domain: str = "cluster.local"
+    # The pod's interface on its network (the CNI's), shaped on the SUT side.
+    pod_interface: str = "eth0"
+    gpu_runtime_class: str = ""
+    store_secret: str = "mecbench-store"
+    # This controller's name in owner objects and labels; "" = $HOSTNAME (its pod's name).
+    controller: str = ""
+    # Agents' container logs are followed into <log_dir>/<agent>.log; None = not collected.
+    log_dir: Path | None = None
+    # Renewal of the owner's expiry and the sweep run this often (and once at start).
+    maintenance_interval_s: float = 300.0
+
+
+@dataclass
+class _Deployed:
+    handle: AgentHandle
+    pod: str = ""
+    pod_uid: str = ""
+    service: str = ""
+    job: str = ""
+    # Node agents are found, not made: stopping one only forgets it.
+    owned: bool = True
+    # The instance label its pods carry (the pod's own name, or the Job's).
+    instance: str = ""
+    followers: list[threading.Thread] = field(default_factory=list)
+    gpus: int = 0
+
+
+class KubernetesBackend(DeploymentBackend):
+    name = "kubernetes"
+
+    def __init__(
+        self,
+        api: ClusterApi,
+        config: KubernetesConfig | None = None,
+        clock: Callable[[], float] = time.time,
+        maintain: bool = True,
+    ) -> None:
+        self.api = api
+        self.config = config or KubernetesConfig()
+        self.namespace = self.config.namespace
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._deployed: dict[str, _Deployed] = {}
+        self._sut_order: list[str] = []
+        self._closing = threading.Event()
+        instance = self.config.controller or os.environ.get("HOSTNAME", "") or "controller"
+        self.controller = objects.dns_label(instance, 30)
+        self.sweep()
+        owner_name = objects.salted_name(self.controller, "owner", objects.new_salt())
+        ctx = self._context(bootstrap_owner=owner_name)
+        try:
+            body = objects.owner_configmap(ctx, owner_name, self.controller)
+            created = self.api.create("ConfigMap", self.namespace, body)
+        except ClusterApiError as exc:
+            raise FailedPrecondition(
+                f"cannot create the owner ConfigMap in namespace {self.namespace} ({exc.status} {exc.reason}: "
+                f"{exc.message}); is the namespace there and the controller's Role bound?"
+            ) from None
+        self.owner = objects.OwnerRef(owner_name, str(_meta(created).get("uid", "")))
+        self._maintainer: threading.Thread | None = None
+        if maintain:
+            self._maintainer = threading.Thread(target=self._maintain, name="k8s-maintenance", daemon=True)
+            self._maintainer.start()
+        log.info("kubernetes_backend_ready", namespace=self.namespace, owner=owner_name, image=self.config.image)
+
+    # --- objects ---------------------------------------------------------------------------------
+
+    def _context(self, bootstrap_owner: str = "") -> objects.ObjectContext:
+        """What objects share; `bootstrap_owner` while the owner itself is made (it has no owner)."""
+        return objects.ObjectContext(
+            namespace=self.namespace,
+            image=self.config.image,
+            owner_label=bootstrap_owner or self.owner.name,
+            expires_at=objects.rfc3339(self._clock() + self.config.ttl_s),
+            owner=None if bootstrap_owner else self.owner,
+            image_pull_policy=self.config.image_pull_policy,
+            service_account=self.config.service_account,
+            gpu_runtime_class=self.config.gpu_runtime_class,
+            store_secret=self.config.store_secret,
+        )
+
+    def _create(self, kind: str, body: JsonObject, what: str) -> JsonObject:
+        try:
+            return self.api.create(kind, self.namespace, body)
+        except ClusterApiError as exc:
+            if exc.status == 409:
+                raise AlreadyExists(f"{what}: {kind} {_name(body)} already exists") from None
+            if exc.status in (400, 422):
+                raise FailedPrecondition(f"{what}: the API server refused the {kind}: {exc.message}") from None
+            if exc.status == 403:
+                raise FailedPrecondition(
+                    f"{what}: not allowed to create {kind}s in {self.namespace}: {exc.message}"
+                ) from None
+            raise Unavailable(f"{what}: creating the {kind} failed: {exc}") from None
+
+    # --- starting agents -------------------------------------------------------------------------
+
+    def start_agent(
+        self, kind: AgentKind, name: str, env: dict[str, str] | None = None, placement: str = ""
+    ) -> AgentHandle:
+        if kind == AgentKind.NODE:
+            return self._find_node_agent(name, placement)
+        if kind == AgentKind.SUT:
+            return self.start_sut_agent(name, sut_agent_pb2.SutConfig(env=env or {}), placement)
+        if name.startswith("job-"):
+            return self._start_loadgen_job(name, env or {})
+        return self._start_loadgen_pod(name, env or {})
+
+    def _reserve(self, record: _Deployed) -> None:
+        """Record an agent before its objects exist, so close() removes them whatever happens."""
+        if self._closing.is_set():
+            raise Unavailable("the kubernetes backend is closed")
+        name = record.handle.name
+        with self._lock:
+            existing = self._deployed.get(name)
+        if existing is not None:
+            if existing.owned and existing.pod and self.is_alive(name):
+                raise AlreadyExists(f"agent {name!r} is already running")
+            self.stop_agent(name)
+        with self._lock:
+            self._deployed[name] = record
+
+    def _abandon(self, record: _Deployed) -> None:
+        with self._lock:
+            if self._deployed.get(record.handle.name) is record:
+                del self._deployed[record.handle.name]
+            if record.handle.name in self._sut_order:
+                self._sut_order.remove(record.handle.name)
+        self._delete_objects(record)
+        # A pod that was scheduled holds its node's resources (a GPU) until it is gone; the
+        # caller's next attempt should find them free.
+        self._wait_pods_gone(f"{objects.LABEL_INSTANCE}={record.instance}", self.config.delete_timeout_s)
+
+    def start_sut_agent(self, name: str, config: sut_agent_pb2.SutConfig, placement: str = "") -> AgentHandle:
+        ctx = self._context()
+        pod_name = objects.salted_name(objects.agent_scope("sut-", name), "sut", objects.new_salt())
+        # Built (and checked) before anything is created: a bad config creates nothing.
+        pod_body = objects.sut_pod(ctx, pod_name, name, config)
+        service_body = objects.sut_service(ctx, pod_name, pod_name, name)
+        address = f"{pod_name}.{self.namespace}.svc.{self.config.cluster_domain}:{objects.GRPC_PORT}"
+        handle = AgentHandle(name=name, kind=AgentKind.SUT, address=address, node="", placement=placement)
+        record = _Deployed(handle, pod=pod_name, service=pod_name, instance=pod_name, gpus=config.gpus.count)
+        self._reserve(record)
+        what = f"SUT agent {name}"
+        try:
+            created = self._create("Pod", pod_body, what)
+            record.pod_uid = str(_meta(created).get("uid", ""))
+            self._create("Service", service_body, what)
+            pod = self._wait_ready(what, record)
+        except BaseException:
+            self._abandon(record)
+            raise
+        self._started(record, pod, containers=["sut-agent", "server"] if objects.has_server_sidecar(config) else None)
+        with self._lock:
+            self._sut_order.append(name)
+        return handle
+
+    def _start_loadgen_pod(self, name: str, env: dict[str, str]) -> AgentHandle:
+        ctx = self._context()
+        pod_name = objects.salted_name(objects.agent_scope("loadgen-", name), "loadgen", objects.new_salt())
+        body = objects.loadgen_pod(ctx, pod_name, name, env)
+        handle = AgentHandle(name=name, kind=AgentKind.LOADGEN, address="", node="")
+        record = _Deployed(handle, pod=pod_name, instance=pod_name)
+        self._reserve(record)
+        what = f"LoadGen agent {name}"
+        try:
+            created = self._create("Pod", body, what)
+            record.pod_uid = str(_meta(created).get("uid", ""))
+            pod = self._wait_ready(what, record)
+        except BaseException:
+            self._abandon(record)
+            raise
+        self._started(record, pod)
+        return handle
+
+    def _start_loadgen_job(self, name: str, env: dict[str, str]) -> AgentHandle:
+        ctx = self._context()
+        job_name = objects.salted_name(objects.agent_scope("job-", name), "job", objects.new_salt())
+        body = objects.loadgen_job(
+            ctx, job_name, name, env, active_deadline_s=max(1, int(self.config.ttl_s)),
+            ttl_after_finished_s=self.config.job_ttl_after_finished_s,
+        )
+        handle = AgentHandle(name=name, kind=AgentKind.LOADGEN, address="", node="")
+        record = _Deployed(handle, job=job_name, instance=job_name)
+        self._reserve(record)
+        what = f"LoadGen job {name}"
+        try:
+            self._create("Job", body, what)
+            pod = self._wait_ready(what, record)
+        except BaseException:
+            self._abandon(record)
+            raise
+        self._started(record, pod)
+        return handle
+
+    def _started(self, record: _Deployed, pod: JsonObject, containers: list[str] | None = None) -> None:
+        handle = record.handle
+        record.pod = _name(pod)
+        record.pod_uid = str(_meta(pod).get("uid", "")) or record.pod_uid
+        handle.node = str((pod.get("spec") or {}).get("nodeName", ""))
+        if handle.kind != AgentKind.SUT:
+            handle.address = _address(str((pod.get("status") or {}).get("podIP", "")), objects.GRPC_PORT)
+        handle.labels = {"namespace": self.namespace, "pod": record.pod, "uid": record.pod_uid}
+        if record.service:
+            handle.labels["service"] = record.service
+        if record.job:
+            handle.labels["job"] = record.job
+        if self.config.log_dir is not None:
+            handle.log_path = self.config.log_dir / f"{handle.name}.log"
+            # The agent's own output goes where the local backend puts it; a sidecar server's beside it.
+            for container in containers or [""]:
+                path = handle.log_path
+                if container not in ("", "sut-agent"):
+                    path = handle.log_path.with_suffix(f".{container}.log")
+                record.followers.append(self._follow_log(record.pod, container, path))
+        log.info("agent_started", agent=handle.name, kind=handle.kind.value, pod=record.pod, node=handle.node,
+                 address=handle.address)
+
+    # --- waiting -----------------------------------------------------------------------------
+
+    def _wait_ready(self, what: str, record: _Deployed) -> JsonObject:
+        """Watch the agent's pod until it is Ready; fail at once when it cannot start, and after
+        the ready timeout otherwise, with the pod's state and recent events in the error."""
+        selector = f"{objects.LABEL_INSTANCE}={record.instance}"
+        timeout = self.config.ready_timeout_s
+        deadline = time.monotonic() + timeout
+        last: JsonObject | None = None
+
+        def judge(pod: JsonObject) -> JsonObject | None:
+            nonlocal last
+            last = pod
+            if pod_is_ready(pod):
+                return pod
+            problem = pod_problem(pod)
+            if problem is not None and not (problem.reason == "Unschedulable" and self._scaling_up(pod)):
+                raise self._start_failure(what, record, pod, problem)
+            return None
+
+        listing = self.api.list("Pod", self.namespace, label_selector=selector)
+        for pod in listing.items:
+            if judge(pod) is not None:
+                return pod
+        version = listing.resource_version
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closing.is_set():
+                break
+            try:
+                for event in self.api.watch(
+                    "Pod", self.namespace, label_selector=selector, resource_version=version, timeout_s=remaining
+                ):
+                    version = str(_meta(event.object).get("resourceVersion", version))
+                    if event.type == "BOOKMARK":
+                        continue
+                    if event.type == "DELETED":
+                        raise Unavailable(f"{what}: pod {_name(event.object)} was deleted before it was ready"
+                                          + self._events_suffix(record, event.object))
+                    if judge(event.object) is not None:
+                        return event.object
+                    if self._closing.is_set() or time.monotonic() >= deadline:
+                        break
+            except ClusterApiError as exc:
+                if exc.status != 410:
+                    raise Unavailable(f"{what}: watching its pod failed: {exc}") from None
+                # The watch fell too far behind (history compacted): list again, watch from there.
+                listing = self.api.list("Pod", self.namespace, label_selector=selector)
+                for pod in listing.items:
+                    if judge(pod) is not None:
+                        return pod
+                version = listing.resource_version
+        if self._closing.is_set():
+            raise Unavailable(f"{what}: the kubernetes backend closed while it started")
+        state = _pod_state(last) if last is not None else "no pod was created"
+        raise DeadlineExceeded(
+            f"{what} was not ready within {timeout:g}s ({state})" + self._events_suffix(record, last)
+        )
+
+    def _scaling_up(self, pod: JsonObject) -> bool:
+        return any(event.get("reason") in SCALE_UP_REASONS for event in self._events_of(_name(pod)))
+
+    def _start_failure(self, what: str, record: _Deployed, pod: JsonObject, problem: PodProblem) -> MecbenchError:
+        message = f"{what} cannot start (pod {_name(pod)}): {problem.reason}: {problem.message}".rstrip(": ")
+        if problem.reason == "Unschedulable" and record.gpus:
+            message += self._gpu_capacity()
+        if problem.crashed_container:
+            tail = self._log_tail(_name(pod), problem.crashed_container)
+            if tail:
+                message += f"; last output: {tail}"
+        message += self._events_suffix(record, pod)
+        log.warning("agent_start_failed", agent=record.handle.name, pod=_name(pod), reason=problem.reason)
+        return FailedPrecondition(message)
+
+    def _events_of(self, name: str) -> list[JsonObject]:
+        if not name:
+            return []
+        try:
+            return self.api.list("Event", self.namespace, field_selector=f"involvedObject.name={name}").items
+        except ClusterApiError:
+            return []
+
+    def _events_suffix(self, record: _Deployed, pod: JsonObject | None) -> str:
+        names = [record.job] if record.job else []
+        names.append(_name(pod) if pod is not None else record.pod)
+        events = [event for name in names for event in self._events_of(name)]
+        return f"; events: {format_events(events)}" if events else "; no events"
+
+    def _gpu_capacity(self) -> str:
+        """Allocatable GPUs per node, to tell "none in the cluster" from "all in use"."""
+        try:
+            nodes = self.api.list("Node", "").items
+        except ClusterApiError:
+            return ""
+        counts = [
+            f"{_name(node)}={(node.get('status') or {}).get('allocatable', {}).get(objects.GPU_RESOURCE, '0')}"
+            for node in nodes
+        ]
+        return f" (allocatable {objects.GPU_RESOURCE} by node: {', '.join(counts)})" if counts else ""
+
+    def _log_tail(self, pod: str, container: str) -> str:
+        try:
+            data = b"".join(self.api.read_log(self.namespace, pod, container, tail_lines=LOG_LINES_SHOWN))
+        except ClusterApiError:
+            return ""
+        lines = [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
+        return " | ".join(lines[-3:])[:1000]
+
+    # --- logs --------------------------------------------------------------------------------
+
+    def _follow_log(self, pod: str, container: str, path: Path) -> threading.Thread:
+        """Append the container's output to `path` while the pod lives: run.py's per-repeat log
+        marks read agent logs from files, whichever backend runs the agent."""
+
+        def follow() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with path.open("ab") as out:
+                    for chunk in self.api.read_log(self.namespace, pod, container, follow=True):
+                        out.write(chunk)
+                        out.flush()
+                        if self._closing.is_set():
+                            return
+            except (ClusterApiError, OSError) as exc:
+                log.info("log_follow_ended", pod=pod, container=container, reason=str(exc))
+
+        thread = threading.Thread(target=follow, name=f"log-{pod}", daemon=True)
+        thread.start()
+        return thread
+
+    # --- node agents -------------------------------------------------------------------------
+
+    def node_agents(self) -> dict[str, AgentHandle]:
+        """The ready node agents by node name, from the DaemonSet's pods (label selector)."""
+        listing = self.api.list("Pod", self.namespace, label_selector=self.config.node_agent_selector)
+        return {handle.node: handle for pod in listing.items if (handle := self._node_handle(pod)) is not None}
+
+    def _node_handle(self, pod: JsonObject, name: str = "") -> AgentHandle | None:
+        spec = pod.get("spec") or {}
+        node = str(spec.get("nodeName", ""))
+        ip = str((pod.get("status") or {}).get("podIP", ""))
+        if not pod_is_ready(pod) or not node or not ip:
+            return None
+        port = objects.GRPC_PORT
+        for container in spec.get("containers") or []:
+            for entry in container.get("ports") or []:
+                if entry.get("name") == "grpc":
+                    port = int(entry["containerPort"])
+        return AgentHandle(
+            name=name or f"node-agent-{node}",
+            kind=AgentKind.NODE,
+            address=_address(ip, port),
+            node=node,
+            labels={"namespace": self.namespace, "pod": _name(pod), "uid": str(_meta(pod).get("uid", ""))},
+        )
+
+    def default_node(self) -> str:
+        """Where the node agent without a placement is found: beside the latest SUT (shaping and
+        GPU telemetry concern the SUT's node), or "" for any."""
+        with self._lock:
+            for name in reversed(self._sut_order):
+                record = self._deployed.get(name)
+                if record is not None and record.handle.node:
+                    return record.handle.node
+        return ""
+
+    def _find_node_agent(self, name: str, placement: str) -> AgentHandle:
+        """The node agent on node `placement` (default_node() when ""), waiting for it to be
+        ready (a DaemonSet rolling) up to the ready timeout."""
+        node = placement or self.default_node()
+        selector = self.config.node_agent_selector
+        deadline = time.monotonic() + self.config.ready_timeout_s
+
+        def pick(pods: list[JsonObject]) -> AgentHandle | None:
+            handles = [self._node_handle(pod, name) for pod in pods]
+            found = [h for h in handles if h is not None and (not node or h.node == node)]
+            return sorted(found, key=lambda h: h.node)[0] if found else None
+
+        listing = self.api.list("Pod", self.namespace, label_selector=selector)
+        handle = pick(listing.items)
+        version = listing.resource_version
+        while handle is None and time.monotonic() < deadline and not self._closing.is_set():
+            try:
+                for event in self.api.watch("Pod", self.namespace, label_selector=selector, resource_version=version,
+                                            timeout_s=deadline - time.monotonic()):
+                    version = str(_meta(event.object).get("resourceVersion", version))
+                    if event.type in ("ADDED", "MODIFIED") and (handle := pick([event.object])) is not None:
+                        break
+            except ClusterApiError as exc:
+                if exc.status != 410:
+                    raise Unavailable(f"watching node agents failed: {exc}") from None
+                listing = self.api.list("Pod", self.namespace, label_selector=selector)
+                handle = pick(listing.items)
+                version = listing.resource_version
+        if handle is None:
+            where = f"on node {node}" if node else "on any node"
+            raise DeadlineExceeded(
+                f"no ready node agent {where} within {self.config.ready_timeout_s:g}s (pods in {self.namespace} "
+                f"with {selector}); is the node-agent DaemonSet deployed (deploy/) and tolerated there?"
+            )
+        with self._lock:
+            self._deployed[name] = _Deployed(handle, pod=handle.labels["pod"], pod_uid=handle.labels["uid"],
+                                             owned=False, instance="")
+        return handle
+
+    # --- placement and shaping ---------------------------------------------------------------
+
+    def sut_address_for(self, sut: AgentHandle, client: int) -> str:
+        # The Service's DNS name: stable across the pod's life, and both data-plane ports are on it.
+        return sut.address
+
+    def shaping_points(self, side: str, client: int) -> list[ShapingPoint]:
+        with self._lock:
+            suts = [self._deployed[name].handle for name in self._sut_order if name in self._deployed]
+        if not suts:
+            # Nothing to shape yet; a run asks again once its SUT is deployed.
+            self._check_side(side)
+            return []
+        if len(suts) > 1:
+            raise FailedPrecondition(
+                f"{len(suts)} SUT pods are deployed; shaping needs to know the run's own (sut_shaping_points)"
+            )
+        return self.sut_shaping_points(side, client, suts[0])
+
+    def sut_shaping_points(self, side: str, client: int, sut: AgentHandle) -> list[ShapingPoint]:
+        """The SUT pod's own interface, resolved to its network namespace by the node agent of
+        its node (by pod UID). One pod serves every client, so `client` does not matter."""
+        self._check_side(side)
+        with self._lock:
+            record = self._deployed.get(sut.name)
+        if record is None or not record.pod_uid:
+            raise FailedPrecondition(f"SUT agent {sut.name} is not a pod this backend started")
+        pod = PodRef(self.namespace, record.pod, record.pod_uid)
+        return [ShapingPoint(self.config.pod_interface, "", pod=pod, node=record.handle.node)]
+
+    @staticmethod
+    def _check_side(side: str) -> None:
+        if side != "sut":
+            raise FailedPrecondition(
+                "the kubernetes backend shapes the SUT pod's own interface only (side: sut, with direction "
+                "egress, ingress or both); LoadGen pods are shared by clients or made per repeat, so no "
+                "LoadGen-side interface belongs to one client for a whole run"
+            )
+
+    def needs_new_sut_agent(self, old: sut_agent_pb2.SutConfig, new: sut_agent_pb2.SutConfig) -> bool:
+        """Image, args, env, resources, GPUs and node selector are the pod's: a change takes a
+        new pod. A change of the backend's own settings is a restart inside the agent."""
+        return (
+            old.image != new.image
+            or list(old.args) != list(new.args)
+            or dict(old.env) != dict(new.env)
+            or old.resources != new.resources
+            or old.gpus != new.gpus
+            or dict(old.node_selector) != dict(new.node_selector)
+            or objects.has_server_sidecar(old) != objects.has_server_sidecar(new)
+        )
+
+    # --- stopping ----------------------------------------------------------------------------
+
+    def stop_agent(self, name: str) -> None:
+        with self._lock:
+            record = self._deployed.pop(name, None)
+            if name in self._sut_order:
+                self._sut_order.remove(name)
+        if record is None or not record.owned:
+            return
+        self._delete_objects(record)
+        self._wait_pods_gone(f"{objects.LABEL_INSTANCE}={record.instance}", self.config.delete_timeout_s)
+        log.info("agent_stopped", agent=name, pod=record.pod, job=record.job)
+
+    def _delete_objects(self, record: _Deployed) -> None:
+        targets = [("Job", record.job), ("Service", record.service), ("Pod", "" if record.job else record.pod)]
+        for kind, name in targets:
+            if not name:
+                continue
+            try:
+                # Background: a Job's pods go with it (the API's default for Jobs orphans them).
+                self.api.delete(kind, self.namespace, name, propagation="Background")
+            except ClusterApiError as exc:
+                if exc.status != 404:
+                    log.warning("delete_failed", kind=kind, name=name, error=str(exc))
+
+    def _wait_pods_gone(self, selector: str, timeout: float) -> bool:
+        """Until no pod matches (a stopped SUT's GPU is free for the next one); False on timeout."""
+        deadline = time.monotonic() + timeout
+        try:
+            listing = self.api.list("Pod", self.namespace, label_selector=selector)
+            remaining = {_name(pod) for pod in listing.items}
+            version = listing.resource_version
+            while remaining and time.monotonic() < deadline:
+                for event in self.api.watch("Pod", self.namespace, label_selector=selector,
+                                            resource_version=version, timeout_s=deadline - time.monotonic()):
+                    version = str(_meta(event.object).get("resourceVersion", version))
+                    if event.type == "DELETED":
+                        remaining.discard(_name(event.object))
+                    elif event.type == "ADDED":
+                        remaining.add(_name(event.object))
+                    if not remaining:
+                        break
+        except ClusterApiError as exc:
+            if exc.status == 410:
+                return self._wait_pods_gone(selector, max(0.0, deadline - time.monotonic()))
+            log.warning("wait_for_deletion_failed", selector=selector, error=str(exc))
+            return False
+        if remaining:
+            log.warning("pods_still_terminating", selector=selector, pods=sorted(remaining))
+        return not remaining
+
+    # --- state -------------------------------------------------------------------------------
+
+    def agents(self) -> list[AgentHandle]:
+        with self._lock:
+            records = list(self._deployed.values())
+        try:
+            mine = self.api.list("Pod", self.namespace, label_selector=f"{objects.LABEL_OWNER}={self.owner.name}")
+            nodes = self.api.list("Pod", self.namespace, label_selector=self.config.node_agent_selector)
+        except ClusterApiError as exc:
+            raise Unavailable(f"listing pods failed: {exc}") from None
+        running = {_name(pod) for pod in [*mine.items, *nodes.items] if pod_is_running(pod)}
+        return [record.handle for record in records if record.pod in running]
+
+    def is_alive(self, name: str) -> bool:
+        with self._lock:
+            record = self._deployed.get(name)
+        if record is None or not record.pod:
+            return False
+        try:
+            pod = self.api.get("Pod", self.namespace, record.pod)
+        except ClusterApiError as exc:
+            if exc.status == 404:
+                return False
+            # Cannot tell: an API hiccup must not read as a dead agent and abort a run.
+            log.warning("liveness_unknown", agent=name, error=str(exc))
+            return True
+        # An agent of ours is alive while its pod runs: a readiness probe timing out while a
+        # benchmark saturates it is not death. A node agent must be ready to be worth dialling.
+        return pod_is_running(pod) and (record.owned or pod_is_ready(pod))
+
+    # --- expiry, sweep, close -----------------------------------------------------------------
+
+    def _maintain(self) -> None:
+        # Renewed well within the TTL, so a live owner never looks expired to another controller.
+        interval = min(self.config.maintenance_interval_s, self.config.ttl_s / 4)
+        while not self._closing.wait(interval):
+            try:
+                self.renew()
+                self.sweep()
+            except Exception as exc:  # noqa: BLE001 - maintenance retries next round whatever failed
+                log.warning("maintenance_failed", error=str(exc))
+
+    def renew(self) -> None:
+        """Push the owner's expiry forward: a live controller's objects are never swept."""
+        expires = objects.rfc3339(self._clock() + self.config.ttl_s)
+        self.api.patch("ConfigMap", self.namespace, self.owner.name,
+                       {"metadata": {"annotations": {objects.ANNOTATION_EXPIRES_AT: expires}}})
+
+    def sweep(self) -> list[str]:
+        """Delete what controllers that are gone left behind: MECBench-made objects (by label)
+        whose expiry passed and whose owner is not a live controller's. Objects without the
+        labels, fresh ones, and those of a live owner are left alone. Returns "Kind/name"s."""
+        now = self._clock()
+        selector = objects.MANAGED_SELECTOR
+        try:
+            owners = self.api.list("ConfigMap", self.namespace, label_selector=selector).items
+        except ClusterApiError as exc:
+            log.warning("sweep_failed", error=str(exc))
+            return []
+        live = {
+            _name(cm) for cm in owners
+            if (_meta(cm).get("labels") or {}).get(objects.LABEL_COMPONENT) == objects.Component.OWNER
+            and not _expired(cm, now)
+        }
+        removed: list[str] = []
+        for kind in ("ConfigMap", "Job", "Service", "Pod"):
+            try:
+                items = owners if kind == "ConfigMap" else self.api.list(kind, self.namespace, selector).items
+            except ClusterApiError as exc:
+                log.warning("sweep_failed", kind=kind, error=str(exc))
+                continue
+            for obj in items:
+                meta = _meta(obj)
+                owner = (meta.get("labels") or {}).get(objects.LABEL_OWNER, "")
+                if owner in live or _name(obj) in live or not _expired(obj, now):
+                    continue
+                if kind == "Pod" and any(ref.get("kind") == "Job" for ref in meta.get("ownerReferences") or []):
+                    continue  # its Job is swept, and its pods go with it
+                try:
+                    self.api.delete(kind, self.namespace, _name(obj), propagation="Background")
+                except ClusterApiError as exc:
+                    if exc.status != 404:
+                        log.warning("sweep_delete_failed", kind=kind, name=_name(obj), error=str(exc))
+                    continue
+                removed.append(f"{kind}/{_name(obj)}")
+        if removed:
+            log.info("swept_leftovers", objects=removed)
+        return removed
+
+    def close(self) -> None:
+        """Delete every object this backend made: agents first, then the owner (the garbage
+        collector takes whatever an interrupted start left), and wait for the pods to go."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        with self._lock:
+            records = list(self._deployed.values())
+            self._deployed.clear()
+            self._sut_order.clear()
+        for record in records:
+            if record.owned:
+                self._delete_objects(record)
+        with contextlib.suppress(ClusterApiError):
+            self.api.delete("ConfigMap", self.namespace, self.owner.name, propagation="Background")
+        # Anything labelled as ours that the owner reference did not cover (made elsewhere, or
+        # its reference lost) goes too.
+        for kind in ("Job", "Service", "Pod"):
+            try:
+                items = self.api.list(kind, self.namespace, f"{objects.LABEL_OWNER}={self.owner.name}").items
+            except ClusterApiError:
+                continue
+            for obj in items:
+                if kind == "Pod" and any(ref.get("kind") == "Job" for ref in _meta(obj).get("ownerReferences") or []):
+                    continue
+                with contextlib.suppress(ClusterApiError):
+                    self.api.delete(kind, self.namespace, _name(obj), propagation="Background")
+        self._wait_pods_gone(f"{objects.LABEL_OWNER}={self.owner.name}", self.config.delete_timeout_s)
+        if self._maintainer is not None:
+            self._maintainer.join(timeout=5)
+        log.info("kubernetes_backend_closed", owner=self.owner.name)
+
+
+def _expired(obj: JsonObject, now: float) -> bool:
+    stamp = (_meta(obj).get("annotations") or {}).get(objects.ANNOTATION_EXPIRES_AT, "")
+    moment = objects.parse_rfc3339(stamp) if stamp else None
+    return moment is not None and moment <= now
+
+
+def _address(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _pod_state(pod: JsonObject) -> str:
+    status = pod.get("status") or {}
+    parts = [f"pod {_name(pod)} {status.get('phase', 'Pending')}"]
+    ready = _condition(pod, "Ready")
+    if ready is not None and ready.get("status") != "True":
+        parts.append(f"not ready: {ready.get('reason') or ready.get('message') or 'probe failing'}")
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting")
+        if waiting:
+            parts.append(f"{container.get('name')} waiting: {waiting.get('reason', '')}")
+    return ", ".join(parts)
+
+
+def open_kubernetes_backend(
+    namespace: str,
+    image: str,
+    kubeconfig: str = "",
+    **config: Any,
+) -> KubernetesBackend:
+    """The backend over the real API: in-cluster, or through `kubeconfig`."""
+    api = KubernetesApi.connect(kubeconfig)
+    return KubernetesBackend(api, KubernetesConfig(namespace=namespace, image=image, **config))

@@ -1,0 +1,222 @@
+"""`KubernetesApi`, the real ClusterApi, over HTTP against a stand-in API server on loopback:
+the paths, verbs, content types, query parameters, authentication, chunked watch and log
+streams and Status errors it exchanges with a real API server. (The whole backend against a
+real cluster: MECBENCH_K8S_TEST_KUBECONFIG, see conftest.py.)"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from controller.backends.kubernetes import ClusterApiError, KubernetesApi
+from mecbench.core.errors import FailedPrecondition
+from tests.kubernetes.conftest import real_only
+
+TOKEN = "test-token-123"
+
+
+class StandInApiServer(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    seen: list[dict[str, Any]] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _record(self) -> tuple[str, dict[str, list[str]], Any]:
+        url = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        self.seen.append({"method": self.command, "path": url.path, "query": parse_qs(url.query),
+                          "body": json.loads(json.dumps(body)),
+                          "content_type": self.headers.get("Content-Type"),
+                          "authorization": self.headers.get("Authorization")})
+        return url.path, parse_qs(url.query), body
+
+    def _send(self, code: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _stream(self, chunks: list[bytes]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for chunk in chunks:
+            self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            self.wfile.flush()
+            time.sleep(0.01)
+        self.wfile.write(b"0\r\n\r\n")
+
+    @staticmethod
+    def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+        return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "message": message,
+                "code": code}
+
+    def do_POST(self) -> None:
+        path, _, body = self._record()
+        body["metadata"]["uid"] = "uid-1"
+        body["metadata"]["resourceVersion"] = "5"
+        self._send(201, body) if path.endswith("/pods") else self._send(404, self._status(404, "NotFound", path))
+
+    def do_GET(self) -> None:
+        path, query, _ = self._record()
+        if path.endswith("/log"):
+            self._stream([b"listening on 0.0.0.0:50051\n", b'{"event": "server_listening"}\n'])
+        elif query.get("watch") == ["true"]:
+            if query.get("resourceVersion") == ["1"]:
+                self._stream([json.dumps({"type": "ERROR", "object": self._status(
+                    410, "Expired", "too old resource version: 1 (9)")}).encode() + b"\n"])
+                return
+            pod = {"metadata": {"name": "p", "resourceVersion": "8"}, "status": {"phase": "Pending"}}
+            ready = {"metadata": {"name": "p", "resourceVersion": "9"}, "status": {"phase": "Running"}}
+            # One event split across chunks, two in one: lines, not chunks, delimit events.
+            first = json.dumps({"type": "ADDED", "object": pod}).encode() + b"\n"
+            second = json.dumps({"type": "MODIFIED", "object": ready}).encode() + b"\n"
+            self._stream([first[:10], first[10:] + second])
+        elif path == "/api/v1/namespaces/ns/pods/missing":
+            self._send(404, self._status(404, "NotFound", 'pods "missing" not found'))
+        elif path.endswith("/pods"):
+            self._send(200, {"kind": "PodList", "metadata": {"resourceVersion": "7"},
+                             "items": [{"metadata": {"name": "p"}}]})
+        elif path == "/api/v1/nodes":
+            self._send(200, {"kind": "NodeList", "metadata": {"resourceVersion": "3"},
+                             "items": [{"metadata": {"name": "node-a"}}]})
+        else:
+            self._send(200, {"kind": "Pod", "metadata": {"name": path.rsplit("/", 1)[-1]}})
+
+    def do_PATCH(self) -> None:
+        _, _, body = self._record()
+        self._send(200, {"kind": "ConfigMap", **body})
+
+    def do_DELETE(self) -> None:
+        self._record()
+        self._send(200, {"kind": "Status", "status": "Success"})
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    StandInApiServer.seen = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), StandInApiServer)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def api(server: str, tmp_path: Path) -> KubernetesApi:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "c", "cluster": {"server": server}}],
+        "users": [{"name": "u", "user": {"token": TOKEN}}],
+        "contexts": [{"name": "test", "context": {"cluster": "c", "user": "u", "namespace": "ns"}}],
+    }))
+    return KubernetesApi.connect(str(kubeconfig))
+
+
+def test_create_sends_the_json_it_was_given_and_returns_json(api: KubernetesApi) -> None:
+    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "image": "i", "ports": [{"name": "grpc", "containerPort": 1}]}]}}
+    created = api.create("Pod", "ns", body)
+    assert created["metadata"]["uid"] == "uid-1"
+    [request] = StandInApiServer.seen
+    assert (request["method"], request["path"]) == ("POST", "/api/v1/namespaces/ns/pods")
+    assert request["body"] == body  # exactly what was validated, no model round trip
+    assert request["authorization"] == f"Bearer {TOKEN}"
+    assert request["content_type"] == "application/json"
+
+
+def test_errors_carry_the_status_reason_and_message(api: KubernetesApi) -> None:
+    with pytest.raises(ClusterApiError) as caught:
+        api.get("Pod", "ns", "missing")
+    assert (caught.value.status, caught.value.reason, caught.value.message) == (
+        404, "NotFound", 'pods "missing" not found'
+    )
+
+
+def test_list_with_selectors_and_cluster_scoped_kinds(api: KubernetesApi) -> None:
+    listing = api.list("Pod", "ns", label_selector="a=b,c", field_selector="involvedObject.name=p")
+    assert listing.resource_version == "7"
+    assert listing.items == [{"kind": "Pod", "metadata": {"name": "p"}}]
+    assert StandInApiServer.seen[-1]["query"] == {"labelSelector": ["a=b,c"], "fieldSelector": ["involvedObject.name=p"]}
+    assert [n["metadata"]["name"] for n in api.list("Node", "").items] == ["node-a"]
+    assert StandInApiServer.seen[-1]["path"] == "/api/v1/nodes"
+
+
+def test_watch_streams_events_line_by_line(api: KubernetesApi) -> None:
+    events = list(api.watch("Pod", "ns", label_selector="x=y", resource_version="7", timeout_s=5))
+    assert [(e.type, e.object["metadata"]["resourceVersion"]) for e in events] == [("ADDED", "8"), ("MODIFIED", "9")]
+    query = StandInApiServer.seen[-1]["query"]
+    assert query["watch"] == ["true"] and query["resourceVersion"] == ["7"] and query["timeoutSeconds"] == ["5"]
+    assert query["allowWatchBookmarks"] == ["true"]
+
+
+def test_watch_from_a_compacted_version_is_410(api: KubernetesApi) -> None:
+    with pytest.raises(ClusterApiError) as caught:
+        list(api.watch("Pod", "ns", resource_version="1", timeout_s=5))
+    assert caught.value.status == 410 and caught.value.reason == "Expired"
+
+
+def test_patch_is_a_merge_patch_and_delete_propagates_in_the_background(api: KubernetesApi) -> None:
+    api.patch("ConfigMap", "ns", "owner", {"metadata": {"annotations": {"a": "b"}}})
+    assert StandInApiServer.seen[-1]["content_type"] == "application/merge-patch+json"
+    assert StandInApiServer.seen[-1]["path"] == "/api/v1/namespaces/ns/configmaps/owner"
+    api.delete("Job", "ns", "j")
+    request = StandInApiServer.seen[-1]
+    assert (request["method"], request["path"]) == ("DELETE", "/apis/batch/v1/namespaces/ns/jobs/j")
+    assert request["body"]["propagationPolicy"] == "Background"
+
+
+def test_logs_are_followed(api: KubernetesApi) -> None:
+    data = b"".join(api.read_log("ns", "p", container="sut-agent", follow=True))
+    assert data == b'listening on 0.0.0.0:50051\n{"event": "server_listening"}\n'
+    assert StandInApiServer.seen[-1]["query"] == {"container": ["sut-agent"], "follow": ["true"]}
+
+
+def test_an_unreachable_server_is_status_0() -> None:
+    from kubernetes import client
+
+    configuration = client.Configuration(host="http://127.0.0.1:1")
+    configuration.retries = 0
+    unreachable = KubernetesApi(client.ApiClient(configuration), request_timeout_s=2)
+    with pytest.raises(ClusterApiError) as caught:
+        unreachable.get("Pod", "ns", "p")
+    assert caught.value.status == 0
+
+
+def test_a_missing_kubeconfig_is_a_failed_precondition(tmp_path: Path) -> None:
+    with pytest.raises(FailedPrecondition, match="kubeconfig"):
+        KubernetesApi.connect(str(tmp_path / "nope"))
+
+
+def test_open_backend_selects_kubernetes(tmp_path: Path) -> None:
+    from controller.app import open_backend
+    from controller.settings import ControllerSettings
+
+    settings = ControllerSettings(data_dir=tmp_path, backend="kubernetes", k8s_kubeconfig=str(tmp_path / "nope"))
+    with pytest.raises(FailedPrecondition, match="cannot configure the Kubernetes client"):
+        open_backend(settings)
+
+
+@real_only
+def test_the_real_cluster_answers(tmp_path: Path) -> None:
+    import os
+
+    from tests.kubernetes.conftest import KUBECONFIG_ENV
+
+    real = KubernetesApi.connect(os.environ[KUBECONFIG_ENV])
+    assert real.list("Node", "").items
