@@ -683,6 +683,11 @@ def test_startup_delay_then_sigterm(server: Server, tmp_path: Path) -> None:
                 pass
             time.sleep(0.05)
         assert time.monotonic() - started >= delay
+        # The port file is written once the ports are bound, which may be just after the first
+        # request is answered.
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert time.monotonic() - started < START_TIMEOUT_S, "no port file"
+            time.sleep(0.02)
         assert json.loads(port_file.read_text()) == {"http_port": port, "grpc_port": None}
     finally:
         probe.close()
