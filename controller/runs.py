@@ -95,8 +95,6 @@ class ActiveRun:
     sessions: list[tuple[LoadGenHandle, str]] = field(default_factory=list)
     # Why the run was stopped from the inside (its shaping was lost): it ends FAILED with this.
     failure: str = ""
-    # Each client's latest (live QPS, samples completed) in the repeat running now.
-    client_progress: dict[int, tuple[float, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -457,7 +455,6 @@ class RunManager:
         clients = spec.clients
         with active.changed:
             run.progress.repeat = repeat
-            active.client_progress.clear()
         self.pool.check_alive(sut)
         serving = self.pool.sut_serving(sut)
         server_log_offset = serving.server_log_size
@@ -571,7 +568,7 @@ class RunManager:
                 elif kind == "progress":
                     outcome.live_qps = event.progress.live_qps
                     outcome.samples_completed = event.progress.samples_completed
-                    self._progress(active, outcome.client, event.progress)
+                    self._progress(active, event.progress)
                 elif kind == "finished":
                     outcome.result = event.finished.result
                     outcome.cancelled = event.finished.cancelled
@@ -631,13 +628,11 @@ class RunManager:
     def telemetry(self, run_id: str, since: float) -> list[common_pb2.TelemetrySample]:
         return self.registry.telemetry(run_id=run_id, since=since)
 
-    def _progress(self, active: ActiveRun, client: int, progress: loadgen_agent_pb2.TestProgress) -> None:
-        """The run's live figures: the clients' sum (each reports its own test)."""
+    def _progress(self, active: ActiveRun, progress: loadgen_agent_pb2.TestProgress) -> None:
         with active.changed:
-            active.client_progress[client] = (progress.live_qps, progress.samples_completed)
             active.run.progress.elapsed.CopyFrom(progress.elapsed)
-            active.run.progress.live_qps = sum(qps for qps, _ in active.client_progress.values())
-            active.run.progress.samples_completed = sum(done for _, done in active.client_progress.values())
+            active.run.progress.live_qps = progress.live_qps
+            active.run.progress.samples_completed = progress.samples_completed
         self._publish(active, "progress", persist=False)
 
     def _store_repeat(
