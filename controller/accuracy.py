@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
-from mecbench.core.accuracy import available_scorers, create_scorer, load_labels, parse_accuracy_log
+from mecbench.core.accuracy import create_scorer, load_labels, parse_accuracy_log
 from mecbench.core.errors import FailedPrecondition, InvalidArgument, NotFound, Violations
 from mecbench.v1 import common_pb2
 from store.base import ObjectStore
@@ -16,15 +16,11 @@ MAX_LABELS_BYTES = 512 * 1024 * 1024
 
 
 def validate_accuracy(spec: common_pb2.AccuracySpec, prefix: str, violations: Violations) -> None:
-    scorers = available_scorers()
-    if spec.scorer not in scorers:
-        violations.add(f"{prefix}.scorer", f"must be one of {', '.join(sorted(scorers))}")
-    else:
-        try:
-            create_scorer(spec.scorer, dict(spec.options), prefix)
-        except InvalidArgument as exc:
-            for violation in exc.violations:
-                violations.add(violation.field, violation.description)
+    # Building the scorer is the check: an unknown name or bad options are its InvalidArgument.
+    try:
+        create_scorer(spec.scorer, dict(spec.options), prefix)
+    except InvalidArgument as exc:
+        violations.extend(exc.violations)
     problem = object_uri_problem(spec.labels_uri, "the controller's machine")
     if problem is not None:
         violations.add(f"{prefix}.labels_uri", problem)
