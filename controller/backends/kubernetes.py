@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from controller.backends import k8s_objects as objects
 from controller.backends.base import AgentHandle, AgentKind, DeploymentBackend, PodRef, ShapingPoint
@@ -50,6 +50,10 @@ if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
 log = get_logger("mecbench.controller.kubernetes")
+T = TypeVar("T")
+# The controller's pod, from the downward API (deploy/base/controller.yaml).
+CONTROLLER_POD_ENV = "MECBENCH_K8S_CONTROLLER_POD_NAME"
+CONTROLLER_POD_UID_ENV = "MECBENCH_K8S_CONTROLLER_POD_UID"
 
 # Waiting reasons of a container that will not start without someone changing something: the
 # kubelet keeps retrying, but a benchmark should say why at once rather than wait out a timeout.
@@ -249,17 +253,18 @@ class KubernetesApi:
             query.append(("resourceVersion", resource_version))
         # The server ends the watch after timeoutSeconds; the read timeout only guards a dead link.
         response = self._request("GET", _path(kind, namespace), query=query, timeout=(10.0, timeout_s + 30.0))
-        try:
+        with _streamed(response.response, "watch"):
             for line in _lines(response.response.stream(65536)):
-                event = json.loads(line)
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    raise ClusterApiError(0, "StreamBroken", f"watch: not a JSON event: {line[:200]!r}") from None
                 if event.get("type") == "ERROR":
                     status = event.get("object") or {}
                     raise ClusterApiError(
                         int(status.get("code", 500)), str(status.get("reason", "")), str(status.get("message", ""))
                     )
                 yield WatchEvent(str(event.get("type")), event.get("object") or {})
-        finally:
-            response.response.release_conn()
 
     def read_log(
         self, namespace: str, pod: str, container: str = "", follow: bool = False, tail_lines: int = 0
@@ -273,10 +278,32 @@ class KubernetesApi:
             query.append(("tailLines", str(tail_lines)))
         timeout = (10.0, 24 * 3600.0) if follow else self._timeout
         response = self._request("GET", f"{_path('Pod', namespace, pod)}/log", query=query, timeout=timeout)
-        try:
+        with _streamed(response.response, "log"):
             yield from response.response.stream(65536)
-        finally:
-            response.response.release_conn()
+
+
+@contextlib.contextmanager
+def _streamed(response: Any, what: str) -> Iterator[None]:
+    """Around reading a streamed reply (watch, log). A stream left before its end (the awaited
+    event came, the caller stopped) still has unread bytes on its connection: returned to the pool
+    as it is, the next request on it (a POST, which urllib3 does not retry) would fail. So the
+    connection goes back only when the reply was read to its end, and is closed otherwise. A
+    stream that breaks mid-way (the API server restarted, a proxy cut it) is ClusterApiError
+    status 0, which the waits answer by listing and watching again."""
+    finished = False
+    try:
+        yield
+        finished = True
+    except ClusterApiError:
+        raise
+    except GeneratorExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - urllib3's ProtocolError, ReadTimeoutError, OSError...
+        raise ClusterApiError(0, "StreamBroken", f"{what} stream broke: {type(exc).__name__}: {exc}") from None
+    finally:
+        if not finished:
+            response.close()
+        response.release_conn()
 
 
 def _selectors(label_selector: str, field_selector: str) -> list[tuple[str, str]]:
@@ -430,6 +457,11 @@ class KubernetesConfig:
     log_dir: Path | None = None
     # Renewal of the owner's expiry and the sweep run this often (and once at start).
     maintenance_interval_s: float = 300.0
+    # The controller's own pod (downward API: metadata.name, metadata.uid); "" = not in a pod,
+    # or $MECBENCH_K8S_CONTROLLER_POD_NAME / _UID. Its owner is tied to that pod: a successor
+    # sweeps what a dead or restarted predecessor left (issue 20: restarts leave nothing behind).
+    controller_pod: str = ""
+    controller_pod_uid: str = ""
 
 
 @dataclass
@@ -465,13 +497,19 @@ class KubernetesBackend(DeploymentBackend):
         self._deployed: dict[str, _Deployed] = {}
         self._sut_order: list[str] = []
         self._closing = threading.Event()
-        instance = self.config.controller or os.environ.get("HOSTNAME", "") or "controller"
-        self.controller = objects.dns_label(instance, 30)
-        self.sweep()
+        self.host = self.config.controller or os.environ.get("HOSTNAME", "") or "controller"
+        self.controller = objects.dns_label(self.host, 30)
+        pod_name = self.config.controller_pod or os.environ.get(CONTROLLER_POD_ENV, "")
+        pod_uid = self.config.controller_pod_uid or os.environ.get(CONTROLLER_POD_UID_ENV, "")
+        self.controller_pod = objects.OwnerRef(pod_name, pod_uid) if pod_name and pod_uid else None
+        self._owner_name = ""  # none yet: the start sweep runs before this controller's owner exists
+        # What this controller's predecessors left (a crash, an OOM kill, a stop that outlasted
+        # its grace period) goes now, not when its expiry passes a day later holding GPUs.
+        self.sweep(at_start=True)
         owner_name = objects.salted_name(self.controller, "owner", objects.new_salt())
         ctx = self._context(bootstrap_owner=owner_name)
         try:
-            body = objects.owner_configmap(ctx, owner_name, self.controller)
+            body = objects.owner_configmap(ctx, owner_name, self.controller, self.host, self.controller_pod)
             created = self.api.create("ConfigMap", self.namespace, body)
         except ClusterApiError as exc:
             raise FailedPrecondition(
@@ -479,6 +517,7 @@ class KubernetesBackend(DeploymentBackend):
                 f"{exc.message}); is the namespace there and the controller's Role bound?"
             ) from None
         self.owner = objects.OwnerRef(owner_name, str(_meta(created).get("uid", "")))
+        self._owner_name = owner_name
         self._maintainer: threading.Thread | None = None
         if maintain:
             self._maintainer = threading.Thread(target=self._maintain, name="k8s-maintenance", daemon=True)
@@ -640,6 +679,57 @@ class KubernetesBackend(DeploymentBackend):
 
     # --- waiting -----------------------------------------------------------------------------
 
+    def _follow_pods(
+        self,
+        what: str,
+        selector: str,
+        deadline: float,
+        on_list: Callable[[list[JsonObject]], T | None],
+        on_event: Callable[[WatchEvent], T | None],
+        stop_on_close: bool = True,
+    ) -> T | None:
+        """List the pods matching `selector`, then watch them from that list's version, until
+        `on_list` or `on_event` returns something (returned), the deadline passes or the backend
+        closes (None). A watch too far behind (410), a stream that breaks mid-way, an API server
+        restarting or throttling (status 0, 429, 5xx) is answered by listing and watching again,
+        as a real API server's clients must; only a refusal (403, 404, ...) ends the wait."""
+        version = ""
+        backoff = 0.1
+        closing = self._closing if stop_on_close else threading.Event()
+        while time.monotonic() < deadline and not closing.is_set():
+            try:
+                if not version:
+                    listing = self.api.list("Pod", self.namespace, label_selector=selector)
+                    found = on_list(listing.items)
+                    if found is not None:
+                        return found
+                    version = listing.resource_version
+                for event in self.api.watch(
+                    "Pod", self.namespace, label_selector=selector, resource_version=version,
+                    timeout_s=max(0.001, deadline - time.monotonic()),
+                ):
+                    version = str(_meta(event.object).get("resourceVersion", version)) or version
+                    if event.type == "BOOKMARK":
+                        continue  # only its resourceVersion matters: where to watch from next time
+                    found = on_event(event)
+                    if found is not None:
+                        return found
+                    if closing.is_set() or time.monotonic() >= deadline:
+                        return None
+                backoff = 0.1
+            except ClusterApiError as exc:
+                if exc.status == 410:
+                    # The watch fell too far behind (history compacted): list again, watch from there.
+                    version = ""
+                    continue
+                if exc.status not in (0, 429) and exc.status < 500:
+                    raise Unavailable(f"{what}: watching its pods failed: {exc}") from None
+                log.warning("watch_interrupted", what=what, error=str(exc))
+                version = ""
+                closing.wait(max(0.0, min(backoff, deadline - time.monotonic())))
+                backoff = min(backoff * 2, 5.0)
+        return None
+
     def _wait_ready(self, what: str, record: _Deployed) -> JsonObject:
         """Watch the agent's pod until it is Ready; fail at once when it cannot start, and after
         the ready timeout otherwise, with the pod's state and recent events in the error."""
@@ -658,38 +748,21 @@ class KubernetesBackend(DeploymentBackend):
                 raise self._start_failure(what, record, pod, problem)
             return None
 
-        listing = self.api.list("Pod", self.namespace, label_selector=selector)
-        for pod in listing.items:
-            if judge(pod) is not None:
-                return pod
-        version = listing.resource_version
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._closing.is_set():
-                break
-            try:
-                for event in self.api.watch(
-                    "Pod", self.namespace, label_selector=selector, resource_version=version, timeout_s=remaining
-                ):
-                    version = str(_meta(event.object).get("resourceVersion", version))
-                    if event.type == "BOOKMARK":
-                        continue
-                    if event.type == "DELETED":
-                        raise Unavailable(f"{what}: pod {_name(event.object)} was deleted before it was ready"
-                                          + self._events_suffix(record, event.object))
-                    if judge(event.object) is not None:
-                        return event.object
-                    if self._closing.is_set() or time.monotonic() >= deadline:
-                        break
-            except ClusterApiError as exc:
-                if exc.status != 410:
-                    raise Unavailable(f"{what}: watching its pod failed: {exc}") from None
-                # The watch fell too far behind (history compacted): list again, watch from there.
-                listing = self.api.list("Pod", self.namespace, label_selector=selector)
-                for pod in listing.items:
-                    if judge(pod) is not None:
-                        return pod
-                version = listing.resource_version
+        def listed(pods: list[JsonObject]) -> JsonObject | None:
+            for pod in pods:
+                if judge(pod) is not None:
+                    return pod
+            return None
+
+        def changed(event: WatchEvent) -> JsonObject | None:
+            if event.type == "DELETED":
+                raise Unavailable(f"{what}: pod {_name(event.object)} was deleted before it was ready"
+                                  + self._events_suffix(record, event.object))
+            return judge(event.object)
+
+        ready = self._follow_pods(what, selector, deadline, listed, changed)
+        if ready is not None:
+            return ready
         if self._closing.is_set():
             raise Unavailable(f"{what}: the kubernetes backend closed while it started")
         state = _pod_state(last) if last is not None else "no pod was created"
@@ -816,22 +889,10 @@ class KubernetesBackend(DeploymentBackend):
             found = [h for h in handles if h is not None and (not node or h.node == node)]
             return sorted(found, key=lambda h: h.node)[0] if found else None
 
-        listing = self.api.list("Pod", self.namespace, label_selector=selector)
-        handle = pick(listing.items)
-        version = listing.resource_version
-        while handle is None and time.monotonic() < deadline and not self._closing.is_set():
-            try:
-                for event in self.api.watch("Pod", self.namespace, label_selector=selector, resource_version=version,
-                                            timeout_s=deadline - time.monotonic()):
-                    version = str(_meta(event.object).get("resourceVersion", version))
-                    if event.type in ("ADDED", "MODIFIED") and (handle := pick([event.object])) is not None:
-                        break
-            except ClusterApiError as exc:
-                if exc.status != 410:
-                    raise Unavailable(f"watching node agents failed: {exc}") from None
-                listing = self.api.list("Pod", self.namespace, label_selector=selector)
-                handle = pick(listing.items)
-                version = listing.resource_version
+        handle = self._follow_pods(
+            "node agents", selector, deadline, pick,
+            lambda event: pick([event.object]) if event.type in ("ADDED", "MODIFIED") else None,
+        )
         if handle is None:
             where = f"on node {node}" if node else "on any node"
             raise DeadlineExceeded(
@@ -923,28 +984,29 @@ class KubernetesBackend(DeploymentBackend):
     def _wait_pods_gone(self, selector: str, timeout: float) -> bool:
         """Until no pod matches (a stopped SUT's GPU is free for the next one); False on timeout."""
         deadline = time.monotonic() + timeout
+        remaining: set[str] = set()
+
+        def listed(pods: list[JsonObject]) -> bool | None:
+            remaining.clear()
+            remaining.update(_name(pod) for pod in pods)
+            return True if not remaining else None
+
+        def changed(event: WatchEvent) -> bool | None:
+            if event.type == "DELETED":
+                remaining.discard(_name(event.object))
+            elif event.type == "ADDED":
+                remaining.add(_name(event.object))
+            return True if not remaining else None
+
         try:
-            listing = self.api.list("Pod", self.namespace, label_selector=selector)
-            remaining = {_name(pod) for pod in listing.items}
-            version = listing.resource_version
-            while remaining and time.monotonic() < deadline:
-                for event in self.api.watch("Pod", self.namespace, label_selector=selector,
-                                            resource_version=version, timeout_s=deadline - time.monotonic()):
-                    version = str(_meta(event.object).get("resourceVersion", version))
-                    if event.type == "DELETED":
-                        remaining.discard(_name(event.object))
-                    elif event.type == "ADDED":
-                        remaining.add(_name(event.object))
-                    if not remaining:
-                        break
-        except ClusterApiError as exc:
-            if exc.status == 410:
-                return self._wait_pods_gone(selector, max(0.0, deadline - time.monotonic()))
+            # Not cut short by close(): close waits here for its own pods.
+            gone = self._follow_pods("deletion", selector, deadline, listed, changed, stop_on_close=False)
+        except Unavailable as exc:
             log.warning("wait_for_deletion_failed", selector=selector, error=str(exc))
             return False
-        if remaining:
+        if gone is None:
             log.warning("pods_still_terminating", selector=selector, pods=sorted(remaining))
-        return not remaining
+        return gone is not None
 
     # --- state -------------------------------------------------------------------------------
 
@@ -994,10 +1056,35 @@ class KubernetesBackend(DeploymentBackend):
         self.api.patch("ConfigMap", self.namespace, self.owner.name,
                        {"metadata": {"annotations": {objects.ANNOTATION_EXPIRES_AT: expires}}})
 
-    def sweep(self) -> list[str]:
+    def _dead_owner(self, owner: JsonObject, now: float, at_start: bool) -> bool:
+        """Whether an owner's controller is gone: its expiry passed; or it was tied to a
+        controller pod that no longer exists (or is another pod of that name); or, at start, it
+        was made by this very controller before a restart (same pod uid, or out of a cluster the
+        same host and name): a controller never meets its own owner at start."""
+        if _expired(owner, now):
+            return True
+        if _name(owner) == self._owner_name:
+            return False
+        data = owner.get("data") or {}
+        pod, uid = str(data.get("pod", "")), str(data.get("podUid", ""))
+        if at_start:
+            if uid and self.controller_pod is not None and uid == self.controller_pod.uid:
+                return True
+            if not uid and self.controller_pod is None and data.get("host") == self.host:
+                return True
+        if pod and uid:
+            try:
+                found = self.api.get("Pod", self.namespace, pod)
+            except ClusterApiError as exc:
+                return exc.status == 404
+            return str(_meta(found).get("uid", "")) != uid
+        return False
+
+    def sweep(self, at_start: bool = False) -> list[str]:
         """Delete what controllers that are gone left behind: MECBench-made objects (by label)
-        whose expiry passed and whose owner is not a live controller's. Objects without the
-        labels, fresh ones, and those of a live owner are left alone. Returns "Kind/name"s."""
+        of an owner that is dead (see _dead_owner), or whose own expiry passed while their owner
+        is not a live controller's. Objects without the labels, fresh ones of no known owner, and
+        those of a live owner are left alone. Returns "Kind/name"s."""
         now = self._clock()
         selector = objects.MANAGED_SELECTOR
         try:
@@ -1005,11 +1092,14 @@ class KubernetesBackend(DeploymentBackend):
         except ClusterApiError as exc:
             log.warning("sweep_failed", error=str(exc))
             return []
-        live = {
-            _name(cm) for cm in owners
+        owners_seen = [
+            cm for cm in owners
             if (_meta(cm).get("labels") or {}).get(objects.LABEL_COMPONENT) == objects.Component.OWNER
-            and not _expired(cm, now)
-        }
+        ]
+        # A controller known gone (its pod, or this one's predecessor) takes all its objects;
+        # one that only let its expiry pass leaves objects that are fresh themselves.
+        gone = {_name(cm) for cm in owners_seen if not _expired(cm, now) and self._dead_owner(cm, now, at_start)}
+        live = {_name(cm) for cm in owners_seen if not _expired(cm, now)} - gone
         removed: list[str] = []
         for kind in ("ConfigMap", "Job", "Service", "Pod"):
             try:
@@ -1020,7 +1110,9 @@ class KubernetesBackend(DeploymentBackend):
             for obj in items:
                 meta = _meta(obj)
                 owner = (meta.get("labels") or {}).get(objects.LABEL_OWNER, "")
-                if owner in live or _name(obj) in live or not _expired(obj, now):
+                if owner in live or _name(obj) in live:
+                    continue
+                if owner not in gone and _name(obj) not in gone and not _expired(obj, now):
                     continue
                 if kind == "Pod" and any(ref.get("kind") == "Job" for ref in meta.get("ownerReferences") or []):
                     continue  # its Job is swept, and its pods go with it

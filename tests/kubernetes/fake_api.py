@@ -177,6 +177,16 @@ class FakeCluster:
         self._logs: dict[tuple[str, str, str], bytearray] = {}
         self._closed = False
         self.requests: list[tuple[str, str, str]] = []  # (verb, kind, name), for assertions
+        # How a real API server's watches and lists misbehave, switched on by the tests:
+        # watches that send BOOKMARKs while idle (as with allowWatchBookmarks); the next
+        # `cut_watches` watches break after their first event (a restart, a proxy's idle cut);
+        # the next `expire_watches` answer 410 Gone; the next `unreachable_lists` lists fail as
+        # an API server that is restarting does (status 0).
+        self.bookmarks = False
+        self.cut_watches = 0
+        self.expire_watches = 0
+        self.unreachable_lists = 0
+        self.watches_cut = 0
         for namespace in namespaces:
             self.create("Namespace", "", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
         self._worker = threading.Thread(target=self._run_timers, name="fake-cluster", daemon=True)
@@ -279,6 +289,10 @@ class FakeCluster:
 
     def list(self, kind: str, namespace: str, label_selector: str = "", field_selector: str = "") -> Listing:
         with self._cond:
+            if self.unreachable_lists > 0 and kind == "Pod":
+                self.unreachable_lists -= 1
+                raise ClusterApiError(0, "Unreachable", "ProtocolError: ('Connection aborted.', "
+                                                        "RemoteDisconnected('Remote end closed connection'))")
             items = [copy.deepcopy(obj) for obj in self._matching(kind, namespace, label_selector, field_selector)]
             return Listing(items, str(self._rv))
 
@@ -371,6 +385,12 @@ class FakeCluster:
     ) -> Iterator[WatchEvent]:
         deadline = time.monotonic() + timeout_s
         with self._cond:
+            if self.expire_watches > 0:
+                self.expire_watches -= 1
+                raise ClusterApiError(410, "Expired", f"too old resource version: {resource_version} ({self._rv})")
+            cut = self.cut_watches > 0
+            if cut:
+                self.cut_watches -= 1
             if resource_version and int(resource_version) < self._compacted:
                 raise ClusterApiError(410, "Expired", f"too old resource version: {resource_version} ({self._rv})")
             start = int(resource_version) if resource_version else self._rv
@@ -379,23 +399,41 @@ class FakeCluster:
             index = next((i for i, entry in enumerate(self._history) if entry[0] > start), len(self._history))
         for obj in initial:
             yield WatchEvent("ADDED", obj)
+        sent = 0
         while True:
+            bookmark = ""
             with self._cond:
                 while index >= len(self._history) and not self._closed:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return
-                    self._cond.wait(remaining)
+                    if self.bookmarks:
+                        # Idle: the API server says how far the watch has got, and nothing else.
+                        self._cond.wait(min(remaining, 2 * self.step_s))
+                        if index >= len(self._history):
+                            bookmark = str(self._rv)
+                            break
+                    else:
+                        self._cond.wait(remaining)
                 if self._closed:
                     return
                 batch = self._history[index:]
                 index = len(self._history)
+            if bookmark:
+                yield WatchEvent("BOOKMARK", {"kind": kind, "apiVersion": _API_VERSIONS.get(kind, "v1"),
+                                              "metadata": {"resourceVersion": bookmark}})
             for _, k, ns, event_type, obj in batch:
                 if k != kind or (namespace and ns != namespace):
                     continue
                 if label_matches(obj["metadata"].get("labels") or {}, label_selector) and field_matches(
                     obj, field_selector
                 ):
+                    if cut and sent >= 1:
+                        with self._cond:
+                            self.watches_cut += 1
+                        raise ClusterApiError(0, "StreamBroken", "watch stream broke: ProtocolError: "
+                                                                 "('Response ended prematurely')")
+                    sent += 1
                     yield WatchEvent(event_type, copy.deepcopy(obj))
 
     def read_log(

@@ -6,6 +6,8 @@ real cluster: MECBENCH_K8S_TEST_KUBECONFIG, see conftest.py.)"""
 from __future__ import annotations
 
 import json
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ TOKEN = "test-token-123"
 class StandInApiServer(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     seen: list[dict[str, Any]] = []
+    client_left_streams = 0
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -48,7 +51,11 @@ class StandInApiServer(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _stream(self, chunks: list[bytes]) -> None:
+    def _stream(self, chunks: list[bytes], hold_s: float = 0.0, cut: bool = False) -> None:
+        """A chunked reply. As a real API server does with a watch, the stream then stays open
+        for `hold_s` (its timeoutSeconds) with nothing more to say, unless the client goes first;
+        `cut` ends it mid-way instead: the connection closes without the final chunk, as when the
+        API server restarts or a proxy drops it."""
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -57,7 +64,24 @@ class StandInApiServer(BaseHTTPRequestHandler):
             self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
             self.wfile.flush()
             time.sleep(0.01)
-        self.wfile.write(b"0\r\n\r\n")
+        if cut:
+            self.wfile.write(b"40\r\n" + b'{"type": "MODIFIED", "obj')  # a chunk promised, half sent
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
+        deadline = time.monotonic() + hold_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.connection], [], [], min(remaining, 0.05))
+            if readable:
+                # The client closed the stream (or, misbehaving, sent its next request on it).
+                StandInApiServer.client_left_streams += 1
+                self.close_connection = True
+                return
+        try:
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True
 
     @staticmethod
     def _status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -73,8 +97,13 @@ class StandInApiServer(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path, query, _ = self._record()
         if path.endswith("/log"):
-            self._stream([b"listening on 0.0.0.0:50051\n", b'{"event": "server_listening"}\n'])
+            # Pod "running": its container lives on, so a followed log stays open (as on a real
+            # API server); the others' containers have exited: the log ends.
+            running = "/pods/running/" in path and query.get("follow") == ["true"]
+            self._stream([b"listening on 0.0.0.0:50051\n", b'{"event": "server_listening"}\n'],
+                         hold_s=30.0 if running else 0.0)
         elif query.get("watch") == ["true"]:
+            hold_s = float(query.get("timeoutSeconds", ["0"])[0])
             if query.get("resourceVersion") == ["1"]:
                 self._stream([json.dumps({"type": "ERROR", "object": self._status(
                     410, "Expired", "too old resource version: 1 (9)")}).encode() + b"\n"])
@@ -84,7 +113,8 @@ class StandInApiServer(BaseHTTPRequestHandler):
             # One event split across chunks, two in one: lines, not chunks, delimit events.
             first = json.dumps({"type": "ADDED", "object": pod}).encode() + b"\n"
             second = json.dumps({"type": "MODIFIED", "object": ready}).encode() + b"\n"
-            self._stream([first[:10], first[10:] + second])
+            self._stream([first[:10], first[10:] + second], hold_s=hold_s,
+                         cut=query.get("resourceVersion") == ["cut"])
         elif path == "/api/v1/namespaces/ns/pods/missing":
             self._send(404, self._status(404, "NotFound", 'pods "missing" not found'))
         elif path.endswith("/pods"):
@@ -108,6 +138,7 @@ class StandInApiServer(BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[str]:
     StandInApiServer.seen = []
+    StandInApiServer.client_left_streams = 0
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), StandInApiServer)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -158,11 +189,51 @@ def test_list_with_selectors_and_cluster_scoped_kinds(api: KubernetesApi) -> Non
 
 
 def test_watch_streams_events_line_by_line(api: KubernetesApi) -> None:
-    events = list(api.watch("Pod", "ns", label_selector="x=y", resource_version="7", timeout_s=5))
+    events = list(api.watch("Pod", "ns", label_selector="x=y", resource_version="7", timeout_s=1))
     assert [(e.type, e.object["metadata"]["resourceVersion"]) for e in events] == [("ADDED", "8"), ("MODIFIED", "9")]
     query = StandInApiServer.seen[-1]["query"]
-    assert query["watch"] == ["true"] and query["resourceVersion"] == ["7"] and query["timeoutSeconds"] == ["5"]
+    assert query["watch"] == ["true"] and query["resourceVersion"] == ["7"] and query["timeoutSeconds"] == ["1"]
     assert query["allowWatchBookmarks"] == ["true"]
+    # Read to its end: the connection is reused for what follows.
+    api.get("Pod", "ns", "p")
+
+
+def test_a_watch_left_early_does_not_poison_the_connection_pool(api: KubernetesApi) -> None:
+    """Issue 20 (1): the backend leaves every watch once it has what it waited for, while the
+    API server still holds the stream open. The POST after it must not go out on that connection."""
+    for _ in range(3):
+        for event in api.watch("Pod", "ns", resource_version="7", timeout_s=30):
+            assert event.type == "ADDED"
+            break  # what the waits do: return on the awaited event
+        body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": []}}
+        assert api.create("Pod", "ns", body)["metadata"]["uid"] == "uid-1"
+    assert [r["method"] for r in StandInApiServer.seen] == ["GET", "POST"] * 3
+    # The streams left early were closed by the client, not held for their 30 s.
+    deadline = time.monotonic() + 5
+    while StandInApiServer.client_left_streams < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert StandInApiServer.client_left_streams == 3
+
+
+def test_a_log_stream_left_early_does_not_poison_the_connection_pool(api: KubernetesApi) -> None:
+    stream = api.read_log("ns", "running", container="sut-agent", follow=True)
+    assert next(stream).startswith(b"listening")
+    stream.close()
+    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": []}}
+    assert api.create("Pod", "ns", body)["metadata"]["uid"] == "uid-1"
+
+
+def test_a_watch_cut_mid_way_is_status_0_not_a_protocol_error(api: KubernetesApi) -> None:
+    """Issue 20 (4): the stream breaks (API server restart): ClusterApiError, which the waits
+    answer by listing and watching again, never urllib3's ProtocolError escaping them."""
+    events = []
+    with pytest.raises(ClusterApiError) as caught:
+        for event in api.watch("Pod", "ns", resource_version="cut", timeout_s=30):
+            events.append(event.type)
+    assert events == ["ADDED", "MODIFIED"]
+    assert caught.value.status == 0 and caught.value.reason == "StreamBroken"
+    # The pool is still good.
+    assert api.get("Pod", "ns", "p")["metadata"]["name"] == "p"
 
 
 def test_watch_from_a_compacted_version_is_410(api: KubernetesApi) -> None:
