@@ -190,15 +190,25 @@ def _labels(ctx: ObjectContext, name: str, component: Component, experiment: str
     }
 
 
-def owner_configmap(ctx: ObjectContext, name: str, controller: str) -> JsonObject:
-    """The per-controller owner: deleting it garbage-collects every object that names it."""
+def owner_configmap(ctx: ObjectContext, name: str, controller: str, host: str = "",
+                    controller_pod: OwnerRef | None = None) -> JsonObject:
+    """The per-controller owner: deleting it garbage-collects every object that names it. It
+    records which controller made it: `host` (its pod's name in a cluster, its hostname outside)
+    and, in a cluster, the controller's pod (name and uid, from the downward API), which it is
+    owned by in turn: when that pod is deleted, the garbage collector takes everything."""
     meta = _metadata(ctx, name, Component.OWNER, "controller", controller)
     meta.pop("ownerReferences", None)
+    data = {"controller": controller, "host": host or controller}
+    if controller_pod is not None:
+        data.update(pod=controller_pod.name, podUid=controller_pod.uid)
+        meta["ownerReferences"] = [
+            {"apiVersion": "v1", "kind": "Pod", "name": controller_pod.name, "uid": controller_pod.uid}
+        ]
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": meta,
-        "data": {"controller": controller},
+        "data": data,
     }
 
 
