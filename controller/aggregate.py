@@ -95,7 +95,7 @@ def aggregate_results(
 def mark_failures(result: common_pb2.TestResult, sample_errors: int, first_error: str, sut_failure: str) -> None:
     """A result whose samples failed at the SUT measured failures, not inference: LoadGen counts
     them as completed, so it is marked INVALID here, saying why."""
-    if sample_errors:
+    if sample_errors and not result.failed_samples:  # else the LoadGen agent said it, by kind
         result.valid = False
         detail = first_error or "no detail"
         result.invalid_reasons.append(f"{sample_errors} samples failed at the SUT (first: {detail})")

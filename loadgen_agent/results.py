@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -318,3 +319,50 @@ def extract_sample_latencies(trace_path: Path, destination: Path) -> int:
         np.save(handle, array)
     trace_path.unlink()
     return len(rows)
+
+
+# Latencies and token figures above this are overflowed or garbage, not measurements (a week).
+_MAX_SANE_NS = 7 * 24 * 3600 * 10**9
+_LATENCY_FIELDS: tuple[Literal["latency", "ttft", "tpot"], ...] = ("latency", "ttft", "tpot")
+
+
+def check_values(result: common_pb2.TestResult) -> list[str]:
+    """Every summary value out of any possible range, named with its value: a negative or
+    overflowed latency (LoadGen's INT64_MIN for a sample without a first token), a negative or
+    non-finite throughput. Such values are a measurement bug; the caller marks the result."""
+    problems: list[str] = []
+    for name in _LATENCY_FIELDS:
+        if not result.HasField(name):
+            continue
+        stats = getattr(result, name)
+        for attr in ("min", "max", "mean", *(p for p, _ in _PERCENTILES)):
+            if not stats.HasField(attr):
+                continue
+            ns = durations.to_ns(getattr(stats, attr))
+            if ns < 0 or ns > _MAX_SANE_NS:
+                problems.append(f"{name}.{attr} = {ns} ns")
+    throughputs = ("samples_per_second", "completed_samples_per_second", "scheduled_samples_per_second")
+    for attr in (*throughputs, "tokens_per_second"):
+        value = getattr(result, attr)
+        if not np.isfinite(value) or value < 0:
+            problems.append(f"{attr} = {value}")
+    return problems
+
+
+def apply_integrity(result: common_pb2.TestResult, failed_by_kind: dict[str, int], messages: list[str]) -> None:
+    """Failed samples and out-of-range values into the result; either makes it INVALID, saying
+    why (LoadGen counts a failed sample as completed, so its own verdict cannot tell)."""
+    failed = sum(failed_by_kind.values())
+    if failed:
+        result.failed_samples = failed
+        result.failed_samples_by_kind.update(failed_by_kind)
+        result.sample_errors.extend(messages)
+        result.valid = False
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(failed_by_kind.items()))
+        first = messages[0] if messages else "no detail"
+        result.invalid_reasons.append(f"{failed} samples failed at the SUT ({kinds}; first: {first})")
+    problems = check_values(result)
+    if problems:
+        result.value_errors.extend(problems)
+        result.valid = False
+        result.invalid_reasons.append("summary values out of range (a measurement bug): " + "; ".join(problems))

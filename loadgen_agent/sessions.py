@@ -39,7 +39,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from loadgen_agent.datasets import uri_problem
 from loadgen_agent.protocol import Message, MessageWriter, error_from_message, read_message
-from loadgen_agent.results import iter_file_chunks, parse_result_dir
+from loadgen_agent.results import apply_integrity, iter_file_chunks, parse_result_dir
 from loadgen_agent.settings import LoadGenAgentSettings
 from loadgen_agent.settings_builder import validate_settings
 from loadgen_agent.worker import DEFAULT_SAMPLE_COUNT, synthetic_sample_bytes
@@ -682,6 +682,12 @@ class SessionManager:
             finished.mean_batch_size = finished.samples_sent / finished.batches_sent
         if test.outdir.is_dir():
             finished.result.CopyFrom(parse_result_dir(test.outdir, test.settings.scenario, test.settings.mode))
+            by_kind = message.get("failed_samples_by_kind") or {}
+            apply_integrity(
+                finished.result,
+                {str(kind): int(count) for kind, count in by_kind.items()},
+                [str(m) for m in message.get("sample_error_messages") or []],
+            )
             for chunk in iter_file_chunks(test.outdir, self.settings.log_chunk_bytes):
                 yield event(log_chunk=chunk)
         yield event(finished=finished)

@@ -32,7 +32,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -51,6 +51,7 @@ from mecbench.core.framing import FrameError, FrameReader, FrameWriter, read_fra
 from mecbench.core.logging import configure_logging, get_logger
 from mecbench.core.server import split_address
 from mecbench.core.tls import TlsSettings, TlsStream, ssl_client_context
+from mecbench.servers.errors import ErrorTally
 from mecbench.v1 import common_pb2, loadgen_agent_pb2, sut_agent_pb2, sut_agent_pb2_grpc
 from store.layout import SAMPLE_LATENCIES_NAME
 
@@ -63,6 +64,12 @@ DEFAULT_RESPONSE_TIMEOUT_S = 60.0
 # LoadGen is handed at most this many responses per QuerySamplesComplete when we answer queries
 # ourselves (cancel, abort), to bound the size of one call.
 _COMPLETE_CHUNK = 8192
+# LoadGen's rules for token latencies (mlperf_loadgen 6.0): a sample's first token must be
+# reported before the sample completes, and a completed sample must count more than one token
+# ("Number of tokens need to be greater than 1"), or its TTFT reads INT64_MIN and its TPOT goes
+# negative in the summary. A sample that failed or was aborted is given both at the time it
+# failed: TTFT = time to failure, this many tokens (TPOT then about 0); the result is INVALID anyway.
+FAILED_SAMPLE_TOKENS = 2
 
 _DTYPES: dict[int, np.dtype[Any]] = {
     common_pb2.DATA_TYPE_UNSPECIFIED: np.dtype(np.float32),
@@ -130,6 +137,8 @@ class TestCounters:
     samples_sent: int = 0
     sample_errors: int = 0
     first_sample_error: str = ""
+    # Every failed sample by kind, and the first messages (logged once per kind).
+    errors: ErrorTally = field(default_factory=lambda: ErrorTally("loadgen"))
 
 
 class _Call:
@@ -195,6 +204,9 @@ class DataPlane:
         self._cancelled = False
         self._abort_error: MecbenchError | None = None
         self._want_data = False
+        self._use_tokens = False
+        # Samples (LoadGen response ids) of this test whose first token LoadGen has been told of.
+        self._first_token_seen: set[int] = set()
         self.counters = TestCounters()
         # Told when the data plane aborts a test on its own (timeout, broken stream).
         self.on_abort: Callable[[MecbenchError], None] | None = None
@@ -365,17 +377,35 @@ class DataPlane:
                 if response_id is not None:
                     matched.append((position, response_id))
             self.counters.completed += len(matched)
+            failed_positions: set[int] = set()
+            failed: list[str] = []
             if batch.errors:
-                failed = [batch.errors[p] for p, _ in matched if p < len(batch.errors) and batch.errors[p]]
+                errors = batch.errors
+                failed_positions = {p for p, _ in matched if p < len(errors) and errors[p]}
+                failed = [errors[p] for p, _ in matched if p in failed_positions]
                 self.counters.sample_errors += len(failed)
                 if failed and not self._error_logged:
                     self._error_logged = True
                     self.counters.first_sample_error = failed[0][:1000]
-                    log.warning("sut_sample_errors", first_error=failed[0])
             want_data = self._want_data
+            use_tokens = self._use_tokens
+            no_first_token: list[tuple[int, int]] = []
+            if use_tokens:
+                seen = self._first_token_seen
+                no_first_token = [(p, rid) for p, rid in matched if rid not in seen]
+                for _, rid in matched:
+                    seen.discard(rid)
+        for message in failed:
+            self.counters.errors.add(message)
         if not matched:
             return
-        responses, owners = self._responses(batch, matched, want_data)
+        tokens_of = dict.fromkeys(failed_positions, FAILED_SAMPLE_TOKENS) if use_tokens else None
+        if no_first_token:
+            # A sample answered whole (not streamed) or failed: its first token is now.
+            first, first_owners = self._responses(batch, no_first_token, False, tokens_of)
+            self._lg.FirstTokenComplete(first)
+            del first_owners
+        responses, owners = self._responses(batch, matched, want_data, tokens_of)
         self._lg.QuerySamplesComplete(responses)
         del owners  # LoadGen has copied the outputs it logs
 
@@ -390,19 +420,24 @@ class DataPlane:
                 if response_id is not None:
                     matched.append((position, response_id))
             want_data = self._want_data
+            self._first_token_seen.update(response_id for _, response_id in matched)
         if matched:
             responses, owners = self._responses(batch, matched, want_data)
             self._lg.FirstTokenComplete(responses)
             del owners
 
     def _responses(
-        self, batch: sut_agent_pb2.ResponseBatch, matched: list[tuple[int, int]], want_data: bool
+        self, batch: sut_agent_pb2.ResponseBatch, matched: list[tuple[int, int]], want_data: bool,
+        tokens_of: dict[int, int] | None = None,
     ) -> tuple[list[Any], list[np.ndarray[Any, Any]]]:
         """QuerySampleResponse objects, and the arrays that own the output bytes they point to (the
         caller keeps those alive until LoadGen has copied them). Outputs are passed only when
-        LoadGen logs them (accuracy runs, sampled accuracy logging), otherwise 0/0: no copies."""
+        LoadGen logs them (accuracy runs, sampled accuracy logging), otherwise 0/0: no copies.
+        `tokens_of` overrides the token count of some positions (failed samples)."""
         make = self._lg.QuerySampleResponse
-        counts = batch.token_counts
+        counts: Sequence[int] = batch.token_counts
+        if tokens_of:
+            counts = [tokens_of.get(p, counts[p] if p < len(counts) else 0) for p in range(len(batch.sample_ids))]
         if not want_data or not batch.outputs:
             if counts:
                 return [make(rid, 0, 0, counts[p] if p < len(counts) else 0) for p, rid in matched], []
@@ -425,7 +460,7 @@ class DataPlane:
 
     # Tests ------------------------------------------------------------------------------------
 
-    def begin_test(self, want_data: bool) -> None:
+    def begin_test(self, want_data: bool, use_tokens: bool = False) -> None:
         with self._cond:
             self.counters = TestCounters()
             self._test_active = True
@@ -433,6 +468,8 @@ class DataPlane:
             self._cancelled = False
             self._abort_error = None
             self._want_data = want_data
+            self._use_tokens = use_tokens
+            self._first_token_seen = set()
             self._error_logged = False
             self._last_activity = time.monotonic()
 
@@ -444,6 +481,7 @@ class DataPlane:
             # LoadGen returned, so every sample was completed; anything still listed is stale.
             self._pending.clear()
             self._in_flight.clear()
+            self._first_token_seen = set()
             return self.counters, self._cancelled, self._abort_error
 
     def outstanding(self) -> tuple[int, float]:
@@ -473,15 +511,31 @@ class DataPlane:
             self.counters.completed += len(ids)
             self._cond.notify_all()
         log.info("test_aborting", cancelled=cancelled, outstanding=len(ids), error=str(error) if error else None)
-        if error is not None and self.on_abort is not None:
-            self.on_abort(error)
+        if error is not None:
+            if ids:
+                self.counters.errors.add(f"aborted: {error}", count=len(ids), kind="aborted")
+            if self.on_abort is not None:
+                self.on_abort(error)
         self._complete_now(ids)
         return True
 
     def _complete_now(self, ids: Sequence[int]) -> None:
+        """Complete samples with empty answers (abort, cancel); in a token test each is first given
+        the first token LoadGen requires, unless it had one (see FAILED_SAMPLE_TOKENS)."""
         make = self._lg.QuerySampleResponse
+        with self._cond:
+            use_tokens = self._use_tokens
+            seen = self._first_token_seen
+            fresh = [i for i in ids if i not in seen] if use_tokens else []
+        for start in range(0, len(fresh), _COMPLETE_CHUNK):
+            chunk = fresh[start : start + _COMPLETE_CHUNK]
+            self._lg.FirstTokenComplete([make(i, 0, 0, FAILED_SAMPLE_TOKENS) for i in chunk])
         for start in range(0, len(ids), _COMPLETE_CHUNK):
-            self._lg.QuerySamplesComplete([make(i, 0, 0) for i in ids[start : start + _COMPLETE_CHUNK]])
+            chunk = list(ids[start : start + _COMPLETE_CHUNK])
+            if use_tokens:
+                self._lg.QuerySamplesComplete([make(i, 0, 0, FAILED_SAMPLE_TOKENS) for i in chunk])
+            else:
+                self._lg.QuerySamplesComplete([make(i, 0, 0) for i in chunk])
 
 
 # --- the session process -----------------------------------------------------------------------
@@ -651,7 +705,7 @@ class SessionWorker:
             or test_settings.accuracy_log_probability > 0
             or test_settings.accuracy_log_sampling_target > 0
         )
-        self.data_plane.begin_test(want_data)
+        self.data_plane.begin_test(want_data, bool(test_settings.use_token_latencies))
         if self._is_cancelled(test_id):  # cancelled while the settings were built
             self.data_plane.abort(None, cancelled=True)
         effective = describe_test_settings(test_settings)
@@ -681,6 +735,8 @@ class SessionWorker:
                 "samples_sent": counters.samples_sent,
                 "sample_errors": counters.sample_errors,
                 "first_sample_error": counters.first_sample_error,
+                "failed_samples_by_kind": counters.errors.snapshot()[0],
+                "sample_error_messages": counters.errors.snapshot()[1],
                 "issued": counters.issued,
                 "completed": counters.completed,
             }

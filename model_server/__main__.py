@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mecbench.core.logging import configure_logging, get_logger
 from model_server.grpc_service import start_grpc_server
-from model_server.http_server import ModelHttpServer, build_router
+from model_server.http_server import FailEvery, ModelHttpServer, build_router
 from model_server.models import ModelRepository
 
 log = get_logger("model_server")
@@ -50,7 +50,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port-file", type=Path, help='write {"http_port":..,"grpc_port":..} here once listening')
     parser.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds in-flight requests get to finish")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--fail-every", type=int, default=0,
+        help="fault injection for tests: answer every N-th generation request with HTTP 500 (default 0: never)",
+    )
     args = parser.parse_args(argv)
+    if args.fail_every < 0:
+        parser.error("--fail-every must not be negative")
     if args.http_port < 0 or args.http_port > 65535 or args.grpc_port < -1 or args.grpc_port > 65535:
         parser.error("ports are 0..65535 (gRPC also -1)")
     if args.threads < 1:
@@ -89,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     repository = ModelRepository(args.models, threads=args.threads)
     repository.load_all()
 
-    http_server = ModelHttpServer((args.host, args.http_port), build_router(repository))
+    faults = FailEvery(args.fail_every) if args.fail_every else None
+    http_server = ModelHttpServer((args.host, args.http_port), build_router(repository, faults))
     http_thread = threading.Thread(target=http_server.serve_forever, name="http", daemon=True)
     http_thread.start()
     grpc_server, grpc_port = (None, None)

@@ -3,6 +3,7 @@ streams) whose one handler class routes every request to the KServe v2, OpenAI a
 
 from __future__ import annotations
 
+import itertools
 import socket
 import socketserver
 import sys
@@ -15,7 +16,16 @@ from urllib.parse import urlsplit
 from mecbench.core.logging import get_logger
 from model_server import SERVER_NAME, SERVER_VERSION, kserve_rest, ollama_api, openai_api
 from model_server.models import ModelRepository
-from model_server.routing import Request, Response, Route, Router, StreamingResponse, json_response
+from model_server.routing import (
+    Handler,
+    Request,
+    Response,
+    Route,
+    Router,
+    RouteResult,
+    StreamingResponse,
+    json_response,
+)
 
 log = get_logger("model_server")
 
@@ -32,21 +42,53 @@ class BodyError(ValueError):
         self.status = status
 
 
-def build_router(repository: ModelRepository) -> Router:
+# The generation endpoints a fault injection fails (OpenAI's and Ollama's).
+GENERATION_PATHS = frozenset({r"/v1/completions", r"/v1/chat/completions", r"/api/generate", r"/api/chat"})
+
+
+class FailEvery:
+    """Fault injection for tests of the clients' failure accounting: every `every`-th generation
+    request (counted over all of them, 1-based) is answered HTTP `status` with an error body in
+    the OpenAI shape, which Ollama's clients read too (`error`)."""
+
+    def __init__(self, every: int, status: int = 500) -> None:
+        self.every = every
+        self.status = status
+        self._count = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def wrap(self, handler: Handler) -> Handler:
+        def failing(request: Request) -> RouteResult:
+            with self._lock:
+                number = next(self._count)
+            if number % self.every == 0:
+                error = {"message": f"injected failure of request {number}", "type": "server_error", "code": None}
+                return json_response({"error": error}, status=self.status)
+            return handler(request)
+
+        return failing
+
+
+def build_router(repository: ModelRepository, fail_every: FailEvery | None = None) -> Router:
     def health(_request: Request) -> Response:
         # vLLM, TGI and llama.cpp all answer GET /health with 200 once the model is loaded.
         if repository.ready:
             return json_response({"status": "ok"})
         return json_response({"status": "loading"}, status=503)
 
-    return Router(
-        [
-            Route("GET", r"/health", health),
-            *kserve_rest.routes(repository),
-            *openai_api.routes(repository),
-            *ollama_api.routes(repository),
+    routes = [
+        Route("GET", r"/health", health),
+        *kserve_rest.routes(repository),
+        *openai_api.routes(repository),
+        *ollama_api.routes(repository),
+    ]
+    if fail_every is not None:
+        routes = [
+            Route(r.method, r.pattern, fail_every.wrap(r.handler))
+            if r.method == "POST" and r.pattern in GENERATION_PATHS else r
+            for r in routes
         ]
-    )
+    return Router(routes)
 
 
 class ModelHttpServer(ThreadingHTTPServer):

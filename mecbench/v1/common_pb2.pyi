@@ -597,6 +597,26 @@ class TestResult(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class FailedSamplesByKindEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SCENARIO_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     VALID_FIELD_NUMBER: _builtins.int
@@ -621,6 +641,10 @@ class TestResult(_message.Message):
     WARNING_COUNT_FIELD_NUMBER: _builtins.int
     ACCURACY_FIELD_NUMBER: _builtins.int
     ACCURACY_SCORER_FIELD_NUMBER: _builtins.int
+    FAILED_SAMPLES_FIELD_NUMBER: _builtins.int
+    FAILED_SAMPLES_BY_KIND_FIELD_NUMBER: _builtins.int
+    SAMPLE_ERRORS_FIELD_NUMBER: _builtins.int
+    VALUE_ERRORS_FIELD_NUMBER: _builtins.int
     scenario: Global___Scenario.ValueType
     mode: Global___TestMode.ValueType
     valid: _builtins.bool
@@ -644,6 +668,10 @@ class TestResult(_message.Message):
     """Errors and warnings LoadGen logged."""
     warning_count: _builtins.int
     accuracy_scorer: _builtins.str
+    failed_samples: _builtins.int
+    """Samples that failed (the server's error, a timeout, a broken connection, an aborted test):
+    LoadGen counts them as completed, so a result with any is INVALID.
+    """
     @_builtins.property
     def invalid_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -664,6 +692,20 @@ class TestResult(_message.Message):
     def accuracy(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Accuracy runs with an AccuracySpec: the scorer's metrics (e.g. "top1": 0.93) over the
         responses in mlperf_log_accuracy.json.
+        """
+
+    @_builtins.property
+    def failed_samples_by_kind(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Failed samples by kind ("timeout", "connection", "http_503", "stream", ...)."""
+
+    @_builtins.property
+    def sample_errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The first failures' messages, word for word (at most 10)."""
+
+    @_builtins.property
+    def value_errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Summary values out of any possible range (negative or overflowed latencies, token counts),
+        each named with its value: a measurement bug, never a result; such a result is INVALID.
         """
 
     def __init__(
@@ -693,10 +735,14 @@ class TestResult(_message.Message):
         warning_count: _builtins.int = ...,
         accuracy: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         accuracy_scorer: _builtins.str = ...,
+        failed_samples: _builtins.int = ...,
+        failed_samples_by_kind: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        sample_errors: _abc.Iterable[_builtins.str] | None = ...,
+        value_errors: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "test_duration", b"test_duration", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "accuracy_scorer", b"accuracy_scorer", "completed_samples_per_second", b"completed_samples_per_second", "early_stopping_met", b"early_stopping_met", "error_count", b"error_count", "invalid_reasons", b"invalid_reasons", "latency", b"latency", "min_duration_met", b"min_duration_met", "min_queries_met", b"min_queries_met", "mode", b"mode", "performance_constraints_met", b"performance_constraints_met", "query_count", b"query_count", "sample_count", b"sample_count", "samples_per_second", b"samples_per_second", "scenario", b"scenario", "scheduled_samples_per_second", b"scheduled_samples_per_second", "summary_fields", b"summary_fields", "target_qps", b"target_qps", "test_duration", b"test_duration", "tokens_per_second", b"tokens_per_second", "tpot", b"tpot", "ttft", b"ttft", "valid", b"valid", "warning_count", b"warning_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "accuracy_scorer", b"accuracy_scorer", "completed_samples_per_second", b"completed_samples_per_second", "early_stopping_met", b"early_stopping_met", "error_count", b"error_count", "failed_samples", b"failed_samples", "failed_samples_by_kind", b"failed_samples_by_kind", "invalid_reasons", b"invalid_reasons", "latency", b"latency", "min_duration_met", b"min_duration_met", "min_queries_met", b"min_queries_met", "mode", b"mode", "performance_constraints_met", b"performance_constraints_met", "query_count", b"query_count", "sample_count", b"sample_count", "sample_errors", b"sample_errors", "samples_per_second", b"samples_per_second", "scenario", b"scenario", "scheduled_samples_per_second", b"scheduled_samples_per_second", "summary_fields", b"summary_fields", "target_qps", b"target_qps", "test_duration", b"test_duration", "tokens_per_second", b"tokens_per_second", "tpot", b"tpot", "ttft", b"ttft", "valid", b"valid", "value_errors", b"value_errors", "warning_count", b"warning_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,6 +29,7 @@ from mecbench.core.errors import (
     PermissionDenied,
 )
 from mecbench.core.logging import get_logger
+from mecbench.servers.errors import ErrorTally
 from mecbench.v1 import sut_agent_pb2
 from sut_agent.backends.base import STOPPED_ERROR, Backend, Completion, CompletionCallback, ServerInfo
 from sut_agent.external.base import InferenceResult, ServerError, ServerType
@@ -153,6 +154,8 @@ class ExternalBackend(Backend):
         self._lock = threading.Lock()
         self._closed = False
         self._failure: str | None = None
+        # Every kind of failed request is logged the first time it is seen, with its message.
+        self.errors = ErrorTally("sut_agent.external")
         self._workers: list[threading.Thread] = []
         try:
             deadline = time.monotonic() + ready_timeout_s
@@ -242,7 +245,9 @@ class ExternalBackend(Backend):
                 result: InferenceResult = server.infer(request.payloads, first_token)
             except Exception as exc:  # noqa: BLE001 - a failed request is failed samples, never a dead worker
                 error = self._failure or (str(exc) if isinstance(exc, MecbenchError) else f"{exc}")
-                callback(Completion.failed(ids, error or type(exc).__name__))
+                error = error or type(exc).__name__
+                self.errors.add(error, count=len(ids))
+                callback(Completion.failed(ids, error))
                 continue
             finished = time.monotonic_ns()
             count = len(ids)

@@ -77,7 +77,13 @@ class HttpClient:
             raise ServerError(f"{method} {path}: the answer is not JSON") from None
 
     def stream_lines(self, path: str, payload: Any) -> Iterator[bytes]:
-        """POST `payload` and yield the answer's lines (without line ends) as they arrive."""
+        """POST `payload` and yield the answer's lines (without line ends) as they arrive.
+
+        Keep-alive: a connection goes back to the pool only once its answer was read to the end
+        (for a chunked answer, the terminating `0\\r\\n\\r\\n` too); otherwise the next request on it
+        would read that rest as its status line (`BadStatusLine('0\\r\\n')`). A consumer that stops
+        early (an `[DONE]` or `"done": true` before the body ends, an error event) makes the rest
+        be read here when it is already on its way (a short wait), else the connection closed."""
         body = json.dumps(payload).encode()
         try:
             response = self._pool.urlopen(
@@ -86,10 +92,13 @@ class HttpClient:
             )
         except HTTPError as exc:
             raise ServerError(f"POST {path}: {_reason(exc)}") from None
+        complete = False
         try:
             if response.status >= 300:
-                response.read()
-                check_status(response, f"POST {path}")
+                # read() hands the body over without keeping it in `data`: pass it on.
+                error_body = response.read()
+                complete = True
+                check_status(response, f"POST {path}", error_body)
             pending = b""
             while True:
                 try:
@@ -98,6 +107,7 @@ class HttpClient:
                 except HTTPError as exc:
                     raise ServerError(f"POST {path}: the stream broke: {_reason(exc)}") from None
                 if not data:
+                    complete = True
                     break
                 pending += data
                 *lines, pending = pending.split(b"\n")
@@ -106,16 +116,21 @@ class HttpClient:
             if pending:
                 yield pending.rstrip(b"\r")
         finally:
+            if not complete:
+                complete = _finish_body(response)
+            if not complete:
+                # Never pooled half-read: closed, so the pool opens a fresh one in its place.
+                response.close()
             response.release_conn()
 
     def close(self) -> None:
         self._pool.close()
 
 
-def check_status(response: urllib3.BaseHTTPResponse, what: str) -> None:
+def check_status(response: urllib3.BaseHTTPResponse, what: str, body: bytes | None = None) -> None:
     if response.status < 300:
         return
-    text = response.data.decode("utf-8", "replace").strip()
+    text = (response.data if body is None else body).decode("utf-8", "replace").strip()
     try:
         decoded = json.loads(text)
         error = decoded.get("error", decoded) if isinstance(decoded, dict) else decoded
@@ -125,6 +140,29 @@ def check_status(response: urllib3.BaseHTTPResponse, what: str) -> None:
     except ValueError:
         pass
     raise ServerError(f"{what}: HTTP {response.status}: {text[:500]}")
+
+
+_DRAIN_TIMEOUT_S = 0.25
+_DRAIN_LIMIT_BYTES = 64 * 1024
+
+
+def _finish_body(response: urllib3.BaseHTTPResponse) -> bool:
+    """Read what is left of an answer whose consumer stopped early, if it ends soon (a stream's
+    last event is followed at once by the end of the body); True when it was read to its end."""
+    connection = getattr(response, "connection", None)
+    sock = getattr(connection, "sock", None)
+    try:
+        if sock is not None:
+            sock.settimeout(_DRAIN_TIMEOUT_S)
+        left = _DRAIN_LIMIT_BYTES
+        while left > 0:
+            data = response.read1(min(left, 65536))
+            if not data:
+                return True
+            left -= len(data)
+    except (HTTPError, OSError, ValueError):
+        return False
+    return False
 
 
 def _reason(exc: HTTPError) -> str:

@@ -1,0 +1,89 @@
+"""Real LLM servers for the LLM-serving tests: MECBench's model server (OpenAI-compatible and
+Ollama faces over a byte-level ONNX language model) started as a subprocess on loopback, with
+optional fault injection, and launch profiles that make the SUT agent start it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.external_servers import MODEL_SERVER, ROOT, Models, build_models
+
+
+@dataclass
+class ModelServer:
+    process: subprocess.Popen[bytes]
+    http_port: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+
+def start_model_server(models: Path, port_file: Path, *extra: str) -> ModelServer:
+    port_file.unlink(missing_ok=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "model_server",
+            "--models",
+            str(models),
+            "--http-port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 30
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("the model server did not start")
+        time.sleep(0.05)
+    return ModelServer(process, int(json.loads(port_file.read_text())["http_port"]))
+
+
+def stop_model_server(server: ModelServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+def write_llm_profiles(path: Path, fail_every: int = 5) -> Path:
+    """Launch profiles: the model server as an OpenAI server, and one that fails every
+    `fail_every`-th generation request with HTTP 500."""
+    http = "http://{host}:{port}"
+    text = "profiles:\n"
+    text += MODEL_SERVER.format(name="llm", server_type="openai", endpoint=http, extra="", root=ROOT)
+    text += MODEL_SERVER.format(
+        name="llm-failing", server_type="openai", endpoint=http, extra=f', "--fail-every", "{fail_every}"', root=ROOT
+    )
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    return build_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def model_server(tmp_path: Path, models: Models) -> Iterator[ModelServer]:
+    server = start_model_server(models.directory, tmp_path / "port.json")
+    yield server
+    stop_model_server(server)
