@@ -12,7 +12,10 @@ up); a bundle whose runtime created the namespace itself names none, and its ini
 (`init.pid`, CRI-O's `pidfile`) leads to `/proc/<pid>/ns/net`.
 
 `auto` tries /proc first and the runtime second; the bundle roots are
-`MECBENCH_NODE_AGENT_RUNTIME_BUNDLE_ROOTS` (comma-separated), which a DaemonSet mounts read-only.
+`MECBENCH_NODE_AGENT_RUNTIME_BUNDLE_ROOTS` (comma-separated), which the DaemonSet mounts read-only
+at their host paths (deploy/base/node-agent.yaml). /proc may find the pod and still be refused
+its namespace (EACCES: an AppArmor profile denying the ptrace-read): the runtime's records are
+then asked, and only if they do not know the pod either is the answer FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mecbench.core.errors import InvalidArgument, NotFound
+from mecbench.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from mecbench.core.settings import from_env
-from node_agent.pods import PodNetnsResolver, ProcCgroupPodResolver, valid_pod_uid
+from node_agent.pods import PodNetnsResolver, ProcCgroupPodResolver, netns_identity, valid_pod_uid
 
 DEFAULT_BUNDLE_ROOTS = (
     Path("/run/containerd/io.containerd.runtime.v2.task/k8s.io"),
@@ -87,16 +90,17 @@ class RuntimeBundlePodResolver:
         for entry in namespaces if isinstance(namespaces, list) else []:
             if isinstance(entry, dict) and entry.get("type") == "network":
                 path = str(entry.get("path") or "")
-                if path and Path(path).exists():
+                if path and netns_identity(Path(path)) is not None:
                     return path
-        # The runtime made the namespace when it started the sandbox's init: it is that process's.
+        # The runtime made the namespace when it started the sandbox's init: it is that process's
+        # (unless a security profile keeps this agent from opening it: EACCES reads as absent).
         for pid_file in (bundle / "init.pid", bundle / "pidfile"):
             try:
                 pid = int(pid_file.read_text().strip())
             except (OSError, ValueError):
                 continue
             proc_path = self.proc_root / str(pid) / "ns" / "net"
-            if pid > 0 and proc_path.exists():
+            if pid > 0 and netns_identity(proc_path) is not None:
                 return str(proc_path)
         return ""
 
@@ -119,12 +123,18 @@ class ChainedPodResolver:
 
     def resolve(self, namespace: str, name: str, uid: str) -> str:
         misses = []
+        refused = False
         for resolver in self.resolvers:
             try:
                 return resolver.resolve(namespace, name, uid)
             except NotFound as exc:
                 misses.append(str(exc))
-        raise NotFound("; ".join(misses) or f"pod uid {uid} not found")
+            except FailedPrecondition as exc:
+                # Found but not to be opened (EACCES under AppArmor): the next resolver may get there.
+                refused = True
+                misses.append(str(exc))
+        message = "; ".join(misses) or f"pod uid {uid} not found"
+        raise FailedPrecondition(message) if refused else NotFound(message)
 
 
 def make_resolver(strategy: str, proc_root: Path, settings: PodNetnsSettings | None = None) -> PodNetnsResolver:

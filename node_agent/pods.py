@@ -67,12 +67,46 @@ class ProcCgroupPodResolver:
                 continue
             if any(needle in cgroup for needle in needles):
                 candidates.append(int(entry.name))
+        # The host's own network namespace (init's): a process of the pod's cgroup in it is not
+        # the pod's sandbox but, e.g., CRI-O's conmon (conmon_cgroup = "pod"): never the answer.
+        host = netns_identity(self.proc_root / "1" / "ns" / "net")
+        denied: list[int] = []
         for pid in sorted(candidates):
             path = self.proc_root / str(pid) / "ns" / "net"
-            if path.exists():
-                return str(path)
+            try:
+                identity = netns_identity(path, strict=True)
+            except PermissionError:
+                # A ptrace-read check refused: an AppArmor (containerd's profile on Ubuntu, k3s)
+                # or SELinux policy, or a missing CAP_SYS_PTRACE. Another resolver may still know.
+                denied.append(pid)
+                continue
+            if identity is None or identity == host:
+                continue
+            return str(path)
         shown = f"{namespace}/{name}" if namespace or name else uid
+        if denied:
+            raise FailedPrecondition(
+                f"pod {shown} (uid {uid}) has processes on this node ({', '.join(map(str, denied[:5]))}) whose "
+                f"network namespace this agent may not open (EACCES on {self.proc_root}/<pid>/ns/net: an "
+                "AppArmor or SELinux profile, or no CAP_SYS_PTRACE; docs/kubernetes.md)"
+            )
         raise NotFound(f"pod {shown} (uid {uid}) has no process on this node")
+
+
+def netns_identity(path: Path, strict: bool = False) -> tuple[int, int] | None:
+    """(device, inode) of a network namespace file, which identify the namespace; None when it
+    is not there (or, unless `strict`, may not be looked at)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        if strict:
+            raise
+        return None
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
 
 
 def make_pod_resolver(strategy: str, proc_root: Path) -> PodNetnsResolver:

@@ -191,7 +191,17 @@ def test_node_agent_daemonset_has_host_access_it_needs_and_no_more() -> None:
     assert mounts["/var/run/netns"]["readOnly"] is True
     assert mounts["/var/run/netns"]["mountPropagation"] == "HostToContainer"
     host_paths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
-    assert host_paths == {"host-proc": "/proc", "netns": "/var/run/netns", "state": "/var/lib/mecbench/node-agent"}
+    assert host_paths == {
+        "host-proc": "/proc", "netns": "/var/run/netns", "state": "/var/lib/mecbench/node-agent",
+        "containerd-tasks": "/run/containerd/io.containerd.runtime.v2.task/k8s.io",
+        "k3s-containerd-tasks": "/run/k3s/containerd/io.containerd.runtime.v2.task/k8s.io",
+        "crio-containers": "/run/containers/storage/overlay-containers",
+    }
+    # Everything but the agent's own state is read-only.
+    assert all(m.get("readOnly") for m in container["volumeMounts"] if m["name"] not in ("state", "tmp"))
+    # Unconfined by AppArmor: the runtime's default profile denies opening pods' /proc/<pid>/ns/net.
+    annotations = daemonset["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["container.apparmor.security.beta.kubernetes.io/node-agent"] == "unconfined"
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["MECBENCH_NODE_AGENT_PROC_ROOT"] == "/host/proc"
     assert env["MECBENCH_NODE_AGENT_POD_RESOLVER"] == "auto"

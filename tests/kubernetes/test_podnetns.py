@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -186,3 +187,115 @@ def test_shaping_a_pod_through_the_node_agent(node_agent: AgentUnderTest,
     assert {q.netns for s in listed.shapings for q in s.qdiscs} == {"pod:mecbench/sut"}
     node_agent.stub.ClearShaping(node_agent_pb2.ClearShapingRequest(owner="run-pod"))
     assert "tbf" not in qdisc_kinds(pair.right, pair.right_if)
+
+
+# --- issue 20 (3): AppArmor's EACCES, conmon in the pod's cgroup, records as the DaemonSet mounts them
+
+
+def _fake_proc(root: Path, pid: int, cgroup: str, netns: Path | None = None) -> Path:
+    """/proc/<pid> as the resolver reads it: its cgroup file and ns/net (a link to `netns` when
+    given: one file per namespace, so the same namespace has the same inode)."""
+    entry = root / str(pid)
+    (entry / "ns").mkdir(parents=True)
+    (entry / "cgroup").write_text(cgroup)
+    if netns is not None:
+        os.link(netns, entry / "ns" / "net")
+    else:
+        (entry / "ns" / "net").touch()
+    return entry
+
+
+def test_a_host_network_process_in_the_pods_cgroup_is_not_the_pod(tmp_path: Path) -> None:
+    """CRI-O with conmon_cgroup = "pod": conmon (started first, lower pid) sits in the pod's
+    cgroup but in the host's network namespace. Shaping there would shape the node."""
+    proc = tmp_path / "proc"
+    host_netns = tmp_path / "host-netns"
+    host_netns.touch()
+    _fake_proc(proc, 1, "0::/init.scope\n", host_netns)
+    pod_cgroup = f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID.replace('-', '_')}.slice/"
+    _fake_proc(proc, 310, pod_cgroup + "crio-conmon-abc.scope\n", host_netns)
+    sandbox = _fake_proc(proc, 322, pod_cgroup + "crio-abc.scope\n")
+    assert ProcCgroupPodResolver(proc).resolve("mecbench", "p", UID) == str(sandbox / "ns" / "net")
+    # A pod with only host-network processes (hostNetwork: true) has no namespace of its own here.
+    other = "11111111-2222-3333-4444-555555555555"
+    _fake_proc(proc, 400, f"0::/kubepods/besteffort/pod{other}/x\n", host_netns)
+    with pytest.raises(NotFound, match="has no process on this node"):
+        ProcCgroupPodResolver(proc).resolve("mecbench", "q", other)
+
+
+@requires_root
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")
+def test_eacces_on_the_pods_netns_falls_back_to_the_runtime_records(tmp_path: Path) -> None:
+    """What containerd's AppArmor profile does to an agent on an Ubuntu node: the pod's process is
+    found by its cgroup, but stat(/proc/<pid>/ns/net) is EACCES. That is not the end: the
+    runtime's records name the namespace. The kernel's own EACCES stands in for the LSM's here:
+    the agent runs without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, for which a mode-000 ns/ is shut."""
+    proc = tmp_path / "proc"
+    _fake_proc(proc, 1, "0::/init.scope\n")
+    pause = _fake_proc(proc, 4242, f"0::/kubepods/besteffort/pod{UID}/cri-containerd-abc.scope\n")
+    cni = tmp_path / "run" / "netns" / "cni-5f2a"
+    cni.parent.mkdir(parents=True)
+    cni.touch()
+    bundles = tmp_path / "k8s.io"
+    _bundle(bundles, "abc", {"io.kubernetes.cri.sandbox-uid": UID}, str(cni))
+    (pause / "ns").chmod(0o000)
+    script = (
+        "import sys\nfrom pathlib import Path\n"
+        "from node_agent.podnetns import PodNetnsSettings, make_resolver\n"
+        "from node_agent.pods import ProcCgroupPodResolver\n"
+        "from mecbench.core.errors import MecbenchError\n"
+        "proc, bundles, uid = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]\n"
+        "auto = make_resolver('auto', proc, PodNetnsSettings(runtime_bundle_roots=(bundles,)))\n"
+        "for name, resolver in (('auto', auto), ('proc', ProcCgroupPodResolver(proc))):\n"
+        "    try:\n"
+        "        print(name, resolver.resolve('mecbench', 'p', uid))\n"
+        "    except MecbenchError as exc:\n"
+        "        print(name, type(exc).__name__, exc)\n"
+    )
+    try:
+        result = subprocess.run(
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", sys.executable, "-c", script,
+             str(proc), str(bundles), UID],
+            capture_output=True, text=True, timeout=60, check=False, cwd=Path(__file__).resolve().parents[2],
+        )
+    finally:
+        (pause / "ns").chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    auto_line, proc_line = result.stdout.splitlines()
+    assert auto_line == f"auto {cni}"
+    # Alone, the /proc resolver says why, and that it is not "no such pod".
+    assert proc_line.startswith("proc FailedPrecondition") and "EACCES" in proc_line and "4242" in proc_line
+
+
+def test_runtime_records_as_the_daemonset_mounts_them(tmp_path: Path) -> None:
+    """The DaemonSet mounts each runtime's sandbox records and /var/run/netns at their host paths
+    (a config.json names host paths); the resolver's default roots are exactly those mounts. The
+    records are laid out here as each runtime writes them, under a stand-in root for '/'."""
+    import yaml
+
+    daemonset = next(doc for doc in yaml.safe_load_all(
+        (Path(__file__).resolve().parents[2] / "deploy" / "base" / "node-agent.yaml").read_text())
+        if doc and doc["kind"] == "DaemonSet")
+    spec = daemonset["spec"]["template"]["spec"]
+    host = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    mounts = {m["mountPath"]: host[m["name"]] for m in spec["containers"][0]["volumeMounts"] if m["name"] in host}
+    from node_agent.podnetns import DEFAULT_BUNDLE_ROOTS
+
+    for root in [*DEFAULT_BUNDLE_ROOTS, Path("/var/run/netns")]:
+        assert mounts.get(str(root)) == str(root), f"{root} is not mounted at its host path"
+    # As they are on a node: the same layout under `slash`, one sandbox per runtime.
+    slash = tmp_path / "root"
+    uids = {"containerd": "aaaaaaaa-0000-4000-8000-000000000001", "k3s": "aaaaaaaa-0000-4000-8000-000000000002",
+            "crio": "aaaaaaaa-0000-4000-8000-000000000003"}
+    netns_dir = slash / "var/run/netns"
+    netns_dir.mkdir(parents=True)
+    roots = tuple(slash / str(root).lstrip("/") for root in DEFAULT_BUNDLE_ROOTS)
+    expected = {}
+    for (runtime, uid), root in zip(uids.items(), roots, strict=True):
+        netns = netns_dir / f"cni-{runtime}"
+        netns.touch()
+        key = "io.kubernetes.pod.uid" if runtime == "crio" else "io.kubernetes.cri.sandbox-uid"
+        _bundle(root, f"{runtime}0123", {key: uid}, str(netns), crio=runtime == "crio")
+        expected[uid] = str(netns)
+    resolver = RuntimeBundlePodResolver(roots, slash / "proc")
+    assert {uid: resolver.resolve("mecbench", "p", uid) for uid in uids.values()} == expected
