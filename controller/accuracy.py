@@ -4,13 +4,18 @@ labels an AccuracySpec names, with a registered scorer (mecbench.core.accuracy).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from pathlib import Path
 
 from mecbench.core.accuracy import create_scorer, load_labels, parse_accuracy_log
-from mecbench.core.errors import FailedPrecondition, InvalidArgument, NotFound, Violations
+from mecbench.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Violations
 from mecbench.v1 import common_pb2
 from store.base import ObjectStore
-from store.uris import is_s3, local_path, object_uri_problem, s3_location
+from store.local_files import read_allowed
+from store.uris import is_s3, object_uri_problem, s3_location
 
+LABELS_FIELD = "accuracy.labels_uri"
+LABELS_ROOTS_SETTING = "MECBENCH_CONTROLLER_LABELS_ROOTS"
 ACCURACY_MODES = (common_pb2.TEST_MODE_ACCURACY_ONLY, common_pb2.TEST_MODE_SUBMISSION_RUN)
 MAX_LABELS_BYTES = 512 * 1024 * 1024
 
@@ -29,22 +34,23 @@ def validate_accuracy(spec: common_pb2.AccuracySpec, prefix: str, violations: Vi
         violations.add(f"{prefix}.labels_sha256", "must be 64 hex digits")
 
 
-def read_labels(spec: common_pb2.AccuracySpec, store: ObjectStore) -> bytes:
-    """The labels object, checked against `labels_sha256` when set."""
+def read_labels(spec: common_pb2.AccuracySpec, store: ObjectStore, local_roots: Sequence[Path] = ()) -> bytes:
+    """The labels object, checked against `labels_sha256` when set. A local path is read only
+    under `local_roots` (the operator's MECBENCH_CONTROLLER_LABELS_ROOTS), and no more than
+    MAX_LABELS_BYTES of anything."""
     uri = spec.labels_uri
     try:
         if is_s3(uri):
             bucket, key = s3_location(uri)
+            if store.size(bucket, key) > MAX_LABELS_BYTES:
+                raise FailedPrecondition(f"the labels at {uri} are larger than {MAX_LABELS_BYTES} bytes")
             content = store.get(bucket, key)
         else:
-            path = local_path(uri)
-            if path.stat().st_size > MAX_LABELS_BYTES:
-                raise FailedPrecondition(f"the labels at {uri} are larger than {MAX_LABELS_BYTES} bytes")
-            content = path.read_bytes()
-    except (NotFound, FileNotFoundError):
+            content = read_allowed(uri, local_roots, MAX_LABELS_BYTES, field=LABELS_FIELD, setting=LABELS_ROOTS_SETTING)
+    except NotFound:
         raise FailedPrecondition(f"no labels at {uri}") from None
-    except OSError as exc:
-        raise FailedPrecondition(f"cannot read the labels at {uri}: {exc.strerror or exc}") from None
+    except (InvalidArgument, PermissionDenied) as exc:
+        raise FailedPrecondition(f"cannot read the labels at {uri}: {exc}") from None
     expected = spec.labels_sha256.strip().lower()
     if expected:
         digest = hashlib.sha256(content).hexdigest()

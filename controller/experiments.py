@@ -14,7 +14,6 @@ import itertools
 import json
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller import webhooks
 from controller.accuracy import validate_accuracy
 from controller.registry import ACTIVE_STATES
 from controller.runs import TERMINAL_STATES, RunManager, now
@@ -295,6 +295,9 @@ class ExperimentManager:
 
     def start(self, spec: controller_pb2.ExperimentSpec) -> controller_pb2.Experiment:
         points = validate_experiment(spec)
+        violations = Violations()
+        self.runs.check_request_reach(spec.accuracy, spec.webhook_url, "spec", violations)
+        violations.raise_if_any()
         if any(is_shaped(point.profile) for point in points):
             self.runs.check_can_shape()
         with self._lock:
@@ -417,7 +420,21 @@ class ExperimentManager:
             except MecbenchError:
                 log.warning("sut_removal_failed", sut_id=sut_id)
             if spec.webhook_url:
-                _call_webhook(spec.webhook_url, self.get(spec.experiment_id))
+                self._call_webhook(active)
+
+    def _call_webhook(self, active: ActiveExperiment) -> None:
+        """Tell the experiment's webhook how it ended, and record what happened to the call."""
+        experiment = self.get(active.experiment.experiment_id)
+        document: dict[str, object] = {
+            "experiment_id": experiment.experiment_id,
+            "state": common_pb2.RunState.Name(experiment.state),
+            "run_ids": list(experiment.run_ids),
+            "error": experiment.error,
+        }
+        delivery = webhooks.deliver(experiment.spec.webhook_url, document, self.runs.settings.webhook_hosts)
+        with active.lock:
+            active.experiment.webhook.CopyFrom(delivery)
+        self._checkpoint(active)
 
     def _calibrate(self, active: ActiveExperiment) -> None:
         """Measure the harness's floor (see HarnessCalibration) before the first point. A failed
@@ -561,16 +578,3 @@ def _search_cells(spec: controller_pb2.ExperimentSpec) -> list[tuple[common_pb2.
     return [(p, c) for p in profiles for c in (list(spec.sweep.clients) or [1])]
 
 
-def _call_webhook(url: str, experiment: controller_pb2.Experiment) -> None:
-    body = json.dumps({
-        "experiment_id": experiment.experiment_id,
-        "state": common_pb2.RunState.Name(experiment.state),
-        "run_ids": list(experiment.run_ids),
-        "error": experiment.error,
-    }).encode()
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=10):
-            pass
-    except OSError as exc:
-        log.warning("webhook_failed", url=url, error=str(exc))

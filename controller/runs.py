@@ -27,7 +27,8 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import mecbench
-from controller.accuracy import ACCURACY_MODES, apply_accuracy, read_labels, score_clients
+from controller import webhooks
+from controller.accuracy import ACCURACY_MODES, LABELS_ROOTS_SETTING, apply_accuracy, read_labels, score_clients
 from controller.agents import AgentPool, LoadGenHandle, SutHandle, remote_error
 from controller.aggregate import Latencies, aggregate_results, mark_failures, read_sample_latencies
 from controller.backends.base import AgentHandle
@@ -40,10 +41,12 @@ from mecbench.core import durations
 from mecbench.core.errors import (
     Cancelled,
     FailedPrecondition,
+    InvalidArgument,
     MecbenchError,
     NotFound,
     ResourceExhausted,
     Unavailable,
+    Violations,
 )
 from mecbench.core.logging import get_logger
 from mecbench.profiles import resolve_profile
@@ -56,7 +59,9 @@ from store.layout import (
     content_type_for,
     repeat_prefix,
 )
+from store.local_files import resolve_allowed
 from store.spool import PendingObject, UploadSpool
+from store.uris import is_s3, object_uri_problem
 
 log = get_logger("mecbench.controller.runs")
 
@@ -95,6 +100,8 @@ class ActiveRun:
     sessions: list[tuple[LoadGenHandle, str]] = field(default_factory=list)
     # Why the run was stopped from the inside (its shaping was lost): it ends FAILED with this.
     failure: str = ""
+    # The run's shaping while it is held: its counters and probes go with each repeat.
+    shaping: RunShaping | None = None
 
 
 @dataclass
@@ -168,6 +175,25 @@ class RunManager:
 
     # --- API ---------------------------------------------------------------------------------
 
+    def check_request_reach(
+        self, accuracy: common_pb2.AccuracySpec, webhook_url: str, prefix: str, violations: Violations
+    ) -> None:
+        """What a request may reach, checked against the operator's settings before anything
+        starts: a local labels path must lie under its roots, a webhook go to a host it allows."""
+        labels = accuracy.labels_uri
+        if labels and not is_s3(labels) and object_uri_problem(labels, "") is None:
+            try:
+                resolve_allowed(labels, self.settings.labels_roots, field=f"{prefix}.accuracy.labels_uri",
+                                setting=LABELS_ROOTS_SETTING)
+            except InvalidArgument as exc:
+                violations.extend(exc.violations)
+        if webhook_url:
+            problem = webhooks.url_problem(webhook_url) or webhooks.host_problem(
+                webhook_url, self.settings.webhook_hosts
+            )
+            if problem is not None:
+                violations.add(f"{prefix}.webhook_url", problem)
+
     def start_run(self, spec: controller_pb2.RunSpec) -> controller_pb2.Run:
         violations = validate_run_spec(spec)
         limit_s = self.settings.max_test_duration_s
@@ -177,6 +203,7 @@ class RunManager:
                 durations.to_seconds(value) <= limit_s, f"spec.settings.{name}",
                 f"longer than this controller allows for one test ({limit_s:g}s, max_test_duration_s)",
             )
+        self.check_request_reach(spec.accuracy, spec.webhook_url, "spec", violations)
         violations.raise_if_any()
         with self._lock:
             waiting = sum(1 for a in self._active.values() if a.run.state == common_pb2.RUN_STATE_PENDING)
@@ -195,6 +222,9 @@ class RunManager:
                 raise FailedPrecondition(f"SUT {spec.sut_id!r} is in use by run {sut.held_by}")
         elif spec.sut_id:
             self.pool.get_sut(spec.sut_id)
+        if spec.HasField("sut") and not spec.sut_id:
+            # Resources and GPUs this node cannot give are refused now: no run, nothing started.
+            self.pool.check_placement(spec.sut, "run-check")
         run = controller_pb2.Run(
             run_id=f"run-{uuid.uuid4().hex[:12]}",
             spec=spec,
@@ -384,7 +414,7 @@ class RunManager:
             with contextlib.ExitStack() as held_resources:
                 if spec.HasField("network") and is_shaped(spec.network):
                     self._publish(active, f"applying network profile {spec.network.name or 'custom'}", persist=False)
-                    held_resources.enter_context(
+                    active.shaping = held_resources.enter_context(
                         RunShaping(self.pool, run.run_id, spec.network, spec.clients, self.settings.shaping_lease_s,
                                    on_lost=lambda reason: self._abort(active, reason), sut=sut.agent)
                     )
@@ -417,9 +447,26 @@ class RunManager:
                     self.pool.release_sut(sut, run.run_id)
                 if sut.ephemeral:
                     self.pool.remove_sut(sut.sut_id)
+            if spec.webhook_url:
+                self._call_webhook(active)
             with self._lock:
                 self._active.pop(run.run_id, None)
             log.info("run_ended", run_id=run.run_id, state=common_pb2.RunState.Name(run.state))
+
+    def _call_webhook(self, active: ActiveRun) -> None:
+        """Tell the run's webhook how it ended, and record what happened to the call."""
+        run = active.run
+        document: dict[str, object] = {
+            "run_id": run.run_id,
+            "experiment_id": run.spec.experiment_id,
+            "state": common_pb2.RunState.Name(run.state),
+            "error": run.error,
+            "results": [json_format.MessageToDict(result) for result in run.results],
+        }
+        delivery = webhooks.deliver(run.spec.webhook_url, document, self.settings.webhook_hosts)
+        with active.changed:
+            run.webhook.CopyFrom(delivery)
+        self._publish(active, f"webhook: {delivery.error or delivery.status_code}")
 
     def _check_store(self) -> None:
         """Refuse to measure what could not be kept: the results bucket must exist first."""
@@ -478,6 +525,9 @@ class RunManager:
             sessions.append(session_id)
         session_setup_s = time.monotonic() - setup_started
         self.pool.sut_stats(sut, reset=True)
+        if sut.placement_lost:
+            raise FailedPrecondition(sut.placement_lost)
+        placement_before = self.pool.read_placement(sut)
         self._publish(active, f"repeat {repeat} of {spec.repeats}: running", common_pb2.RUN_STATE_RUNNING)
 
         outcomes = [ClientOutcome(client) for client in range(clients)]
@@ -494,21 +544,28 @@ class RunManager:
             )
             for i in range(clients)
         ]
+        if active.shaping is not None:
+            active.shaping.start_repeat()
         with recorder if self.settings.telemetry_interval_s > 0 else contextlib.nullcontext():
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
+        network = active.shaping.end_repeat() if active.shaping is not None else None
         with active.changed:
             active.sessions = []
         telemetry = recorder.snapshot()
         if telemetry:
             self.registry.save_telemetry(run.run_id, telemetry)
+        placement = sut_placement(sut.config, placement_before, self.pool.read_placement(sut))
+        oom = oom_failure(placement, repeat)
         errors = [o.error for o in outcomes if o.error is not None]
         if errors:
             for outcome, loadgen, session_id in zip(outcomes, loadgens, sessions, strict=True):
                 if outcome.error is not None:
                     self.pool.drop_session(loadgen, session_id)
+            if oom:  # the kernel killed the SUT at its memory limit: that, not what the clients saw
+                raise FailedPrecondition(f"{oom} ({errors[0]})")
             # An agent that died is the cause, whatever the clients saw of it: say which.
             handles: list[SutHandle | LoadGenHandle] = [sut, *loadgens]
             for handle in handles:
@@ -526,10 +583,15 @@ class RunManager:
         server_log = self.pool.sut_server_log(sut, server_log_offset, self.settings.max_log_bytes)
         self._publish(active, f"repeat {repeat}: uploading", common_pb2.RUN_STATE_UPLOADING)
         self._store_repeat(
-            active, sut, repeat, outcomes, sut_stats, session_setup_s, telemetry, log_marks, server_log, sut_failure
+            active, sut, repeat, outcomes, sut_stats, session_setup_s, telemetry, log_marks, server_log, sut_failure,
+            network, placement=placement,
         )
+        if oom:
+            raise FailedPrecondition(oom)
         if sut_failure:
             raise FailedPrecondition(f"the SUT failed during repeat {repeat}: {sut_failure}")
+        if sut.placement_lost:
+            raise FailedPrecondition(sut.placement_lost)
 
     def _run_client(
         self,
@@ -601,7 +663,7 @@ class RunManager:
                 if log_file is None:
                     raise FailedPrecondition(f"client {outcome.client} produced no {ACCURACY_LOG_NAME}")
                 logs.append(bytes(log_file))
-            scores = score_clients(spec, logs, read_labels(spec, self.store))
+            scores = score_clients(spec, logs, read_labels(spec, self.store, self.settings.labels_roots))
         except (MecbenchError, ValueError) as exc:
             reason = f"accuracy not scored: {exc}"
             aggregate.valid = False
@@ -647,6 +709,8 @@ class RunManager:
         log_marks: list[LogMark],
         server_log: bytes = b"",
         sut_failure: str = "",
+        network: dict[str, object] | None = None,
+        placement: controller_pb2.SutPlacement | None = None,
     ) -> None:
         run = active.run
         spec = run.spec
@@ -676,6 +740,10 @@ class RunManager:
         if spec.HasField("accuracy") and spec.settings.mode in ACCURACY_MODES and measured:
             score = self._score_accuracy(spec.accuracy, measured, aggregate)
             files[ACCURACY_SCORE_NAME] = (json.dumps(score, indent=2).encode(), "application/json")
+        if network is not None and network.get("problems"):
+            # Measured on a link other than the one the result names: say so, with the figures.
+            aggregate.valid = False
+            aggregate.invalid_reasons.extend(f"link not as requested: {p}" for p in network["problems"])  # type: ignore[attr-defined]
         setup = durations.from_seconds(session_setup_s + max((o.setup_time_s for o in outcomes), default=0.0))
         repeat_result = controller_pb2.RepeatResult(
             repeat=repeat,
@@ -684,6 +752,7 @@ class RunManager:
             result_uri=self.store.uri(bucket, prefix),
             loadgen_setup_time=setup,
             sut_stats=sut_stats,
+            placement=placement,
         )
         document = {
             "run_id": run.run_id,
@@ -697,6 +766,11 @@ class RunManager:
             "node": {"name": platform.node(), "platform": platform.platform(), "python": platform.python_version()},
             "created_at": now().ToJsonString(),
         }
+        if network is not None:
+            document["network"] = network
+        if placement is not None:
+            # What the SUT was asked to get beside what the kernel says it got, and its own usage.
+            document["placement"] = json_format.MessageToDict(placement)
         files["result.json"] = (json.dumps(document, indent=2).encode(), "application/json")
         # Spooled to local disk first, then uploaded: a store outage or a crash loses nothing.
         spooled = self.spool.write(
@@ -759,6 +833,39 @@ def _log_marks(agents: list[tuple[str, AgentHandle]]) -> list[LogMark]:
             except OSError:
                 continue
     return marks
+
+
+_COUNTERS = ("cpu_usage_ns", "cpu_periods", "cpu_throttled_periods", "cpu_throttled_ns", "oom_kills")
+
+
+def sut_placement(
+    config: sut_agent_pb2.SutConfig,
+    before: node_agent_pb2.Placement | None,
+    after: node_agent_pb2.Placement | None,
+) -> controller_pb2.SutPlacement | None:
+    """The repeat's placement record: the request, what the kernel held at the end of the test,
+    and the group's counters over the test (memory peak since the SUT was placed)."""
+    if after is None:
+        return None
+    usage = common_pb2.PlacementUsage()
+    usage.CopyFrom(after.usage)
+    if before is not None:
+        for name in _COUNTERS:
+            setattr(usage, name, max(0, getattr(after.usage, name) - getattr(before.usage, name)))
+    return controller_pb2.SutPlacement(
+        requested=config.resources, requested_gpus=config.gpus, applied=after.applied, usage=usage
+    )
+
+
+def oom_failure(placement: controller_pb2.SutPlacement | None, repeat: int) -> str:
+    """Why the run fails when the kernel OOM-killed in the SUT's group during the repeat; ""."""
+    if placement is None or not placement.usage.oom_kills:
+        return ""
+    limit = placement.applied.memory_limit_bytes
+    return (
+        f"the SUT was OOM-killed during repeat {repeat}: the kernel killed {placement.usage.oom_kills} process(es) "
+        f"of its group at its memory limit of {limit} bytes ({limit / 2**20:.0f} MiB, resources.memory_bytes)"
+    )
 
 
 def software_versions() -> dict[str, str]:

@@ -62,6 +62,13 @@ class ControllerSettings:
     # Bearer tokens and their roles (controller/auth.py; docs/security.md); unset: no
     # authentication on the controller API.
     tokens_file: Path | None = None
+    # Directories a request's local accuracy-labels path may lie under (comma separated); empty:
+    # no local file is read (upload labels to the store and name them s3://). /proc, /sys and
+    # /dev never.
+    labels_roots: tuple[Path, ...] = ()
+    # Hosts (name, address or host:port; "*" for any) the webhooks of runs and experiments may
+    # call; empty: a request with a webhook_url is refused.
+    webhook_hosts: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, **overrides: object) -> ControllerSettings:

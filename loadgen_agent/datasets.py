@@ -35,16 +35,17 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
-from mecbench.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from mecbench.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from mecbench.core.logging import get_logger
+from store.local_files import copy_limited, open_allowed
 from store.settings import StoreSettings, open_store
-from store.uris import local_path, object_uri_problem, s3_location
+from store.uris import object_uri_problem, s3_location
 
 log = get_logger("mecbench.loadgen.datasets")
 
@@ -52,7 +53,9 @@ URI_FIELD = "dataset.uri"
 SHA256_FIELD = "dataset.sha256"
 
 _NPY_MAGIC = b"\x93NUMPY"
-_COPY_CHUNK = 1024 * 1024
+# The setting that names the directories local dataset paths may lie under.
+ROOTS_SETTING = "MECBENCH_LOADGEN_DATASET_ROOTS"
+DEFAULT_MAX_OBJECT_BYTES = 4 * 1024 * 1024 * 1024
 # Prefix of the temporary files objects are written to before the rename.
 _PARTIAL_PREFIX = ".partial-"
 _PARTIAL_MAX_AGE_S = 24 * 3600.0
@@ -99,12 +102,22 @@ def _remove_abandoned_partials(objects: Path) -> None:
                 partial.unlink()
 
 
-def fetch(uri: str, sha256: str, cache_dir: Path, s3_settings: StoreSettings | None = None) -> Path:
+def fetch(
+    uri: str,
+    sha256: str,
+    cache_dir: Path,
+    s3_settings: StoreSettings | None = None,
+    *,
+    local_roots: Sequence[Path] = (),
+    max_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+) -> Path:
     """The local, verified copy of the object at `uri`, fetched into `cache_dir` unless the cache
     already holds the expected `sha256` (hex, any case; empty = not checked).
 
     `s3_settings` defaults to `StoreSettings.load()` (the `MECBENCH_STORE_*` environment), read
-    only for an s3:// URI.
+    only for an s3:// URI. A local path is read only under `local_roots` (the operator's
+    MECBENCH_LOADGEN_DATASET_ROOTS; store.local_files), and no object over `max_bytes` is
+    copied: the count stops the copy, not a size reported beforehand.
     """
     _check_uri(uri)
     expected = sha256.strip().lower()
@@ -131,9 +144,10 @@ def fetch(uri: str, sha256: str, cache_dir: Path, s3_settings: StoreSettings | N
     try:
         with os.fdopen(descriptor, "wb") as out:
             if uri.lower().startswith("s3://"):
-                digest, size = _download_s3(uri, out, s3_settings)
+                digest, size = _download_s3(uri, out, s3_settings, max_bytes)
             else:
-                digest, size = _copy_local(uri, out)
+                with open_allowed(uri, local_roots, field=URI_FIELD, setting=ROOTS_SETTING) as source:
+                    digest, size = copy_limited(source, out, max_bytes, field=URI_FIELD)
             out.flush()
             os.fsync(out.fileno())
         if expected and digest != expected:
@@ -158,27 +172,7 @@ def fetch(uri: str, sha256: str, cache_dir: Path, s3_settings: StoreSettings | N
     return cached
 
 
-def _copy_local(uri: str, out: IO[bytes]) -> tuple[str, int]:
-    """Copy the local file into `out`; its SHA-256 and size."""
-    path = local_path(uri)
-    hasher = hashlib.sha256()
-    size = 0
-    try:
-        with path.open("rb") as source:
-            while chunk := source.read(_COPY_CHUNK):
-                hasher.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-    except FileNotFoundError:
-        raise NotFound(f"dataset {uri}: no such file {path} on the LoadGen agent's machine") from None
-    except IsADirectoryError:
-        raise InvalidArgument(f"{path} is a directory; pack it as a tar archive", field=URI_FIELD) from None
-    except PermissionError:
-        raise PermissionDenied(f"dataset {uri}: the LoadGen agent may not read {path}") from None
-    return hasher.hexdigest(), size
-
-
-def _download_s3(uri: str, out: IO[bytes], s3_settings: StoreSettings | None) -> tuple[str, int]:
+def _download_s3(uri: str, out: IO[bytes], s3_settings: StoreSettings | None, max_bytes: int) -> tuple[str, int]:
     """Download the S3 object into `out`; its SHA-256 and size."""
     settings = s3_settings if s3_settings is not None else _load_store_settings()
     missing = [name for name in ("endpoint", "access_key", "secret_key") if not getattr(settings, name)]
@@ -197,11 +191,15 @@ def _download_s3(uri: str, out: IO[bytes], s3_settings: StoreSettings | None) ->
         raise FailedPrecondition(f"dataset {uri}: the LoadGen agent's S3 settings are invalid: {exc}") from None
     bucket, key = s3_location(uri)
     try:
+        if store.size(bucket, key) > max_bytes:
+            raise InvalidArgument(f"larger than the LoadGen agent's limit of {max_bytes} bytes", field=URI_FIELD)
         data = store.get(bucket, key)
     except NotFound as exc:
         raise NotFound(f"dataset {uri}: {exc}") from None
     finally:
         store.close()
+    if len(data) > max_bytes:  # replaced by a larger object between the two calls
+        raise InvalidArgument(f"larger than the LoadGen agent's limit of {max_bytes} bytes", field=URI_FIELD)
     out.write(data)
     return hashlib.sha256(data).hexdigest(), len(data)
 

@@ -31,13 +31,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from loadgen_agent.datasets import uri_problem
+from loadgen_agent.datasets import ROOTS_SETTING, uri_problem
 from loadgen_agent.protocol import Message, MessageWriter, error_from_message, read_message
 from loadgen_agent.results import apply_integrity, iter_file_chunks, parse_result_dir
 from loadgen_agent.settings import LoadGenAgentSettings
@@ -57,6 +57,8 @@ from mecbench.core.errors import (
 )
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, loadgen_agent_pb2
+from store.local_files import resolve_allowed
+from store.uris import is_s3
 
 log = get_logger("mecbench.loadgen.sessions")
 
@@ -69,8 +71,11 @@ _CLOSED_KEPT = 256
 State = loadgen_agent_pb2.SessionState
 
 
-def validate_open_request(request: loadgen_agent_pb2.OpenSessionRequest, max_dataset_bytes: int) -> None:
-    """Raise InvalidArgument with every problem of an OpenSessionRequest."""
+def validate_open_request(
+    request: loadgen_agent_pb2.OpenSessionRequest, max_dataset_bytes: int, dataset_roots: Sequence[Path] = ()
+) -> None:
+    """Raise InvalidArgument with every problem of an OpenSessionRequest. A local dataset path
+    must lie under the operator's `dataset_roots` (checked again when it is read)."""
     v = Violations()
     match = _HOST_PORT.match(request.sut_address)
     if not match:
@@ -83,6 +88,11 @@ def validate_open_request(request: loadgen_agent_pb2.OpenSessionRequest, max_dat
         problem = uri_problem(dataset.uri)
         if problem is not None:
             v.add("dataset.uri", problem)
+        elif not is_s3(dataset.uri):
+            try:
+                resolve_allowed(dataset.uri, dataset_roots, field="dataset.uri", setting=ROOTS_SETTING)
+            except InvalidArgument as exc:
+                v.extend(exc.violations)
     else:
         synthetic = dataset.synthetic
         v.check(synthetic.sample_count <= _MAX_SAMPLE_COUNT, "dataset.synthetic.sample_count", "at most 10,000,000")
@@ -278,6 +288,7 @@ class LoadGenSession:
             "session_dir": str(self.directory),
             "dataset_cache_dir": str(self.settings.dataset_cache_dir),
             "max_dataset_bytes": self.settings.max_dataset_bytes,
+            "dataset_roots": [str(root) for root in self.settings.dataset_roots],
         }
 
     def start_worker(self) -> None:
@@ -567,7 +578,7 @@ class SessionManager:
         return session
 
     def open_session(self, request: loadgen_agent_pb2.OpenSessionRequest) -> loadgen_agent_pb2.Session:
-        validate_open_request(request, self.settings.max_dataset_bytes)
+        validate_open_request(request, self.settings.max_dataset_bytes, self.settings.dataset_roots)
         session_id = f"ls-{uuid.uuid4().hex[:12]}"
         with self._lock:
             if self._closed:

@@ -29,6 +29,10 @@ class LoadGenAgentSettings:
     # Datasets fetched from `dataset.uri`, kept under their SHA-256 so a session that names the
     # digest fetches nothing; shared safely by the agent's session processes.
     dataset_cache_dir: Path = field(default_factory=default_cache_dir)
+    # Directories a request's local dataset path (file:///path or /path) may lie under, comma
+    # separated; empty: no local file is read (s3:// is the way to bring data). /proc, /sys and
+    # /dev never, whatever this says.
+    dataset_roots: tuple[Path, ...] = ()
     # Where each test's LoadGen log directory is created (removed after it was streamed back);
     # empty = the system temporary directory.
     work_dir: Path | None = None

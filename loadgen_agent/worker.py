@@ -116,12 +116,19 @@ def synthetic_samples(spec: common_pb2.SyntheticDataset) -> list[bytes]:
 
 
 def load_samples(
-    spec: common_pb2.DatasetSpec, cache_dir: Path | None = None, max_bytes: int | None = None
+    spec: common_pb2.DatasetSpec,
+    cache_dir: Path | None = None,
+    max_bytes: int | None = None,
+    local_roots: Sequence[Path] = (),
 ) -> list[bytes]:
     """The samples of the session's dataset, held in memory for the whole session. A `uri` dataset
-    is fetched into `cache_dir` (default: the user's cache) unless it holds the `sha256` already."""
+    is fetched into `cache_dir` (default: the user's cache) unless it holds the `sha256` already;
+    a local path only under `local_roots` (the operator's)."""
     if spec.WhichOneof("source") == "uri":
-        path = datasets.fetch(spec.uri, spec.sha256, cache_dir or datasets.default_cache_dir())
+        path = datasets.fetch(
+            spec.uri, spec.sha256, cache_dir or datasets.default_cache_dir(), local_roots=local_roots,
+            max_bytes=max_bytes if max_bytes is not None else datasets.DEFAULT_MAX_OBJECT_BYTES,
+        )
         return datasets.load_samples(path, max_bytes=max_bytes)
     return synthetic_samples(spec.synthetic)
 
@@ -556,6 +563,7 @@ class SessionWorker:
         self.dataset_cache_dir = Path(cache_dir) if cache_dir else None
         max_bytes = open_message.get("max_dataset_bytes")
         self.max_dataset_bytes = int(max_bytes) if max_bytes is not None else None
+        self.dataset_roots = [Path(root) for root in open_message.get("dataset_roots") or []]
         self.events = events
         self.tests: queue.SimpleQueue[Message] = queue.SimpleQueue()
         # Tests received and not finished (queued or running), and those of them cancelled.
@@ -572,7 +580,7 @@ class SessionWorker:
         import mlperf_loadgen as lg
 
         started = time.monotonic()
-        samples = load_samples(self.dataset, self.dataset_cache_dir, self.max_dataset_bytes)
+        samples = load_samples(self.dataset, self.dataset_cache_dir, self.max_dataset_bytes, self.dataset_roots)
         channel = open_channel(self.sut_address)
         wait_until_serving(channel, timeout=self.connect_timeout_s)
         stub = sut_agent_pb2_grpc.SutAgentStub(channel)

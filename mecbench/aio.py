@@ -81,10 +81,12 @@ class AsyncClient:
         credentials: grpc.ChannelCredentials | None = None,
         cert_file: str | Path | None = None,
         key_file: str | Path | None = None,
+        insecure_token: bool = False,
     ) -> None:
         self.settings = ConnectionSettings.create(
             address, tls=tls, ca_file=ca_file, token=token, retries=retries, backoff_s=backoff_s,
             timeout_s=timeout_s, credentials=credentials, cert_file=cert_file, key_file=key_file,
+            insecure_token=insecure_token,
         )
         self.address = self.settings.address
         self._channel: grpc.aio.Channel | None = None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -79,6 +80,20 @@ NON_IDEMPOTENT = frozenset({"StartRun", "StartExperiment", "UploadBlob"})
 R = TypeVar("R", bound=Message)
 
 
+def is_loopback_address(address: str) -> bool:
+    """Whether HOST:PORT (or a unix: target) stays on this machine."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def default_address() -> str:
     """The controller to talk to: `$MECBENCH_CONTROLLER`, else 127.0.0.1:50051."""
     return os.environ.get("MECBENCH_CONTROLLER", DEFAULT_CONTROLLER)
@@ -123,6 +138,7 @@ class ConnectionSettings:
         credentials: grpc.ChannelCredentials | None,
         cert_file: str | Path | None = None,
         key_file: str | Path | None = None,
+        insecure_token: bool = False,
     ) -> ConnectionSettings:
         """Check the arguments and work out credentials, metadata and channel options."""
         if retries < 0:
@@ -151,7 +167,14 @@ class ConnectionSettings:
                 )
         elif token:
             # gRPC refuses call credentials on a plaintext channel (they would travel in clear);
-            # a local development controller has no TLS, so the header is sent as metadata.
+            # a local development controller has no TLS, so the header is sent as metadata, but
+            # only to this machine unless the caller says the network may read it.
+            target = address or default_address()
+            if not insecure_token and not is_loopback_address(target):
+                raise ValueError(
+                    f"refusing to send a bearer token in clear to {target}: connect with TLS (tls/ca_file, "
+                    "--tls/--ca-file), or allow it with insecure_token=True (--insecure-token)"
+                )
             metadata = (("authorization", f"Bearer {token}"),)
         # gRPC's own reconnect backoff starts at 1 s and every call fails at once while it
         # waits, so short SDK retries could all be spent before a controller that came back is
@@ -425,7 +448,10 @@ class Client:
         tls: connect over TLS, checking the server against the system's roots (or `ca_file`).
         ca_file: PEM file of the CA (or self-signed certificate) to trust; implies TLS.
         token: sent as `authorization: Bearer <token>` on every call (as call credentials over
-            TLS; as plain metadata on a plaintext channel, for local development).
+            TLS; as plain metadata on a plaintext channel, for local development: to a loopback
+            address only, unless `insecure_token`).
+        insecure_token: allow a token over a plaintext channel to another host, where the
+            network between is trusted (ValueError otherwise).
         retries: how many more times a call that failed with UNAVAILABLE is tried (see the
             module docstring for which calls); 0 disables retries.
         backoff_s: the first wait between tries; each further wait doubles, with jitter.
@@ -456,10 +482,12 @@ class Client:
         credentials: grpc.ChannelCredentials | None = None,
         cert_file: str | Path | None = None,
         key_file: str | Path | None = None,
+        insecure_token: bool = False,
     ) -> None:
         self.settings = ConnectionSettings.create(
             address, tls=tls, ca_file=ca_file, token=token, retries=retries, backoff_s=backoff_s,
             timeout_s=timeout_s, credentials=credentials, cert_file=cert_file, key_file=key_file,
+            insecure_token=insecure_token,
         )
         self.address = self.settings.address
         # plaintext: the arguments decide, not the services' TLS environment (see above).

@@ -70,7 +70,7 @@ class BackendManager:
             return b""
 
     def start(self, config: sut_agent_pb2.SutConfig, restart: bool) -> sut_agent_pb2.SutStatus:
-        validate_config(config).raise_if_any()
+        validate_config(config, env_allowlist=self.settings.env_allowlist).raise_if_any()
         with self._lock:
             if self.backend is not None:
                 if config == self._config and not restart:

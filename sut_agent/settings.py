@@ -31,6 +31,10 @@ class SutAgentSettings:
     # Let requests carry a server command line (config.external.command). Off: only launch
     # profiles start processes, so whoever can call the agent cannot run programs on its node.
     allow_request_commands: bool = False
+    # Names (or PREFIX* patterns, e.g. CUDA_*,OMP_*,HF_*,VLLM_*) a request may set in the
+    # environment of the server this agent starts (config.env); empty: any name that is not
+    # reserved (mecbench.core.request_env.RESERVED, always refused). Never the agent's own.
+    env_allowlist: tuple[str, ...] = ()
     # Where an external server's stdout and stderr are written; empty: a fresh temporary folder.
     server_log_dir: Path | None = None
     # Prometheus /metrics on the gRPC server's host: -1 off, 0 any free port (logged as

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 
 import grpc
@@ -17,6 +18,13 @@ from mecbench.core.logging import configure_logging
 from tests.s3server import S3Server
 
 configure_logging(level=os.environ.get("MECBENCH_TEST_LOG_LEVEL", "warning"), json_output=True)
+
+# The tests' operator lets requests name local datasets and labels under the temporary directory
+# (where every test makes its files); services the tests start inherit this. tests/security
+# starts services with other roots, or none, to show what lies outside is refused.
+TEST_FILE_ROOT = tempfile.gettempdir()
+os.environ.setdefault("MECBENCH_LOADGEN_DATASET_ROOTS", TEST_FILE_ROOT)
+os.environ.setdefault("MECBENCH_CONTROLLER_LABELS_ROOTS", TEST_FILE_ROOT)
 
 
 def is_root() -> bool:

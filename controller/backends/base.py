@@ -74,8 +74,9 @@ class DeploymentBackend(abc.ABC):
 
     def start_sut_agent(self, name: str, config: sut_agent_pb2.SutConfig, placement: str = "") -> AgentHandle:
         """Start the SUT agent that will serve `config`. A cluster backend shapes its pod from the
-        config (image, resources, GPUs, node selector); elsewhere only the environment matters."""
-        return self.start_agent(AgentKind.SUT, name, env=dict(config.env), placement=placement)
+        config (image, resources, GPUs, node selector). `config.env` is never the agent's: it
+        reaches only the server the agent starts, through the config itself."""
+        return self.start_agent(AgentKind.SUT, name, placement=placement)
 
     def needs_new_sut_agent(self, old: sut_agent_pb2.SutConfig, new: sut_agent_pb2.SutConfig) -> bool:
         """Whether serving `new` instead of `old` takes a new agent (a pod's image or resources

@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from mecbench.core.errors import Violations
+from mecbench.core.request_env import check_request_env
 from mecbench.v1 import sut_agent_pb2
 
 JsonObject = dict[str, Any]
@@ -53,7 +54,6 @@ _DNS_LABEL_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _LABEL_KEY_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_ENV_NAME_RE = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 _JOB_ID_RE = re.compile(r"^(?P<run>.+)-r\d+-c\d+$")
 
 
@@ -317,9 +317,8 @@ def check_sut_config(config: sut_agent_pb2.SutConfig, prefix: str = "sut") -> No
             violations.add(f"{prefix}.node_selector", f"{key!r} is not a Kubernetes label key")
         if not valid_label_value(value):
             violations.add(f"{prefix}.node_selector", f"{value!r} ({key}) is not a Kubernetes label value")
-    for key in config.env:
-        if not _ENV_NAME_RE.match(key):
-            violations.add(f"{prefix}.env", f"{key!r} is not an environment variable name")
+    # A request's environment reaches only the server, and never with a reserved name.
+    check_request_env(config.env, f"{prefix}.env", (), violations)
     if config.image and (any(c.isspace() for c in config.image) or len(config.image) > 1024):
         violations.add(f"{prefix}.image", "not an image reference")
     violations.raise_if_any()
@@ -336,7 +335,9 @@ def sut_pod(ctx: ObjectContext, name: str, agent: str, config: sut_agent_pb2.Sut
     check_sut_config(config)
     experiment = experiment_of(agent)
     sidecar = has_server_sidecar(config)
-    env = dict(config.env)
+    # The agent's own environment is the operator's: config.env goes to the server only (the
+    # sidecar below, or the process the agent launches, which gets it with the config).
+    env: dict[str, str] = {}
     # Fixed, so the Service can expose it: SutStatus.tcp_data_plane_port reports this port.
     env[TCP_DATA_PLANE_ENV] = str(TCP_DATA_PLANE_PORT)
     agent_image = config.image if config.image and not sidecar else ctx.image

@@ -297,6 +297,13 @@ def open_client(args: argparse.Namespace, address: str | None = None) -> Client:
         files[option] = value
     if bool(files["cert_file"]) != bool(files["key_file"]):
         raise UsageError("--cert-file and --key-file go together (a client certificate and its key)")
+    try:
+        return _client(args, address, files)
+    except ValueError as exc:  # a token that would travel in clear, say
+        raise UsageError(str(exc)) from None
+
+
+def _client(args: argparse.Namespace, address: str | None, files: dict[str, str | None]) -> Client:
     return Client(
         address or controller_address(args),
         tls=bool(getattr(args, "tls", False) or any(files.values())),
@@ -304,6 +311,7 @@ def open_client(args: argparse.Namespace, address: str | None = None) -> Client:
         cert_file=files["cert_file"],
         key_file=files["key_file"],
         token=getattr(args, "token", "") or None,
+        insecure_token=bool(getattr(args, "insecure_token", False)),
     )
 
 
@@ -338,6 +346,10 @@ def add_client_options(command: argparse.ArgumentParser) -> None:
                             help="the client certificate's private key (default: $MECBENCH_TLS_KEY)")
     connection.add_argument(
         "--token", default=os.environ.get("MECBENCH_TOKEN", ""), help="bearer token (default: $MECBENCH_TOKEN)"
+    )
+    connection.add_argument(
+        "--insecure-token", action="store_true",
+        help="send the token over a plaintext connection to a host other than this one (it can be read on the way)",
     )
     command.add_argument("--json", action="store_true", help="print JSON instead of text")
 

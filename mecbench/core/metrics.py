@@ -19,6 +19,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from mecbench.core.logging import get_logger
+from mecbench.core.tls import TlsSettings
 
 log = get_logger("mecbench.metrics")
 
@@ -86,17 +87,27 @@ class GuardedCollector:
 
 class MetricsEndpoint:
     """`/metrics` over HTTP on `host:port` (port 0: any free port, `port` says which), served by
-    daemon threads until `close()`."""
+    daemon threads until `close()`. With `tls` holding a certificate it is HTTPS, and with its
+    `client_auth` a scraper must show a certificate from its CA, as on the gRPC port."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, tls: TlsSettings | None = None) -> None:
+        secure = tls is not None and tls.cert is not None and tls.key is not None
         try:
-            httpd, thread = start_http_server(port, host, registry)
+            if tls is not None and secure:
+                httpd, thread = start_http_server(
+                    port, host, registry, certfile=str(tls.cert), keyfile=str(tls.key),
+                    client_cafile=str(tls.ca) if tls.client_auth and tls.ca else None,
+                    client_auth_required=tls.client_auth,
+                )
+            else:
+                httpd, thread = start_http_server(port, host, registry)
         except OSError as exc:
             raise OSError(f"could not bind the metrics endpoint on {host}:{port}: {exc}") from exc
         self._httpd: WSGIServer = httpd
         self._thread: threading.Thread = thread
         self.host = host
         self.port: int = httpd.server_port
+        self.scheme = "https" if secure else "http"
 
     @property
     def address(self) -> str:

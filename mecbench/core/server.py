@@ -80,6 +80,15 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+METRICS_HOST_ENV = "MECBENCH_METRICS_HOST"
+
+
+def metrics_host() -> str:
+    """Where `/metrics` listens: loopback, unless the operator names an address (a scraper on
+    another host needs one; with TLS configured the endpoint is HTTPS)."""
+    return os.environ.get(METRICS_HOST_ENV, "").strip() or "127.0.0.1"
+
+
 def build_server(
     address: str,
     register: Callable[[grpc.Server], None],
@@ -95,9 +104,11 @@ def build_server(
 ) -> RunningServer:
     """Create, bind and start a server; returns it with the port actually bound.
 
-    `metrics_port` >= 0 also serves Prometheus `/metrics` on the server's host at that port (0: any
-    free one, in `RunningServer.metrics_port`): RPC durations and codes, and what `collectors`
-    read from the service when scraped. Below 0 no metrics are kept at all.
+    `metrics_port` >= 0 also serves Prometheus `/metrics` at that port (0: any free one, in
+    `RunningServer.metrics_port`): RPC durations and codes, and what `collectors` read from the
+    service when scraped. Below 0 no metrics are kept at all. It binds loopback unless the
+    operator names another address (`MECBENCH_METRICS_HOST`), and is HTTPS (with client
+    certificates where the gRPC port wants them) when TLS is configured.
 
     `tls` (default: `TlsSettings.load()`, the environment) makes the port TLS, and with
     `allowed_clients` refuses callers whose certificate names none of them; `credentials`, when
@@ -140,11 +151,11 @@ def build_server(
     endpoint: MetricsEndpoint | None = None
     if registry is not None:
         try:
-            endpoint = MetricsEndpoint(host, metrics_port, registry)
+            endpoint = MetricsEndpoint(metrics_host(), metrics_port, registry, tls if credentials else None)
         except OSError:
             server.stop(None)
             raise
-        log.info("metrics_listening", address=endpoint.address, url=f"http://{endpoint.address}/metrics")
+        log.info("metrics_listening", address=endpoint.address, url=f"{endpoint.scheme}://{endpoint.address}/metrics")
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(

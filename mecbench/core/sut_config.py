@@ -9,6 +9,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from mecbench.core import durations
 from mecbench.core.errors import Violations
+from mecbench.core.request_env import check_request_env
 from mecbench.v1 import common_pb2, sut_agent_pb2
 
 # Ten minutes per sample is far beyond any sensible model of a server; longer is a unit mistake.
@@ -89,9 +90,21 @@ def _validate_external(config: sut_agent_pb2.ExternalBackendConfig, prefix: str,
     violations.check(config.warmup_requests <= 1000, f"{prefix}.warmup_requests", "at most 1000")
 
 
+def serves_own_process(config: sut_agent_pb2.SutConfig) -> bool:
+    """Whether the config has a served process of its own that `env` reaches: an external server
+    the SUT agent starts (a launch profile or a command), or a server image beside the agent."""
+    external = config.external if config.WhichOneof("backend") == "external" else None
+    return external is not None and bool(external.profile or external.command or config.image)
+
+
 def validate_config(
-    config: sut_agent_pb2.SutConfig, prefix: str = "config", violations: Violations | None = None
+    config: sut_agent_pb2.SutConfig,
+    prefix: str = "config",
+    violations: Violations | None = None,
+    env_allowlist: tuple[str, ...] = (),
 ) -> Violations:
+    """Every problem with `config`. `env_allowlist` is the operator's allowlist of the names a
+    request may set in the served process's environment (empty: any name that is not reserved)."""
     violations = violations if violations is not None else Violations()
     backend = config.WhichOneof("backend")
     if backend is None:
@@ -103,4 +116,15 @@ def validate_config(
     elif backend == "external":
         _validate_external(config.external, f"{prefix}.external", violations)
     violations.check(config.resources.cpu_cores >= 0, f"{prefix}.resources.cpu_cores", "must not be negative")
+    if config.env:
+        if backend is not None and not serves_own_process(config):
+            # Never the agent's own environment: the built-in backends, and a server that is
+            # already running, have no process of their own for it to reach.
+            violations.add(
+                f"{prefix}.env",
+                "is the environment of a server the SUT agent starts (an external launch profile or "
+                "command, or a server image); this config has none, and the agent's own settings come "
+                "only from its operator",
+            )
+        check_request_env(config.env, f"{prefix}.env", env_allowlist, violations)
     return violations

@@ -440,6 +440,9 @@ class ExperimentSpec(_message.Message):
     ACCURACY_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     webhook_url: _builtins.str
+    """POSTed a JSON document (experiment_id, state, run_ids, error) when the experiment ends:
+    http or https, to a host the controller's operator allows (MECBENCH_CONTROLLER_WEBHOOK_HOSTS).
+    """
     busy_policy: Global___BusyPolicy.ValueType
     model: _builtins.str
     """The model's name, matched by the overrides' `model` patterns (user.conf's first key)."""
@@ -619,6 +622,7 @@ class Experiment(_message.Message):
     PEAKS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     CALIBRATION_FIELD_NUMBER: _builtins.int
+    WEBHOOK_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     state: _common_pb2.RunState.ValueType
     points_total: _builtins.int
@@ -636,6 +640,10 @@ class Experiment(_message.Message):
     def peaks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeakResult]: ...
     @_builtins.property
     def calibration(self) -> Global___HarnessCalibration: ...
+    @_builtins.property
+    def webhook(self) -> Global___WebhookDelivery:
+        """The call of spec.webhook_url when the experiment ended (unset when it names none)."""
+
     def __init__(
         self,
         *,
@@ -650,10 +658,11 @@ class Experiment(_message.Message):
         peaks: _abc.Iterable[Global___PeakResult] | None = ...,
         error: _builtins.str = ...,
         calibration: Global___HarnessCalibration | None = ...,
+        webhook: Global___WebhookDelivery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "created_at", b"created_at", "finished_at", b"finished_at", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "created_at", b"created_at", "finished_at", b"finished_at", "spec", b"spec", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "created_at", b"created_at", "error", b"error", "experiment_id", b"experiment_id", "finished_at", b"finished_at", "peaks", b"peaks", "points_done", b"points_done", "points_total", b"points_total", "run_ids", b"run_ids", "spec", b"spec", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "created_at", b"created_at", "error", b"error", "experiment_id", b"experiment_id", "finished_at", b"finished_at", "peaks", b"peaks", "points_done", b"points_done", "points_total", b"points_total", "run_ids", b"run_ids", "spec", b"spec", "state", b"state", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1134,7 +1143,9 @@ class RunSpec(_message.Message):
     """Repeats of the test; 0 = 1."""
     busy_policy: Global___BusyPolicy.ValueType
     webhook_url: _builtins.str
-    """Called with the state and the result reference when the run ends."""
+    """POSTed a JSON document (run_id, experiment_id, state, error, results) when the run ends:
+    http or https, to a host the controller's operator allows (MECBENCH_CONTROLLER_WEBHOOK_HOSTS).
+    """
     @_builtins.property
     def sut(self) -> _sut_agent_pb2.SutConfig: ...
     @_builtins.property
@@ -1250,6 +1261,7 @@ class RepeatResult(_message.Message):
     RESULT_URI_FIELD_NUMBER: _builtins.int
     LOADGEN_SETUP_TIME_FIELD_NUMBER: _builtins.int
     SUT_STATS_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     repeat: _builtins.int
     result_uri: _builtins.str
     """Where the files are: a prefix in the results store."""
@@ -1265,6 +1277,10 @@ class RepeatResult(_message.Message):
 
     @_builtins.property
     def sut_stats(self) -> _sut_agent_pb2.SutStats: ...
+    @_builtins.property
+    def placement(self) -> Global___SutPlacement:
+        """The SUT's placement during this repeat (local backend, resources or GPUs asked for)."""
+
     def __init__(
         self,
         *,
@@ -1274,14 +1290,51 @@ class RepeatResult(_message.Message):
         result_uri: _builtins.str = ...,
         loadgen_setup_time: _duration_pb2.Duration | None = ...,
         sut_stats: _sut_agent_pb2.SutStats | None = ...,
+        placement: Global___SutPlacement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "loadgen_setup_time", b"loadgen_setup_time", "sut_stats", b"sut_stats"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "loadgen_setup_time", b"loadgen_setup_time", "placement", b"placement", "sut_stats", b"sut_stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "clients", b"clients", "loadgen_setup_time", b"loadgen_setup_time", "repeat", b"repeat", "result_uri", b"result_uri", "sut_stats", b"sut_stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "clients", b"clients", "loadgen_setup_time", b"loadgen_setup_time", "placement", b"placement", "repeat", b"repeat", "result_uri", b"result_uri", "sut_stats", b"sut_stats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RepeatResult: _TypeAlias = RepeatResult  # noqa: Y015
+
+@_typing.final
+class SutPlacement(_message.Message):
+    """What the SUT was asked to get, what the kernel says it got, and what it used in the repeat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTED_FIELD_NUMBER: _builtins.int
+    REQUESTED_GPUS_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requested(self) -> _common_pb2.ResourceLimits: ...
+    @_builtins.property
+    def requested_gpus(self) -> _common_pb2.GpuRequest: ...
+    @_builtins.property
+    def applied(self) -> _common_pb2.PlacementApplied: ...
+    @_builtins.property
+    def usage(self) -> _common_pb2.PlacementUsage:
+        """Counters over this repeat (the memory peak is since the SUT was placed)."""
+
+    def __init__(
+        self,
+        *,
+        requested: _common_pb2.ResourceLimits | None = ...,
+        requested_gpus: _common_pb2.GpuRequest | None = ...,
+        applied: _common_pb2.PlacementApplied | None = ...,
+        usage: _common_pb2.PlacementUsage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "requested", b"requested", "requested_gpus", b"requested_gpus", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "requested", b"requested", "requested_gpus", b"requested_gpus", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SutPlacement: _TypeAlias = SutPlacement  # noqa: Y015
 
 @_typing.final
 class Run(_message.Message):
@@ -1297,6 +1350,7 @@ class Run(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     RESULTS_SPOOLED_FIELD_NUMBER: _builtins.int
+    WEBHOOK_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     state: _common_pb2.RunState.ValueType
     error: _builtins.str
@@ -1315,6 +1369,10 @@ class Run(_message.Message):
     def progress(self) -> Global___RunProgress: ...
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RepeatResult]: ...
+    @_builtins.property
+    def webhook(self) -> Global___WebhookDelivery:
+        """The call of spec.webhook_url when the run ended (unset when it names none)."""
+
     def __init__(
         self,
         *,
@@ -1328,14 +1386,48 @@ class Run(_message.Message):
         results: _abc.Iterable[Global___RepeatResult] | None = ...,
         error: _builtins.str = ...,
         results_spooled: _builtins.bool = ...,
+        webhook: Global___WebhookDelivery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "progress", b"progress", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "progress", b"progress", "spec", b"spec", "started_at", b"started_at", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "progress", b"progress", "results", b"results", "results_spooled", b"results_spooled", "run_id", b"run_id", "spec", b"spec", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "progress", b"progress", "results", b"results", "results_spooled", b"results_spooled", "run_id", b"run_id", "spec", b"spec", "started_at", b"started_at", "state", b"state", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Run: _TypeAlias = Run  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """A webhook's call: a POST of JSON when a run or an experiment ends. Never decides its fate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    SENT_AT_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    status_code: _builtins.int
+    """The HTTP status the receiver answered (a redirect is not followed); 0 when none answered."""
+    error: _builtins.str
+    """Why it was not delivered (refused by the operator's allowlist, unreachable, not 2xx)."""
+    @_builtins.property
+    def sent_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        sent_at: _timestamp_pb2.Timestamp | None = ...,
+        status_code: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "sent_at", b"sent_at", "status_code", b"status_code", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
 
 @_typing.final
 class StartRunRequest(_message.Message):

@@ -39,6 +39,7 @@ def _external(config: sut_agent_pb2.SutConfig, settings: SutAgentSettings) -> Ba
         log_path=settings.server_log_path,
         model_dir=settings.model_dir,
         allow_request_commands=settings.allow_request_commands,
+        server_env=dict(config.env),
     )
 
 

@@ -2,7 +2,7 @@
 
 The server is one the agent starts from a launch profile of its own configuration (then it is
 probed until ready, watched while it serves, and stopped with the backend) or one already
-running at `config.external.endpoint`. Its server type (sut_agent.external.registry) supplies
+running at `config.external.endpoint`. Its server type (mecbench.servers.registry) supplies
 the protocol adapter. Before the backend reports ready, the model is prepared on the server
 (loaded, pulled) and warm-up requests are sent, so the first measured query meets a warm server.
 
@@ -29,10 +29,11 @@ from mecbench.core.errors import (
     PermissionDenied,
 )
 from mecbench.core.logging import get_logger
+from mecbench.servers.base import InferenceResult, ServerError, ServerType
 from mecbench.servers.errors import ErrorTally
+from mecbench.servers.registry import load_server_type, server_types
 from mecbench.v1 import sut_agent_pb2
 from sut_agent.backends.base import STOPPED_ERROR, Backend, Completion, CompletionCallback, ServerInfo
-from sut_agent.external.base import InferenceResult, ServerError, ServerType
 from sut_agent.external.process import ServerProcess
 from sut_agent.external.profiles import (
     LaunchProfile,
@@ -42,7 +43,6 @@ from sut_agent.external.profiles import (
     port_values,
     render,
 )
-from sut_agent.external.registry import load_server_type, server_types
 
 log = get_logger("sut_agent.external")
 
@@ -115,8 +115,10 @@ class ExternalBackend(Backend):
 
     def __init__(
         self, config: sut_agent_pb2.ExternalBackendConfig, *, profiles_path: Path | None, log_path: Path,
-        model_dir: Path, allow_request_commands: bool = False,
+        model_dir: Path, allow_request_commands: bool = False, server_env: dict[str, str] | None = None,
     ) -> None:
+        # `server_env` is the request's environment for the server, checked by validate_config
+        # (reserved names, the operator's allowlist) before this is built.
         profile = _profile(config, profiles_path, allow_request_commands)
         server_class = _server_type(config.server_type or (profile.server_type if profile else ""))
         ready_timeout_s = durations.to_seconds(config.ready_timeout) or (
@@ -135,7 +137,7 @@ class ExternalBackend(Backend):
             }
             try:
                 # The model name comes from the request: it must be a plain value.
-                launch = render(profile, values)
+                launch = render(profile, values, request_env=server_env or {})
             except InvalidArgument as exc:  # a request's value the profile puts on a command line
                 raise InvalidArgument(
                     [FieldViolation(f"{FIELD}.{v.field}", v.description) for v in exc.violations]

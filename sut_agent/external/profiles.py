@@ -9,7 +9,6 @@ rather than at the first benchmark; `render` fills them in for one launch.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import signal
@@ -26,6 +25,7 @@ import urllib3
 import yaml
 
 from mecbench.core.errors import FailedPrecondition, InvalidArgument
+from mecbench.core.request_env import served_process_env
 
 PROBE_KINDS = ("http", "tcp", "grpc")
 # Placeholders every template may use; `{port2}` .. `{portN}` come on top, up to `ports`.
@@ -135,7 +135,7 @@ class RenderedLaunch:
     """A profile with every placeholder filled in: what one server process is started with."""
 
     argv: tuple[str, ...]
-    env: dict[str, str]  # the full environment: the agent's, with the profile's on top
+    env: dict[str, str]  # the full environment: the agent's (less MECBENCH_*), the request's, the profile's
     cwd: str | None
     endpoint: str
     ready: Probe
@@ -182,7 +182,11 @@ def unsafe_value_reason(value: str) -> str | None:
 
 
 def render(
-    profile: LaunchProfile, values: Mapping[str, str], *, untrusted: Collection[str] = ("model",)
+    profile: LaunchProfile,
+    values: Mapping[str, str],
+    *,
+    untrusted: Collection[str] = ("model",),
+    request_env: Mapping[str, str] | None = None,
 ) -> RenderedLaunch:
     """Fill in a profile's templates. `values` gives the ports (see `port_values`), `model` and
     `model_dir`; `host`, `python` and `profile` default to the profile's host, this interpreter and
@@ -199,8 +203,11 @@ def render(
     if missing:
         names = ", ".join(f"{{{name}}}" for name in missing)
         raise FailedPrecondition(f"launch profile {profile.name} needs a value for {names}")
-    environment = dict(os.environ)
-    environment.update({key: _fill(value, merged) for key, value in profile.env.items()})
+    # The request's variables (checked against the reserved names and the operator's allowlist)
+    # reach the server only; the profile's, the operator's, win over them.
+    environment = served_process_env(
+        request_env or {}, {key: _fill(value, merged) for key, value in profile.env.items()}
+    )
     cwd = _fill(profile.cwd, merged)
     return RenderedLaunch(
         argv=tuple(_fill(part, merged) for part in profile.command),

@@ -35,7 +35,6 @@ SUT_CONFIGS = {
         resources=common_pb2.ResourceLimits(cpu_cores=3.5, memory_bytes=8 * 2**30),
         gpus=common_pb2.GpuRequest(count=2),
         node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "kubernetes.io/arch": "amd64"},
-        env={"MECBENCH_SUT_MAX_WORKERS": "128"},
     ),
     "image-override": synthetic(image="registry.example/mecbench-with-model:1.2"),
     "onnxruntime": sut_agent_pb2.SutConfig(
@@ -51,7 +50,7 @@ SUT_CONFIGS = {
     ),
     "external-profile": sut_agent_pb2.SutConfig(
         external=sut_agent_pb2.ExternalBackendConfig(profile="model-server"),
-        env={"MECBENCH_SUT_SERVER_PROFILES": "/etc/mecbench/servers.yaml"},
+        env={"OMP_NUM_THREADS": "4"},
     ),
 }
 

@@ -24,6 +24,7 @@ from mecbench.core.server import RunningServer, build_server
 from mecbench.v1 import common_pb2, loadgen_agent_pb2, loadgen_agent_pb2_grpc, sut_agent_pb2, sut_agent_pb2_grpc
 from sut_agent.server import create_server as create_sut_server
 from sut_agent.settings import SutAgentSettings
+from tests.conftest import TEST_FILE_ROOT
 
 # --- SUT agents ------------------------------------------------------------------------------------
 
@@ -212,6 +213,7 @@ def agent_settings(work_dir: Path, **overrides: object) -> LoadGenAgentSettings:
         "worker_log_level": "warning",
         # Never the user's own cache: each agent fetches into its work directory.
         "dataset_cache_dir": work_dir / "dataset-cache",
+        "dataset_roots": (Path(TEST_FILE_ROOT),),
     }
     base |= overrides
     return LoadGenAgentSettings(**base)  # type: ignore[arg-type]

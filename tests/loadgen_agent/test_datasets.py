@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from loadgen_agent.datasets import fetch, load_samples, uri_problem
+from loadgen_agent import datasets
+from loadgen_agent.datasets import load_samples, uri_problem
 from mecbench.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from mecbench.v1 import common_pb2
 from store.s3 import S3Store
@@ -56,6 +58,11 @@ def tar_bytes(members: dict[str, bytes], mode: str = "w:gz") -> bytes:
 
 def in_name_order(members: dict[str, bytes]) -> list[bytes]:
     return [members[name] for name in sorted(members)]
+
+
+def fetch(uri: str, sha256: str, cache: Path, s3: StoreSettings | None = None) -> Path:
+    """`datasets.fetch` as an operator who lets local datasets come from the temporary directory."""
+    return datasets.fetch(uri, sha256, cache, s3, local_roots=(Path(tempfile.gettempdir()),))
 
 
 def cached_files(cache: Path) -> list[Path]:
