@@ -60,11 +60,16 @@ CONTROLLER_POD_UID_ENV = "MECBENCH_K8S_CONTROLLER_POD_UID"
 # ErrImagePull is not one: a registry hiccup clears on the next pull, and a pull that keeps
 # failing turns into ImagePullBackOff right after the first failure.
 FATAL_WAITING_REASONS = frozenset({
-    "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
-    "CreateContainerConfigError", "CreateContainerError", "RunContainerError", "CrashLoopBackOff",
+    "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError", "CrashLoopBackOff",
 })
-# Events that say the cluster autoscaler is adding a node: an unschedulable pod may yet run.
-SCALE_UP_REASONS = frozenset({"TriggeredScaleUp"})
+# Waiting reasons that busy nodes give for a while and then get past (a runtime timing out under
+# load, a volume not yet there): fatal only when they last (KubernetesConfig.container_error_grace_s).
+TRANSIENT_WAITING_REASONS = frozenset({"CreateContainerError", "RunContainerError"})
+# Events that say a node is being added for an unschedulable pod (the cluster autoscaler's, about
+# 10 s after the pod; Karpenter nominates a node claim): it may yet run. The autoscaler's "no"
+# ends the wait at once; with neither, the wait gives it KubernetesConfig.unschedulable_grace_s.
+SCALE_UP_REASONS = frozenset({"TriggeredScaleUp", "Nominated"})
+NO_SCALE_UP_REASONS = frozenset({"NotTriggerScaleUp"})
 EVENTS_SHOWN = 8
 LOG_LINES_SHOWN = 20
 
@@ -379,6 +384,9 @@ class PodProblem:
     reason: str
     message: str
     crashed_container: str = ""
+    # A state busy nodes get past (TRANSIENT_WAITING_REASONS): a problem only when it lasts.
+    transient: bool = False
+    container: str = ""
 
 
 def pod_problem(pod: JsonObject) -> PodProblem | None:
@@ -404,6 +412,24 @@ def pod_problem(pod: JsonObject) -> PodProblem | None:
         if waiting.get("reason") in FATAL_WAITING_REASONS:
             crashed = str(container.get("name", "")) if waiting.get("reason") == "CrashLoopBackOff" else ""
             return PodProblem(str(waiting["reason"]), str(waiting.get("message") or ""), crashed)
+    if (pod.get("spec") or {}).get("restartPolicy") == "Never":
+        # One container ended while another lives: the pod stays Running, but a dead server
+        # sidecar (or agent) is never restarted and the pod can never be ready.
+        for container in status.get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated")
+            if terminated:
+                detail = terminated.get("message") or ""
+                return PodProblem(
+                    str(terminated.get("reason") or "ContainerExited"),
+                    f"container {container.get('name')} exited with code {terminated.get('exitCode')}"
+                    + (f": {detail}" if detail else ""),
+                    str(container.get("name", "")),
+                )
+    for container in statuses:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in TRANSIENT_WAITING_REASONS:
+            return PodProblem(str(waiting["reason"]), str(waiting.get("message") or ""), transient=True,
+                              container=str(container.get("name", "")))
     scheduled = _condition(pod, "PodScheduled")
     if scheduled is not None and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
         return PodProblem("Unschedulable", str(scheduled.get("message") or ""))
@@ -441,6 +467,13 @@ class KubernetesConfig:
     service_account: str = "mecbench-agent"
     node_agent_selector: str = "app.kubernetes.io/name=mecbench,app.kubernetes.io/component=node-agent"
     ready_timeout_s: float = 300.0
+    # How long an unschedulable pod waits for an autoscaler to say it is adding a node (the
+    # cluster autoscaler posts TriggeredScaleUp some 10 s after the pod; NotTriggerScaleUp ends
+    # the wait at once), and how long CreateContainerError/RunContainerError may last.
+    unschedulable_grace_s: float = 30.0
+    container_error_grace_s: float = 60.0
+    # How often a wait looks again at a pod that did not change (for those grace periods).
+    recheck_interval_s: float = 2.0
     # Expiry of every object made (renewed on the owner while this controller lives).
     ttl_s: float = 24 * 3600.0
     job_ttl_after_finished_s: int = 300
@@ -687,6 +720,7 @@ class KubernetesBackend(DeploymentBackend):
         on_list: Callable[[list[JsonObject]], T | None],
         on_event: Callable[[WatchEvent], T | None],
         stop_on_close: bool = True,
+        recheck: Callable[[], T | None] | None = None,
     ) -> T | None:
         """List the pods matching `selector`, then watch them from that list's version, until
         `on_list` or `on_event` returns something (returned), the deadline passes or the backend
@@ -704,9 +738,14 @@ class KubernetesBackend(DeploymentBackend):
                     if found is not None:
                         return found
                     version = listing.resource_version
+                # With a recheck, the watch is renewed every few seconds so the recheck runs
+                # while nothing changes (a grace period ending is no event).
+                window = deadline - time.monotonic()
+                if recheck is not None:
+                    window = min(window, self.config.recheck_interval_s)
                 for event in self.api.watch(
                     "Pod", self.namespace, label_selector=selector, resource_version=version,
-                    timeout_s=max(0.001, deadline - time.monotonic()),
+                    timeout_s=max(0.001, window),
                 ):
                     version = str(_meta(event.object).get("resourceVersion", version)) or version
                     if event.type == "BOOKMARK":
@@ -716,6 +755,8 @@ class KubernetesBackend(DeploymentBackend):
                         return found
                     if closing.is_set() or time.monotonic() >= deadline:
                         return None
+                if recheck is not None and (found := recheck()) is not None:
+                    return found
                 backoff = 0.1
             except ClusterApiError as exc:
                 if exc.status == 410:
@@ -737,6 +778,8 @@ class KubernetesBackend(DeploymentBackend):
         timeout = self.config.ready_timeout_s
         deadline = time.monotonic() + timeout
         last: JsonObject | None = None
+        # Since when a problem that may clear by itself has been seen (reason, container).
+        since: dict[tuple[str, str], float] = {}
 
         def judge(pod: JsonObject) -> JsonObject | None:
             nonlocal last
@@ -744,9 +787,26 @@ class KubernetesBackend(DeploymentBackend):
             if pod_is_ready(pod):
                 return pod
             problem = pod_problem(pod)
-            if problem is not None and not (problem.reason == "Unschedulable" and self._scaling_up(pod)):
-                raise self._start_failure(what, record, pod, problem)
-            return None
+            if problem is None:
+                since.clear()
+                return None
+            key = (problem.reason, problem.container)
+            first = since.setdefault(key, time.monotonic())
+            for other in [k for k in since if k != key]:
+                del since[other]
+            if problem.reason == "Unschedulable":
+                scale = self._scale_up_state(pod)
+                if scale == "triggered":
+                    return None
+                if scale == "" and time.monotonic() - first < self.config.unschedulable_grace_s:
+                    return None  # the autoscaler's word may come yet
+            elif problem.transient and time.monotonic() - first < self.config.container_error_grace_s:
+                return None
+            raise self._start_failure(what, record, pod, problem)
+
+        def recheck() -> JsonObject | None:
+            # Nothing changed on the pod: a problem given time may have had its time.
+            return judge(last) if last is not None and since else None
 
         def listed(pods: list[JsonObject]) -> JsonObject | None:
             for pod in pods:
@@ -760,7 +820,7 @@ class KubernetesBackend(DeploymentBackend):
                                   + self._events_suffix(record, event.object))
             return judge(event.object)
 
-        ready = self._follow_pods(what, selector, deadline, listed, changed)
+        ready = self._follow_pods(what, selector, deadline, listed, changed, recheck=recheck)
         if ready is not None:
             return ready
         if self._closing.is_set():
@@ -770,8 +830,16 @@ class KubernetesBackend(DeploymentBackend):
             f"{what} was not ready within {timeout:g}s ({state})" + self._events_suffix(record, last)
         )
 
-    def _scaling_up(self, pod: JsonObject) -> bool:
-        return any(event.get("reason") in SCALE_UP_REASONS for event in self._events_of(_name(pod)))
+    def _scale_up_state(self, pod: JsonObject) -> str:
+        """"triggered" when a node is being added for the pod, "refused" when the autoscaler
+        said it will not add one, "" when nothing has said either (yet). The latest word counts."""
+        events = sorted(self._events_of(_name(pod)), key=_event_time)
+        for event in reversed(events):
+            if event.get("reason") in SCALE_UP_REASONS:
+                return "triggered"
+            if event.get("reason") in NO_SCALE_UP_REASONS:
+                return "refused"
+        return ""
 
     def _start_failure(self, what: str, record: _Deployed, pod: JsonObject, problem: PodProblem) -> MecbenchError:
         message = f"{what} cannot start (pod {_name(pod)}): {problem.reason}: {problem.message}".rstrip(": ")
@@ -1035,7 +1103,10 @@ class KubernetesBackend(DeploymentBackend):
             log.warning("liveness_unknown", agent=name, error=str(exc))
             return True
         # An agent of ours is alive while its pod runs: a readiness probe timing out while a
-        # benchmark saturates it is not death. A node agent must be ready to be worth dialling.
+        # benchmark saturates it is not death; a container of it that ended is (a dead server
+        # sidecar is not restarted: restartPolicy Never). A node agent must be ready to be worth dialling.
+        if record.owned and _ended_container(pod):
+            return False
         return pod_is_running(pod) and (record.owned or pod_is_ready(pod))
 
     # --- expiry, sweep, close -----------------------------------------------------------------
@@ -1164,6 +1235,16 @@ def _expired(obj: JsonObject, now: float) -> bool:
     stamp = (_meta(obj).get("annotations") or {}).get(objects.ANNOTATION_EXPIRES_AT, "")
     moment = objects.parse_rfc3339(stamp) if stamp else None
     return moment is not None and moment <= now
+
+
+def _ended_container(pod: JsonObject) -> str:
+    """The name of a container of the pod that ended and will not be restarted, or ""."""
+    if (pod.get("spec") or {}).get("restartPolicy") != "Never":
+        return ""
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        if (container.get("state") or {}).get("terminated"):
+            return str(container.get("name", "")) or "?"
+    return ""
 
 
 def _address(ip: str, port: int) -> str:

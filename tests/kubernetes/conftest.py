@@ -24,7 +24,17 @@ from controller.backends.kubernetes import (
     KubernetesBackend,
     KubernetesConfig,
 )
-from tests.kubernetes.fake_api import IMAGE_CRASHES, IMAGE_HANGS, IMAGE_RUNS, IMAGE_SERVES, FakeCluster, FakeNode
+from tests.kubernetes.fake_api import (
+    IMAGE_CRASHES,
+    IMAGE_CREATE_ERROR,
+    IMAGE_CREATE_ERROR_ONCE,
+    IMAGE_DIES,
+    IMAGE_HANGS,
+    IMAGE_RUNS,
+    IMAGE_SERVES,
+    FakeCluster,
+    FakeNode,
+)
 
 KUBECONFIG_ENV = "MECBENCH_K8S_TEST_KUBECONFIG"
 IMAGE_ENV = "MECBENCH_K8S_TEST_IMAGE"
@@ -38,6 +48,9 @@ PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 MISSING_IMAGE = "ghcr.io/mecbench/no-such-image:0.0.0-missing"
 HANGING_IMAGE = "ghcr.io/mecbench/hangs:0.0.0-test"
 CRASHING_IMAGE = "ghcr.io/mecbench/crashes:0.0.0-test"
+FLAKY_CREATE_IMAGE = "ghcr.io/mecbench/create-error-once:0.0.0-test"
+BROKEN_CREATE_IMAGE = "ghcr.io/mecbench/create-error:0.0.0-test"
+DYING_IMAGE = "ghcr.io/mecbench/dies:0.0.0-test"
 
 fake_only = pytest.mark.skipif(REAL_CLUSTER, reason=f"uses the fake API's internals ({KUBECONFIG_ENV} is set)")
 real_only = pytest.mark.skipif(
@@ -65,6 +78,10 @@ class Cluster:
             "delete_timeout_s": 60.0 if self.real else 5.0,
             "controller": "test",
             "service_account": "default",
+            # An autoscaler's word, or a container error's clearing, is waited for this long.
+            "unschedulable_grace_s": 5.0 if self.real else 0.3,
+            "container_error_grace_s": 10.0 if self.real else 0.3,
+            "recheck_interval_s": 1.0 if self.real else 0.05,
         }
         settings.update(overrides)
         backend = KubernetesBackend(self.api, KubernetesConfig(**settings), maintain=False)
@@ -104,7 +121,8 @@ def _fake_cluster(namespace: str) -> FakeCluster:
                      taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]),
         ],
         images={IMAGE: IMAGE_SERVES, PAUSE_IMAGE: IMAGE_RUNS, HANGING_IMAGE: IMAGE_HANGS,
-                CRASHING_IMAGE: IMAGE_CRASHES},
+                CRASHING_IMAGE: IMAGE_CRASHES, FLAKY_CREATE_IMAGE: IMAGE_CREATE_ERROR_ONCE,
+                BROKEN_CREATE_IMAGE: IMAGE_CREATE_ERROR, DYING_IMAGE: IMAGE_DIES},
         namespaces=("default", namespace),
     )
 

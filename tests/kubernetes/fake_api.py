@@ -49,6 +49,12 @@ IMAGE_SERVES = "serves"
 IMAGE_HANGS = "hangs"
 IMAGE_CRASHES = "crashes"
 IMAGE_RUNS = "runs"
+# Real-world misbehaviour (issue 20): a MECBench image whose first container creation times out
+# on a busy node (CreateContainerError, then it starts); one whose creation never succeeds; an
+# image whose process serves for a few steps and is then OOM-killed (a server sidecar dying).
+IMAGE_CREATE_ERROR_ONCE = "create-error-once"
+IMAGE_CREATE_ERROR = "create-error"
+IMAGE_DIES = "dies"
 
 _API_VERSIONS = {"Pod": "v1", "Service": "v1", "ConfigMap": "v1", "Event": "v1", "Namespace": "v1", "Node": "v1",
                  "Job": "batch/v1"}
@@ -183,6 +189,14 @@ class FakeCluster:
         # the next `expire_watches` answer 410 Gone; the next `unreachable_lists` lists fail as
         # an API server that is restarting does (status 0).
         self.bookmarks = False
+        # A cluster autoscaler, off unless `scale_up_after_steps` > 0: for a pod no node fits, it
+        # posts TriggeredScaleUp that many steps later when one of `spare_nodes` would fit it
+        # (NotTriggerScaleUp otherwise), and the node joins `node_ready_after_steps` after that.
+        self.spare_nodes: list[FakeNode] = []
+        self.scale_up_after_steps = 0.0
+        self.node_ready_after_steps = 10.0
+        self._scale_seen: set[str] = set()
+        self._create_errors: set[tuple[str, str]] = set()
         self.cut_watches = 0
         self.expire_watches = 0
         self.unreachable_lists = 0
@@ -551,6 +565,9 @@ class FakeCluster:
                 self._set_condition(pod, "PodScheduled", "False", "Unschedulable", message)
                 self._emit("Pod", namespace, "MODIFIED", pod)
                 self._event(pod, "Warning", "FailedScheduling", message, "default-scheduler")
+                if self.scale_up_after_steps > 0 and pod["metadata"]["uid"] not in self._scale_seen:
+                    self._scale_seen.add(pod["metadata"]["uid"])
+                    self._later(self.scale_up_after_steps, lambda: self._autoscale(namespace, name))
                 return
             pod["spec"]["nodeName"] = node_name
             self._event(pod, "Normal", "Scheduled", f"Successfully assigned {namespace}/{name} to {node_name}",
@@ -559,6 +576,29 @@ class FakeCluster:
         pod["status"]["hostIP"] = self.nodes[node_name].ip
         self._emit("Pod", namespace, "MODIFIED", pod)
         self._later(1, lambda: self._pull(namespace, name))
+
+    def _autoscale(self, namespace: str, name: str) -> None:
+        """The cluster autoscaler's answer to an unschedulable pod, some time after it."""
+        pod = self._store.get(("Pod", namespace, name))
+        if pod is None or pod["spec"].get("nodeName"):
+            return
+        fits = next((node for node in self.spare_nodes if not self._fit(pod, node)), None)
+        if fits is None:
+            self._event(pod, "Normal", "NotTriggerScaleUp",
+                        "pod didn't trigger scale-up: 1 max node group size reached", "cluster-autoscaler")
+            return
+        self.spare_nodes.remove(fits)
+        self._event(pod, "Normal", "TriggeredScaleUp",
+                    f"pod triggered scale-up: [{{{fits.name}-pool 0->1 (max: 4)}}]", "cluster-autoscaler")
+
+        def join() -> None:
+            fits.ip = fits.ip or f"172.18.1.{len(self.nodes) + 2}"
+            self.nodes[fits.name] = fits
+            for (kind, ns, other), obj in list(self._store.items()):
+                if kind == "Pod" and not obj["spec"].get("nodeName"):
+                    self._later(1, lambda ns=ns, other=other: self._schedule(ns, other))
+
+        self._later(self.node_ready_after_steps, join)
 
     def _pull(self, namespace: str, name: str) -> None:
         pod = self._store.get(("Pod", namespace, name))
@@ -606,8 +646,22 @@ class FakeCluster:
         ip = node.ip if pod["spec"].get("hostNetwork") else f"10.244.{list(self.nodes).index(node.name)}.{next(self._ips)}"
         pod["status"].update(phase="Running", podIP=ip, podIPs=[{"ip": ip}], startTime=_now())
         crashed = False
+        retry = False
         for container, status in zip(pod["spec"]["containers"], pod["status"]["containerStatuses"], strict=True):
             behaviour = self.images[container["image"]]
+            if "running" in status["state"] or "terminated" in status["state"]:
+                continue  # started on an earlier try
+            once = (pod["metadata"]["uid"], container["name"])
+            if behaviour == IMAGE_CREATE_ERROR or (behaviour == IMAGE_CREATE_ERROR_ONCE
+                                                   and once not in self._create_errors):
+                # What the kubelet reports when the runtime times out creating the container on
+                # a loaded node; it tries again.
+                self._create_errors.add(once)
+                retry = True
+                message = "context deadline exceeded"
+                status["state"] = {"waiting": {"reason": "CreateContainerError", "message": message}}
+                self._event(pod, "Warning", "Failed", f"Error: {message}", "kubelet")
+                continue
             self._event(pod, "Normal", "Created", f"Created container {container['name']}", "kubelet")
             if behaviour == IMAGE_RUNS and container.get("command"):
                 # What containerd says when the command is not in the image.
@@ -626,12 +680,16 @@ class FakeCluster:
                 continue
             self._event(pod, "Normal", "Started", f"Started container {container['name']}", "kubelet")
             status.update(started=True, state={"running": {"startedAt": _now()}})
-            if behaviour == IMAGE_SERVES:
+            if behaviour == IMAGE_DIES:
+                self._later(5, lambda c=container["name"]: self._oom_kill(namespace, name, c))
+            if behaviour in (IMAGE_SERVES, IMAGE_CREATE_ERROR_ONCE):
                 self._append_log(namespace, name, container["name"],
                                  b'{"event": "server_listening", "address": "0.0.0.0:50051", "level": "info"}\n')
         if crashed:
             if pod["spec"].get("restartPolicy", "Always") == "Never":
-                pod["status"]["phase"] = "Failed"
+                # Failed only once every container has ended; while one lives the pod Runs.
+                if all("terminated" in st["state"] for st in pod["status"]["containerStatuses"]):
+                    pod["status"]["phase"] = "Failed"
             else:
                 for status in pod["status"]["containerStatuses"]:
                     if "terminated" in status["state"]:
@@ -642,8 +700,24 @@ class FakeCluster:
             self._set_condition(pod, condition, "True" if condition == "Initialized" else "False",
                                 "" if condition == "Initialized" else "ContainersNotReady")
         self._emit("Pod", namespace, "MODIFIED", pod)
-        if not crashed:
+        if retry:
+            self._later(5, lambda: self._start(namespace, name))
+        elif not crashed:
             self._later(1, lambda: self._probe(namespace, name))
+
+    def _oom_kill(self, namespace: str, name: str, container: str) -> None:
+        pod = self._store.get(("Pod", namespace, name))
+        if pod is None or pod["metadata"].get("deletionTimestamp"):
+            return
+        for status in pod["status"]["containerStatuses"]:
+            if status["name"] == container:
+                status.update(ready=False, state={"terminated": {"exitCode": 137, "reason": "OOMKilled",
+                                                                 "startedAt": _now(), "finishedAt": _now()}})
+        if all("terminated" in st["state"] for st in pod["status"]["containerStatuses"]):
+            pod["status"]["phase"] = "Failed"
+        for condition in ("ContainersReady", "Ready"):
+            self._set_condition(pod, condition, "False", "ContainersNotReady")
+        self._emit("Pod", namespace, "MODIFIED", pod)
 
     def _probe(self, namespace: str, name: str) -> None:
         pod = self._store.get(("Pod", namespace, name))
@@ -652,7 +726,9 @@ class FakeCluster:
         failing = []
         for container, status in zip(pod["spec"]["containers"], pod["status"]["containerStatuses"], strict=True):
             probe = container.get("readinessProbe")
-            ready = probe is None or ("grpc" in probe and self.images[container["image"]] == IMAGE_SERVES)
+            serves = self.images[container["image"]] in (IMAGE_SERVES, IMAGE_CREATE_ERROR_ONCE)
+            alive = "running" in status["state"]
+            ready = alive and (probe is None or ("grpc" in probe and serves))
             status["ready"] = ready
             if not ready:
                 port = (probe or {}).get("grpc", {}).get("port", "")

@@ -150,7 +150,9 @@ def test_the_role_grants_everything_the_backend_does(tmp_path: Path) -> None:
             "spec": {"nodeName": "node-a", "containers": [{"name": "node-agent", "image": PAUSE_IMAGE}]},
         })
         backend = KubernetesBackend(api, KubernetesConfig(namespace="mecbench", log_dir=tmp_path,
-                                                          ready_timeout_s=2.0, delete_timeout_s=5.0), maintain=False)
+                                                          ready_timeout_s=2.0, delete_timeout_s=5.0,
+                                                          unschedulable_grace_s=0.2, recheck_interval_s=0.05),
+                                    maintain=False)
         from mecbench.v1 import common_pb2, sut_agent_pb2
 
         sut = backend.start_sut_agent("sut-rbac", sut_agent_pb2.SutConfig(

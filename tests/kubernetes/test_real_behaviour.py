@@ -6,10 +6,25 @@ each failed on the code before the fix."""
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from controller.backends.base import AgentKind
 from controller.backends.kubernetes import KubernetesBackend
-from tests.kubernetes.conftest import PAUSE_IMAGE, Cluster, fake_only
-from tests.kubernetes.test_backend import _node_agent_stand_in, synthetic
+from mecbench.core.errors import FailedPrecondition
+from mecbench.v1 import common_pb2, sut_agent_pb2
+from tests.kubernetes.conftest import (
+    BROKEN_CREATE_IMAGE,
+    CRASHING_IMAGE,
+    DYING_IMAGE,
+    FLAKY_CREATE_IMAGE,
+    PAUSE_IMAGE,
+    Cluster,
+    fake_only,
+)
+from tests.kubernetes.fake_api import FakeNode
+from tests.kubernetes.test_backend import _node_agent_stand_in, owned, synthetic
 
 
 def _controller_pod(cluster: Cluster, name: str) -> tuple[str, str]:
@@ -116,3 +131,93 @@ def test_node_agent_discovery_survives_a_broken_watch(cluster: Cluster) -> None:
     handle = backend.start_agent(AgentKind.NODE, "node-agent", placement=node)
     assert handle.node == node
 
+
+
+# --- (5) a pod with one dead container -----------------------------------------------------------
+
+
+def _sidecar(image: str) -> sut_agent_pb2.SutConfig:
+    return sut_agent_pb2.SutConfig(
+        external=sut_agent_pb2.ExternalBackendConfig(server_type="openai", endpoint="http://127.0.0.1:8000",
+                                                     model="m"),
+        image=image,
+    )
+
+
+@fake_only
+def test_a_server_sidecar_that_dies_at_start_fails_the_start_at_once(cluster: Cluster) -> None:
+    """restartPolicy Never keeps the pod Running while the agent container lives; the dead server
+    is never restarted, so the pod can never be ready: say so now, not after the timeout."""
+    backend = cluster.backend(ready_timeout_s=30.0)
+    started = time.monotonic()
+    with pytest.raises(FailedPrecondition) as caught:
+        backend.start_sut_agent("sut-deadserver", _sidecar(CRASHING_IMAGE))
+    assert time.monotonic() - started < 15.0
+    message = str(caught.value)
+    assert "container server exited with code 1" in message
+    assert "the agent could not start" in message  # the dead container's last output
+    assert not owned(cluster, backend, "Pod")
+
+
+@fake_only
+def test_a_server_sidecar_that_dies_later_makes_the_sut_agent_dead(cluster: Cluster) -> None:
+    backend = cluster.backend()
+    handle = backend.start_sut_agent("sut-oom", _sidecar(DYING_IMAGE))
+    cluster.eventually(lambda: not backend.is_alive("sut-oom"), what="is_alive to see the dead sidecar")
+    pod = cluster.api.get("Pod", cluster.namespace, handle.labels["pod"])
+    assert pod["status"]["phase"] == "Running"  # what the phase alone would have said
+
+
+# --- (6) autoscalers and container errors that clear -------------------------------------------
+
+
+def _gpu_node(name: str, gpus: int) -> FakeNode:
+    return FakeNode(name, cpu=16, memory=64 * 2**30, gpus=gpus, labels={"nvidia.com/gpu.present": "true"},
+                    taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
+
+
+@fake_only
+def test_a_gpu_start_waits_for_the_autoscalers_late_triggered_scale_up(cluster: Cluster) -> None:
+    """The cluster autoscaler posts TriggeredScaleUp some seconds after the pod's first
+    FailedScheduling; the start must not fail in between."""
+    assert cluster.fake is not None
+    cluster.fake.spare_nodes = [_gpu_node("gpu-2", 4)]
+    cluster.fake.scale_up_after_steps = 40
+    cluster.fake.node_ready_after_steps = 30
+    backend = cluster.backend(unschedulable_grace_s=5.0, ready_timeout_s=20.0)
+    handle = backend.start_sut_agent("sut-scaled", synthetic(gpus=common_pb2.GpuRequest(count=2)))
+    assert handle.node == "gpu-2"
+    reasons = {e["reason"] for e in cluster.api.list("Event", cluster.namespace,
+                                                    field_selector=f"involvedObject.name={handle.labels['pod']}").items}
+    assert {"FailedScheduling", "TriggeredScaleUp", "Scheduled"} <= reasons
+
+
+@fake_only
+def test_an_autoscaler_that_will_not_scale_up_fails_the_start_without_the_grace(cluster: Cluster) -> None:
+    assert cluster.fake is not None
+    cluster.fake.scale_up_after_steps = 5  # and no spare node fits: NotTriggerScaleUp
+    backend = cluster.backend(unschedulable_grace_s=60.0, ready_timeout_s=60.0)
+    started = time.monotonic()
+    with pytest.raises(FailedPrecondition, match="Unschedulable") as caught:
+        backend.start_sut_agent("sut-nogpu", synthetic(gpus=common_pb2.GpuRequest(count=8)))
+    assert "NotTriggerScaleUp" in str(caught.value)
+    assert time.monotonic() - started < 30.0
+
+
+@fake_only
+def test_a_transient_create_container_error_is_waited_out(cluster: Cluster) -> None:
+    backend = cluster.backend(container_error_grace_s=5.0)
+    handle = backend.start_sut_agent("sut-busynode", synthetic(image=FLAKY_CREATE_IMAGE))
+    assert backend.is_alive("sut-busynode") and handle.node
+    events = cluster.api.list("Event", cluster.namespace,
+                              field_selector=f"involvedObject.name={handle.labels['pod']}").items
+    assert any(e["message"] == "Error: context deadline exceeded" for e in events)
+
+
+@fake_only
+def test_a_lasting_create_container_error_fails_after_its_grace(cluster: Cluster) -> None:
+    backend = cluster.backend(container_error_grace_s=0.5, ready_timeout_s=30.0)
+    started = time.monotonic()
+    with pytest.raises(FailedPrecondition, match="CreateContainerError: context deadline exceeded"):
+        backend.start_sut_agent("sut-neverstarts", synthetic(image=BROKEN_CREATE_IMAGE))
+    assert 0.5 <= time.monotonic() - started < 15.0
