@@ -510,6 +510,8 @@ class _Deployed:
     instance: str = ""
     followers: list[threading.Thread] = field(default_factory=list)
     gpus: int = 0
+    # A node agent asked for without a placement: the one beside the latest SUT (default_node).
+    follows_sut: bool = False
 
 
 class KubernetesBackend(DeploymentBackend):
@@ -967,9 +969,12 @@ class KubernetesBackend(DeploymentBackend):
                 f"no ready node agent {where} within {self.config.ready_timeout_s:g}s (pods in {self.namespace} "
                 f"with {selector}); is the node-agent DaemonSet deployed (deploy/) and tolerated there?"
             )
+        # Its placement is its node: whoever holds the handle (the run's shaping, clearing it at
+        # the end) reaches this node's agent again, not whichever one is found first.
+        handle.placement = handle.node
         with self._lock:
             self._deployed[name] = _Deployed(handle, pod=handle.labels["pod"], pod_uid=handle.labels["uid"],
-                                             owned=False, instance="")
+                                             owned=False, instance="", follows_sut=not placement)
         return handle
 
     # --- placement and shaping ---------------------------------------------------------------
@@ -1106,6 +1111,10 @@ class KubernetesBackend(DeploymentBackend):
         # benchmark saturates it is not death; a container of it that ended is (a dead server
         # sidecar is not restarted: restartPolicy Never). A node agent must be ready to be worth dialling.
         if record.owned and _ended_container(pod):
+            return False
+        if record.follows_sut and self.default_node() not in ("", record.handle.node):
+            # The latest SUT is on another node now: this handle no longer leads to the node agent
+            # that serves its telemetry and GPUs; the caller finds the right one again.
             return False
         return pod_is_running(pod) and (record.owned or pod_is_ready(pod))
 
