@@ -42,6 +42,21 @@ log = get_logger("mecbench.controller.agents")
 
 DEFAULT_LOADGEN = "loadgen-default"
 RPC_TIMEOUT_S = 60.0
+# A SUT's placement (cgroups, GPUs) is held by a lease the pool renews: if this controller dies,
+# the node agent releases it this long after the last renewal.
+PLACEMENT_LEASE_S = 30.0
+PLACEMENT_RENEW_S = 5.0
+
+
+def wants_placement(config: sut_agent_pb2.SutConfig) -> bool:
+    """Whether serving `config` asks for CPU, memory or GPUs the SUT must be confined to."""
+    resources, gpus = config.resources, config.gpus
+    return bool(resources.cpu_cores or resources.memory_bytes or resources.cpus or resources.exclusive_cpus
+                or gpus.count or gpus.uuids or gpus.indices)
+
+
+def same_placement(old: sut_agent_pb2.SutConfig, new: sut_agent_pb2.SutConfig) -> bool:
+    return old.resources == new.resources and old.gpus == new.gpus
 
 
 def remote_error(component: str, exc: grpc.RpcError) -> MecbenchError:
@@ -83,6 +98,10 @@ class SutHandle:
     ephemeral: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     held_by: str = ""
+    # Where the node agent confined the SUT agent (and the server it starts); None = not placed.
+    placement: node_agent_pb2.Placement | None = None
+    # Why the placement cannot be vouched for any more (its lease was lost); "" while it holds.
+    placement_lost: str = ""
 
 
 @dataclass
@@ -110,6 +129,8 @@ class AgentPool:
         self._node: NodeAgentHandle | None = None
         self._nodes: dict[str, NodeAgentHandle] = {}
         self._lock = threading.RLock()
+        self._renewer_stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     # --- node agents ------------------------------------------------------------------------
 
@@ -161,6 +182,14 @@ class AgentPool:
             log.warning("sut_agent_gone", sut_id=sut_id, agent=existing.agent.name)
             self.remove_sut(sut_id)
             existing = None
+        if existing is not None and self._places() and not same_placement(existing.config, config):
+            # A placement is the agent process's: other limits take a new agent.
+            if existing.held_by:
+                raise FailedPrecondition(
+                    f"SUT {sut_id!r} is in use by run {existing.held_by}: its resources and GPUs cannot change now"
+                )
+            self.remove_sut(sut_id)
+            existing = None
         if existing is not None and existing.config != config and not existing.held_by \
                 and self.backend.needs_new_sut_agent(existing.config, config):
             # A pod's image, resources or GPUs cannot change in place: a new agent serves it.
@@ -170,23 +199,131 @@ class AgentPool:
             if existing.config != config:
                 self._start_backend(existing, config, restart=True)
             return existing
+        placed = self._places() and wants_placement(config)
+        if placed:
+            # Refused here, before any process starts, when this node cannot confine it as asked.
+            self.check_placement(config, f"sut-{sut_id}")
         agent = self.backend.start_sut_agent(f"sut-{sut_id}", config, placement=self.backend.sut_placement())
         channel = open_channel(agent.address)
         handle = SutHandle(sut_id, agent, config, channel, sut_agent_pb2_grpc.SutAgentStub(channel), ephemeral)
         try:
+            if placed:
+                # Before the backend starts: the server the agent starts is born inside.
+                self._place(handle, config)
             self._start_backend(handle, config, restart=False)
         except BaseException:
             channel.close()
             self.backend.stop_agent(agent.name)
+            self._release_placement(handle)
             raise
         with self._lock:
             self._suts[sut_id] = handle
         return handle
 
+    # --- placement (the local backend: the node agent confines the SUT agent's process tree) ----
+
+    def _places(self) -> bool:
+        # Only a backend whose agents are this node's processes can have them placed by PID; a
+        # cluster gives the pod its limits itself.
+        return bool(getattr(self.backend, "places_processes", False))
+
+    def _placement_request(
+        self, config: sut_agent_pb2.SutConfig, owner: str, pid: int = 0
+    ) -> node_agent_pb2.PlaceProcessRequest:
+        request = node_agent_pb2.PlaceProcessRequest(
+            pid=pid, resources=config.resources, gpus=config.gpus, owner=owner, validate_only=not pid
+        )
+        request.lease_duration.FromSeconds(int(PLACEMENT_LEASE_S))
+        return request
+
+    def check_placement(self, config: sut_agent_pb2.SutConfig, owner: str) -> None:
+        """FAILED_PRECONDITION naming what this node lacks when `config`'s resources and GPUs
+        cannot be applied as asked; nothing changes either way."""
+        if not (self._places() and wants_placement(config)):
+            return
+        node = self.node_agent()
+        try:
+            node.stub.PlaceProcess(self._placement_request(config, owner), timeout=30)
+        except grpc.RpcError as exc:
+            raise remote_error("node agent", exc) from None
+
+    def _place(self, handle: SutHandle, config: sut_agent_pb2.SutConfig) -> None:
+        node = self.node_agent()
+        try:
+            reply = node.stub.PlaceProcess(
+                self._placement_request(config, f"sut-{handle.sut_id}", handle.agent.pid), timeout=30
+            )
+        except grpc.RpcError as exc:
+            raise remote_error("node agent", exc) from None
+        handle.placement = reply.placement
+        log.info("sut_placed", sut_id=handle.sut_id, placement_id=reply.placement.placement_id,
+                 pid=handle.agent.pid, cpu_cores=reply.placement.applied.cpu_cores,
+                 cpus=list(reply.placement.applied.cpus), memory_bytes=reply.placement.applied.memory_limit_bytes)
+        self._start_renewer()
+
+    def read_placement(self, handle: SutHandle) -> node_agent_pb2.Placement | None:
+        """The SUT's placement as the kernel holds it now, with its group's counters; None when
+        it is not placed."""
+        if handle.placement is None:
+            return None
+        node = self.node_agent()
+        try:
+            reply = node.stub.GetPlacement(
+                node_agent_pb2.GetPlacementRequest(placement_id=handle.placement.placement_id), timeout=30
+            )
+        except grpc.RpcError as exc:
+            raise remote_error("node agent", exc) from None
+        placement: node_agent_pb2.Placement = reply.placement
+        return placement
+
+    def _release_placement(self, handle: SutHandle) -> None:
+        placement, handle.placement = handle.placement, None
+        if placement is None:
+            return
+        try:
+            self.node_agent().stub.ReleasePlacement(
+                node_agent_pb2.ReleasePlacementRequest(placement_id=placement.placement_id), timeout=30
+            )
+        except (grpc.RpcError, MecbenchError) as exc:
+            # Its lease still lapses on the node agent: a placement never outlives its SUT for long.
+            log.error("release_placement_failed", sut_id=handle.sut_id, placement_id=placement.placement_id,
+                      error=str(exc))
+
+    def _start_renewer(self) -> None:
+        with self._lock:
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(target=self._renew_placements, name="placement-leases", daemon=True)
+                self._renewer.start()
+
+    def _renew_placements(self) -> None:
+        while not self._renewer_stop.wait(PLACEMENT_RENEW_S):
+            with self._lock:
+                placed = [h for h in self._suts.values() if h.placement is not None and not h.placement_lost]
+            for handle in placed:
+                placement = handle.placement
+                if placement is None:
+                    continue
+                request = node_agent_pb2.RenewLeaseRequest(lease_id=placement.lease.lease_id)
+                request.lease_duration.FromSeconds(int(PLACEMENT_LEASE_S))
+                try:
+                    self.node_agent().stub.RenewLease(request, timeout=10)
+                except (grpc.RpcError, MecbenchError) as exc:
+                    code = exc.code() if isinstance(exc, grpc.RpcError) else None
+                    log.warning("placement_renewal_failed", sut_id=handle.sut_id, error=str(exc))
+                    if code == grpc.StatusCode.NOT_FOUND:
+                        handle.placement_lost = (
+                            f"the node agent no longer holds SUT {handle.sut_id}'s placement "
+                            f"{placement.placement_id} (its lease lapsed)"
+                        )
+
     @staticmethod
     def _start_backend(handle: SutHandle, config: sut_agent_pb2.SutConfig, restart: bool) -> None:
+        request = sut_agent_pb2.StartRequest(config=config, restart=restart)
+        if handle.placement is not None:
+            # The GPUs the node agent allocated, by UUID: the served process sees only these.
+            request.visible_gpus.extend(g.uuid for g in handle.placement.applied.gpus)
         try:
-            handle.stub.Start(sut_agent_pb2.StartRequest(config=config, restart=restart), timeout=RPC_TIMEOUT_S)
+            handle.stub.Start(request, timeout=RPC_TIMEOUT_S)
         except grpc.RpcError as exc:
             raise remote_error(f"SUT agent {handle.sut_id}", exc) from None
         handle.config = config
@@ -207,6 +344,7 @@ class AgentPool:
             handle.stub.Stop(sut_agent_pb2.StopRequest(), timeout=10)
         handle.channel.close()
         self.backend.stop_agent(handle.agent.name)
+        self._release_placement(handle)
         with self._lock:
             for loadgen in self._loadgens.values():
                 for key in [k for k in loadgen.sessions if k.startswith(handle.agent.address + "|")]:
@@ -401,6 +539,7 @@ class AgentPool:
             self.forget_loadgen(loadgen_id)
         for sut_id in suts:
             self.remove_sut(sut_id)
+        self._renewer_stop.set()
         if self._node is not None:
             self._node.channel.close()
         self.backend.close()

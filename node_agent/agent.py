@@ -14,9 +14,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 from mecbench.core.errors import Violations
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, node_agent_pb2
+from node_agent.cgroups import detect as detect_cgroups
 from node_agent.gpus import Allocation, GpuAllocator, GpuInventory, NvmlInventory
 from node_agent.leases import LeaseRecord, Reaper, StateStore
 from node_agent.netns import NETNS_DIR, Namespace, NamespaceGone, host_namespace, resolve_named
+from node_agent.placement import LEASE_KIND as PLACEMENT_LEASE
+from node_agent.placement import PlacementManager
 from node_agent.pods import make_pod_resolver
 from node_agent.probe import KernelSupport, assume_nothing, probe_kernel
 from node_agent.settings import NodeAgentSettings
@@ -52,7 +55,12 @@ class NodeAgent:
             self.store, settings, kernel_support, make_pod_resolver(settings.pod_resolver, settings.proc_root)
         )
         self.gpus = GpuAllocator(self.store, self.gpu_inventory)
+        cgroups, cgroups_reason = detect_cgroups(settings.cgroup_version, settings.cgroup_parent)
+        self.placements = PlacementManager(
+            self.store, settings, self.gpus, self.gpu_inventory, cgroups, cgroups_reason, lambda: read_memory()[1]
+        )
         self.shaping.reconcile()
+        self.placements.reconcile()
         self._reaper = Reaper(self.reap, settings.reaper_interval_s)
         self._reaper.start()
 
@@ -71,6 +79,8 @@ class NodeAgent:
     def expire(self, lease: LeaseRecord) -> None:
         if lease.kind == "gpus":
             self.gpus.release(lease.lease_id)
+        elif lease.kind == PLACEMENT_LEASE:
+            self.placements.remove_lease(lease)
         else:
             removed = self.shaping.remove_lease(lease)
             if removed:
@@ -99,6 +109,15 @@ class NodeAgent:
 
     def release_gpus(self, lease_id: str) -> list[int]:
         return self.gpus.release(lease_id)
+
+    def place_process(self, request: node_agent_pb2.PlaceProcessRequest) -> node_agent_pb2.Placement:
+        return self.placements.place(request)
+
+    def get_placement(self, placement_id: str) -> node_agent_pb2.Placement:
+        return self.placements.get(placement_id)
+
+    def release_placement(self, request: node_agent_pb2.ReleasePlacementRequest) -> list[str]:
+        return self.placements.release(request)
 
     # --- node info ----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ real device comes from the kubelet pod-resources API (see deploy/).
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -205,6 +205,21 @@ class GpuAllocator:
         return [gpu_message(d, held.get(d.uuid, "")) for d in self.inventory.devices()]
 
     def allocate(self, request: common_pb2.GpuRequest, owner: str, lease_s: float) -> Allocation:
+        return self._allocate(request, owner, lambda: self.store.create_lease(owner, "gpus", lease_s))
+
+    def allocate_under(self, lease: LeaseRecord, request: common_pb2.GpuRequest) -> Allocation:
+        """Allocate under a lease that holds more than GPUs (a placement): released with it."""
+        return self._allocate(request, lease.owner, lambda: lease)
+
+    def check(self, request: common_pb2.GpuRequest) -> list[GpuDevice]:
+        """The GPUs `request` would get now, allocating nothing; the same errors as allocate."""
+        self._check_request(request, "check")
+        devices = self.inventory.devices()
+        with self._lock:
+            held = {a.gpu_uuid: a for a in self.store.gpu_allocations() if self._live(a)}
+            return self._choose(request, devices, held)
+
+    def _check_request(self, request: common_pb2.GpuRequest, owner: str) -> None:
         violations = Violations()
         ways = [name for name, given in (("count", request.count), ("uuids", request.uuids),
                                          ("indices", request.indices)) if given]
@@ -220,6 +235,10 @@ class GpuAllocator:
             violations.add("owner", "required: who holds the GPUs")
         violations.raise_if_any()
 
+    def _allocate(
+        self, request: common_pb2.GpuRequest, owner: str, make_lease: Callable[[], LeaseRecord]
+    ) -> Allocation:
+        self._check_request(request, owner)
         devices = self.inventory.devices()
         with self._lock:
             held = {}
@@ -229,7 +248,7 @@ class GpuAllocator:
                 else:  # lapsed and not yet reaped: free it now rather than refuse
                     self.store.release_gpus(allocation.lease_id)
             chosen = self._choose(request, devices, held)
-            lease = self.store.create_lease(owner, "gpus", lease_s)
+            lease = make_lease()
             self.store.allocate_gpus([GpuAllocationRecord(d.uuid, d.index, lease.lease_id, owner) for d in chosen])
         log.info("gpus_allocated", lease_id=lease.lease_id, owner=owner, uuids=[d.uuid for d in chosen])
         visible = ",".join(d.uuid for d in chosen)

@@ -54,6 +54,18 @@ CREATE TABLE IF NOT EXISTS gpu_allocations (
     lease_id TEXT NOT NULL,
     owner TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS placements (
+    placement_id TEXT PRIMARY KEY,
+    lease_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    state TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    cpus TEXT NOT NULL,
+    exclusive INTEGER NOT NULL,
+    return_to TEXT NOT NULL,
+    request BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
 """
 
 
@@ -61,7 +73,7 @@ CREATE TABLE IF NOT EXISTS gpu_allocations (
 class LeaseRecord:
     lease_id: str
     owner: str
-    kind: str  # "shaping" or "gpus"
+    kind: str  # "shaping", "gpus" or "placement"
     expires_at: float  # unix time
 
     def live(self, now: float | None = None) -> bool:
@@ -94,6 +106,20 @@ class GpuAllocationRecord:
     gpu_index: int
     lease_id: str
     owner: str
+
+
+@dataclass(frozen=True)
+class PlacementRecord:
+    placement_id: str  # also the name of its cgroup
+    lease_id: str
+    owner: str
+    state: str  # "placing" (recorded before the group is made) or "placed"
+    pid: int
+    cpus: str  # the cores it is pinned to ("0,1"), "" = not pinned
+    exclusive: bool  # the cores are reserved: no other placement may use them
+    return_to: str  # JSON {hierarchy: group} the process came from, where it goes back on release
+    request: bytes  # the PlaceProcessRequest, serialized
+    created_at: float
 
 
 def new_id(prefix: str) -> str:
@@ -229,6 +255,40 @@ class StateStore:
             rows = db.execute("SELECT * FROM gpu_allocations WHERE lease_id = ?", (lease_id,)).fetchall()
             db.execute("DELETE FROM gpu_allocations WHERE lease_id = ?", (lease_id,))
         return [GpuAllocationRecord(r["gpu_uuid"], r["gpu_index"], r["lease_id"], r["owner"]) for r in rows]
+
+
+    # --- placements ----------------------------------------------------------------------------
+
+    def add_placement(self, record: PlacementRecord) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO placements (placement_id, lease_id, owner, state, pid, cpus, exclusive, return_to, "
+                "request, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.placement_id, record.lease_id, record.owner, record.state, record.pid, record.cpus,
+                    int(record.exclusive), record.return_to, record.request, record.created_at,
+                ),
+            )
+
+    def mark_placed(self, placement_id: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE placements SET state = 'placed' WHERE placement_id = ?", (placement_id,))
+
+    def delete_placement(self, placement_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM placements WHERE placement_id = ?", (placement_id,))
+
+    def placements(self) -> list[PlacementRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM placements ORDER BY created_at").fetchall()
+        return [
+            PlacementRecord(
+                placement_id=r["placement_id"], lease_id=r["lease_id"], owner=r["owner"], state=r["state"],
+                pid=r["pid"], cpus=r["cpus"], exclusive=bool(r["exclusive"]), return_to=r["return_to"],
+                request=bytes(r["request"]), created_at=r["created_at"],
+            )
+            for r in rows
+        ]
 
 
 def _lease(row: sqlite3.Row) -> LeaseRecord:

@@ -58,6 +58,23 @@ class NodeAgentServicer(node_agent_pb2_grpc.NodeAgentServicer):
     ) -> node_agent_pb2.ReleaseGpusResponse:
         return node_agent_pb2.ReleaseGpusResponse(released_indices=self._agent.release_gpus(request.lease_id))
 
+    def PlaceProcess(
+        self, request: node_agent_pb2.PlaceProcessRequest, context: grpc.ServicerContext
+    ) -> node_agent_pb2.PlaceProcessResponse:
+        return node_agent_pb2.PlaceProcessResponse(placement=self._agent.place_process(request))
+
+    def GetPlacement(
+        self, request: node_agent_pb2.GetPlacementRequest, context: grpc.ServicerContext
+    ) -> node_agent_pb2.GetPlacementResponse:
+        return node_agent_pb2.GetPlacementResponse(placement=self._agent.get_placement(request.placement_id))
+
+    def ReleasePlacement(
+        self, request: node_agent_pb2.ReleasePlacementRequest, context: grpc.ServicerContext
+    ) -> node_agent_pb2.ReleasePlacementResponse:
+        return node_agent_pb2.ReleasePlacementResponse(
+            released_placement_ids=self._agent.release_placement(request)
+        )
+
     def StreamTelemetry(
         self, request: node_agent_pb2.StreamTelemetryRequest, context: grpc.ServicerContext
     ) -> Iterator[node_agent_pb2.StreamTelemetryResponse]:

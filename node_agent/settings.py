@@ -63,6 +63,15 @@ class NodeAgentSettings:
     max_workers: int = 32
     # Shortest telemetry interval accepted.
     min_telemetry_interval_s: float = 0.05
+    # Placement (PlaceProcess): which cgroup version confines processes ("auto": v1 where its cpu
+    # or memory hierarchy is mounted, else v2), and the group every placement's group is made in,
+    # at each hierarchy's root.
+    cgroup_version: str = "auto"
+    cgroup_parent: str = "mecbench"
+    # Which processes a request may place, as fnmatch patterns over the command line (arguments
+    # joined by spaces): the SUT agents the local backend starts. A request names a PID; without
+    # this any process of the node could be confined. PID 1 and the agent itself never are.
+    placeable_processes: tuple[str, ...] = ("* -m mecbench sut-agent *",)
     # Prometheus /metrics on the gRPC server's host: -1 off, 0 any free port (logged as
     # metrics_listening), else that port.
     metrics_port: int = -1

@@ -9,6 +9,7 @@ import grpc
 
 from mecbench.v1 import sut_agent_pb2, sut_agent_pb2_grpc
 from sut_agent.dataplane import DataPlane
+from sut_agent.gpu_env import apply_visible_gpus
 from sut_agent.lifecycle import BackendManager
 
 MAX_WAIT_S = 365 * 24 * 3600.0
@@ -21,6 +22,7 @@ class SutAgentServicer(sut_agent_pb2_grpc.SutAgentServicer):
         self._dataplane = dataplane
 
     def Start(self, request: sut_agent_pb2.StartRequest, context: grpc.ServicerContext) -> sut_agent_pb2.StartResponse:
+        apply_visible_gpus(request.visible_gpus)
         return sut_agent_pb2.StartResponse(status=self._manager.start(request.config, request.restart))
 
     def GetStatus(

@@ -40,6 +40,8 @@ class _Child:
 
 class LocalProcessBackend(DeploymentBackend):
     name = "local"
+    # Agents are this node's processes: the node agent can confine a SUT agent by its PID.
+    places_processes = True
 
     def __init__(
         self,

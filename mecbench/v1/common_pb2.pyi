@@ -296,22 +296,187 @@ class ResourceLimits(_message.Message):
 
     CPU_CORES_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    CPUS_FIELD_NUMBER: _builtins.int
+    EXCLUSIVE_CPUS_FIELD_NUMBER: _builtins.int
     cpu_cores: _builtins.float
     """CPU cores, fractional allowed (Kubernetes "500m" is 0.5)."""
     memory_bytes: _builtins.int
+    exclusive_cpus: _builtins.int
+    """Pin to this many cores the node agent chooses and reserves: no two placements share them."""
+    @_builtins.property
+    def cpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Pin to these cores (by number, as the kernel counts them); empty = not pinned. Local backend."""
+
     def __init__(
         self,
         *,
         cpu_cores: _builtins.float = ...,
         memory_bytes: _builtins.int = ...,
+        cpus: _abc.Iterable[_builtins.int] | None = ...,
+        exclusive_cpus: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_cores", b"cpu_cores", "memory_bytes", b"memory_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_cores", b"cpu_cores", "cpus", b"cpus", "exclusive_cpus", b"exclusive_cpus", "memory_bytes", b"memory_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResourceLimits: _TypeAlias = ResourceLimits  # noqa: Y015
+
+@_typing.final
+class PlacementApplied(_message.Message):
+    """What a placed process got, read back from the kernel (cgroup files, /proc, NVML)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CgroupsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class CpusAllowedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CGROUP_VERSION_FIELD_NUMBER: _builtins.int
+    CGROUPS_FIELD_NUMBER: _builtins.int
+    CPU_QUOTA_US_FIELD_NUMBER: _builtins.int
+    CPU_PERIOD_US_FIELD_NUMBER: _builtins.int
+    CPU_CORES_FIELD_NUMBER: _builtins.int
+    CPUS_FIELD_NUMBER: _builtins.int
+    CPUS_ALLOWED_FIELD_NUMBER: _builtins.int
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _builtins.int
+    SWAP_LIMIT_BYTES_FIELD_NUMBER: _builtins.int
+    PIDS_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    cgroup_version: _builtins.str
+    """"v1" or "v2"; empty when no cgroup was needed (GPUs only)."""
+    cpu_quota_us: _builtins.int
+    """CFS quota and period in microseconds; quota 0 = no limit."""
+    cpu_period_us: _builtins.int
+    cpu_cores: _builtins.float
+    """quota / period; 0 = no limit."""
+    memory_limit_bytes: _builtins.int
+    """0 = no limit."""
+    swap_limit_bytes: _builtins.int
+    """Swap the group may use beyond its memory limit (v1: memsw - limit; v2: memory.swap.max)."""
+    @_builtins.property
+    def cgroups(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The group's directory, keyed by hierarchy ("cpu", "cpuacct", "memory", "cpuset"; "unified" on v2)."""
+
+    @_builtins.property
+    def cpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The group's cpuset (cpuset.cpus); empty = not pinned."""
+
+    @_builtins.property
+    def cpus_allowed(self) -> _containers.ScalarMap[_builtins.int, _builtins.str]:
+        """Cpus_allowed_list of /proc/<pid>/status for each process in the group, keyed by PID."""
+
+    @_builtins.property
+    def pids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Processes in the group when it was read."""
+
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gpu]:
+        """The GPUs held, as NVML reports them now."""
+
+    def __init__(
+        self,
+        *,
+        cgroup_version: _builtins.str = ...,
+        cgroups: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        cpu_quota_us: _builtins.int = ...,
+        cpu_period_us: _builtins.int = ...,
+        cpu_cores: _builtins.float = ...,
+        cpus: _abc.Iterable[_builtins.int] | None = ...,
+        cpus_allowed: _abc.Mapping[_builtins.int, _builtins.str] | None = ...,
+        memory_limit_bytes: _builtins.int = ...,
+        swap_limit_bytes: _builtins.int = ...,
+        pids: _abc.Iterable[_builtins.int] | None = ...,
+        gpus: _abc.Iterable[Global___Gpu] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup_version", b"cgroup_version", "cgroups", b"cgroups", "cpu_cores", b"cpu_cores", "cpu_period_us", b"cpu_period_us", "cpu_quota_us", b"cpu_quota_us", "cpus", b"cpus", "cpus_allowed", b"cpus_allowed", "gpus", b"gpus", "memory_limit_bytes", b"memory_limit_bytes", "pids", b"pids", "swap_limit_bytes", b"swap_limit_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacementApplied: _TypeAlias = PlacementApplied  # noqa: Y015
+
+@_typing.final
+class PlacementUsage(_message.Message):
+    """What a placed process group used: counters of its own cgroup, not the node's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPU_USAGE_NS_FIELD_NUMBER: _builtins.int
+    CPU_PERIODS_FIELD_NUMBER: _builtins.int
+    CPU_THROTTLED_PERIODS_FIELD_NUMBER: _builtins.int
+    CPU_THROTTLED_NS_FIELD_NUMBER: _builtins.int
+    MEMORY_CURRENT_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_PEAK_BYTES_FIELD_NUMBER: _builtins.int
+    OOM_KILLS_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    cpu_usage_ns: _builtins.int
+    cpu_periods: _builtins.int
+    cpu_throttled_periods: _builtins.int
+    cpu_throttled_ns: _builtins.int
+    memory_current_bytes: _builtins.int
+    memory_peak_bytes: _builtins.int
+    """Highest memory use since the group was made."""
+    oom_kills: _builtins.int
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuSample]: ...
+    def __init__(
+        self,
+        *,
+        cpu_usage_ns: _builtins.int = ...,
+        cpu_periods: _builtins.int = ...,
+        cpu_throttled_periods: _builtins.int = ...,
+        cpu_throttled_ns: _builtins.int = ...,
+        memory_current_bytes: _builtins.int = ...,
+        memory_peak_bytes: _builtins.int = ...,
+        oom_kills: _builtins.int = ...,
+        gpus: _abc.Iterable[Global___GpuSample] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_periods", b"cpu_periods", "cpu_throttled_ns", b"cpu_throttled_ns", "cpu_throttled_periods", b"cpu_throttled_periods", "cpu_usage_ns", b"cpu_usage_ns", "gpus", b"gpus", "memory_current_bytes", b"memory_current_bytes", "memory_peak_bytes", b"memory_peak_bytes", "oom_kills", b"oom_kills"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacementUsage: _TypeAlias = PlacementUsage  # noqa: Y015
 
 @_typing.final
 class GpuRequest(_message.Message):

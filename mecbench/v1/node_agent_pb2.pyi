@@ -644,3 +644,219 @@ class StreamTelemetryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamTelemetryResponse: _TypeAlias = StreamTelemetryResponse  # noqa: Y015
+
+@_typing.final
+class PlaceProcessRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PID_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    LEASE_DURATION_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    pid: _builtins.int
+    """Host PID; the processes it starts afterwards are in the placement too."""
+    owner: _builtins.str
+    """Who asked (a run or SUT id); recorded with the lease."""
+    validate_only: _builtins.bool
+    """Check the request against this node and change nothing (pid may be 0)."""
+    @_builtins.property
+    def resources(self) -> _common_pb2.ResourceLimits: ...
+    @_builtins.property
+    def gpus(self) -> _common_pb2.GpuRequest: ...
+    @_builtins.property
+    def lease_duration(self) -> _duration_pb2.Duration:
+        """Lease length; the placement is released unless renewed in time. 0 = the agent's default."""
+
+    def __init__(
+        self,
+        *,
+        pid: _builtins.int = ...,
+        resources: _common_pb2.ResourceLimits | None = ...,
+        gpus: _common_pb2.GpuRequest | None = ...,
+        owner: _builtins.str = ...,
+        lease_duration: _duration_pb2.Duration | None = ...,
+        validate_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "lease_duration", b"lease_duration", "resources", b"resources"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "lease_duration", b"lease_duration", "owner", b"owner", "pid", b"pid", "resources", b"resources", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlaceProcessRequest: _TypeAlias = PlaceProcessRequest  # noqa: Y015
+
+@_typing.final
+class PlaceProcessResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def placement(self) -> Global___Placement: ...
+    def __init__(
+        self,
+        *,
+        placement: Global___Placement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlaceProcessResponse: _TypeAlias = PlaceProcessResponse  # noqa: Y015
+
+@_typing.final
+class Placement(_message.Message):
+    """A process confined by the node agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PLACEMENT_ID_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    placement_id: _builtins.str
+    pid: _builtins.int
+    @_builtins.property
+    def resources(self) -> _common_pb2.ResourceLimits: ...
+    @_builtins.property
+    def gpus(self) -> _common_pb2.GpuRequest: ...
+    @_builtins.property
+    def lease(self) -> Global___Lease: ...
+    @_builtins.property
+    def applied(self) -> _common_pb2.PlacementApplied: ...
+    @_builtins.property
+    def usage(self) -> _common_pb2.PlacementUsage: ...
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """For the served process: CUDA_VISIBLE_DEVICES and NVIDIA_VISIBLE_DEVICES, by UUID."""
+
+    def __init__(
+        self,
+        *,
+        placement_id: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        resources: _common_pb2.ResourceLimits | None = ...,
+        gpus: _common_pb2.GpuRequest | None = ...,
+        lease: Global___Lease | None = ...,
+        applied: _common_pb2.PlacementApplied | None = ...,
+        usage: _common_pb2.PlacementUsage | None = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "gpus", b"gpus", "lease", b"lease", "resources", b"resources", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "env", b"env", "gpus", b"gpus", "lease", b"lease", "pid", b"pid", "placement_id", b"placement_id", "resources", b"resources", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Placement: _TypeAlias = Placement  # noqa: Y015
+
+@_typing.final
+class GetPlacementRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLACEMENT_ID_FIELD_NUMBER: _builtins.int
+    placement_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        placement_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["placement_id", b"placement_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPlacementRequest: _TypeAlias = GetPlacementRequest  # noqa: Y015
+
+@_typing.final
+class GetPlacementResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def placement(self) -> Global___Placement: ...
+    def __init__(
+        self,
+        *,
+        placement: Global___Placement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPlacementResponse: _TypeAlias = GetPlacementResponse  # noqa: Y015
+
+@_typing.final
+class ReleasePlacementRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLACEMENT_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    placement_id: _builtins.str
+    owner: _builtins.str
+    """Everything held by this owner."""
+    def __init__(
+        self,
+        *,
+        placement_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "placement_id", b"placement_id", "selector", b"selector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "placement_id", b"placement_id", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["placement_id", "owner"]  # noqa: Y015
+    _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_selector) -> _WhichOneofReturnType_selector | None: ...
+
+Global___ReleasePlacementRequest: _TypeAlias = ReleasePlacementRequest  # noqa: Y015
+
+@_typing.final
+class ReleasePlacementResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_PLACEMENT_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def released_placement_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        released_placement_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released_placement_ids", b"released_placement_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleasePlacementResponse: _TypeAlias = ReleasePlacementResponse  # noqa: Y015

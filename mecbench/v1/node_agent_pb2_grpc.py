@@ -76,6 +76,21 @@ class NodeAgentStub:
                 request_serializer=mecbench_dot_v1_dot_node__agent__pb2.StreamTelemetryRequest.SerializeToString,
                 response_deserializer=mecbench_dot_v1_dot_node__agent__pb2.StreamTelemetryResponse.FromString,
                 _registered_method=True)
+        self.PlaceProcess = channel.unary_unary(
+                '/mecbench.v1.NodeAgent/PlaceProcess',
+                request_serializer=mecbench_dot_v1_dot_node__agent__pb2.PlaceProcessRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_node__agent__pb2.PlaceProcessResponse.FromString,
+                _registered_method=True)
+        self.GetPlacement = channel.unary_unary(
+                '/mecbench.v1.NodeAgent/GetPlacement',
+                request_serializer=mecbench_dot_v1_dot_node__agent__pb2.GetPlacementRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_node__agent__pb2.GetPlacementResponse.FromString,
+                _registered_method=True)
+        self.ReleasePlacement = channel.unary_unary(
+                '/mecbench.v1.NodeAgent/ReleasePlacement',
+                request_serializer=mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -133,6 +148,28 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlaceProcess(self, request, context):
+        """Confines a process, and what it starts later, to CPU, memory and GPUs under a lease.
+        FAILED_PRECONDITION naming what this node lacks when the request cannot be met as asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPlacement(self, request, context):
+        """A placement read back from the kernel, with its group's usage so far.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleasePlacement(self, request, context):
+        """Idempotent: releasing what is not there succeeds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +212,21 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.StreamTelemetry,
                     request_deserializer=mecbench_dot_v1_dot_node__agent__pb2.StreamTelemetryRequest.FromString,
                     response_serializer=mecbench_dot_v1_dot_node__agent__pb2.StreamTelemetryResponse.SerializeToString,
+            ),
+            'PlaceProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlaceProcess,
+                    request_deserializer=mecbench_dot_v1_dot_node__agent__pb2.PlaceProcessRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_node__agent__pb2.PlaceProcessResponse.SerializeToString,
+            ),
+            'GetPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlacement,
+                    request_deserializer=mecbench_dot_v1_dot_node__agent__pb2.GetPlacementRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_node__agent__pb2.GetPlacementResponse.SerializeToString,
+            ),
+            'ReleasePlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleasePlacement,
+                    request_deserializer=mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +447,87 @@ class NodeAgent:
             '/mecbench.v1.NodeAgent/StreamTelemetry',
             mecbench_dot_v1_dot_node__agent__pb2.StreamTelemetryRequest.SerializeToString,
             mecbench_dot_v1_dot_node__agent__pb2.StreamTelemetryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlaceProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mecbench.v1.NodeAgent/PlaceProcess',
+            mecbench_dot_v1_dot_node__agent__pb2.PlaceProcessRequest.SerializeToString,
+            mecbench_dot_v1_dot_node__agent__pb2.PlaceProcessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mecbench.v1.NodeAgent/GetPlacement',
+            mecbench_dot_v1_dot_node__agent__pb2.GetPlacementRequest.SerializeToString,
+            mecbench_dot_v1_dot_node__agent__pb2.GetPlacementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleasePlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mecbench.v1.NodeAgent/ReleasePlacement',
+            mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementRequest.SerializeToString,
+            mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementResponse.FromString,
             options,
             channel_credentials,
             insecure,

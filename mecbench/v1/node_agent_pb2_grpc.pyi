@@ -45,6 +45,14 @@ class NodeAgentStub:
     AllocateGpus: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.AllocateGpusRequest, _node_agent_pb2.AllocateGpusResponse]
     ReleaseGpus: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.ReleaseGpusRequest, _node_agent_pb2.ReleaseGpusResponse]
     StreamTelemetry: _grpc.UnaryStreamMultiCallable[_node_agent_pb2.StreamTelemetryRequest, _node_agent_pb2.StreamTelemetryResponse]
+    PlaceProcess: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.PlaceProcessRequest, _node_agent_pb2.PlaceProcessResponse]
+    """Confines a process, and what it starts later, to CPU, memory and GPUs under a lease.
+    FAILED_PRECONDITION naming what this node lacks when the request cannot be met as asked.
+    """
+    GetPlacement: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.GetPlacementRequest, _node_agent_pb2.GetPlacementResponse]
+    """A placement read back from the kernel, with its group's usage so far."""
+    ReleasePlacement: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.ReleasePlacementRequest, _node_agent_pb2.ReleasePlacementResponse]
+    """Idempotent: releasing what is not there succeeds."""
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -63,6 +71,14 @@ class NodeAgentAsyncStub(NodeAgentStub):
     AllocateGpus: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.AllocateGpusRequest, _node_agent_pb2.AllocateGpusResponse]  # type: ignore[assignment]
     ReleaseGpus: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.ReleaseGpusRequest, _node_agent_pb2.ReleaseGpusResponse]  # type: ignore[assignment]
     StreamTelemetry: _aio.UnaryStreamMultiCallable[_node_agent_pb2.StreamTelemetryRequest, _node_agent_pb2.StreamTelemetryResponse]  # type: ignore[assignment]
+    PlaceProcess: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.PlaceProcessRequest, _node_agent_pb2.PlaceProcessResponse]  # type: ignore[assignment]
+    """Confines a process, and what it starts later, to CPU, memory and GPUs under a lease.
+    FAILED_PRECONDITION naming what this node lacks when the request cannot be met as asked.
+    """
+    GetPlacement: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.GetPlacementRequest, _node_agent_pb2.GetPlacementResponse]  # type: ignore[assignment]
+    """A placement read back from the kernel, with its group's usage so far."""
+    ReleasePlacement: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.ReleasePlacementRequest, _node_agent_pb2.ReleasePlacementResponse]  # type: ignore[assignment]
+    """Idempotent: releasing what is not there succeeds."""
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     """One per node: shapes traffic through netlink, pins GPUs and samples telemetry. Everything it
@@ -126,5 +142,31 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _node_agent_pb2.StreamTelemetryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_node_agent_pb2.StreamTelemetryResponse], _abc.AsyncIterator[_node_agent_pb2.StreamTelemetryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PlaceProcess(
+        self,
+        request: _node_agent_pb2.PlaceProcessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_agent_pb2.PlaceProcessResponse, _abc.Awaitable[_node_agent_pb2.PlaceProcessResponse]]:
+        """Confines a process, and what it starts later, to CPU, memory and GPUs under a lease.
+        FAILED_PRECONDITION naming what this node lacks when the request cannot be met as asked.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPlacement(
+        self,
+        request: _node_agent_pb2.GetPlacementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_agent_pb2.GetPlacementResponse, _abc.Awaitable[_node_agent_pb2.GetPlacementResponse]]:
+        """A placement read back from the kernel, with its group's usage so far."""
+
+    @_abc_1.abstractmethod
+    def ReleasePlacement(
+        self,
+        request: _node_agent_pb2.ReleasePlacementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_agent_pb2.ReleasePlacementResponse, _abc.Awaitable[_node_agent_pb2.ReleasePlacementResponse]]:
+        """Idempotent: releasing what is not there succeeds."""
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

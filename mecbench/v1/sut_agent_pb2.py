@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from mecbench.v1 import common_pb2 as mecbench_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmecbench/v1/sut_agent.proto\x12\x0bmecbench.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18mecbench/v1/common.proto\"\x84\x03\n\x16SyntheticBackendConfig\x12:\n\x0c\x64istribution\x18\x01 \x01(\x0e\x32$.mecbench.v1.ServiceTimeDistribution\x12\'\n\x04mean\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06stddev\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03low\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04high\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x32\n\x0fper_sample_time\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0eresponse_bytes\x18\t \x01(\r\x12\x0c\n\x04seed\x18\n \x01(\x04\"\xe0\x01\n\x18OnnxRuntimeBackendConfig\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\ninput_name\x18\x02 \x01(\t\x12\x14\n\x0csample_shape\x18\x03 \x03(\x03\x12(\n\tdata_type\x18\x04 \x01(\x0e\x32\x15.mecbench.v1.DataType\x12\x18\n\x10intra_op_threads\x18\x05 \x01(\r\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x11\n\tproviders\x18\x08 \x03(\t\"\x91\x03\n\x15\x45xternalBackendConfig\x12\x13\n\x0bserver_type\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12@\n\x07options\x18\x05 \x03(\x0b\x32/.mecbench.v1.ExternalBackendConfig.OptionsEntry\x12\x30\n\rready_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_concurrency\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x17\n\x0fwarmup_requests\x18\t \x01(\r\x12\x32\n\x0frequest_timeout\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07\x63ommand\x18\x0b \x03(\t\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x04\n\tSutConfig\x12\x38\n\tsynthetic\x18\x01 \x01(\x0b\x32#.mecbench.v1.SyntheticBackendConfigH\x00\x12<\n\x0bonnxruntime\x18\x02 \x01(\x0b\x32%.mecbench.v1.OnnxRuntimeBackendConfigH\x00\x12\x36\n\x08\x65xternal\x18\x03 \x01(\x0b\x32\".mecbench.v1.ExternalBackendConfigH\x00\x12.\n\tresources\x18\x04 \x01(\x0b\x32\x1b.mecbench.v1.ResourceLimits\x12%\n\x04gpus\x18\x05 \x01(\x0b\x32\x17.mecbench.v1.GpuRequest\x12?\n\rnode_selector\x18\x06 \x03(\x0b\x32(.mecbench.v1.SutConfig.NodeSelectorEntry\x12,\n\x03\x65nv\x18\x07 \x03(\x0b\x32\x1f.mecbench.v1.SutConfig.EnvEntry\x12\r\n\x05image\x18\x08 \x01(\t\x12\x0c\n\x04\x61rgs\x18\t \x03(\t\x1a\x33\n\x11NodeSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x62\x61\x63kend\"J\n\nQueryBatch\x12\x12\n\nsample_ids\x18\x01 \x03(\x06\x12\x16\n\x0esample_indices\x18\x02 \x03(\r\x12\x10\n\x08payloads\x18\x03 \x03(\x0c\"\x96\x01\n\rResponseBatch\x12\x12\n\nsample_ids\x18\x01 \x03(\x06\x12\x0f\n\x07outputs\x18\x02 \x03(\x0c\x12\x10\n\x08queue_us\x18\x03 \x03(\r\x12\x12\n\ncompute_us\x18\x04 \x03(\r\x12\x0e\n\x06\x65rrors\x18\x05 \x03(\t\x12\x14\n\x0c\x66irst_tokens\x18\x06 \x01(\x08\x12\x14\n\x0ctoken_counts\x18\x07 \x03(\r\"G\n\x0cStartRequest\x12&\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x16.mecbench.v1.SutConfig\x12\x0f\n\x07restart\x18\x02 \x01(\x08\"7\n\rStartResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.mecbench.v1.SutStatus\"\x12\n\x10GetStatusRequest\";\n\x11GetStatusResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.mecbench.v1.SutStatus\"\xd5\x02\n\tSutStatus\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.mecbench.v1.BackendState\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12&\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x16.mecbench.v1.SutConfig\x12\x0f\n\x07message\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tin_flight\x18\x06 \x01(\x04\x12\x14\n\x0copen_streams\x18\x07 \x01(\r\x12\x1b\n\x13tcp_data_plane_port\x18\x08 \x01(\r\x12\x17\n\x0fserver_log_size\x18\t \x01(\x04\x12\x12\n\nserver_pid\x18\n \x01(\x03\x12\x17\n\x0fserver_endpoint\x18\x0b \x01(\t\x12\x18\n\x10server_log_start\x18\x0c \x01(\x04\" \n\x0fGetStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"8\n\x10GetStatsResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.mecbench.v1.SutStats\"\xb6\x02\n\x08SutStats\x12\x19\n\x11samples_completed\x18\x01 \x01(\x04\x12\x16\n\x0esamples_failed\x18\x02 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\x12-\n\nqueue_wait\x18\x04 \x01(\x0b\x32\x19.mecbench.v1.LatencyStats\x12*\n\x07\x63ompute\x18\x05 \x01(\x0b\x32\x19.mecbench.v1.LatencyStats\x12\x30\n\rbucket_bounds\x18\x06 \x03(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rbucket_counts\x18\x07 \x03(\x04\x12)\n\x05since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmean_batch_size\x18\t \x01(\x01\"\r\n\x0bStopRequest\"6\n\x0cStopResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.mecbench.v1.SutStatus\"<\n\x12StreamInferRequest\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.mecbench.v1.QueryBatch\"@\n\x13StreamInferResponse\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.mecbench.v1.ResponseBatch\"6\n\x0cInferRequest\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.mecbench.v1.QueryBatch\":\n\rInferResponse\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.mecbench.v1.ResponseBatch\"4\n\x13GetServerLogRequest\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x04\"4\n\x14GetServerLogResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*\xe2\x01\n\x17ServiceTimeDistribution\x12)\n%SERVICE_TIME_DISTRIBUTION_UNSPECIFIED\x10\x00\x12&\n\"SERVICE_TIME_DISTRIBUTION_CONSTANT\x10\x01\x12%\n!SERVICE_TIME_DISTRIBUTION_UNIFORM\x10\x02\x12$\n SERVICE_TIME_DISTRIBUTION_NORMAL\x10\x03\x12\'\n#SERVICE_TIME_DISTRIBUTION_LOGNORMAL\x10\x04*\x97\x01\n\x0c\x42\x61\x63kendState\x12\x1d\n\x19\x42\x41\x43KEND_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41\x43KEND_STATE_STOPPED\x10\x01\x12\x1a\n\x16\x42\x41\x43KEND_STATE_STARTING\x10\x02\x12\x17\n\x13\x42\x41\x43KEND_STATE_READY\x10\x03\x12\x18\n\x14\x42\x41\x43KEND_STATE_FAILED\x10\x04\x32\x89\x04\n\x08SutAgent\x12>\n\x05Start\x12\x19.mecbench.v1.StartRequest\x1a\x1a.mecbench.v1.StartResponse\x12J\n\tGetStatus\x12\x1d.mecbench.v1.GetStatusRequest\x1a\x1e.mecbench.v1.GetStatusResponse\x12G\n\x08GetStats\x12\x1c.mecbench.v1.GetStatsRequest\x1a\x1d.mecbench.v1.GetStatsResponse\x12;\n\x04Stop\x12\x18.mecbench.v1.StopRequest\x1a\x19.mecbench.v1.StopResponse\x12T\n\x0bStreamInfer\x12\x1f.mecbench.v1.StreamInferRequest\x1a .mecbench.v1.StreamInferResponse(\x01\x30\x01\x12>\n\x05Infer\x12\x19.mecbench.v1.InferRequest\x1a\x1a.mecbench.v1.InferResponse\x12U\n\x0cGetServerLog\x12 .mecbench.v1.GetServerLogRequest\x1a!.mecbench.v1.GetServerLogResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmecbench/v1/sut_agent.proto\x12\x0bmecbench.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18mecbench/v1/common.proto\"\x84\x03\n\x16SyntheticBackendConfig\x12:\n\x0c\x64istribution\x18\x01 \x01(\x0e\x32$.mecbench.v1.ServiceTimeDistribution\x12\'\n\x04mean\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x06stddev\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03low\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04high\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x32\n\x0fper_sample_time\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0eresponse_bytes\x18\t \x01(\r\x12\x0c\n\x04seed\x18\n \x01(\x04\"\xe0\x01\n\x18OnnxRuntimeBackendConfig\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\ninput_name\x18\x02 \x01(\t\x12\x14\n\x0csample_shape\x18\x03 \x03(\x03\x12(\n\tdata_type\x18\x04 \x01(\x0e\x32\x15.mecbench.v1.DataType\x12\x18\n\x10intra_op_threads\x18\x05 \x01(\r\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x11\n\tproviders\x18\x08 \x03(\t\"\x91\x03\n\x15\x45xternalBackendConfig\x12\x13\n\x0bserver_type\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12@\n\x07options\x18\x05 \x03(\x0b\x32/.mecbench.v1.ExternalBackendConfig.OptionsEntry\x12\x30\n\rready_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_concurrency\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x17\n\x0fwarmup_requests\x18\t \x01(\r\x12\x32\n\x0frequest_timeout\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07\x63ommand\x18\x0b \x03(\t\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x04\n\tSutConfig\x12\x38\n\tsynthetic\x18\x01 \x01(\x0b\x32#.mecbench.v1.SyntheticBackendConfigH\x00\x12<\n\x0bonnxruntime\x18\x02 \x01(\x0b\x32%.mecbench.v1.OnnxRuntimeBackendConfigH\x00\x12\x36\n\x08\x65xternal\x18\x03 \x01(\x0b\x32\".mecbench.v1.ExternalBackendConfigH\x00\x12.\n\tresources\x18\x04 \x01(\x0b\x32\x1b.mecbench.v1.ResourceLimits\x12%\n\x04gpus\x18\x05 \x01(\x0b\x32\x17.mecbench.v1.GpuRequest\x12?\n\rnode_selector\x18\x06 \x03(\x0b\x32(.mecbench.v1.SutConfig.NodeSelectorEntry\x12,\n\x03\x65nv\x18\x07 \x03(\x0b\x32\x1f.mecbench.v1.SutConfig.EnvEntry\x12\r\n\x05image\x18\x08 \x01(\t\x12\x0c\n\x04\x61rgs\x18\t \x03(\t\x1a\x33\n\x11NodeSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x62\x61\x63kend\"J\n\nQueryBatch\x12\x12\n\nsample_ids\x18\x01 \x03(\x06\x12\x16\n\x0esample_indices\x18\x02 \x03(\r\x12\x10\n\x08payloads\x18\x03 \x03(\x0c\"\x96\x01\n\rResponseBatch\x12\x12\n\nsample_ids\x18\x01 \x03(\x06\x12\x0f\n\x07outputs\x18\x02 \x03(\x0c\x12\x10\n\x08queue_us\x18\x03 \x03(\r\x12\x12\n\ncompute_us\x18\x04 \x03(\r\x12\x0e\n\x06\x65rrors\x18\x05 \x03(\t\x12\x14\n\x0c\x66irst_tokens\x18\x06 \x01(\x08\x12\x14\n\x0ctoken_counts\x18\x07 \x03(\r\"]\n\x0cStartRequest\x12&\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x16.mecbench.v1.SutConfig\x12\x0f\n\x07restart\x18\x02 \x01(\x08\x12\x14\n\x0cvisible_gpus\x18\x03 \x03(\t\"7\n\rStartResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.mecbench.v1.SutStatus\"\x12\n\x10GetStatusRequest\";\n\x11GetStatusResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.mecbench.v1.SutStatus\"\xd5\x02\n\tSutStatus\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.mecbench.v1.BackendState\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12&\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x16.mecbench.v1.SutConfig\x12\x0f\n\x07message\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tin_flight\x18\x06 \x01(\x04\x12\x14\n\x0copen_streams\x18\x07 \x01(\r\x12\x1b\n\x13tcp_data_plane_port\x18\x08 \x01(\r\x12\x17\n\x0fserver_log_size\x18\t \x01(\x04\x12\x12\n\nserver_pid\x18\n \x01(\x03\x12\x17\n\x0fserver_endpoint\x18\x0b \x01(\t\x12\x18\n\x10server_log_start\x18\x0c \x01(\x04\" \n\x0fGetStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"8\n\x10GetStatsResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.mecbench.v1.SutStats\"\xb6\x02\n\x08SutStats\x12\x19\n\x11samples_completed\x18\x01 \x01(\x04\x12\x16\n\x0esamples_failed\x18\x02 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\x12-\n\nqueue_wait\x18\x04 \x01(\x0b\x32\x19.mecbench.v1.LatencyStats\x12*\n\x07\x63ompute\x18\x05 \x01(\x0b\x32\x19.mecbench.v1.LatencyStats\x12\x30\n\rbucket_bounds\x18\x06 \x03(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rbucket_counts\x18\x07 \x03(\x04\x12)\n\x05since\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmean_batch_size\x18\t \x01(\x01\"\r\n\x0bStopRequest\"6\n\x0cStopResponse\x12&\n\x06status\x18\x01 \x01(\x0b\x32\x16.mecbench.v1.SutStatus\"<\n\x12StreamInferRequest\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.mecbench.v1.QueryBatch\"@\n\x13StreamInferResponse\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.mecbench.v1.ResponseBatch\"6\n\x0cInferRequest\x12&\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.mecbench.v1.QueryBatch\":\n\rInferResponse\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.mecbench.v1.ResponseBatch\"4\n\x13GetServerLogRequest\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x04\"4\n\x14GetServerLogResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*\xe2\x01\n\x17ServiceTimeDistribution\x12)\n%SERVICE_TIME_DISTRIBUTION_UNSPECIFIED\x10\x00\x12&\n\"SERVICE_TIME_DISTRIBUTION_CONSTANT\x10\x01\x12%\n!SERVICE_TIME_DISTRIBUTION_UNIFORM\x10\x02\x12$\n SERVICE_TIME_DISTRIBUTION_NORMAL\x10\x03\x12\'\n#SERVICE_TIME_DISTRIBUTION_LOGNORMAL\x10\x04*\x97\x01\n\x0c\x42\x61\x63kendState\x12\x1d\n\x19\x42\x41\x43KEND_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41\x43KEND_STATE_STOPPED\x10\x01\x12\x1a\n\x16\x42\x41\x43KEND_STATE_STARTING\x10\x02\x12\x17\n\x13\x42\x41\x43KEND_STATE_READY\x10\x03\x12\x18\n\x14\x42\x41\x43KEND_STATE_FAILED\x10\x04\x32\x89\x04\n\x08SutAgent\x12>\n\x05Start\x12\x19.mecbench.v1.StartRequest\x1a\x1a.mecbench.v1.StartResponse\x12J\n\tGetStatus\x12\x1d.mecbench.v1.GetStatusRequest\x1a\x1e.mecbench.v1.GetStatusResponse\x12G\n\x08GetStats\x12\x1c.mecbench.v1.GetStatsRequest\x1a\x1d.mecbench.v1.GetStatsResponse\x12;\n\x04Stop\x12\x18.mecbench.v1.StopRequest\x1a\x19.mecbench.v1.StopResponse\x12T\n\x0bStreamInfer\x12\x1f.mecbench.v1.StreamInferRequest\x1a .mecbench.v1.StreamInferResponse(\x01\x30\x01\x12>\n\x05Infer\x12\x19.mecbench.v1.InferRequest\x1a\x1a.mecbench.v1.InferResponse\x12U\n\x0cGetServerLog\x12 .mecbench.v1.GetServerLogRequest\x1a!.mecbench.v1.GetServerLogResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,10 +40,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUTCONFIG_NODESELECTORENTRY']._serialized_options = b'8\001'
   _globals['_SUTCONFIG_ENVENTRY']._loaded_options = None
   _globals['_SUTCONFIG_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_SERVICETIMEDISTRIBUTION']._serialized_start=3295
-  _globals['_SERVICETIMEDISTRIBUTION']._serialized_end=3521
-  _globals['_BACKENDSTATE']._serialized_start=3524
-  _globals['_BACKENDSTATE']._serialized_end=3675
+  _globals['_SERVICETIMEDISTRIBUTION']._serialized_start=3317
+  _globals['_SERVICETIMEDISTRIBUTION']._serialized_end=3543
+  _globals['_BACKENDSTATE']._serialized_start=3546
+  _globals['_BACKENDSTATE']._serialized_end=3697
   _globals['_SYNTHETICBACKENDCONFIG']._serialized_start=136
   _globals['_SYNTHETICBACKENDCONFIG']._serialized_end=524
   _globals['_ONNXRUNTIMEBACKENDCONFIG']._serialized_start=527
@@ -63,37 +63,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESPONSEBATCH']._serialized_start=1759
   _globals['_RESPONSEBATCH']._serialized_end=1909
   _globals['_STARTREQUEST']._serialized_start=1911
-  _globals['_STARTREQUEST']._serialized_end=1982
-  _globals['_STARTRESPONSE']._serialized_start=1984
-  _globals['_STARTRESPONSE']._serialized_end=2039
-  _globals['_GETSTATUSREQUEST']._serialized_start=2041
-  _globals['_GETSTATUSREQUEST']._serialized_end=2059
-  _globals['_GETSTATUSRESPONSE']._serialized_start=2061
-  _globals['_GETSTATUSRESPONSE']._serialized_end=2120
-  _globals['_SUTSTATUS']._serialized_start=2123
-  _globals['_SUTSTATUS']._serialized_end=2464
-  _globals['_GETSTATSREQUEST']._serialized_start=2466
-  _globals['_GETSTATSREQUEST']._serialized_end=2498
-  _globals['_GETSTATSRESPONSE']._serialized_start=2500
-  _globals['_GETSTATSRESPONSE']._serialized_end=2556
-  _globals['_SUTSTATS']._serialized_start=2559
-  _globals['_SUTSTATS']._serialized_end=2869
-  _globals['_STOPREQUEST']._serialized_start=2871
-  _globals['_STOPREQUEST']._serialized_end=2884
-  _globals['_STOPRESPONSE']._serialized_start=2886
-  _globals['_STOPRESPONSE']._serialized_end=2940
-  _globals['_STREAMINFERREQUEST']._serialized_start=2942
-  _globals['_STREAMINFERREQUEST']._serialized_end=3002
-  _globals['_STREAMINFERRESPONSE']._serialized_start=3004
-  _globals['_STREAMINFERRESPONSE']._serialized_end=3068
-  _globals['_INFERREQUEST']._serialized_start=3070
-  _globals['_INFERREQUEST']._serialized_end=3124
-  _globals['_INFERRESPONSE']._serialized_start=3126
-  _globals['_INFERRESPONSE']._serialized_end=3184
-  _globals['_GETSERVERLOGREQUEST']._serialized_start=3186
-  _globals['_GETSERVERLOGREQUEST']._serialized_end=3238
-  _globals['_GETSERVERLOGRESPONSE']._serialized_start=3240
-  _globals['_GETSERVERLOGRESPONSE']._serialized_end=3292
-  _globals['_SUTAGENT']._serialized_start=3678
-  _globals['_SUTAGENT']._serialized_end=4199
+  _globals['_STARTREQUEST']._serialized_end=2004
+  _globals['_STARTRESPONSE']._serialized_start=2006
+  _globals['_STARTRESPONSE']._serialized_end=2061
+  _globals['_GETSTATUSREQUEST']._serialized_start=2063
+  _globals['_GETSTATUSREQUEST']._serialized_end=2081
+  _globals['_GETSTATUSRESPONSE']._serialized_start=2083
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2142
+  _globals['_SUTSTATUS']._serialized_start=2145
+  _globals['_SUTSTATUS']._serialized_end=2486
+  _globals['_GETSTATSREQUEST']._serialized_start=2488
+  _globals['_GETSTATSREQUEST']._serialized_end=2520
+  _globals['_GETSTATSRESPONSE']._serialized_start=2522
+  _globals['_GETSTATSRESPONSE']._serialized_end=2578
+  _globals['_SUTSTATS']._serialized_start=2581
+  _globals['_SUTSTATS']._serialized_end=2891
+  _globals['_STOPREQUEST']._serialized_start=2893
+  _globals['_STOPREQUEST']._serialized_end=2906
+  _globals['_STOPRESPONSE']._serialized_start=2908
+  _globals['_STOPRESPONSE']._serialized_end=2962
+  _globals['_STREAMINFERREQUEST']._serialized_start=2964
+  _globals['_STREAMINFERREQUEST']._serialized_end=3024
+  _globals['_STREAMINFERRESPONSE']._serialized_start=3026
+  _globals['_STREAMINFERRESPONSE']._serialized_end=3090
+  _globals['_INFERREQUEST']._serialized_start=3092
+  _globals['_INFERREQUEST']._serialized_end=3146
+  _globals['_INFERRESPONSE']._serialized_start=3148
+  _globals['_INFERRESPONSE']._serialized_end=3206
+  _globals['_GETSERVERLOGREQUEST']._serialized_start=3208
+  _globals['_GETSERVERLOGREQUEST']._serialized_end=3260
+  _globals['_GETSERVERLOGRESPONSE']._serialized_start=3262
+  _globals['_GETSERVERLOGRESPONSE']._serialized_end=3314
+  _globals['_SUTAGENT']._serialized_start=3700
+  _globals['_SUTAGENT']._serialized_end=4221
 # @@protoc_insertion_point(module_scope)

@@ -474,18 +474,26 @@ class StartRequest(_message.Message):
 
     CONFIG_FIELD_NUMBER: _builtins.int
     RESTART_FIELD_NUMBER: _builtins.int
+    VISIBLE_GPUS_FIELD_NUMBER: _builtins.int
     restart: _builtins.bool
     @_builtins.property
     def config(self) -> Global___SutConfig: ...
+    @_builtins.property
+    def visible_gpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """GPUs the node agent placed this SUT on, by UUID: the served process sees only these
+        (CUDA_VISIBLE_DEVICES, NVIDIA_VISIBLE_DEVICES). Set by the controller, never by a request.
+        """
+
     def __init__(
         self,
         *,
         config: Global___SutConfig | None = ...,
         restart: _builtins.bool = ...,
+        visible_gpus: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "restart", b"restart"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "restart", b"restart", "visible_gpus", b"visible_gpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
