@@ -4,6 +4,7 @@ agent's host access, the GPU overlay, MinIO, non-root images)."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -220,13 +221,46 @@ def test_node_agent_daemonset_has_host_access_it_needs_and_no_more() -> None:
 @needs_kubectl
 def test_gpu_overlay_runs_node_agents_under_the_nvidia_runtime() -> None:
     docs = render("overlays/gpu")
-    spec = find(docs, "DaemonSet", "mecbench-node-agent")["spec"]["template"]["spec"]
+    gpu = find(docs, "DaemonSet", "mecbench-node-agent-gpu")
+    spec = gpu["spec"]["template"]["spec"]
     assert spec["runtimeClassName"] == "nvidia"
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
     # A node agent watches GPUs; it never takes one from the device plugin.
     assert "nvidia.com/gpu" not in str(spec["containers"][0].get("resources"))
+    # Issue 20 (8): the base node agent still runs on every node that is not a GPU node, so a
+    # CPU-only SUT (its shaping, its telemetry) has one beside it.
+    cpu = find(docs, "DaemonSet", "mecbench-node-agent")
+    cpu_spec = cpu["spec"]["template"]["spec"]
+    assert "nodeSelector" not in cpu_spec and "runtimeClassName" not in cpu_spec
+    [term] = cpu_spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.present", "operator": "NotIn", "values": ["true"]}]
+    # Each node gets exactly one of the two: they split the nodes by the same label.
+    for labels in ({}, {"nvidia.com/gpu.present": "true"}, {"nvidia.com/gpu.present": "false"}):
+        on_cpu = labels.get("nvidia.com/gpu.present") != "true"
+        on_gpu = all(labels.get(k) == v for k, v in spec["nodeSelector"].items())
+        assert on_cpu != on_gpu
+    # Both are found by the controller's node-agent selector; neither's selector takes the other's pods.
+    from controller.settings import ControllerSettings
+
+    wanted = dict(term.split("=") for term in ControllerSettings().k8s_node_agent_selector.split(","))
+    for daemonset in (cpu, gpu):
+        assert all(daemonset["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in wanted.items())
+    assert cpu["spec"]["selector"]["matchLabels"] != gpu["spec"]["selector"]["matchLabels"]
+    # Otherwise the same pod as the base: only the runtime, the node selector, the pool and NVML's env differ.
+    base = find(render("base"), "DaemonSet", "mecbench-node-agent")
+
+    def comparable(doc: dict[str, Any]) -> dict[str, Any]:
+        template = copy.deepcopy(doc["spec"]["template"])
+        template["metadata"]["labels"].pop("mecbench.io/node-pool")
+        for key in ("runtimeClassName", "nodeSelector", "affinity"):
+            template["spec"].pop(key, None)
+        container = template["spec"]["containers"][0]
+        container["env"] = [e for e in container["env"] if not e["name"].startswith("NVIDIA_")]
+        return dict(template)
+
+    assert comparable(gpu) == comparable(base)
     controller_env = {e["name"]: e.get("value") for e in containers(find(docs, "Deployment", "mecbench-controller"))[0]["env"]}
     assert controller_env["MECBENCH_CONTROLLER_K8S_GPU_RUNTIME_CLASS"] == "nvidia"
 
