@@ -1,24 +1,38 @@
 """Network profiles applied for the length of a run: ApplyShaping on the node agent under a
 lease that a background thread renews, and ClearShaping at the end whatever happened. If the
 controller dies, the node agent removes the shaping when the lease lapses. If the node agent
-dies (a renewal finds it gone), the run cannot vouch for its network any more: `on_lost` ends it."""
+dies (a renewal finds it gone), the run cannot vouch for its network any more: `on_lost` ends it.
+
+Each client may have its own profile (a client group's): each client's path is shaped with its
+own. What the network really did is kept with every repeat: before the first test the node agent
+probes each shaped link (rate and round trip against what was asked; see node_agent/linkprobe.py),
+and around each repeat the qdiscs' own counters are read back (bytes, packets, drops, overlimits,
+requeues), their backlog sampled while the tests run for its peak.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from controller.agents import AgentPool, NodeAgentHandle, remote_error
 from controller.backends.base import AgentHandle, ShapingPoint
 from mecbench.core import durations
+from mecbench.core.errors import FailedPrecondition
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, node_agent_pb2
 
 log = get_logger("mecbench.controller.shaping")
 
 RENEW_INTERVAL_S = 1.0
+# How often the qdiscs' backlog is read while a repeat runs (the kernel keeps no peak of it).
+BACKLOG_SAMPLE_S = 0.1
+COUNTER_FIELDS = ("bytes", "packets", "drops", "overlimits", "requeues")
 
 _SIDES = {
     common_pb2.SHAPING_SIDE_UNSPECIFIED: "sut",
@@ -32,22 +46,57 @@ def is_shaped(profile: common_pb2.NetworkProfile) -> bool:
     return profile.HasField("netem") and profile.netem.ByteSize() > 0
 
 
+@dataclass
+class AppliedShaping:
+    """One ApplyShaping of the run: which client's path, where, and what the agent installed."""
+
+    node: NodeAgentHandle
+    client: int
+    profile: str
+    shaping: node_agent_pb2.Shaping
+    probe: node_agent_pb2.LinkProbe | None = None
+    probe_error: str = ""
+
+
+def _counters(message: node_agent_pb2.QdiscCounters) -> dict[str, int]:
+    return {name: int(getattr(message, name)) for name in (*COUNTER_FIELDS, "backlog_bytes", "backlog_packets")}
+
+
+@dataclass
+class _RepeatCounters:
+    before: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    peaks: dict[tuple[str, str, str], tuple[int, int]] = field(default_factory=dict)
+    samples: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    sampler: threading.Thread | None = None
+
+
 class RunShaping:
     """Shaping held for one run. Use as a context manager around the run's tests."""
 
-    def __init__(self, pool: AgentPool, run_id: str, profile: common_pb2.NetworkProfile, clients: int,
-                 lease_s: float, on_lost: Callable[[str], None] | None = None, sut: AgentHandle | None = None) -> None:
+    def __init__(self, pool: AgentPool, run_id: str, profile: common_pb2.NetworkProfile | None, clients: int,
+                 lease_s: float, on_lost: Callable[[str], None] | None = None, sut: AgentHandle | None = None,
+                 client_profiles: Sequence[common_pb2.NetworkProfile | None] | None = None,
+                 probe: bool = True) -> None:
         self.pool = pool
         self.on_lost = on_lost
         self.sut = sut
         self.run_id = run_id
-        self.profile = profile
-        self.clients = clients
+        # The profile of each client (None: its path is not shaped).
+        self.client_profiles: list[common_pb2.NetworkProfile | None] = (
+            list(client_profiles) if client_profiles is not None else [profile] * clients
+        )
         self.lease_s = lease_s
-        # (node agent, lease id) of every shaping applied: on a cluster, each on its own node.
-        self.leases: list[tuple[NodeAgentHandle, str]] = []
+        self.probe_links = probe
+        self.applied: list[AppliedShaping] = []
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._repeat: _RepeatCounters | None = None
+
+    @property
+    def leases(self) -> list[tuple[NodeAgentHandle, str]]:
+        """(node agent, lease id) of every shaping applied: on a cluster, each on its own node."""
+        return [(a.node, a.shaping.lease.lease_id) for a in self.applied]
 
     def _points(self, side: str, client: int) -> list[ShapingPoint]:
         if self.sut is not None:
@@ -55,23 +104,39 @@ class RunShaping:
         return self.pool.backend.shaping_points(side, client)
 
     def __enter__(self) -> RunShaping:
-        side = _SIDES[self.profile.side]
-        direction = self.profile.direction or common_pb2.DIRECTION_EGRESS
+        # One shaping per interface: clients whose paths cross the same one (every client of a
+        # Kubernetes SUT pod crosses its eth0) share it; a node agent refuses a second one there.
+        shared: dict[tuple[str, bytes], tuple[int, common_pb2.NetworkProfile]] = {}
         try:
-            for client in range(self.clients):
+            for client, profile in enumerate(self.client_profiles):
+                if profile is None or not is_shaped(profile):
+                    continue
+                side = _SIDES[profile.side]
+                direction = profile.direction or common_pb2.DIRECTION_EGRESS
                 for point in self._points(side, client):
+                    key = (point.node, point.target().SerializeToString(deterministic=True))
+                    if key in shared:
+                        first, first_profile = shared[key]
+                        if first_profile != profile:
+                            raise FailedPrecondition(
+                                f"clients {first} and {client} cross the same interface ({point.interface} on "
+                                f"{point.node or 'this node'}) with different network profiles; it can be "
+                                "shaped one way only"
+                            )
+                        continue
+                    shared[key] = (client, profile)
                     node = self.pool.node_agent_on(point.node)
                     request = node_agent_pb2.ApplyShapingRequest(
                         target=point.target(),
                         direction=direction,
-                        netem=self.profile.netem,
+                        netem=profile.netem,
                         owner=self.run_id,
                         lease_duration=durations.from_seconds(self.lease_s),
                     )
                     reply = node.stub.ApplyShaping(request, timeout=30)
-                    self.leases.append((node, reply.shaping.lease.lease_id))
+                    self.applied.append(AppliedShaping(node, client, profile.name, reply.shaping))
                     log.info("shaping_applied", run_id=self.run_id, interface=point.interface, netns=point.netns,
-                             profile=self.profile.name)
+                             profile=profile.name, client=client)
         except grpc.RpcError as exc:
             self._clear()
             raise remote_error("node agent", exc) from None
@@ -80,7 +145,137 @@ class RunShaping:
             raise
         self._renewer = threading.Thread(target=self._renew, name=f"lease-{self.run_id}", daemon=True)
         self._renewer.start()
+        if self.probe_links:
+            self.probe()
         return self
+
+    # --- verification --------------------------------------------------------------------------
+
+    def probe(self) -> None:
+        """Probe every shaped link once (before the run's first test). A probe that cannot run is
+        recorded as such; it does not stop the run."""
+        for applied in self.applied:
+            try:
+                reply = applied.node.stub.ProbeShaping(
+                    node_agent_pb2.ProbeShapingRequest(shaping_id=applied.shaping.shaping_id), timeout=30
+                )
+                applied.probe = reply.probe
+            except grpc.RpcError as exc:
+                applied.probe_error = f"{exc.code().name}: {exc.details()}"
+                log.warning("link_probe_failed", run_id=self.run_id, shaping_id=applied.shaping.shaping_id,
+                            error=applied.probe_error)
+
+    def problems(self) -> list[str]:
+        """Each way a shaped link is off what was asked, naming the client and the interface."""
+        found: list[str] = []
+        for applied in self.applied:
+            if applied.probe is not None and not applied.probe.as_requested:
+                where = f"client {applied.client} ({applied.profile}) {applied.probe.netns}/{applied.probe.interface}"
+                found.extend(f"{where}: {problem}" for problem in applied.probe.problems)
+        return found
+
+    def _read(self) -> dict[tuple[str, str, str], dict[str, Any]]:
+        """Every qdisc of the run's shapings, as the kernel reports it now, by (shaping, interface, handle)."""
+        ours = {a.shaping.shaping_id: a for a in self.applied}
+        readings: dict[tuple[str, str, str], dict[str, Any]] = {}
+        nodes = {id(a.node): a.node for a in self.applied}
+        for node in nodes.values():
+            listed = node.stub.ListShaping(node_agent_pb2.ListShapingRequest(), timeout=10)
+            for shaping in listed.shapings:
+                applied = ours.get(shaping.shaping_id)
+                if applied is None:
+                    continue
+                for qdisc in shaping.qdiscs:
+                    readings[(shaping.shaping_id, qdisc.interface, qdisc.handle)] = {
+                        "client": applied.client, "profile": applied.profile, "netns": qdisc.netns,
+                        "kind": qdisc.kind, "params": dict(qdisc.params), "counters": _counters(qdisc.counters),
+                    }
+        return readings
+
+    def start_repeat(self) -> None:
+        """Read the counters before a repeat's tests, and sample the backlog while they run."""
+        if not self.applied:
+            return
+        state = _RepeatCounters()
+        try:
+            state.before = self._read()
+        except grpc.RpcError as exc:
+            log.warning("qdisc_counters_unread", run_id=self.run_id, error=exc.details())
+        for key, reading in state.before.items():
+            state.peaks[key] = (reading["counters"]["backlog_bytes"], reading["counters"]["backlog_packets"])
+        state.sampler = threading.Thread(target=self._sample, args=(state,), name=f"backlog-{self.run_id}",
+                                         daemon=True)
+        state.sampler.start()
+        self._repeat = state
+
+    def _sample(self, state: _RepeatCounters) -> None:
+        while not state.stop.wait(BACKLOG_SAMPLE_S):
+            try:
+                readings = self._read()
+            except grpc.RpcError:
+                continue
+            state.samples += 1
+            for key, reading in readings.items():
+                counters = reading["counters"]
+                old = state.peaks.get(key, (0, 0))
+                state.peaks[key] = (max(old[0], counters["backlog_bytes"]), max(old[1], counters["backlog_packets"]))
+
+    def end_repeat(self) -> dict[str, Any] | None:
+        """What the network did during the repeat (counters before, after and their difference,
+        peak backlog), with the probes and whether the links were as asked."""
+        state, self._repeat = self._repeat, None
+        if state is None:
+            return None
+        state.stop.set()
+        if state.sampler is not None:
+            state.sampler.join(timeout=10)
+        try:
+            after = self._read()
+        except grpc.RpcError as exc:
+            after = {}
+            log.warning("qdisc_counters_unread", run_id=self.run_id, error=exc.details())
+        qdiscs = []
+        for key in sorted(set(state.before) | set(after)):
+            shaping_id, interface, handle = key
+            before_reading, after_reading = state.before.get(key), after.get(key)
+            reading = after_reading or before_reading
+            assert reading is not None
+            entry: dict[str, Any] = {
+                "shaping_id": shaping_id, "client": reading["client"], "profile": reading["profile"],
+                "interface": interface, "netns": reading["netns"], "kind": reading["kind"], "handle": handle,
+                "params": reading["params"],
+                "before": before_reading["counters"] if before_reading else None,
+                "after": after_reading["counters"] if after_reading else None,
+            }
+            if before_reading and after_reading:
+                entry["delta"] = {
+                    name: after_reading["counters"][name] - before_reading["counters"][name] for name in COUNTER_FIELDS
+                }
+            peak = state.peaks.get(key)
+            if peak is not None and after_reading:
+                peak = (max(peak[0], after_reading["counters"]["backlog_bytes"]),
+                        max(peak[1], after_reading["counters"]["backlog_packets"]))
+            entry["peak_backlog_bytes"], entry["peak_backlog_packets"] = peak or (0, 0)
+            qdiscs.append(entry)
+        problems = self.problems()
+        return {
+            "qdiscs": qdiscs,
+            "backlog_samples": state.samples,
+            "backlog_sample_interval_s": BACKLOG_SAMPLE_S,
+            "probes": [
+                {
+                    "client": a.client, "profile": a.profile, "shaping_id": a.shaping.shaping_id,
+                    **({"probe": json_format.MessageToDict(a.probe, preserving_proto_field_name=True)}
+                       if a.probe is not None else {}),
+                    **({"error": a.probe_error} if a.probe_error else {}),
+                }
+                for a in self.applied
+            ],
+            "link_as_requested": not problems,
+            "problems": problems,
+        }
+
+    # --- leases --------------------------------------------------------------------------------
 
     def _renew(self) -> None:
         # Renewed often enough that a dead node agent is noticed within seconds.
@@ -124,6 +319,8 @@ class RunShaping:
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
+        if self._repeat is not None:
+            self._repeat.stop.set()
         if self._renewer is not None:
             self._renewer.join(timeout=10)
         self._clear()

@@ -97,6 +97,9 @@ class NodeAgent:
     def list_shaping(self, include_foreign: bool) -> node_agent_pb2.ListShapingResponse:
         return self.shaping.list_all(include_foreign)
 
+    def probe_shaping(self, request: node_agent_pb2.ProbeShapingRequest) -> node_agent_pb2.LinkProbe:
+        return self.shaping.probe(request)
+
     def renew_lease(self, request: node_agent_pb2.RenewLeaseRequest) -> LeaseRecord:
         return self.shaping.renew(request.lease_id, request.lease_duration)
 

@@ -36,6 +36,11 @@ class NodeAgentServicer(node_agent_pb2_grpc.NodeAgentServicer):
     ) -> node_agent_pb2.ListShapingResponse:
         return self._agent.list_shaping(request.include_foreign)
 
+    def ProbeShaping(
+        self, request: node_agent_pb2.ProbeShapingRequest, context: grpc.ServicerContext
+    ) -> node_agent_pb2.ProbeShapingResponse:
+        return node_agent_pb2.ProbeShapingResponse(probe=self._agent.probe_shaping(request))
+
     def RenewLease(
         self, request: node_agent_pb2.RenewLeaseRequest, context: grpc.ServicerContext
     ) -> node_agent_pb2.RenewLeaseResponse:

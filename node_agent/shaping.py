@@ -14,7 +14,9 @@ ingress are separate slots of an interface); it never removes anything MECBench 
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +26,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 from pyroute2.netlink.exceptions import NetlinkError
 
+from mecbench.core import durations
 from mecbench.core.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -34,7 +37,7 @@ from mecbench.core.errors import (
 )
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, node_agent_pb2
-from node_agent import tc
+from node_agent import linkprobe, tc
 from node_agent.leases import LeaseRecord, ShapingRecord, StateStore, new_id
 from node_agent.netns import (
     Namespace,
@@ -488,6 +491,7 @@ class ShapingManager:
             parent=tc.parent_text(reading.parent),
             params=reading.params,
             owned=owned,
+            counters=node_agent_pb2.QdiscCounters(**reading.counters.__dict__),
         )
 
     def _owned_qdiscs(self, ipr: Any, ns: Namespace, record: ShapingRecord) -> list[node_agent_pb2.InstalledQdisc]:
@@ -546,6 +550,78 @@ class ShapingManager:
             except NamespaceGone:
                 continue
         return foreign
+
+    # --- probing ------------------------------------------------------------------------------
+
+    def probe(self, request: node_agent_pb2.ProbeShapingRequest) -> node_agent_pb2.LinkProbe:
+        """Measure the link a shaping sits on (see linkprobe) and judge it against the request."""
+        violations = Violations()
+        if not request.shaping_id:
+            violations.add("shaping_id", "required")
+        if request.peer_address:
+            try:
+                if ipaddress.ip_address(request.peer_address).version != 4:
+                    violations.add("peer_address", "must be an IPv4 address")
+            except ValueError:
+                violations.add("peer_address", "is not an IP address")
+        window_s = durations.to_seconds(request.duration) if request.HasField("duration") else 0.5
+        violations.check(0 < window_s <= 5, "duration", "must be more than 0 and at most 5 s")
+        violations.raise_if_any()
+        record = self.store.shaping(request.shaping_id)
+        if record is None or record.state != "installed":
+            raise NotFound(f"shaping {request.shaping_id} is unknown (lapsed or cleared?)")
+        asked = node_agent_pb2.ApplyShapingRequest.FromString(record.request)
+        ns = self._namespace_of(record)
+        probe = node_agent_pb2.LinkProbe(
+            shaping_id=record.shaping_id, interface=record.interface, netns=ns.label,
+            requested_rate_bps=asked.netem.rate_bps,
+        )
+        if asked.netem.HasField("delay"):
+            probe.requested_delay.CopyFrom(asked.netem.delay)
+        if not record.egress:
+            probe.as_requested = True
+            probe.notes.append("ingress shaping: only an egress can be probed from its own side; not probed")
+            return probe
+        try:
+            with ns.netlink() as ipr:
+                peer = request.peer_address or linkprobe.peer_of(ipr, record.ifindex)
+                if not peer:
+                    raise FailedPrecondition(
+                        f"no far end of {record.interface} found (no /30 or /31 address, no neighbour); "
+                        "give peer_address"
+                    )
+                outcome = linkprobe.ProbeOutcome(peer_address=peer)
+                rtts = linkprobe.measure_rtt(ns, peer)
+                outcome.rtt_samples = len(rtts)
+                outcome.rtt_s = statistics.median(rtts) if rtts else None
+                if asked.netem.rate_bps:
+                    outcome.measured_rate_bps, outcome.offered_rate_bps = linkprobe.measure_rate(
+                        ns, ipr, record.ifindex, peer, float(asked.netem.rate_bps), window_s
+                    )
+                    linkprobe.judge_rate(outcome, float(asked.netem.rate_bps))
+                else:
+                    outcome.notes.append("rate: none asked, not measured")
+                delay_s = durations.to_seconds(asked.netem.delay)
+                if delay_s > 0:
+                    linkprobe.judge_delay(outcome, delay_s)
+        except NamespaceGone as exc:
+            raise NotFound(f"shaping {record.shaping_id}: {exc}") from None
+        except OSError as exc:
+            raise FailedPrecondition(f"probing {record.interface} failed: {exc}") from None
+        probe.peer_address = outcome.peer_address
+        probe.measured_rate_bps = outcome.measured_rate_bps
+        probe.offered_rate_bps = outcome.offered_rate_bps
+        probe.saturated = outcome.saturated
+        if outcome.rtt_s is not None:
+            probe.rtt.CopyFrom(durations.from_seconds(outcome.rtt_s))
+        probe.rtt_samples = outcome.rtt_samples
+        probe.method = outcome.method
+        probe.problems.extend(outcome.problems)
+        probe.notes.extend(outcome.notes)
+        probe.as_requested = not outcome.problems
+        log.info("shaping_probed", shaping_id=record.shaping_id, measured_bps=round(outcome.measured_rate_bps),
+                 rtt_s=outcome.rtt_s, problems=outcome.problems)
+        return probe
 
     def interfaces_of_live_shaping(self) -> list[tuple[Namespace, str]]:
         """(namespace, interface) of every recorded shaping, and its ifb device, for telemetry."""

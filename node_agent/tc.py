@@ -385,6 +385,43 @@ def delete_ingress_redirect(ipr: Any, index: int) -> bool:
 # --- reading back ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class QdiscCounters:
+    """A qdisc's own statistics (TCA_STATS2: basic and queue), cumulative since it was installed."""
+
+    bytes: int = 0
+    packets: int = 0
+    drops: int = 0
+    overlimits: int = 0
+    requeues: int = 0
+    backlog_bytes: int = 0
+    backlog_packets: int = 0
+
+
+def decode_counters(msg: Any) -> QdiscCounters:
+    """The counters of a qdisc message; the legacy TCA_STATS struct where TCA_STATS2 is absent."""
+    stats2 = msg.get_attr("TCA_STATS2")
+    if stats2 is not None:
+        basic = stats2.get_attr("TCA_STATS_BASIC") or {}
+        queue = stats2.get_attr("TCA_STATS_QUEUE") or {}
+        return QdiscCounters(
+            bytes=int(basic.get("bytes", 0)),
+            packets=int(basic.get("packets", 0)),
+            drops=int(queue.get("drops", 0)),
+            overlimits=int(queue.get("overlimits", 0)),
+            requeues=int(queue.get("requeues", 0)),
+            backlog_bytes=int(queue.get("backlog", 0)),
+            backlog_packets=int(queue.get("qlen", 0)),
+        )
+    stats = msg.get_attr("TCA_STATS")
+    if stats is None:
+        return QdiscCounters()
+    return QdiscCounters(
+        bytes=int(stats["bytes"]), packets=int(stats["packets"]), drops=int(stats["drop"]),
+        overlimits=int(stats["overlimits"]), backlog_bytes=int(stats["backlog"]), backlog_packets=int(stats["qlen"]),
+    )
+
+
 @dataclass
 class QdiscReading:
     """A qdisc as the kernel reports it, parameters decoded into MECBench's units."""
@@ -393,6 +430,7 @@ class QdiscReading:
     handle: int
     parent: int
     params: dict[str, str] = field(default_factory=dict)
+    counters: QdiscCounters = field(default_factory=QdiscCounters)
 
 
 def _percent(fraction: int) -> str:
@@ -451,6 +489,10 @@ def _decode_htb_class(options: Any) -> dict[str, str]:
 def decode_qdisc(msg: Any, classes: dict[int, Any]) -> QdiscReading:
     kind = msg.get_attr("TCA_KIND") or ""
     reading = QdiscReading(kind=kind, handle=int(msg["handle"]), parent=int(msg["parent"]))
+    try:
+        reading.counters = decode_counters(msg)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        reading.params["counters_error"] = "counters could not be decoded"
     options = msg.get_attr("TCA_OPTIONS")
     try:
         if kind == "netem" and options is not None:

@@ -144,6 +144,7 @@ class InstalledQdisc(_message.Message):
     PARENT_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     OWNED_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
     interface: _builtins.str
     netns: _builtins.str
     kind: _builtins.str
@@ -156,6 +157,10 @@ class InstalledQdisc(_message.Message):
     def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Parameters read back from the kernel, e.g. {"rate_bps": "10000000", "delay_us": "20000"}."""
 
+    @_builtins.property
+    def counters(self) -> Global___QdiscCounters:
+        """The qdisc's own counters when it was read (since it was installed)."""
+
     def __init__(
         self,
         *,
@@ -166,14 +171,57 @@ class InstalledQdisc(_message.Message):
         parent: _builtins.str = ...,
         params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         owned: _builtins.bool = ...,
+        counters: Global___QdiscCounters | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "interface", b"interface", "kind", b"kind", "netns", b"netns", "owned", b"owned", "params", b"params", "parent", b"parent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "handle", b"handle", "interface", b"interface", "kind", b"kind", "netns", b"netns", "owned", b"owned", "params", b"params", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InstalledQdisc: _TypeAlias = InstalledQdisc  # noqa: Y015
+
+@_typing.final
+class QdiscCounters(_message.Message):
+    """A qdisc's statistics as the kernel keeps them (TCA_STATS2)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BYTES_FIELD_NUMBER: _builtins.int
+    PACKETS_FIELD_NUMBER: _builtins.int
+    DROPS_FIELD_NUMBER: _builtins.int
+    OVERLIMITS_FIELD_NUMBER: _builtins.int
+    REQUEUES_FIELD_NUMBER: _builtins.int
+    BACKLOG_BYTES_FIELD_NUMBER: _builtins.int
+    BACKLOG_PACKETS_FIELD_NUMBER: _builtins.int
+    bytes: _builtins.int
+    """Bytes and packets the qdisc sent on (link-layer bytes, as the rate is counted)."""
+    packets: _builtins.int
+    drops: _builtins.int
+    overlimits: _builtins.int
+    """Times a packet had to wait (over the rate) or was refused."""
+    requeues: _builtins.int
+    backlog_bytes: _builtins.int
+    """Queued at the moment of reading."""
+    backlog_packets: _builtins.int
+    def __init__(
+        self,
+        *,
+        bytes: _builtins.int = ...,
+        packets: _builtins.int = ...,
+        drops: _builtins.int = ...,
+        overlimits: _builtins.int = ...,
+        requeues: _builtins.int = ...,
+        backlog_bytes: _builtins.int = ...,
+        backlog_packets: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog_bytes", b"backlog_bytes", "backlog_packets", b"backlog_packets", "bytes", b"bytes", "drops", b"drops", "overlimits", b"overlimits", "packets", b"packets", "requeues", b"requeues"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QdiscCounters: _TypeAlias = QdiscCounters  # noqa: Y015
 
 @_typing.final
 class Shaping(_message.Message):
@@ -644,6 +692,136 @@ class StreamTelemetryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamTelemetryResponse: _TypeAlias = StreamTelemetryResponse  # noqa: Y015
+
+@_typing.final
+class ProbeShapingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHAPING_ID_FIELD_NUMBER: _builtins.int
+    PEER_ADDRESS_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    shaping_id: _builtins.str
+    peer_address: _builtins.str
+    """Address at the far end of the shaped link; empty = derived from the interface's /30 or /31
+    address, or its neighbour table.
+    """
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Length of the rate measurement; 0 = 0.5 s (at most 5 s)."""
+
+    def __init__(
+        self,
+        *,
+        shaping_id: _builtins.str = ...,
+        peer_address: _builtins.str = ...,
+        duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "peer_address", b"peer_address", "shaping_id", b"shaping_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeShapingRequest: _TypeAlias = ProbeShapingRequest  # noqa: Y015
+
+@_typing.final
+class ProbeShapingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROBE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def probe(self) -> Global___LinkProbe: ...
+    def __init__(
+        self,
+        *,
+        probe: Global___LinkProbe | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["probe", b"probe"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["probe", b"probe"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeShapingResponse: _TypeAlias = ProbeShapingResponse  # noqa: Y015
+
+@_typing.final
+class LinkProbe(_message.Message):
+    """What a short probe measured through one shaping, against what the shaping asked for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHAPING_ID_FIELD_NUMBER: _builtins.int
+    INTERFACE_FIELD_NUMBER: _builtins.int
+    NETNS_FIELD_NUMBER: _builtins.int
+    PEER_ADDRESS_FIELD_NUMBER: _builtins.int
+    REQUESTED_RATE_BPS_FIELD_NUMBER: _builtins.int
+    MEASURED_RATE_BPS_FIELD_NUMBER: _builtins.int
+    OFFERED_RATE_BPS_FIELD_NUMBER: _builtins.int
+    SATURATED_FIELD_NUMBER: _builtins.int
+    REQUESTED_DELAY_FIELD_NUMBER: _builtins.int
+    RTT_FIELD_NUMBER: _builtins.int
+    RTT_SAMPLES_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    AS_REQUESTED_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    shaping_id: _builtins.str
+    interface: _builtins.str
+    netns: _builtins.str
+    peer_address: _builtins.str
+    requested_rate_bps: _builtins.int
+    measured_rate_bps: _builtins.float
+    """Link-layer bit rate the interface transmitted while the probe offered more than the rate."""
+    offered_rate_bps: _builtins.float
+    """What the probe offered; when the link carried all of it, the rate is only known to be at
+    least `measured_rate_bps` (the prober's own ceiling).
+    """
+    saturated: _builtins.bool
+    rtt_samples: _builtins.int
+    method: _builtins.str
+    """How the rate and the round trip were measured."""
+    as_requested: _builtins.bool
+    """False when the link is more than 10% off what was asked."""
+    @_builtins.property
+    def requested_delay(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def rtt(self) -> _duration_pb2.Duration:
+        """Median TCP handshake round trip to the peer (SYN out through the shaping, RST back)."""
+
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Each way it is off, with the figures."""
+
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What was not measured, and why."""
+
+    def __init__(
+        self,
+        *,
+        shaping_id: _builtins.str = ...,
+        interface: _builtins.str = ...,
+        netns: _builtins.str = ...,
+        peer_address: _builtins.str = ...,
+        requested_rate_bps: _builtins.int = ...,
+        measured_rate_bps: _builtins.float = ...,
+        offered_rate_bps: _builtins.float = ...,
+        saturated: _builtins.bool = ...,
+        requested_delay: _duration_pb2.Duration | None = ...,
+        rtt: _duration_pb2.Duration | None = ...,
+        rtt_samples: _builtins.int = ...,
+        method: _builtins.str = ...,
+        as_requested: _builtins.bool = ...,
+        problems: _abc.Iterable[_builtins.str] | None = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["requested_delay", b"requested_delay", "rtt", b"rtt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_requested", b"as_requested", "interface", b"interface", "measured_rate_bps", b"measured_rate_bps", "method", b"method", "netns", b"netns", "notes", b"notes", "offered_rate_bps", b"offered_rate_bps", "peer_address", b"peer_address", "problems", b"problems", "requested_delay", b"requested_delay", "requested_rate_bps", b"requested_rate_bps", "rtt", b"rtt", "rtt_samples", b"rtt_samples", "saturated", b"saturated", "shaping_id", b"shaping_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkProbe: _TypeAlias = LinkProbe  # noqa: Y015
 
 @_typing.final
 class PlaceProcessRequest(_message.Message):

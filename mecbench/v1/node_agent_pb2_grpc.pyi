@@ -53,6 +53,10 @@ class NodeAgentStub:
     """A placement read back from the kernel, with its group's usage so far."""
     ReleasePlacement: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.ReleasePlacementRequest, _node_agent_pb2.ReleasePlacementResponse]
     """Idempotent: releasing what is not there succeeds."""
+    ProbeShaping: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.ProbeShapingRequest, _node_agent_pb2.ProbeShapingResponse]
+    """A short measurement through a shaping's path: what the link carries and its round trip,
+    compared with what the shaping asked for.
+    """
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -79,6 +83,10 @@ class NodeAgentAsyncStub(NodeAgentStub):
     """A placement read back from the kernel, with its group's usage so far."""
     ReleasePlacement: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.ReleasePlacementRequest, _node_agent_pb2.ReleasePlacementResponse]  # type: ignore[assignment]
     """Idempotent: releasing what is not there succeeds."""
+    ProbeShaping: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.ProbeShapingRequest, _node_agent_pb2.ProbeShapingResponse]  # type: ignore[assignment]
+    """A short measurement through a shaping's path: what the link carries and its round trip,
+    compared with what the shaping asked for.
+    """
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     """One per node: shapes traffic through netlink, pins GPUs and samples telemetry. Everything it
@@ -168,5 +176,15 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_agent_pb2.ReleasePlacementResponse, _abc.Awaitable[_node_agent_pb2.ReleasePlacementResponse]]:
         """Idempotent: releasing what is not there succeeds."""
+
+    @_abc_1.abstractmethod
+    def ProbeShaping(
+        self,
+        request: _node_agent_pb2.ProbeShapingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_agent_pb2.ProbeShapingResponse, _abc.Awaitable[_node_agent_pb2.ProbeShapingResponse]]:
+        """A short measurement through a shaping's path: what the link carries and its round trip,
+        compared with what the shaping asked for.
+        """
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
