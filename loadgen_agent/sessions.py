@@ -699,6 +699,9 @@ class SessionManager:
                 {str(kind): int(count) for kind, count in by_kind.items()},
                 [str(m) for m in message.get("sample_error_messages") or []],
             )
+            finished.result.llm_metrics.update(
+                {str(key): float(value) for key, value in (message.get("llm_metrics") or {}).items()}
+            )
             for chunk in iter_file_chunks(test.outdir, self.settings.log_chunk_bytes):
                 yield event(log_chunk=chunk)
         yield event(finished=finished)

@@ -41,6 +41,8 @@ import numpy as np
 import structlog
 
 from loadgen_agent import datasets
+from loadgen_agent.direct import DirectClient, reachable_endpoint
+from loadgen_agent.llm_records import compute_metrics, write_records
 from loadgen_agent.protocol import Message, MessageWriter, error_to_message, read_message
 from loadgen_agent.results import TRACE_FILE, extract_sample_latencies
 from loadgen_agent.settings_builder import build_test_settings, describe_test_settings
@@ -52,6 +54,7 @@ from mecbench.core.logging import configure_logging, get_logger
 from mecbench.core.server import split_address
 from mecbench.core.tls import TlsSettings, TlsStream, ssl_client_context
 from mecbench.servers.errors import ErrorTally
+from mecbench.servers.registry import load_server_type
 from mecbench.v1 import common_pb2, loadgen_agent_pb2, sut_agent_pb2, sut_agent_pb2_grpc
 from store.layout import SAMPLE_LATENCIES_NAME
 
@@ -571,7 +574,7 @@ class SessionWorker:
         self._cancelled_tests: set[str] = set()
         self._current_test = ""
         self._lock = threading.Lock()
-        self.data_plane: DataPlane | None = None
+        self.data_plane: DataPlane | DirectClient | None = None
         self._sut: Any = None
         self._qsl: Any = None
         self._status_stub: sut_agent_pb2_grpc.SutAgentStub | None = None
@@ -585,7 +588,9 @@ class SessionWorker:
         wait_until_serving(channel, timeout=self.connect_timeout_s)
         stub = sut_agent_pb2_grpc.SutAgentStub(channel)
         self._status_stub = stub
-        data_plane = DataPlane(stub, samples, self.options, self.sut_address)
+        data_plane: DataPlane | DirectClient = self._direct_client(stub, samples) or DataPlane(
+            stub, samples, self.options, self.sut_address
+        )
         data_plane.on_abort = self._on_abort
         self.data_plane = data_plane
         interface = self.options.sut_interface
@@ -601,6 +606,37 @@ class SessionWorker:
         setup_s = time.monotonic() - started
         log.info("session_ready", samples=len(samples), setup_s=round(setup_s, 3), sut=self.sut_address)
         self.events.send({"ev": "ready", "setup_time_s": setup_s, "sample_count": len(samples), "pid": os.getpid()})
+
+    def _direct_client(self, stub: sut_agent_pb2_grpc.SutAgentStub, samples: Sequence[bytes]) -> DirectClient | None:
+        """The direct client path, for an external server whose type has a client half, unless the
+        relay is asked for (GRPC, TCP); DIRECT asked for and not possible is an error."""
+        transport = self.options.transport
+        relay = (loadgen_agent_pb2.DATA_PLANE_TRANSPORT_GRPC, loadgen_agent_pb2.DATA_PLANE_TRANSPORT_TCP)
+        if transport in relay:
+            return None
+        asked = transport == loadgen_agent_pb2.DATA_PLANE_TRANSPORT_DIRECT
+        status = stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status
+        config = status.config.external if status.config.WhichOneof("backend") == "external" else None
+        server_class = load_server_type(status.server_type) if status.server_type else None
+        if config is None or not status.server_endpoint or server_class is None:
+            if asked:
+                raise FailedPrecondition(
+                    f"the SUT agent at {self.sut_address} serves no external server to reach directly "
+                    f"(backend {status.backend or 'none'})"
+                )
+            return None
+        timeout_s = durations.to_seconds(self.options.response_timeout) or DEFAULT_RESPONSE_TIMEOUT_S
+        server = server_class(
+            status.server_endpoint, config.model, dict(config.options), timeout_s, 1, "config.external.options"
+        )
+        if server.http_call(samples[0] if samples else b"") is None:
+            server.close()
+            if asked:
+                raise FailedPrecondition(f"server type {server.name!r} has no direct client; use the relay")
+            return None
+        url = reachable_endpoint(status.server_endpoint, split_address(self.sut_address)[0])
+        log.info("direct_client", server_type=server.name, url=url, endpoint=status.server_endpoint)
+        return DirectClient(server, url, samples, timeout_s, FAILED_SAMPLE_TOKENS, TestCounters)
 
     def _qdl_name(self) -> str:
         """QDL's Name callback: a real round trip to the SUT agent, as MLPerf's network division asks."""
@@ -725,6 +761,16 @@ class SessionWorker:
             wall_s = time.monotonic() - started
             counters, cancelled, error = self.data_plane.end_test()
         log.info("test_finished", test_id=test_id, wall_s=round(wall_s, 3), cancelled=cancelled, error=str(error or ""))
+        llm_metrics: dict[str, float] = {}
+        if isinstance(self.data_plane, DirectClient):
+            records = self.data_plane.take_records()
+            try:
+                write_records(records, outdir)
+            except OSError as exc:
+                log.warning("llm_records_unwritable", test_id=test_id, error=str(exc))
+            llm_metrics = compute_metrics(
+                records, durations.to_seconds(settings.ttft_latency), durations.to_seconds(settings.tpot_latency)
+            )
         trace = outdir / TRACE_FILE
         if record_latencies and trace.is_file():
             try:
@@ -744,6 +790,7 @@ class SessionWorker:
                 "sample_errors": counters.sample_errors,
                 "first_sample_error": counters.first_sample_error,
                 "failed_samples_by_kind": counters.errors.snapshot()[0],
+                "llm_metrics": llm_metrics,
                 "sample_error_messages": counters.errors.snapshot()[1],
                 "issued": counters.issued,
                 "completed": counters.completed,

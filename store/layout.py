@@ -23,6 +23,12 @@ CONTENT_TYPES = {
 # Per-client LoadGen latencies of every sample, int64 rows of (query sequence, latency ns),
 # written by the LoadGen agent and pooled by the controller for merged percentiles.
 SAMPLE_LATENCIES_NAME = "sample_latencies.npy"
+# The direct LLM client's per-request records (JSONL and CSV, as AIPerf's profile_export), and
+# each sample's token latencies, int64 rows of (issue ns, TTFT ns or -1, e2e ns, output tokens,
+# failed 0/1), for pooled TTFT/TPOT over clients.
+LLM_RECORDS_JSONL_NAME = "llm_requests.jsonl"
+LLM_RECORDS_CSV_NAME = "llm_requests.csv"
+TOKEN_LATENCIES_NAME = "token_latencies.npy"
 # LoadGen's accuracy log, kept as produced, and MECBench's score of it.
 ACCURACY_LOG_NAME = "mlperf_log_accuracy.json"
 ACCURACY_SCORE_NAME = "accuracy.json"

@@ -131,6 +131,7 @@ class BackendManager:
         if backend is not None:
             info = backend.server_info()
             status.server_pid, status.server_endpoint, status.server_log_start = info.pid, info.endpoint, info.log_start
+            status.server_type = info.server_type
             status.config.CopyFrom(self._config)
             started = Timestamp()
             started.FromNanoseconds(self._started_at_ns)

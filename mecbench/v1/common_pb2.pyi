@@ -782,6 +782,26 @@ class TestResult(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class LlmMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SCENARIO_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     VALID_FIELD_NUMBER: _builtins.int
@@ -810,6 +830,7 @@ class TestResult(_message.Message):
     FAILED_SAMPLES_BY_KIND_FIELD_NUMBER: _builtins.int
     SAMPLE_ERRORS_FIELD_NUMBER: _builtins.int
     VALUE_ERRORS_FIELD_NUMBER: _builtins.int
+    LLM_METRICS_FIELD_NUMBER: _builtins.int
     scenario: Global___Scenario.ValueType
     mode: Global___TestMode.ValueType
     valid: _builtins.bool
@@ -873,6 +894,15 @@ class TestResult(_message.Message):
         each named with its value: a measurement bug, never a result; such a result is INVALID.
         """
 
+    @_builtins.property
+    def llm_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """LLM serving figures of the direct client path, from its per-request records (seconds,
+        tokens, requests): ttft_*, tpot_*, itl_*, e2e_* (p50/p90/p99/mean), output_tokens_per_s
+        (total), output_tokens_per_s_per_request_p50, requests_ok, requests_failed, and goodput:
+        requests (and their output tokens) per second that met the SLO (TTFT <= ttft_latency,
+        TPOT <= tpot_latency of the settings).
+        """
+
     def __init__(
         self,
         *,
@@ -904,10 +934,11 @@ class TestResult(_message.Message):
         failed_samples_by_kind: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         sample_errors: _abc.Iterable[_builtins.str] | None = ...,
         value_errors: _abc.Iterable[_builtins.str] | None = ...,
+        llm_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "test_duration", b"test_duration", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "accuracy_scorer", b"accuracy_scorer", "completed_samples_per_second", b"completed_samples_per_second", "early_stopping_met", b"early_stopping_met", "error_count", b"error_count", "failed_samples", b"failed_samples", "failed_samples_by_kind", b"failed_samples_by_kind", "invalid_reasons", b"invalid_reasons", "latency", b"latency", "min_duration_met", b"min_duration_met", "min_queries_met", b"min_queries_met", "mode", b"mode", "performance_constraints_met", b"performance_constraints_met", "query_count", b"query_count", "sample_count", b"sample_count", "sample_errors", b"sample_errors", "samples_per_second", b"samples_per_second", "scenario", b"scenario", "scheduled_samples_per_second", b"scheduled_samples_per_second", "summary_fields", b"summary_fields", "target_qps", b"target_qps", "test_duration", b"test_duration", "tokens_per_second", b"tokens_per_second", "tpot", b"tpot", "ttft", b"ttft", "valid", b"valid", "value_errors", b"value_errors", "warning_count", b"warning_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "accuracy_scorer", b"accuracy_scorer", "completed_samples_per_second", b"completed_samples_per_second", "early_stopping_met", b"early_stopping_met", "error_count", b"error_count", "failed_samples", b"failed_samples", "failed_samples_by_kind", b"failed_samples_by_kind", "invalid_reasons", b"invalid_reasons", "latency", b"latency", "llm_metrics", b"llm_metrics", "min_duration_met", b"min_duration_met", "min_queries_met", b"min_queries_met", "mode", b"mode", "performance_constraints_met", b"performance_constraints_met", "query_count", b"query_count", "sample_count", b"sample_count", "sample_errors", b"sample_errors", "samples_per_second", b"samples_per_second", "scenario", b"scenario", "scheduled_samples_per_second", b"scheduled_samples_per_second", "summary_fields", b"summary_fields", "target_qps", b"target_qps", "test_duration", b"test_duration", "tokens_per_second", b"tokens_per_second", "tpot", b"tpot", "ttft", b"ttft", "valid", b"valid", "value_errors", b"value_errors", "warning_count", b"warning_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -66,6 +66,12 @@ class _DataPlaneTransportEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Da
     TCP connection to the SUT agent's data-plane port (SutStatus.tcp_data_plane_port): no
     HTTP/2 framing and no gRPC threads on the measured path. Fails if the agent has none.
     """
+    DATA_PLANE_TRANSPORT_DIRECT: _DataPlaneTransport.ValueType  # 3
+    """No relay: the LoadGen session speaks the external server's own protocol (OpenAI SSE,
+    Ollama NDJSON) to the server the SUT agent started and probed (SutStatus.server_endpoint),
+    so the client's real HTTP exchange crosses the (shaped) network. The default
+    (UNSPECIFIED) for an external server whose server type has a client half; fails otherwise.
+    """
 
 class DataPlaneTransport(_DataPlaneTransport, metaclass=_DataPlaneTransportEnumTypeWrapper):
     """How samples travel between a LoadGen session and the SUT agent."""
@@ -81,6 +87,12 @@ DATA_PLANE_TRANSPORT_TCP: DataPlaneTransport.ValueType  # 2
 """The same StreamInfer messages, each prefixed by its 4-byte big-endian length, over a plain
 TCP connection to the SUT agent's data-plane port (SutStatus.tcp_data_plane_port): no
 HTTP/2 framing and no gRPC threads on the measured path. Fails if the agent has none.
+"""
+DATA_PLANE_TRANSPORT_DIRECT: DataPlaneTransport.ValueType  # 3
+"""No relay: the LoadGen session speaks the external server's own protocol (OpenAI SSE,
+Ollama NDJSON) to the server the SUT agent started and probed (SutStatus.server_endpoint),
+so the client's real HTTP exchange crosses the (shaped) network. The default
+(UNSPECIFIED) for an external server whose server type has a client half; fails otherwise.
 """
 Global___DataPlaneTransport: _TypeAlias = DataPlaneTransport  # noqa: Y015
 

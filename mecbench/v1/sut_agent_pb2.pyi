@@ -572,6 +572,7 @@ class SutStatus(_message.Message):
     SERVER_PID_FIELD_NUMBER: _builtins.int
     SERVER_ENDPOINT_FIELD_NUMBER: _builtins.int
     SERVER_LOG_START_FIELD_NUMBER: _builtins.int
+    SERVER_TYPE_FIELD_NUMBER: _builtins.int
     state: Global___BackendState.ValueType
     backend: _builtins.str
     message: _builtins.str
@@ -587,6 +588,10 @@ class SutStatus(_message.Message):
     server_endpoint: _builtins.str
     server_log_start: _builtins.int
     """Where in the log the running server's output begins (its start-up, model loading)."""
+    server_type: _builtins.str
+    """External servers: the server type in effect (from the config or its launch profile), so a
+    LoadGen session can speak the server's protocol to `server_endpoint` itself.
+    """
     @_builtins.property
     def config(self) -> Global___SutConfig: ...
     @_builtins.property
@@ -606,10 +611,11 @@ class SutStatus(_message.Message):
         server_pid: _builtins.int = ...,
         server_endpoint: _builtins.str = ...,
         server_log_start: _builtins.int = ...,
+        server_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "in_flight", b"in_flight", "message", b"message", "open_streams", b"open_streams", "server_endpoint", b"server_endpoint", "server_log_size", b"server_log_size", "server_log_start", b"server_log_start", "server_pid", b"server_pid", "started_at", b"started_at", "state", b"state", "tcp_data_plane_port", b"tcp_data_plane_port"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "in_flight", b"in_flight", "message", b"message", "open_streams", b"open_streams", "server_endpoint", b"server_endpoint", "server_log_size", b"server_log_size", "server_log_start", b"server_log_start", "server_pid", b"server_pid", "server_type", b"server_type", "started_at", b"started_at", "state", b"state", "tcp_data_plane_port", b"tcp_data_plane_port"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

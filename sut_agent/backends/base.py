@@ -69,6 +69,8 @@ class ServerInfo(NamedTuple):
     pid: int = 0
     endpoint: str = ""
     log_start: int = 0
+    # The external server's type (its protocol), for clients that speak it directly.
+    server_type: str = ""
 
 
 class Backend(ABC):

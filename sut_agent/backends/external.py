@@ -202,8 +202,8 @@ class ExternalBackend(Backend):
 
     def server_info(self) -> ServerInfo:
         if self._process is None:
-            return ServerInfo(0, self.endpoint, 0)
-        return ServerInfo(self._process.pid, self.endpoint, self._log_start)
+            return ServerInfo(0, self.endpoint, 0, self.server.name)
+        return ServerInfo(self._process.pid, self.endpoint, self._log_start, self.server.name)
 
     def submit(
         self, sample_ids: Sequence[int], indices: Sequence[int], payloads: Sequence[bytes], on_done: CompletionCallback

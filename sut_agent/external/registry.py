@@ -1,55 +1,11 @@
-"""Server types by name: the built-in ones, and any a plugin package registers under the
-`mecbench.server_types` entry-point group (`my_server = "my_pkg.module:MyServer"`), so a new
-server type is one small class and a line in its package's metadata."""
+"""Moved to `mecbench.servers.registry` (shared by the SUT agent and the LoadGen side); kept so that
+plugins importing it from here still work."""
 
-from __future__ import annotations
+from mecbench.servers.registry import (
+    BUILT_IN,
+    ENTRY_POINT_GROUP,
+    load_server_type,
+    server_types,
+)
 
-import importlib
-from importlib import metadata
-
-from mecbench.core.logging import get_logger
-from sut_agent.external.base import ServerType
-
-log = get_logger("sut_agent.external.registry")
-
-ENTRY_POINT_GROUP = "mecbench.server_types"
-
-# Also declared as entry points in pyproject.toml; listed here so a source checkout that was
-# never installed still has them.
-BUILT_IN = {
-    "openai": "sut_agent.external.openai:OpenAIServer",
-    "kserve_v2_http": "sut_agent.external.kserve:KServeHttpServer",
-    "kserve_v2_grpc": "sut_agent.external.kserve:KServeGrpcServer",
-    "ollama": "sut_agent.external.ollama:OllamaServer",
-}
-
-
-def _load(reference: str) -> type[ServerType]:
-    module_name, _, attribute = reference.partition(":")
-    loaded = getattr(importlib.import_module(module_name), attribute)
-    if not (isinstance(loaded, type) and issubclass(loaded, ServerType)):
-        raise TypeError(f"{reference} is not a ServerType subclass")
-    return loaded
-
-
-def server_types() -> dict[str, str]:
-    """Every known server type name -> where its class is (module:attribute)."""
-    found = dict(BUILT_IN)
-    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(entry.name, entry.value)
-        if found[entry.name] != entry.value and entry.name not in BUILT_IN:
-            log.warning("server_type_registered_twice", name=entry.name, kept=found[entry.name], ignored=entry.value)
-    return found
-
-
-def load_server_type(name: str) -> type[ServerType] | None:
-    """The class registered as `name`, imported on use; None when no such name is registered.
-    A plugin that fails to import raises, naming itself: a broken install must not look like a
-    missing one."""
-    reference = server_types().get(name)
-    if reference is None:
-        return None
-    try:
-        return _load(reference)
-    except Exception as exc:
-        raise RuntimeError(f"server type {name!r} ({reference}) failed to load: {exc}") from exc
+__all__ = ["BUILT_IN", "ENTRY_POINT_GROUP", "load_server_type", "server_types"]

@@ -87,3 +87,25 @@ def model_server(tmp_path: Path, models: Models) -> Iterator[ModelServer]:
     server = start_model_server(models.directory, tmp_path / "port.json")
     yield server
     stop_model_server(server)
+
+
+NETNS_PROFILE = """
+  {name}:
+    command: ["{{python}}", "-m", "model_server", "--host", "{{host}}", "--http-port", "{{port}}",
+              "--models", "{{model_dir}}"]
+    cwd: "{root}"
+    host: 0.0.0.0
+    ports: 1
+    server_type: openai
+    endpoint: "http://{{host}}:{{port}}"
+    ready: {{http: "http://127.0.0.1:{{port}}/v2/health/ready", interval_s: 0.05}}
+    ready_timeout_s: 30
+    stop_timeout_s: 5
+"""
+
+
+def write_netns_profiles(path: Path) -> Path:
+    """The model server listening on every address of the edge namespace, so LoadGen clients in
+    their own namespaces reach it through the data link (the direct client path)."""
+    path.write_text("profiles:\n" + NETNS_PROFILE.format(name="llm-edge", root=ROOT))
+    return path

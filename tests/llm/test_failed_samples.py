@@ -5,6 +5,7 @@ with their messages and is INVALID. Plus the sanity check on LoadGen's own broke
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from loadgen_agent.results import apply_integrity, parse_result
 from mecbench.core import durations
-from mecbench.v1 import common_pb2, controller_pb2, sut_agent_pb2
+from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, sut_agent_pb2
 from tests.controller.conftest import Stack, short_settings, start_stack, stop_stack
 from tests.external_servers import LM_NAME, Models, prompts_tar
 from tests.llm.conftest import write_llm_profiles
@@ -34,13 +35,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator[
 
 
 @pytest.mark.slow
-def test_failed_samples_keep_token_statistics_sane_and_are_named(stack: Stack, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "transport",
+    [loadgen_agent_pb2.DATA_PLANE_TRANSPORT_TCP, loadgen_agent_pb2.DATA_PLANE_TRANSPORT_DIRECT],
+    ids=["relay", "direct"],
+)
+def test_failed_samples_keep_token_statistics_sane_and_are_named(
+    stack: Stack, tmp_path: Path, transport: loadgen_agent_pb2.DataPlaneTransport.ValueType
+) -> None:
     config = sut_agent_pb2.SutConfig(
         external=sut_agent_pb2.ExternalBackendConfig(
             profile="llm-failing", model=LM_NAME, options={"max_tokens": "8", "ignore_eos": "true"}
         )
     )
-    stack.stub.DeploySut(controller_pb2.DeploySutRequest(sut_id="failing", config=config))
+    sut_id = f"failing-{transport}"
+    stack.stub.DeploySut(controller_pb2.DeploySutRequest(sut_id=sut_id, config=config))
     settings = short_settings(
         common_pb2.SCENARIO_SERVER,
         server_target_qps=50.0,
@@ -52,9 +61,10 @@ def test_failed_samples_keep_token_statistics_sane_and_are_named(stack: Stack, t
     )
     spec = controller_pb2.RunSpec(
         experiment_id="failures",
-        sut_id="failing",
+        sut_id=sut_id,
         settings=settings,
         dataset=common_pb2.DatasetSpec(uri=str(prompts_tar(tmp_path / "prompts.tar"))),
+        data_plane=loadgen_agent_pb2.DataPlaneOptions(transport=transport),
     )
     started = stack.stub.StartRun(controller_pb2.StartRunRequest(spec=spec)).run
     final = stack.wait(started.run_id, 120)
@@ -75,8 +85,20 @@ def test_failed_samples_keep_token_statistics_sane_and_are_named(stack: Stack, t
         assert 0 < durations.to_ns(stats.max) < 60 * 10**9
     assert 0 < durations.to_ns(result.ttft.p50) <= durations.to_ns(result.latency.p50)
     assert "-9223372036854775808" not in result.summary_fields.get("Min First Token latency (ns)", "")
-    assert final.results[0].sut_stats.samples_failed == result.failed_samples
-    stack.app.pool.remove_sut("failing")
+    if transport == loadgen_agent_pb2.DATA_PLANE_TRANSPORT_DIRECT:
+        # No relay: the SUT agent saw none of the requests; the client's records tell them.
+        assert final.results[0].sut_stats.samples_completed == 0
+        assert result.llm_metrics["requests_failed"] == result.failed_samples
+        assert result.llm_metrics["requests_ok"] == result.sample_count - result.failed_samples
+        reply = stack.stub.GetResult(
+            controller_pb2.GetResultRequest(run_id=final.run_id, include_files=["llm_requests.jsonl"])
+        )
+        rows = [json.loads(line) for f in reply.files for line in f.data.splitlines()]
+        assert len(rows) == result.sample_count
+        assert sum(1 for row in rows if row["error_kind"] == "http_500") == result.failed_samples
+    else:
+        assert final.results[0].sut_stats.samples_failed == result.failed_samples
+    stack.app.pool.remove_sut(sut_id)
 
 
 BROKEN_SUMMARY = """================================================

@@ -1,0 +1,358 @@
+"""The direct client path: LoadGen's queries go straight to the external inference server, in
+the server's own protocol (OpenAI SSE, Ollama NDJSON), with no relay in between.
+
+The SUT agent starts the server, probes it and keeps its lifecycle; this client reaches it at
+the endpoint the agent reports (SutStatus.server_endpoint), with the host the LoadGen session
+reaches the agent at when the server listens on a loopback or wildcard address (the netns
+topology's data IP), so the client's real HTTP exchange crosses the (shaped) network, each
+streamed chunk paying the link as a phone's client would.
+
+One asyncio event loop per LoadGen process, on its own thread for the life of the process (the
+thread completes samples, see worker.py on LoadGen's thread-local loggers), with one aiohttp
+session: keep-alive connections, each answer read to its end so its connection can be reused.
+LoadGen's issue callback only appends to a queue and wakes the loop; each sample is one request
+task. The first text of a streamed answer is the sample's first token (FirstTokenComplete), for
+TTFT and TPOT; a failed request completes with LoadGen's token rules kept (see worker.py,
+FAILED_SAMPLE_TOKENS) and is counted by kind. Every request leaves a record (llm_records.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import numpy as np
+
+from loadgen_agent.llm_records import RequestRecord
+from mecbench.core.errors import MecbenchError
+from mecbench.core.logging import get_logger
+from mecbench.servers.base import HttpCall, ServerError, ServerType
+from mecbench.servers.errors import error_kind
+from mecbench.servers.http import base_url
+
+log = get_logger("mecbench.loadgen.direct")
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "0.0.0.0", "::", "::1", ""})
+_ERROR_TEXT_LIMIT = 500
+
+
+def reachable_endpoint(server_endpoint: str, sut_host: str) -> str:
+    """The server's URL as this client reaches it: a loopback or wildcard host is replaced by the
+    host this client reaches the SUT agent at (the same machine or namespace as the server)."""
+    parts = urlsplit(base_url(server_endpoint))
+    host = parts.hostname or ""
+    if host not in _LOOPBACK_HOSTS or sut_host in _LOOPBACK_HOSTS:
+        return urlunsplit(parts)
+    netloc = f"[{sut_host}]" if ":" in sut_host else sut_host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def http_error_text(status: int, body: bytes) -> str:
+    """`HTTP <status>: <the server's words>` (OpenAI's {"error": {"message"}} unwrapped)."""
+    import json
+
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        decoded = json.loads(text)
+        error = decoded.get("error", decoded) if isinstance(decoded, dict) else decoded
+        if isinstance(error, dict):
+            error = error.get("message", error)
+        text = str(error)
+    except ValueError:
+        pass
+    return f"HTTP {status}: {text[:_ERROR_TEXT_LIMIT]}"
+
+
+class DirectClient:
+    """LoadGen's SUT callbacks for an external server reached directly; the same interface as
+    worker.DataPlane (issue, flush, start, begin_test, end_test, abort, outstanding, ...)."""
+
+    def __init__(
+        self,
+        server: ServerType,
+        url: str,
+        samples: Sequence[bytes],
+        response_timeout_s: float,
+        failed_sample_tokens: int,
+        counters_factory: Callable[[], Any],
+    ) -> None:
+        import mlperf_loadgen
+
+        self._lg = mlperf_loadgen
+        self.server = server
+        self.url = url.rstrip("/")
+        self._samples = samples
+        self.response_timeout_s = response_timeout_s
+        self._failed_tokens = failed_sample_tokens
+        self._counters_factory = counters_factory
+        self.counters = counters_factory()
+        self.on_abort: Callable[[MecbenchError], None] | None = None
+        self._lock = threading.Lock()
+        # Held around a FirstTokenComplete and around an abort's taking of the samples in flight,
+        # so LoadGen never hears of a first token for a sample it was already told is complete
+        # (taken before `_lock`, never while holding it).
+        self._token_lock = threading.Lock()
+        self._pending: deque[tuple[int, int, int]] = deque()
+        self._wake_scheduled = False
+        # wire id -> (LoadGen response id, record); a sample completes only while listed here.
+        self._in_flight: dict[int, tuple[int, RequestRecord]] = {}
+        self._wire_ids = itertools.count(1)
+        self._first_token_seen: set[int] = set()
+        self._records: list[RequestRecord] = []
+        self._test_active = False
+        self._aborting = False
+        self._cancelled = False
+        self._abort_error: MecbenchError | None = None
+        self._want_data = False
+        self._use_tokens = False
+        self._last_activity = time.monotonic()
+        self._loop = asyncio.new_event_loop()
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ready = threading.Event()
+
+    # LoadGen side --------------------------------------------------------------------------
+
+    def issue(self, ids: Sequence[int], indices: Sequence[int]) -> None:
+        now = time.monotonic_ns()
+        with self._lock:
+            self.counters.issued += len(ids)
+            if not self._aborting:
+                if not self._pending and not self._in_flight:
+                    self._last_activity = time.monotonic()
+                self._pending.extend(zip(ids, indices, itertools.repeat(now), strict=False))
+                if not self._wake_scheduled:
+                    self._wake_scheduled = True
+                    self._loop.call_soon_threadsafe(self._take_pending)
+                return
+        self._complete_now(list(ids))
+
+    def issue_samples(self, query_samples: Sequence[Any]) -> None:
+        self.issue([q.id for q in query_samples], [q.index for q in query_samples])
+
+    def flush(self) -> None:
+        """Nothing is held back."""
+
+    # The event loop ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        threading.Thread(target=self._run_loop, name="direct-client", daemon=True).start()
+        self._ready.wait(30)
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._open())
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _open(self) -> None:
+        # No limit on connections: LoadGen's arrivals decide the concurrency, as a crowd of
+        # users would; each connection is kept alive and reused.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.response_timeout_s),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    def _take_pending(self) -> None:
+        with self._lock:
+            self._wake_scheduled = False
+            taken = list(self._pending)
+            self._pending.clear()
+            started: list[tuple[int, RequestRecord]] = []
+            for response_id, index, issued_ns in taken:
+                wire_id = next(self._wire_ids)
+                record = RequestRecord(index, issued_ns)
+                self._in_flight[wire_id] = (response_id, record)
+                started.append((wire_id, record))
+        for wire_id, record in started:
+            task = self._loop.create_task(self._request(wire_id, record))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _request(self, wire_id: int, record: RequestRecord) -> None:
+        assert self._session is not None
+        error = ""
+        try:
+            call: HttpCall | None = self.server.http_call(self._samples[record.sample_index])
+            if call is None:
+                raise ServerError(f"server type {self.server.name!r} has no HTTP client")
+            decoder = self.server.decoder()
+            async with self._session.request(
+                call.method, self.url + call.path, data=call.body, headers=dict(call.headers)
+            ) as response:
+                if response.status >= 300:
+                    body = await response.read()
+                    raise ServerError(f"{call.method} {call.path}: {http_error_text(response.status, body)}")
+                if call.streamed:
+                    pending = b""
+                    # Read to the end of the body (past the protocol's end marker), so the
+                    # connection goes back to the pool clean.
+                    async for data in response.content.iter_any():
+                        record.response_bytes += len(data)
+                        pending += data
+                        *lines, pending = pending.split(b"\n")
+                        for line in lines:
+                            if not decoder.done and decoder.line(line.rstrip(b"\r")):
+                                self._on_text(wire_id, record)
+                    if pending and not decoder.done and decoder.line(pending.rstrip(b"\r")):
+                        self._on_text(wire_id, record)
+                else:
+                    body = await response.read()
+                    record.response_bytes = len(body)
+                    decoder.whole(body)
+            text, tokens = decoder.result()
+            record.output_tokens = tokens
+            self._finish(wire_id, record, text.encode(), tokens)
+            return
+        except asyncio.CancelledError:
+            raise
+        except ServerError as exc:
+            error = str(exc)
+        except TimeoutError:
+            error = f"timed out after {self.response_timeout_s:g}s"
+        except aiohttp.ClientError as exc:
+            error = f"connection: {type(exc).__name__}: {exc}"
+        except OSError as exc:
+            error = f"connection: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any failure is a failed sample, never a dead loop
+            error = f"{type(exc).__name__}: {exc}"
+        record.error = error[:1000]
+        record.error_kind = error_kind(error)
+        self._finish(wire_id, record, b"", 0, failed=True)
+
+    def _on_text(self, wire_id: int, record: RequestRecord) -> None:
+        now = time.monotonic_ns()
+        if record.first_token_ns:
+            record.later_tokens_ns.append(now)
+            return
+        record.first_token_ns = now
+        with self._token_lock:
+            with self._lock:
+                entry = self._in_flight.get(wire_id)
+                self._last_activity = time.monotonic()
+                if entry is None or not self._use_tokens:
+                    return
+                self._first_token_seen.add(entry[0])
+            self._lg.FirstTokenComplete([self._lg.QuerySampleResponse(entry[0], 0, 0)])
+
+    def _finish(self, wire_id: int, record: RequestRecord, output: bytes, tokens: int, failed: bool = False) -> None:
+        record.ended_ns = time.monotonic_ns()
+        with self._lock:
+            entry = self._in_flight.pop(wire_id, None)
+            if entry is None:
+                return  # answered already (abort, cancel): dropped
+            response_id = entry[0]
+            self._last_activity = time.monotonic()
+            self.counters.completed += 1
+            self._records.append(record)
+            use_tokens = self._use_tokens
+            first_seen = response_id in self._first_token_seen
+            self._first_token_seen.discard(response_id)
+            want_data = self._want_data
+            if failed:
+                self.counters.sample_errors += 1
+                if not self.counters.first_sample_error:
+                    self.counters.first_sample_error = record.error
+        if failed:
+            self.counters.errors.add(record.error, kind=record.error_kind)
+            tokens = self._failed_tokens
+        make = self._lg.QuerySampleResponse
+        if use_tokens and not first_seen:
+            self._lg.FirstTokenComplete([make(response_id, 0, 0, tokens)])
+        owner = np.frombuffer(output, dtype=np.uint8) if want_data and output else None
+        pointer, size = (owner.ctypes.data, owner.size) if owner is not None else (0, 0)
+        if use_tokens:
+            self._lg.QuerySamplesComplete([make(response_id, pointer, size, tokens)])
+        else:
+            self._lg.QuerySamplesComplete([make(response_id, pointer, size)])
+        del owner
+
+    # Tests -----------------------------------------------------------------------------------
+
+    def begin_test(self, want_data: bool, use_tokens: bool = False) -> None:
+        with self._lock:
+            self.counters = self._counters_factory()
+            self._test_active = True
+            self._aborting = False
+            self._cancelled = False
+            self._abort_error = None
+            self._want_data = want_data
+            self._use_tokens = use_tokens
+            self._first_token_seen = set()
+            self._records = []
+            self._last_activity = time.monotonic()
+
+    def end_test(self) -> tuple[Any, bool, MecbenchError | None]:
+        with self._lock:
+            self._test_active = False
+            self._aborting = False
+            self._pending.clear()
+            self._in_flight.clear()
+            self._first_token_seen = set()
+            return self.counters, self._cancelled, self._abort_error
+
+    def take_records(self) -> list[RequestRecord]:
+        with self._lock:
+            records, self._records = self._records, []
+        return records
+
+    def outstanding(self) -> tuple[int, float]:
+        with self._lock:
+            return len(self._pending) + len(self._in_flight), time.monotonic() - self._last_activity
+
+    def is_active(self) -> bool:
+        with self._lock:
+            return self._test_active
+
+    def abort(self, error: MecbenchError | None, cancelled: bool = False) -> bool:
+        with self._token_lock, self._lock:
+            if not self._test_active:
+                return False
+            self._cancelled = self._cancelled or cancelled
+            if self._aborting:
+                return True
+            self._aborting = True
+            self._abort_error = error
+            ids = [response_id for response_id, _, _ in self._pending]
+            ids.extend(response_id for response_id, _ in self._in_flight.values())
+            self._pending.clear()
+            self._in_flight.clear()
+            self.counters.completed += len(ids)
+        log.info("test_aborting", cancelled=cancelled, outstanding=len(ids), error=str(error) if error else None)
+        self._loop.call_soon_threadsafe(self._cancel_tasks)
+        if error is not None:
+            if ids:
+                self.counters.errors.add(f"aborted: {error}", count=len(ids), kind="aborted")
+            if self.on_abort is not None:
+                self.on_abort(error)
+        self._complete_now(ids)
+        return True
+
+    def _cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _complete_now(self, ids: Sequence[int]) -> None:
+        make = self._lg.QuerySampleResponse
+        with self._lock:
+            use_tokens = self._use_tokens
+            fresh = [i for i in ids if i not in self._first_token_seen] if use_tokens else []
+        if fresh:
+            self._lg.FirstTokenComplete([make(i, 0, 0, self._failed_tokens) for i in fresh])
+        if ids:
+            if use_tokens:
+                self._lg.QuerySamplesComplete([make(i, 0, 0, self._failed_tokens) for i in ids])
+            else:
+                self._lg.QuerySamplesComplete([make(i, 0, 0) for i in ids])
