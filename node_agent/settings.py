@@ -1,7 +1,7 @@
 """Node agent settings: `MECBENCH_NODE_AGENT_*` environment variables override the defaults.
 
 Tuples are comma-separated in the environment, e.g.
-`MECBENCH_NODE_AGENT_HOST_INTERFACE_ALLOWLIST=veth*,mb*,cni*`.
+`MECBENCH_NODE_AGENT_HOST_INTERFACE_ALLOWLIST=mb*,cni*`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ class NodeAgentSettings:
     state_dir: Path = field(default_factory=default_state_dir)
     # Interfaces of the agent's own (host) network namespace that may be shaped, as fnmatch
     # patterns. The uplink (eth*, en*, wl*, bond*) is deliberately absent: shaping it by mistake
-    # cuts the node off. Veth ends (containers, the netns topology) match.
-    host_interface_allowlist: tuple[str, ...] = ("veth*", "mb*", "mec*")
+    # cuts the node off. Only MECBench's own interfaces match (the netns topology names its
+    # host-side veths mb<name>m<i>/mb<name>d<i>): `veth*` would match every container runtime's
+    # and CNI's veths, other tenants' pods included.
+    host_interface_allowlist: tuple[str, ...] = ("mb*",)
     # Interfaces inside any other network namespace (pods, the netns topology's nodes), which
     # cannot carry the node's uplink.
     netns_interface_allowlist: tuple[str, ...] = ("*",)
@@ -46,7 +48,9 @@ class NodeAgentSettings:
     interface_denylist: tuple[str, ...] = ("lo",)
     # Lease length when a request gives none, and the longest one granted.
     default_lease_s: float = 60.0
-    max_lease_s: float = 7 * 24 * 3600.0
+    # A holder renews its lease every few seconds; an hour bounds what a holder that vanished
+    # without clearing can leave behind.
+    max_lease_s: float = 3600.0
     # How often the reaper looks for lapsed leases (removal happens within this of expiry).
     reaper_interval_s: float = 0.2
     # How pods are resolved to their sandbox's network namespace: "proc" scans

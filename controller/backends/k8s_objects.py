@@ -161,6 +161,14 @@ class ObjectContext:
     gpu_runtime_class: str = ""
     # A Secret of MECBENCH_STORE_* variables LoadGen agents read s3:// datasets with; "" = none.
     store_secret: str = ""
+    # Mutual TLS for every agent pod: a Secret with the agents' certificate (tls.crt, tls.key)
+    # and the CA (ca.crt), as cert-manager writes it; "" = plaintext. Agents are dialled by IP or
+    # Service name, so certificates are checked against `tls_server_name`, the agents' identity;
+    # SUT agents take calls from the controller and LoadGen agents (that identity too), LoadGen
+    # agents from the controller only.
+    tls_secret: str = ""
+    tls_server_name: str = "mecbench-agent"
+    controller_identity: str = "mecbench-controller"
 
 
 def _metadata(ctx: ObjectContext, name: str, component: Component, experiment: str, agent: str) -> JsonObject:
@@ -215,9 +223,33 @@ def owner_configmap(ctx: ObjectContext, name: str, controller: str, host: str = 
 # --- containers --------------------------------------------------------------------------------
 
 
-def _grpc_probe(port: int) -> JsonObject:
+TLS_MOUNT = "/etc/mecbench/tls"
+
+
+def _grpc_probe(port: int, tls: bool = False) -> JsonObject:
     # Every MECBench server runs the standard gRPC health service; the kubelet asks it directly.
-    return {"grpc": {"port": port}, "periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 3}
+    # The kubelet's gRPC probe speaks plaintext only: a server with TLS would never be Ready, so
+    # there the probe is that the port accepts connections.
+    check: JsonObject = {"tcpSocket": {"port": port}} if tls else {"grpc": {"port": port}}
+    return {**check, "periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 3}
+
+
+def tls_env(ctx: ObjectContext, service: str) -> dict[str, str]:
+    """MECBENCH_TLS_* for an agent pod whose certificates are mounted from ctx.tls_secret."""
+    if not ctx.tls_secret:
+        return {}
+    env = {
+        "MECBENCH_TLS_CERT": f"{TLS_MOUNT}/tls.crt",
+        "MECBENCH_TLS_KEY": f"{TLS_MOUNT}/tls.key",
+        "MECBENCH_TLS_CA": f"{TLS_MOUNT}/ca.crt",
+        "MECBENCH_TLS_CLIENT_AUTH": "true",
+        "MECBENCH_TLS_SERVER_NAME": ctx.tls_server_name,
+    }
+    if service == "sut-agent":
+        env["MECBENCH_SUT_TLS_ALLOWED_CLIENTS"] = f"{ctx.controller_identity},{ctx.tls_server_name}"
+    elif service == "loadgen-agent":
+        env["MECBENCH_LOADGEN_TLS_ALLOWED_CLIENTS"] = ctx.controller_identity
+    return env
 
 
 def _env_list(env: dict[str, str]) -> list[JsonObject]:
@@ -245,17 +277,21 @@ def _agent_container(ctx: ObjectContext, name: str, service: str, image: str, en
         "command": ["mecbench"],
         "args": [service, "--listen", f"0.0.0.0:{GRPC_PORT}"],
         "ports": ports,
-        "readinessProbe": _grpc_probe(GRPC_PORT),
+        "readinessProbe": _grpc_probe(GRPC_PORT, tls=bool(ctx.tls_secret)),
         "securityContext": _restricted_security_context(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
+    # The operator's TLS settings win over anything else given for the agent.
+    env = {**env, **tls_env(ctx, service)}
+    if ctx.tls_secret:
+        container["volumeMounts"].append({"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True})
     if env:
         container["env"] = _env_list(env)
     return container
 
 
 def _pod_spec(ctx: ObjectContext, containers: list[JsonObject]) -> JsonObject:
-    return {
+    spec: JsonObject = {
         # A crashed agent is not restarted behind the controller's back: it would come back
         # without the configuration the controller gave it. The pod ends, is_alive says so.
         "restartPolicy": "Never",
@@ -268,6 +304,10 @@ def _pod_spec(ctx: ObjectContext, containers: list[JsonObject]) -> JsonObject:
         "containers": containers,
         "volumes": [{"name": "tmp", "emptyDir": {}}],
     }
+    if ctx.tls_secret:
+        # Not optional: an agent without its certificate would serve plaintext, or not at all.
+        spec["volumes"].append({"name": "tls", "secret": {"secretName": ctx.tls_secret, "defaultMode": 0o444}})
+    return spec
 
 
 def _grpc_port() -> JsonObject:

@@ -54,6 +54,10 @@ T = TypeVar("T")
 # The controller's pod, from the downward API (deploy/base/controller.yaml).
 CONTROLLER_POD_ENV = "MECBENCH_K8S_CONTROLLER_POD_NAME"
 CONTROLLER_POD_UID_ENV = "MECBENCH_K8S_CONTROLLER_POD_UID"
+# Mutual TLS for the agent pods (deploy/base/controller.yaml, docs/kubernetes.md).
+AGENT_TLS_SECRET_ENV = "MECBENCH_K8S_AGENT_TLS_SECRET"
+AGENT_IDENTITY_ENV = "MECBENCH_K8S_AGENT_IDENTITY"
+CONTROLLER_IDENTITY_ENV = "MECBENCH_K8S_CONTROLLER_IDENTITY"
 
 # Waiting reasons of a container that will not start without someone changing something: the
 # kubelet keeps retrying, but a benchmark should say why at once rather than wait out a timeout.
@@ -495,6 +499,14 @@ class KubernetesConfig:
     # sweeps what a dead or restarted predecessor left (issue 20: restarts leave nothing behind).
     controller_pod: str = ""
     controller_pod_uid: str = ""
+    # Mutual TLS for the agent pods made here: the Secret holding their certificate (tls.crt,
+    # tls.key, ca.crt), "" = $MECBENCH_K8S_AGENT_TLS_SECRET, else plaintext (k8s_objects.tls_env).
+    # The identities are the CN/SAN of the agents' and the controller's certificates.
+    agent_tls_secret: str = field(default_factory=lambda: os.environ.get(AGENT_TLS_SECRET_ENV, ""))
+    agent_identity: str = field(default_factory=lambda: os.environ.get(AGENT_IDENTITY_ENV, "") or "mecbench-agent")
+    controller_identity: str = field(
+        default_factory=lambda: os.environ.get(CONTROLLER_IDENTITY_ENV, "") or "mecbench-controller"
+    )
 
 
 @dataclass
@@ -573,6 +585,9 @@ class KubernetesBackend(DeploymentBackend):
             service_account=self.config.service_account,
             gpu_runtime_class=self.config.gpu_runtime_class,
             store_secret=self.config.store_secret,
+            tls_secret=self.config.agent_tls_secret,
+            tls_server_name=self.config.agent_identity,
+            controller_identity=self.config.controller_identity,
         )
 
     def _create(self, kind: str, body: JsonObject, what: str) -> JsonObject:

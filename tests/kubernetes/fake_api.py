@@ -728,10 +728,12 @@ class FakeCluster:
             probe = container.get("readinessProbe")
             serves = self.images[container["image"]] in (IMAGE_SERVES, IMAGE_CREATE_ERROR_ONCE)
             alive = "running" in status["state"]
-            ready = alive and (probe is None or ("grpc" in probe and serves))
+            # gRPC health, or (agents with TLS: the kubelet's gRPC probe is plaintext) a port that
+            # accepts connections: both only where the agent serves.
+            ready = alive and (probe is None or (("grpc" in probe or "tcpSocket" in probe) and serves))
             status["ready"] = ready
             if not ready:
-                port = (probe or {}).get("grpc", {}).get("port", "")
+                port = (probe or {}).get("grpc", (probe or {}).get("tcpSocket", {})).get("port", "")
                 failing.append(container["name"])
                 self._event(pod, "Warning", "Unhealthy",
                             f'Readiness probe failed: timeout: failed to connect service ":{port}" within 1s: '

@@ -52,7 +52,7 @@ def test_every_rendered_document_validates_strictly(target: str) -> None:
     docs = render(target)
     kinds = {d["kind"] for d in docs}
     assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "Deployment",
-            "Service", "DaemonSet", "StatefulSet", "Secret", "PersistentVolumeClaim"} <= kinds
+            "Service", "DaemonSet", "StatefulSet", "Secret", "PersistentVolumeClaim", "NetworkPolicy"} <= kinds
     problems = {f"{d['kind']}/{d['metadata']['name']}": all_problems(d) for d in docs}
     assert {k: v for k, v in problems.items() if v} == {}, f"validated against Kubernetes {VERSIONS}"
     for doc in docs:
@@ -215,7 +215,12 @@ def test_node_agent_daemonset_has_host_access_it_needs_and_no_more() -> None:
 
     selector = dict(term.split("=") for term in ControllerSettings().k8s_node_agent_selector.split(","))
     assert all(labels.get(k) == v for k, v in selector.items())
-    assert container["readinessProbe"]["grpc"]["port"] == container["ports"][0]["containerPort"]
+    # Mutual TLS from the agents' Secret, only the controller admitted; so the probe is the port's.
+    assert container["readinessProbe"]["tcpSocket"]["port"] == container["ports"][0]["containerPort"]
+    assert env["MECBENCH_NODE_AGENT_TLS_CLIENT_AUTH"] == "true"
+    assert env["MECBENCH_NODE_AGENT_TLS_ALLOWED_CLIENTS"] == "mecbench-controller"
+    assert {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v} == {
+        "tls": "mecbench-agent-tls"}
 
 
 @needs_kubectl
@@ -272,7 +277,7 @@ def test_controller_minio_and_images() -> None:
     env = {e["name"]: e.get("value") for e in controller["env"]}
     assert env["MECBENCH_CONTROLLER_BACKEND"] == "kubernetes"
     assert env["MECBENCH_CONTROLLER_K8S_IMAGE"] == controller["image"] == "ghcr.io/mecbench/mecbench:0.1.0"
-    assert controller["readinessProbe"]["grpc"]["port"] == 50051
+    assert controller["readinessProbe"]["tcpSocket"]["port"] == 50051
     statefulset = find(docs, "StatefulSet", "mecbench-minio")
     assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "2Gi"
     [minio] = containers(statefulset)
