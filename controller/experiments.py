@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,13 +55,64 @@ class Point:
     clients: int
     profile: common_pb2.NetworkProfile
     qps: float
+    # The SUT's placement at this point (over the spec's sut.resources); None = the spec's own.
+    resources: common_pb2.ResourceLimits | None = None
 
     @property
     def selector(self) -> str:
         parts = [_SCENARIO_SLUGS[self.scenario], f"c{self.clients}", self.profile.name or "unshaped"]
         if self.scenario == common_pb2.SCENARIO_SERVER:
             parts.append(f"q{self.qps:g}")
+        if self.resources is not None:
+            parts.append(placement_slug(self.resources))
         return "-".join(parts)
+
+
+def placement_slug(resources: common_pb2.ResourceLimits) -> str:
+    """A placement in a selector: cpu0.5, pin0_1, excl2, mem256m."""
+    parts = []
+    if resources.cpu_cores:
+        parts.append(f"cpu{resources.cpu_cores:g}")
+    if resources.cpus:
+        parts.append("pin" + "_".join(str(c) for c in resources.cpus))
+    if resources.exclusive_cpus:
+        parts.append(f"excl{resources.exclusive_cpus}")
+    if resources.memory_bytes:
+        parts.append(f"mem{resources.memory_bytes // 2**20}m")
+    return "-".join(parts) or "unconfined"
+
+
+def _placements(spec: controller_pb2.ExperimentSpec, violations: Violations) -> list[common_pb2.ResourceLimits | None]:
+    sweep = spec.sweep
+    if sweep.placements and sweep.cpu_cores:
+        violations.add("spec.sweep.cpu_cores", "sweep placements or cpu_cores (its shorthand), not both")
+    for index, cores in enumerate(sweep.cpu_cores):
+        violations.check(math.isfinite(cores) and cores > 0, f"spec.sweep.cpu_cores[{index}]", "must be positive")
+    placements = list(sweep.placements) or [common_pb2.ResourceLimits(cpu_cores=c) for c in sweep.cpu_cores]
+    for index, placement in enumerate(sweep.placements):
+        violations.check(math.isfinite(placement.cpu_cores) and placement.cpu_cores >= 0,
+                         f"spec.sweep.placements[{index}].cpu_cores", "must not be negative")
+    slugs = [placement_slug(p) for p in placements]
+    violations.check(len(set(slugs)) == len(slugs), "spec.sweep.placements", "placements must differ")
+    return list(placements) or [None]
+
+
+def sut_for(spec: controller_pb2.ExperimentSpec, point: Point) -> sut_agent_pb2.SutConfig:
+    """The SUT config a point runs on: the spec's, with the point's placement over its resources."""
+    config = sut_agent_pb2.SutConfig()
+    config.CopyFrom(spec.sut)
+    placement = point.resources
+    if placement is None:
+        return config
+    if placement.cpu_cores:
+        config.resources.cpu_cores = placement.cpu_cores
+    if placement.memory_bytes:
+        config.resources.memory_bytes = placement.memory_bytes
+    if placement.cpus or placement.exclusive_cpus:
+        del config.resources.cpus[:]
+        config.resources.cpus.extend(placement.cpus)
+        config.resources.exclusive_cpus = placement.exclusive_cpus
+    return config
 
 
 def _profiles(spec: controller_pb2.ExperimentSpec, violations: Violations) -> list[common_pb2.NetworkProfile]:
@@ -87,10 +139,11 @@ def expand(spec: controller_pb2.ExperimentSpec) -> tuple[list[Point], Violations
     profiles = _profiles(spec, violations)
     names = [p.name or "unshaped" for p in profiles]
     violations.check(len(set(names)) == len(names), "spec.sweep.network_profiles", "profile names must be unique")
+    placements = _placements(spec, violations)
     points = []
-    for scenario, count, profile in itertools.product(scenarios, clients, profiles):
+    for scenario, count, profile, placement in itertools.product(scenarios, clients, profiles, placements):
         for qps in qps_values if scenario == common_pb2.SCENARIO_SERVER else [0.0]:
-            points.append(Point(scenario, count, profile, qps))
+            points.append(Point(scenario, count, profile, qps, placement))
     return points, violations
 
 
@@ -174,7 +227,7 @@ def validate_experiment(spec: controller_pb2.ExperimentSpec) -> list[Point]:
             run_spec = point_spec(spec, point, sut_id="")
             run_spec.ClearField("sut_id")
             run_spec.ClearField("accuracy")  # checked once above, as spec.accuracy
-            run_spec.sut.CopyFrom(spec.sut)
+            run_spec.sut.CopyFrom(sut_for(spec, point))
             for violation in validate_run_spec(run_spec, f"spec.points[{point.selector}]").items:
                 if violation.field not in seen_fields:
                     violations.items.append(violation)
@@ -300,6 +353,10 @@ class ExperimentManager:
         violations.raise_if_any()
         if any(is_shaped(point.profile) for point in points):
             self.runs.check_can_shape()
+        # Placements this node cannot give are refused now, before the first point runs.
+        configs = {sut_for(spec, p).SerializeToString(deterministic=True): sut_for(spec, p) for p in points}
+        for config in configs.values():
+            self.runs.pool.check_placement(config, f"experiment-{spec.experiment_id}")
         with self._lock:
             existing = self._experiments.get(spec.experiment_id)
             if existing is not None and existing.experiment.state not in TERMINAL_STATES:
@@ -391,8 +448,10 @@ class ExperimentManager:
         try:
             if not spec.skip_calibration:
                 self._calibrate(active)
-            self.runs.pool.deploy_sut(sut_id, spec.sut)
+            self.runs.pool.deploy_sut(sut_id, sut_for(spec, active.points[0]) if active.points else spec.sut)
             for point in active.points:
+                # A point with its own placement takes a SUT agent placed so (the same one when unchanged).
+                self.runs.pool.deploy_sut(sut_id, sut_for(spec, point))
                 self._run_point(active, point_spec(spec, point, sut_id))
                 with active.lock:
                     active.experiment.points_done += 1

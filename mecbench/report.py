@@ -58,6 +58,7 @@ QPS_VS_CLIENTS = "qps_vs_clients.png"
 LATENCY_CDF = "latency_cdf.png"
 CLIENT_FAIRNESS = "client_fairness.png"
 TELEMETRY = "telemetry.png"
+VS_RESOURCES = "throughput_latency_vs_resources.png"
 REPORT_HTML = "report.html"
 
 # File name -> (caption on the report page, why it is left out when it is).
@@ -86,6 +87,11 @@ FIGURES: dict[str, tuple[str, str]] = {
         "Node telemetry over the experiment: CPU, memory and (where present) GPU utilisation, seconds "
         "from the first sample, one colour per point.",
         "no telemetry was recorded",
+    ),
+    VS_RESOURCES: (
+        "Samples per second (left) and latency p50 solid, p99 dotted (right) vs the CPU cores the SUT was "
+        "confined to (read back from its cgroup), one line per scenario, clients and network profile.",
+        "the experiment does not sweep SUT placements",
     ),
 }
 
@@ -150,6 +156,8 @@ class PointData:
     # A probe of the peak search rather than a point of the sweep: listed, not plotted vs clients.
     peak_probe: bool = False
     repeats: list[RepeatData] = field(default_factory=list)
+    # CPU cores the SUT was confined to (its cgroup's quota read back; else what was asked); 0 = none.
+    cpu_cores: float = 0.0
 
     @property
     def scenario_name(self) -> str:
@@ -206,6 +214,8 @@ def collect_report_data(client: Client, experiment_id: str) -> ReportData:
             peak_probe=run_id in probes,
         )
         for result in run.results:
+            if result.HasField("placement") and not point.cpu_cores:
+                point.cpu_cores = result.placement.applied.cpu_cores or result.placement.requested.cpu_cores
             record = records.get((run_id, result.repeat))
             repeat = RepeatData(
                 repeat=result.repeat,
@@ -369,6 +379,7 @@ def render_figures(data: ReportData, out_dir: Path) -> list[Path]:
         LATENCY_CDF: _draw_latency_cdf,
         CLIENT_FAIRNESS: _draw_client_fairness,
         TELEMETRY: _draw_telemetry,
+        VS_RESOURCES: _draw_vs_resources,
     }
     written = []
     for name, draw in drawers.items():
@@ -494,6 +505,50 @@ def _draw_qps_vs_clients(data: ReportData, figure: Figure) -> bool:
     targets = {p.series: p.target_qps for p in data.sweep_points}
     return _draw_vs_clients(data, figure, [("", "-", throughput)], "samples/s (sum over clients)",
                             "throughput vs clients (mean over repeats, bars: min-max)", targets)
+
+
+def _draw_vs_resources(data: ReportData, figure: Figure) -> bool:
+    """Throughput and latency against the SUT's CPU cores, where the sweep placed it at two or
+    more: the mean over repeats, min-max bars."""
+    points = [p for p in data.sweep_points if p.cpu_cores and p.repeats]
+    if len({p.cpu_cores for p in points}) < 2:
+        return False
+    throughput_axis, latency_axis = _panels(figure, 2)
+    lines = _unique((p.series, p.clients, p.network_profile) for p in points)
+    colours = _colours([f"{s}, {c} clients, {n}" for s, c, n in lines])
+    for series, clients, profile in lines:
+        label = f"{series}, {clients} clients, {profile}"
+        chosen = sorted((p for p in points if (p.series, p.clients, p.network_profile) == (series, clients, profile)),
+                        key=lambda p: p.cpu_cores)
+        draws: list[tuple[Axes, str, str, Callable[[common_pb2.TestResult], float | None]]] = [
+            (throughput_axis, "", "-", lambda r: r.samples_per_second),
+            (latency_axis, " p50", "-", _percentile("p50")),
+            (latency_axis, " p99", ":", _percentile("p99")),
+        ]
+        for axis, suffix, style, value in draws:
+            xs, means, below, above = [], [], [], []
+            for point in chosen:
+                values = [v for r in point.repeats if (v := value(r.aggregate)) is not None]
+                if values:
+                    mean, low, high = _spread(values)
+                    xs.append(point.cpu_cores)
+                    means.append(mean)
+                    below.append(low)
+                    above.append(high)
+            if xs:
+                axis.errorbar(xs, means, yerr=[below, above], color=colours[label], linestyle=style, marker="o",
+                              markersize=4, capsize=3, label=label + suffix)
+    for axis, ylabel, title in ((throughput_axis, "samples/s (sum over clients)", "throughput"),
+                                (latency_axis, "latency (ms)", "latency")):
+        axis.set_xlabel("SUT CPU cores (cgroup quota)")
+        axis.set_ylabel(ylabel)
+        axis.set_title(title)
+        axis.set_xticks(sorted({p.cpu_cores for p in points}))
+        axis.set_ylim(bottom=0)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small")
+    figure.suptitle(_title(data, "throughput and latency vs SUT resources (mean over repeats, bars: min-max)"))
+    return True
 
 
 def _draw_latency_cdf(data: ReportData, figure: Figure) -> bool:

@@ -328,6 +328,8 @@ class Sweep(_message.Message):
     SCENARIOS_FIELD_NUMBER: _builtins.int
     SERVER_TARGET_QPS_FIELD_NUMBER: _builtins.int
     REPEATS_FIELD_NUMBER: _builtins.int
+    PLACEMENTS_FIELD_NUMBER: _builtins.int
+    CPU_CORES_FIELD_NUMBER: _builtins.int
     repeats: _builtins.int
     @_builtins.property
     def clients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
@@ -339,6 +341,16 @@ class Sweep(_message.Message):
     def server_target_qps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Server scenario only: total target QPS across clients."""
 
+    @_builtins.property
+    def placements(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ResourceLimits]:
+        """SUT placements (local backend): each point's SUT gets one of these over `sut.resources`
+        (the fields set here replace the SUT's). Each is a point of its own in the results.
+        """
+
+    @_builtins.property
+    def cpu_cores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Shorthand for `placements` that differ only in CPU cores, e.g. [0.5, 1, 2]."""
+
     def __init__(
         self,
         *,
@@ -347,10 +359,12 @@ class Sweep(_message.Message):
         scenarios: _abc.Iterable[_common_pb2.Scenario.ValueType] | None = ...,
         server_target_qps: _abc.Iterable[_builtins.float] | None = ...,
         repeats: _builtins.int = ...,
+        placements: _abc.Iterable[_common_pb2.ResourceLimits] | None = ...,
+        cpu_cores: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "network_profiles", b"network_profiles", "repeats", b"repeats", "scenarios", b"scenarios", "server_target_qps", b"server_target_qps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "cpu_cores", b"cpu_cores", "network_profiles", b"network_profiles", "placements", b"placements", "repeats", b"repeats", "scenarios", b"scenarios", "server_target_qps", b"server_target_qps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
