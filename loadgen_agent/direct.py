@@ -84,6 +84,7 @@ class DirectClient:
         response_timeout_s: float,
         failed_sample_tokens: int,
         counters_factory: Callable[[], Any],
+        max_in_flight: int = 0,
     ) -> None:
         import mlperf_loadgen
 
@@ -93,6 +94,9 @@ class DirectClient:
         self._samples = samples
         self.response_timeout_s = response_timeout_s
         self._failed_tokens = failed_sample_tokens
+        # Concurrency mode: at most this many requests running (0: no bound).
+        self.max_in_flight = max_in_flight
+        self._running = 0
         self._counters_factory = counters_factory
         self.counters = counters_factory()
         self.on_abort: Callable[[MecbenchError], None] | None = None
@@ -168,8 +172,13 @@ class DirectClient:
     def _take_pending(self) -> None:
         with self._lock:
             self._wake_scheduled = False
-            taken = list(self._pending)
-            self._pending.clear()
+            if self.max_in_flight:
+                room = max(0, self.max_in_flight - self._running)
+                taken = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+            else:
+                taken = list(self._pending)
+                self._pending.clear()
+            self._running += len(taken)
             started: list[tuple[int, RequestRecord]] = []
             for response_id, index, issued_ns in taken:
                 wire_id = next(self._wire_ids)
@@ -179,10 +188,19 @@ class DirectClient:
         for wire_id, record in started:
             task = self._loop.create_task(self._request(wire_id, record))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        with self._lock:
+            self._running -= 1
+            more = bool(self._pending) and bool(self.max_in_flight)
+        if more:
+            self._take_pending()
 
     async def _request(self, wire_id: int, record: RequestRecord) -> None:
         assert self._session is not None
+        record.sent_ns = time.monotonic_ns()
         error = ""
         try:
             call: HttpCall | None = self.server.http_call(self._samples[record.sample_index])
@@ -214,6 +232,7 @@ class DirectClient:
                     decoder.whole(body)
             text, tokens = decoder.result()
             record.output_tokens = tokens
+            record.input_tokens = decoder.input_tokens or 0
             self._finish(wire_id, record, text.encode(), tokens)
             return
         except asyncio.CancelledError:

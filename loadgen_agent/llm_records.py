@@ -30,12 +30,18 @@ _PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0))
 @dataclass
 class RequestRecord:
     sample_index: int
+    # When LoadGen issued the sample, and when the request went out (later only when the client
+    # holds it back: concurrency mode). The timings below count from the sending, as a client
+    # measures them; LoadGen's own latencies count from the issue.
     issued_ns: int
+    sent_ns: int = 0
     first_token_ns: int = 0
     # Arrival of every text event after the first (ITL = gaps between events).
     later_tokens_ns: list[int] = field(default_factory=list)
     ended_ns: int = 0
     output_tokens: int = 0
+    # Prompt tokens as the server counted them (0: it did not say).
+    input_tokens: int = 0
     error_kind: str = ""
     error: str = ""
     # Bytes of the answer's body as the client read it (decoded of chunked framing).
@@ -46,12 +52,16 @@ class RequestRecord:
         return not self.error_kind
 
     @property
+    def start_ns(self) -> int:
+        return self.sent_ns or self.issued_ns
+
+    @property
     def ttft_s(self) -> float:
-        return (self.first_token_ns - self.issued_ns) / 1e9 if self.first_token_ns else 0.0
+        return (self.first_token_ns - self.start_ns) / 1e9 if self.first_token_ns else 0.0
 
     @property
     def e2e_s(self) -> float:
-        return (self.ended_ns - self.issued_ns) / 1e9
+        return (self.ended_ns - self.start_ns) / 1e9
 
     @property
     def tpot_s(self) -> float:
@@ -68,11 +78,13 @@ class RequestRecord:
         itl = self.itl_s()
         return {
             "sample_index": self.sample_index,
-            "start_s": round((self.issued_ns - origin_ns) / 1e9, 9),
+            "start_s": round((self.start_ns - origin_ns) / 1e9, 9),
+            "queued_s": round((self.start_ns - self.issued_ns) / 1e9, 9),
             "ok": self.ok,
             "ttft_s": round(self.ttft_s, 9),
             "tpot_s": round(self.tpot_s, 9),
             "e2e_s": round(self.e2e_s, 9),
+            "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "output_tokens_per_s": round(self.output_tokens / self.e2e_s, 3) if self.e2e_s > 0 else 0.0,
             "itl_mean_s": round(float(np.mean(itl)), 9) if itl else 0.0,
@@ -102,13 +114,19 @@ def compute_metrics(
     metrics["requests_failed"] = float(len(records) - len(ok))
     if not records:
         return metrics
-    span_s = (max(r.ended_ns for r in records) - min(r.issued_ns for r in records)) / 1e9
+    span_s = (max(r.ended_ns for r in records) - min(r.start_ns for r in records)) / 1e9
     _spread("ttft", [r.ttft_s for r in ok], metrics)
     _spread("tpot", [r.tpot_s for r in ok if r.output_tokens >= 2], metrics)
     _spread("e2e", [r.e2e_s for r in ok], metrics)
     _spread("itl", [gap for r in ok for gap in r.itl_s()], metrics)
     tokens = sum(r.output_tokens for r in ok)
     metrics["output_tokens"] = float(tokens)
+    counted = [r.input_tokens for r in ok if r.input_tokens]
+    if counted:
+        metrics["input_tokens"] = float(sum(counted))
+        metrics["input_tokens_mean"] = float(np.mean(counted))
+    if ok:
+        metrics["output_tokens_mean"] = tokens / len(ok)
     per_request = [r.output_tokens / r.e2e_s for r in ok if r.e2e_s > 0]
     if per_request:
         metrics["output_tokens_per_s_per_request_p50"] = float(np.median(per_request))
@@ -130,8 +148,8 @@ def write_records(records: Sequence[RequestRecord], directory: Path) -> None:
     """JSONL and CSV records, and the token latencies .npy, into `directory`."""
     if not records:
         return
-    origin = min(r.issued_ns for r in records)
-    rows = [r.as_dict(origin) for r in sorted(records, key=lambda r: r.issued_ns)]
+    origin = min(r.start_ns for r in records)
+    rows = [r.as_dict(origin) for r in sorted(records, key=lambda r: r.start_ns)]
     with (directory / LLM_RECORDS_JSONL_NAME).open("w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")

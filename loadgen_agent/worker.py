@@ -636,7 +636,9 @@ class SessionWorker:
             return None
         url = reachable_endpoint(status.server_endpoint, split_address(self.sut_address)[0])
         log.info("direct_client", server_type=server.name, url=url, endpoint=status.server_endpoint)
-        return DirectClient(server, url, samples, timeout_s, FAILED_SAMPLE_TOKENS, TestCounters)
+        return DirectClient(
+            server, url, samples, timeout_s, FAILED_SAMPLE_TOKENS, TestCounters, self.options.max_in_flight
+        )
 
     def _qdl_name(self) -> str:
         """QDL's Name callback: a real round trip to the SUT agent, as MLPerf's network division asks."""

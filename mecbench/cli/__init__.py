@@ -9,7 +9,7 @@
     mecbench plot|report EXPERIMENT --out DIR
     mecbench nodes                           node agents: GPUs, qdisc support
     mecbench shape apply|clear|list --node   shaping on a node agent, by hand
-    mecbench storage init | blob ... | dataset upload
+    mecbench storage init | blob ... | dataset upload|make-prompts
     mecbench token create --name N --role read|run   a bearer token and its tokens-file entry
     mecbench controller|node-agent|loadgen-agent|sut-agent --listen HOST:PORT
 
@@ -67,6 +67,7 @@ from mecbench.cli.runs import (
 from mecbench.cli.stack import SERVICES, down, embedded_controller, quickstart, quickstart_specs, up
 from mecbench.cli.storage import blob_list, blob_upload, dataset_upload, storage_init
 from mecbench.cli.tokens import ROLES, token_create
+from mecbench.cli.workloads import add_make_prompts_arguments, dataset_make_prompts
 from mecbench.client_errors import ClientError, from_local_error
 from mecbench.core.errors import MecbenchError
 from mecbench.core.logging import configure_logging
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     dataset_up.add_argument("file", help="a tar archive, a .npy array or one file")
     dataset_up.add_argument("--name", default="", help="stored as datasets/NAME (default: the file's name)")
     dataset_up.add_argument("--overwrite", action="store_true")
+    make_prompts = _command(dataset, "make-prompts", "an LLM workload: synthetic prompts with token-length "
+                            "distributions, or prompts from JSONL/ShareGPT files", dataset_make_prompts, client=False)
+    add_make_prompts_arguments(make_prompts)
 
     # --- tokens ---
     token = _group(commands, "token", "bearer tokens for the controller API (docs/security.md)")

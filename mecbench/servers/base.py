@@ -58,6 +58,8 @@ class AnswerDecoder(ABC):
     complete body; then `result`. Raises ServerError for an error the answer carries."""
 
     done: bool = False
+    # Prompt tokens as the server counted them, when its answer says (OpenAI usage, Ollama).
+    input_tokens: int | None = None
 
     @abstractmethod
     def line(self, line: bytes) -> str:

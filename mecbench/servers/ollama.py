@@ -122,6 +122,8 @@ class OllamaDecoder(AnswerDecoder):
             self.parts.append(text)
         if event.get("done"):
             self.tokens = int(event.get("eval_count", len(self.parts)))
+            if event.get("prompt_eval_count") is not None:
+                self.input_tokens = int(event["prompt_eval_count"])
             self.done = True
         return text
 
@@ -134,6 +136,8 @@ class OllamaDecoder(AnswerDecoder):
             raise ServerError(f"POST {self.path}: {answer['error']}")
         self.parts.append(self._text(answer))
         self.tokens = int(answer.get("eval_count", 0)) if isinstance(answer, dict) else 0
+        if isinstance(answer, dict) and answer.get("prompt_eval_count") is not None:
+            self.input_tokens = int(answer["prompt_eval_count"])
         self.done = True
 
     def result(self) -> tuple[str, int]:

@@ -148,6 +148,8 @@ class OpenAIDecoder(AnswerDecoder):
         usage = event.get("usage")
         if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
             self.usage_tokens = int(usage["completion_tokens"])
+            if usage.get("prompt_tokens") is not None:
+                self.input_tokens = int(usage["prompt_tokens"])
         choices = event.get("choices")
         if not choices:
             return ""
@@ -164,6 +166,8 @@ class OpenAIDecoder(AnswerDecoder):
         self.parts.append(_choice_text(_first_choice(answer), self.api, streamed=False))
         usage = answer.get("usage") if isinstance(answer, dict) else None
         self.usage_tokens = int(usage.get("completion_tokens", 0)) if isinstance(usage, dict) else 0
+        if isinstance(usage, dict) and usage.get("prompt_tokens") is not None:
+            self.input_tokens = int(usage["prompt_tokens"])
         self.done = True
 
     def result(self) -> tuple[str, int]:

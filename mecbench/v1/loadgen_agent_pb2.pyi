@@ -133,6 +133,7 @@ class DataPlaneOptions(_message.Message):
     SUT_INTERFACE_FIELD_NUMBER: _builtins.int
     RESPONSE_TIMEOUT_FIELD_NUMBER: _builtins.int
     TRANSPORT_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     max_batch_size: _builtins.int
     """Most samples sent in one message."""
     streams: _builtins.int
@@ -141,6 +142,11 @@ class DataPlaneOptions(_message.Message):
     """Send payloads with each sample (true models a real client; false sends indices only)."""
     sut_interface: Global___SutInterface.ValueType
     transport: Global___DataPlaneTransport.ValueType
+    max_in_flight: _builtins.int
+    """Direct client path only: at most this many requests in flight; more wait in the client, in
+    arrival order. With the Offline scenario (every sample issued at once) this is the
+    concurrency mode of LLM benchmarks: C requests always in flight. 0 = no bound.
+    """
     @_builtins.property
     def max_batch_delay(self) -> _duration_pb2.Duration:
         """Longest a sample may wait for others to join its batch; 0 = send what is queued at once."""
@@ -159,10 +165,11 @@ class DataPlaneOptions(_message.Message):
         sut_interface: Global___SutInterface.ValueType = ...,
         response_timeout: _duration_pb2.Duration | None = ...,
         transport: Global___DataPlaneTransport.ValueType = ...,
+        max_in_flight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "response_timeout", b"response_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "max_batch_size", b"max_batch_size", "omit_payloads", b"omit_payloads", "response_timeout", b"response_timeout", "streams", b"streams", "sut_interface", b"sut_interface", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "max_batch_size", b"max_batch_size", "max_in_flight", b"max_in_flight", "omit_payloads", b"omit_payloads", "response_timeout", b"response_timeout", "streams", b"streams", "sut_interface", b"sut_interface", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
