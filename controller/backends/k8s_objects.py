@@ -166,6 +166,9 @@ class ObjectContext:
     # Service name, so certificates are checked against `tls_server_name`, the agents' identity;
     # SUT agents take calls from the controller and LoadGen agents (that identity too), LoadGen
     # agents from the controller only.
+    # Each LoadGen agent's CPU and memory (requests = limits: Guaranteed QoS); 0 = none.
+    loadgen_cpu_cores: float = 0.0
+    loadgen_memory_bytes: int = 0
     tls_secret: str = ""
     tls_server_name: str = "mecbench-agent"
     controller_identity: str = "mecbench-controller"
@@ -448,6 +451,14 @@ def sut_service(ctx: ObjectContext, name: str, pod_name: str, agent: str) -> Jso
 
 def _loadgen_spec(ctx: ObjectContext, env: dict[str, str]) -> JsonObject:
     container = _agent_container(ctx, "loadgen-agent", "loadgen-agent", ctx.image, env, [_grpc_port()])
+    amounts: dict[str, str] = {}
+    if ctx.loadgen_cpu_cores > 0:
+        amounts["cpu"] = cpu_quantity(ctx.loadgen_cpu_cores)
+    if ctx.loadgen_memory_bytes > 0:
+        amounts["memory"] = str(ctx.loadgen_memory_bytes)
+    if amounts:
+        # Requests equal to limits: Guaranteed QoS, neither throttled below nor evicted first.
+        container["resources"] = {"requests": dict(amounts), "limits": dict(amounts)}
     if ctx.store_secret:
         # s3:// datasets are read with the store's credentials; optional, so a cluster without a
         # store still runs synthetic datasets.

@@ -58,6 +58,9 @@ CONTROLLER_POD_UID_ENV = "MECBENCH_K8S_CONTROLLER_POD_UID"
 AGENT_TLS_SECRET_ENV = "MECBENCH_K8S_AGENT_TLS_SECRET"
 AGENT_IDENTITY_ENV = "MECBENCH_K8S_AGENT_IDENTITY"
 CONTROLLER_IDENTITY_ENV = "MECBENCH_K8S_CONTROLLER_IDENTITY"
+CLUSTER_DOMAIN_ENV = "MECBENCH_K8S_CLUSTER_DOMAIN"
+LOADGEN_CPU_ENV = "MECBENCH_K8S_LOADGEN_CPU_CORES"
+LOADGEN_MEMORY_ENV = "MECBENCH_K8S_LOADGEN_MEMORY_BYTES"
 
 # Waiting reasons of a container that will not start without someone changing something: the
 # kubelet keeps retrying, but a benchmark should say why at once rather than wait out a timeout.
@@ -483,7 +486,15 @@ class KubernetesConfig:
     job_ttl_after_finished_s: int = 300
     # How long stop_agent and close wait for pods to be gone (GPUs freed) before moving on.
     delete_timeout_s: float = 60.0
-    cluster_domain: str = "cluster.local"
+    # The cluster's DNS domain for Service names; "" = `<service>.<namespace>.svc`, which the
+    # pods' DNS search path completes whatever the domain is (not every cluster is cluster.local).
+    cluster_domain: str = field(default_factory=lambda: os.environ.get(CLUSTER_DOMAIN_ENV, ""))
+    # Each LoadGen agent's CPU and memory, requests equal to limits (Guaranteed QoS): a LoadGen
+    # throttled or evicted as BestEffort in the middle of a benchmark measures itself.
+    loadgen_cpu_cores: float = field(default_factory=lambda: float(os.environ.get(LOADGEN_CPU_ENV, "") or 1.0))
+    loadgen_memory_bytes: int = field(
+        default_factory=lambda: int(os.environ.get(LOADGEN_MEMORY_ENV, "") or 2 * 2**30)
+    )
     # The pod's interface on its network (the CNI's), shaped on the SUT side.
     pod_interface: str = "eth0"
     gpu_runtime_class: str = ""
@@ -585,6 +596,8 @@ class KubernetesBackend(DeploymentBackend):
             service_account=self.config.service_account,
             gpu_runtime_class=self.config.gpu_runtime_class,
             store_secret=self.config.store_secret,
+            loadgen_cpu_cores=self.config.loadgen_cpu_cores,
+            loadgen_memory_bytes=self.config.loadgen_memory_bytes,
             tls_secret=self.config.agent_tls_secret,
             tls_server_name=self.config.agent_identity,
             controller_identity=self.config.controller_identity,
@@ -648,7 +661,8 @@ class KubernetesBackend(DeploymentBackend):
         # Built (and checked) before anything is created: a bad config creates nothing.
         pod_body = objects.sut_pod(ctx, pod_name, name, config)
         service_body = objects.sut_service(ctx, pod_name, pod_name, name)
-        address = f"{pod_name}.{self.namespace}.svc.{self.config.cluster_domain}:{objects.GRPC_PORT}"
+        domain = f".{self.config.cluster_domain}" if self.config.cluster_domain else ""
+        address = f"{pod_name}.{self.namespace}.svc{domain}:{objects.GRPC_PORT}"
         handle = AgentHandle(name=name, kind=AgentKind.SUT, address=address, node="", placement=placement)
         record = _Deployed(handle, pod=pod_name, service=pod_name, instance=pod_name, gpus=config.gpus.count)
         self._reserve(record)

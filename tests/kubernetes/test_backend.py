@@ -56,7 +56,11 @@ def test_sut_agent_pod_and_service_become_ready(cluster: Cluster, tmp_path: Path
 
     pod_name, service_name = handle.labels["pod"], handle.labels["service"]
     assert pod_name.startswith("mecbench-exp1-sut-") and len(pod_name) <= 63
-    assert handle.address == f"{service_name}.{cluster.namespace}.svc.cluster.local:{objects.GRPC_PORT}"
+    # Completed by the pods' DNS search path, whatever the cluster's domain (issue 20, defect 10).
+    assert handle.address == f"{service_name}.{cluster.namespace}.svc:{objects.GRPC_PORT}"
+    other = cluster.backend(controller="fqdn", cluster_domain="k8s.example")
+    assert other.start_sut_agent("sut-fqdn", synthetic()).address.endswith(
+        f".{cluster.namespace}.svc.k8s.example:{objects.GRPC_PORT}")
     assert backend.sut_address_for(handle, 0) == handle.address
     assert handle.node == node
     assert backend.is_alive("sut-exp1")
@@ -94,6 +98,9 @@ def test_loadgen_server_pod_is_addressed_by_pod_ip(cluster: Cluster) -> None:
     assert pod["metadata"]["labels"][objects.LABEL_COMPONENT] == "loadgen-agent"
     container = pod["spec"]["containers"][0]
     assert container["envFrom"] == [{"secretRef": {"name": "mecbench-store", "optional": True}}]
+    # Guaranteed QoS: a LoadGen is neither throttled to nothing nor evicted first mid-benchmark.
+    assert container["resources"]["requests"] == container["resources"]["limits"] == {
+        "cpu": "1000m", "memory": str(2 * 2**30)}
     assert container["readinessProbe"]["grpc"] == {"port": objects.GRPC_PORT}
     assert backend.is_alive("loadgen-default")
 

@@ -76,6 +76,9 @@ def test_rbac_is_namespaced_except_reading_nodes() -> None:
     ]
     agent = find(docs, "ServiceAccount", "mecbench-agent")
     assert agent["automountServiceAccountToken"] is False
+    # The cluster-wide binding is named after the namespace: a second install adds its own.
+    cluster_binding = find(docs, "ClusterRoleBinding", "mecbench-node-reader-mecbench")
+    assert cluster_binding["subjects"][0]["namespace"] == "mecbench"
     binding = find(docs, "RoleBinding", "mecbench-controller")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mecbench-controller", "namespace": "mecbench"}]
 
