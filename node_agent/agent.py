@@ -15,7 +15,7 @@ from mecbench.core.errors import Violations
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, node_agent_pb2
 from node_agent.cgroups import detect as detect_cgroups
-from node_agent.gpus import Allocation, GpuAllocator, GpuInventory, NvmlInventory
+from node_agent.gpus import Allocation, GpuAllocator, GpuInventory, NvmlInventory, declared_inventory
 from node_agent.leases import LeaseRecord, Reaper, StateStore
 from node_agent.netns import NETNS_DIR, Namespace, NamespaceGone, host_namespace, resolve_named
 from node_agent.placement import LEASE_KIND as PLACEMENT_LEASE
@@ -50,6 +50,8 @@ class NodeAgent:
             kernel_support = probe_kernel() if settings.probe_kernel else assume_nothing()
         self.kernel_support = kernel_support
         self._owned_inventory = gpu_inventory is None
+        if gpu_inventory is None and settings.declared_gpus:
+            gpu_inventory = declared_inventory(settings.declared_gpus)
         self.gpu_inventory: GpuInventory = gpu_inventory or NvmlInventory()
         self.shaping = ShapingManager(
             self.store, settings, kernel_support, make_pod_resolver(settings.pod_resolver, settings.proc_root)

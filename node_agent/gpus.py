@@ -171,6 +171,17 @@ class StaticInventory:
         return [GpuReading(g.index, 0.0, g.memory_used_bytes, 0.0) for g in self.gpus]
 
 
+def declared_inventory(declared: Sequence[str]) -> StaticInventory:
+    """The inventory an operator declared ("<uuid>" or "<uuid>=<name>" each), saying so."""
+    devices = []
+    for index, entry in enumerate(declared):
+        uuid, _, name = entry.partition("=")
+        devices.append(GpuDevice(index, uuid.strip(), name.strip() or "declared GPU", 0, 0))
+    return StaticInventory(
+        devices, "declared by the operator (MECBENCH_NODE_AGENT_DECLARED_GPUS), not discovered through NVML"
+    )
+
+
 @dataclass(frozen=True)
 class Allocation:
     lease: LeaseRecord

@@ -76,6 +76,10 @@ class NodeAgentSettings:
     # joined by spaces): the SUT agents the local backend starts. A request names a PID; without
     # this any process of the node could be confined. PID 1 and the agent itself never are.
     placeable_processes: tuple[str, ...] = ("* -m mecbench sut-agent *",)
+    # GPUs this node has by declaration instead of NVML discovery, each "<uuid>" or "<uuid>=<name>":
+    # for nodes whose GPUs are assigned outside NVML's view, and for tests on machines without a
+    # GPU. Reported as declared (NodeInfo label "gpus"), never as discovered.
+    declared_gpus: tuple[str, ...] = ()
     # Prometheus /metrics on the gRPC server's host: -1 off, 0 any free port (logged as
     # metrics_listening), else that port.
     metrics_port: int = -1
