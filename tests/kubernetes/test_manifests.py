@@ -306,3 +306,21 @@ def test_dockerfile_builds_one_small_non_root_image() -> None:
     assert "build-essential" not in final  # compilers stay in the build stage
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "node_modules", "tests"} <= set(ignored)
+
+
+def test_the_cuda_variant_is_the_same_image_with_onnxruntime_gpu() -> None:
+    """Issue 20 (9): GPU SUTs with the built-in ONNX backend. Not buildable here (no Docker): what
+    can be checked is that it is the CPU image's build with the GPU package swapped in."""
+    cpu = (ROOT / "Dockerfile").read_text()
+    cuda = (ROOT / "Dockerfile.cuda").read_text()
+    stages = [line for line in cuda.splitlines() if line.startswith("FROM ")]
+    assert stages == ["FROM python:3.11-slim AS build", "FROM python:3.11-slim"]
+    # The project's sources, copied the same way.
+    copies = [line for line in cpu.splitlines() if line.startswith("COPY ")]
+    assert copies == [line for line in cuda.splitlines() if line.startswith("COPY ")]
+    final = cuda.split("FROM python:3.11-slim\n", 1)[1]
+    assert "pip uninstall -y onnxruntime" in final and '"onnxruntime-gpu[cuda,cudnn]==${ONNXRUNTIME_GPU_VERSION}"' in final
+    assert final.index("pip uninstall -y onnxruntime") < final.index("onnxruntime-gpu")
+    assert "--no-index" in final and "build-essential" not in final
+    assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in final
+    assert "USER 10001:10001" in final and 'ENTRYPOINT ["mecbench"]' in final
