@@ -24,6 +24,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller import webhooks
 from controller.accuracy import validate_accuracy
+from controller.groups import apply_mix, mix_points
 from controller.registry import ACTIVE_STATES
 from controller.runs import TERMINAL_STATES, RunManager, now
 from controller.shaping import is_shaped
@@ -192,6 +193,7 @@ def point_spec(spec: controller_pb2.ExperimentSpec, point: Point, sut_id: str,
     )
     if point.profile.name or point.profile.HasField("netem"):
         run.network.CopyFrom(point.profile)
+    apply_mix(spec, point.profile.name, run)
     if spec.HasField("accuracy"):
         run.accuracy.CopyFrom(spec.accuracy)
     return run
@@ -212,6 +214,7 @@ def validate_experiment(spec: controller_pb2.ExperimentSpec) -> list[Point]:
     if spec.HasField("accuracy"):
         validate_accuracy(spec.accuracy, "spec.accuracy", violations)
     points, expansion = expand(spec)
+    points = mix_points(spec, points, expansion)
     violations.extend(expansion.items)
     violations.check(spec.sweep.repeats <= 100, "spec.sweep.repeats", "at most 100")
     if spec.HasField("search"):
@@ -566,7 +569,9 @@ class ExperimentManager:
                 peak.latency_at_peak.CopyFrom(result.latency.p99)
             return met
 
-        if not probe(low):
+        # The search's anchor is confirmed before it is given up: on a busy machine one stall can
+        # push a short probe's tail past the bound, and a failed `low` ends the search at 0.
+        if not probe(low) and not probe(low):
             return peak
         if probe(high):
             return peak
