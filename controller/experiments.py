@@ -569,9 +569,7 @@ class ExperimentManager:
                 peak.latency_at_peak.CopyFrom(result.latency.p99)
             return met
 
-        # The search's anchor is confirmed before it is given up: on a busy machine one stall can
-        # push a short probe's tail past the bound, and a failed `low` ends the search at 0.
-        if not probe(low) and not probe(low):
+        if not probe(low):
             return peak
         if probe(high):
             return peak

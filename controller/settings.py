@@ -36,9 +36,6 @@ class ControllerSettings:
     topology_name: str = "mb0"
     # Node telemetry sampled during each repeat; 0 turns it off.
     telemetry_interval_s: float = 0.5
-    # A run starts only when the results spool (under data_dir) has this much disk free: with
-    # the store away, every measured file waits there.
-    spool_min_free_bytes: int = 256 * 1024 * 1024
     # Shaping lease: the node agent removes shaping this long after the controller stops renewing.
     shaping_lease_s: float = 15.0
     # backend = "kubernetes": agents are pods in this namespace (docs/kubernetes.md).

@@ -100,10 +100,38 @@ def validate_run_spec(spec: controller_pb2.RunSpec, prefix: str = "spec") -> Vio
             all(dim > 0 for dim in synthetic.shape), f"{prefix}.dataset.synthetic.shape", "dimensions must be positive"
         )
     if spec.HasField("network"):
-        netem = spec.network.netem
-        for name in ("delay", "jitter"):
-            _duration(getattr(netem, name), f"{prefix}.network.netem.{name}", violations)
-        for name in ("loss_percent", "reorder_percent", "duplicate_percent", "corrupt_percent"):
-            value = getattr(netem, name)
-            violations.check(0 <= value <= 100, f"{prefix}.network.netem.{name}", "must be between 0 and 100")
+        _check_netem(spec.network.netem, f"{prefix}.network.netem", violations)
+    if spec.client_groups:
+        _check_groups(spec, prefix, violations)
     return violations
+
+
+def _check_netem(netem: common_pb2.NetemConfig, prefix: str, violations: Violations) -> None:
+    for name in ("delay", "jitter"):
+        _duration(getattr(netem, name), f"{prefix}.{name}", violations)
+    for name in ("loss_percent", "reorder_percent", "duplicate_percent", "corrupt_percent"):
+        value = getattr(netem, name)
+        violations.check(0 <= value <= 100, f"{prefix}.{name}", "must be between 0 and 100")
+
+
+def _check_groups(spec: controller_pb2.RunSpec, prefix: str, violations: Violations) -> None:
+    """Client groups: named uniquely, at least one client each, their sum the run's clients."""
+    names: set[str] = set()
+    for index, group in enumerate(spec.client_groups):
+        where = f"{prefix}.client_groups[{index}]"
+        if not group.name:
+            violations.add(f"{where}.name", "must not be empty")
+        elif not group.name.replace("-", "").replace("_", "").isalnum() or len(group.name) > 40:
+            violations.add(f"{where}.name", "1-40 letters, digits, '-' or '_'")
+        elif group.name in names:
+            violations.add(f"{where}.name", f"{group.name!r} names another group too")
+        names.add(group.name)
+        violations.check(group.clients >= 1, f"{where}.clients", "at least 1")
+        if group.HasField("network"):
+            _check_netem(group.network.netem, f"{where}.network.netem", violations)
+    total = sum(g.clients for g in spec.client_groups)
+    violations.check(total <= MAX_CLIENTS, f"{prefix}.client_groups", f"at most {MAX_CLIENTS} clients in all")
+    violations.check(not spec.clients or spec.clients == total, f"{prefix}.clients",
+                     f"must be 0 or the groups' sum ({total})")
+    violations.check(not spec.HasField("network"), f"{prefix}.network",
+                     "not with client_groups: each group has its own network")

@@ -304,6 +304,8 @@ RESULT_COLUMNS = [
     "scenario",
     "clients",
     "network_profile",
+    # A client group's own row ("" = the pooled row of all the repeat's clients).
+    "group",
     "sut_backend",
     "valid",
     "samples_per_second",
@@ -400,12 +402,23 @@ def _iso(stamp: Timestamp) -> str:
     return stamp.ToDatetime(tzinfo=UTC).isoformat()
 
 
+def _with_groups(
+    records: Iterable[controller_pb2.ResultRecord],
+) -> Iterator[tuple[controller_pb2.ResultRecord, controller_pb2.GroupResult | None]]:
+    """Each record (pooled), then each of its client groups."""
+    for record in records:
+        yield record, None
+        for group in record.groups:
+            yield record, group
+
+
 def result_rows(records: Iterable[controller_pb2.ResultRecord]) -> ResultTable:
     """One row per stored repeat (a ResultRecord from `list_results`), with the aggregate over
-    all clients of that repeat; columns as in RESULT_COLUMNS."""
+    all clients of that repeat, then one per client group of a run with groups (`group` names
+    it); columns as in RESULT_COLUMNS."""
     table = ResultTable(list(RESULT_COLUMNS))
-    for record in records:
-        result = record.result
+    for record, group in _with_groups(records):
+        result = group.result if group is not None else record.result
         scenario = record.scenario or result.scenario
         latency = result.latency if result.HasField("latency") else None
         tokens = result.HasField("ttft")
@@ -417,8 +430,9 @@ def result_rows(records: Iterable[controller_pb2.ResultRecord]) -> ResultTable:
                 "run_id": record.run_id,
                 "repeat": record.repeat,
                 "scenario": SCENARIO_NAMES.get(scenario, ""),
-                "clients": record.clients,
-                "network_profile": record.network_profile,
+                "clients": len(group.clients) if group is not None else record.clients,
+                "network_profile": group.network_profile if group is not None else record.network_profile,
+                "group": group.name if group is not None else "",
                 "sut_backend": record.sut_backend,
                 "valid": result.valid,
                 "samples_per_second": result.samples_per_second,

@@ -58,6 +58,7 @@ QPS_VS_CLIENTS = "qps_vs_clients.png"
 LATENCY_CDF = "latency_cdf.png"
 CLIENT_FAIRNESS = "client_fairness.png"
 TELEMETRY = "telemetry.png"
+LATENCY_BY_GROUP = "latency_by_group.png"
 VS_RESOURCES = "throughput_latency_vs_resources.png"
 REPORT_HTML = "report.html"
 
@@ -138,6 +139,8 @@ class RepeatData:
     # Names of every file stored for the repeat, and where they are.
     files: list[str] = field(default_factory=list)
     result_uri: str = ""
+    # Per client group, when the run's clients came in groups on their own profiles.
+    groups: list[controller_pb2.GroupResult] = field(default_factory=list)
 
 
 @dataclass
@@ -223,6 +226,7 @@ def collect_report_data(client: Client, experiment_id: str) -> ReportData:
                 clients={c.client: c.result for c in result.clients},
                 files=list(record.files) if record is not None else [],
                 result_uri=result.result_uri,
+                groups=list(result.groups),
             )
             _fetch_files(client, point, repeat, data.notes)
             point.repeats.append(repeat)
@@ -379,6 +383,7 @@ def render_figures(data: ReportData, out_dir: Path) -> list[Path]:
         LATENCY_CDF: _draw_latency_cdf,
         CLIENT_FAIRNESS: _draw_client_fairness,
         TELEMETRY: _draw_telemetry,
+        LATENCY_BY_GROUP: _draw_latency_by_group,
         VS_RESOURCES: _draw_vs_resources,
     }
     written = []
@@ -642,6 +647,46 @@ def _draw_client_fairness(data: ReportData, figure: Figure) -> bool:
         top.set_ylim(0, top.get_ylim()[1] * (1.12 + 0.08 * math.ceil(width_clients / 8)))
         top.legend(fontsize="small", ncols=min(width_clients, 8), loc="upper right")
     figure.suptitle(_title(data, "per-client fairness (J: Jain's index of samples/s, 1 = equal)"))
+    return True
+
+
+def _draw_latency_by_group(data: ReportData, figure: Figure) -> bool:
+    """Bar groups, one per point whose clients came in groups: each group's p50 (solid) and p99
+    (hatched), mean over repeats with min-max bars, named with its network profile."""
+    points = [p for p in data.sweep_points if any(r.groups for r in p.repeats)]
+    if not points:
+        return False
+    axis = figure.subplots()
+    names = _unique(g.name for p in points for r in p.repeats for g in r.groups)
+    palette = _colours(names)
+    labels, values = [], []
+    in_legend: set[str] = set()
+    for slot_of_point, point in enumerate(points):
+        groups = _unique(g.name for r in point.repeats for g in r.groups)
+        bar = 0.8 / (2 * len(groups))
+        profiles = {}
+        for slot, name in enumerate(groups):
+            entries = [g for r in point.repeats for g in r.groups if g.name == name and _has_latency(g.result.latency)]
+            if not entries:
+                continue
+            profiles[name] = entries[0].network_profile
+            for offset, (which, hatch) in enumerate((("p50", ""), ("p99", "//"))):
+                figures = [_ms(getattr(g.result.latency, which)) for g in entries]
+                mean, low, high = _spread(figures)
+                values += figures
+                x = slot_of_point - 0.4 + bar * (2 * slot + offset + 0.5)
+                label = f"{name} {which}" if f"{name} {which}" not in in_legend else None
+                in_legend.add(f"{name} {which}")
+                axis.bar(x, mean, bar, yerr=[[low], [high]] if len(figures) > 1 else None, capsize=2,
+                         color=palette[name], hatch=hatch, edgecolor="black", linewidth=0.5, label=label)
+        labels.append(point.selector + "\n" + ", ".join(f"{n}: {p}" for n, p in profiles.items()))
+    axis.set_xticks(range(len(points)))
+    axis.set_xticklabels(labels, fontsize="small")
+    axis.set_ylabel("latency (ms)")
+    _auto_log(axis, values)
+    axis.grid(True, axis="y", alpha=0.3)
+    axis.legend(fontsize="small", ncols=min(len(names) * 2, 6))
+    figure.suptitle(_title(data, "latency per client group (p50 solid, p99 hatched; mean over repeats)"))
     return True
 
 

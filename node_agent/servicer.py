@@ -41,6 +41,16 @@ class NodeAgentServicer(node_agent_pb2_grpc.NodeAgentServicer):
     ) -> node_agent_pb2.ProbeShapingResponse:
         return node_agent_pb2.ProbeShapingResponse(probe=self._agent.probe_shaping(request))
 
+    def StartSchedule(
+        self, request: node_agent_pb2.StartScheduleRequest, context: grpc.ServicerContext
+    ) -> node_agent_pb2.StartScheduleResponse:
+        return self._agent.start_schedule(request)
+
+    def StopSchedule(
+        self, request: node_agent_pb2.StopScheduleRequest, context: grpc.ServicerContext
+    ) -> node_agent_pb2.StopScheduleResponse:
+        return self._agent.stop_schedule(request)
+
     def RenewLease(
         self, request: node_agent_pb2.RenewLeaseRequest, context: grpc.ServicerContext
     ) -> node_agent_pb2.RenewLeaseResponse:
@@ -72,11 +82,6 @@ class NodeAgentServicer(node_agent_pb2_grpc.NodeAgentServicer):
         self, request: node_agent_pb2.GetPlacementRequest, context: grpc.ServicerContext
     ) -> node_agent_pb2.GetPlacementResponse:
         return node_agent_pb2.GetPlacementResponse(placement=self._agent.get_placement(request.placement_id))
-
-    def GetPodPlacement(
-        self, request: node_agent_pb2.GetPodPlacementRequest, context: grpc.ServicerContext
-    ) -> node_agent_pb2.GetPodPlacementResponse:
-        return self._agent.pod_placement(request)
 
     def ReleasePlacement(
         self, request: node_agent_pb2.ReleasePlacementRequest, context: grpc.ServicerContext

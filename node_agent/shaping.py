@@ -13,6 +13,7 @@ ingress are separate slots of an interface); it never removes anything MECBench 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import ipaddress
 import os
@@ -37,7 +38,7 @@ from mecbench.core.errors import (
 )
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, node_agent_pb2
-from node_agent import linkprobe, tc
+from node_agent import linkprobe, schedule, tc
 from node_agent.leases import LeaseRecord, ShapingRecord, StateStore, new_id
 from node_agent.netns import (
     Namespace,
@@ -102,6 +103,7 @@ class ShapingManager:
         self.support = support
         self.pods = pods
         self._lock = threading.RLock()
+        self._schedules: dict[str, schedule.ScheduleRun] = {}
 
     # --- resolving targets --------------------------------------------------------------------
 
@@ -171,6 +173,11 @@ class ShapingManager:
 
     def apply(self, request: node_agent_pb2.ApplyShapingRequest) -> node_agent_pb2.Shaping:
         spec = check_apply(request, self.settings)
+        steps: list[schedule.CheckedStep] = []
+        if request.HasField("schedule"):
+            violations = Violations()
+            steps = schedule.check_schedule(request.schedule, "schedule", violations)
+            violations.raise_if_any()
         ns = self.resolve_namespace(spec.target)
         with ns.netlink() as ipr:
             found = ipr.link_lookup(ifname=spec.target.interface)
@@ -181,6 +188,7 @@ class ShapingManager:
             mtu = int(link.get_attr("IFLA_MTU") or 1500) if link is not None else 1500
             self.check_allowed(ns, spec.target.interface)
             plan = self._plan(spec, mtu)
+            self._step_plans(spec, steps, mtu, plan)
             needed = list(plan.kinds) + (list(INGRESS_KINDS) if spec.ingress else [])
             missing = self.support.missing(dict.fromkeys(needed))
             if missing:
@@ -208,6 +216,98 @@ class ShapingManager:
             limit = tc.netem_limit(netem.limit, spec.rate_bytes, netem.delay_ns, netem.jitter_ns, mtu)
             netem = tc.NetemParams(**{**netem.__dict__, "limit": limit})
         return tc.RootPlan(rate_bytes=spec.rate_bytes, burst_bytes=burst, netem=netem)
+
+    def _step_plans(
+        self, spec: ShapingSpec, steps: list[schedule.CheckedStep], mtu: int, base: tc.RootPlan
+    ) -> list[tuple[float, tc.RootPlan]]:
+        """Each step's plan; every one must change in place what `base` installs."""
+        plans = []
+        violations = Violations()
+        for index, step in enumerate(steps):
+            step_spec = dataclasses.replace(
+                spec, rate_bytes=step.rate_bytes, burst_bytes=step.burst_bytes, netem=step.netem
+            )
+            plan = self._plan(step_spec, mtu)
+            if plan.kinds != base.kinds:
+                violations.add(
+                    f"schedule.steps[{index}].netem",
+                    f"needs {'+'.join(plan.kinds)} where the shaping installs {'+'.join(base.kinds)}: a step can "
+                    "change figures in place, not the kinds of qdisc (set the same kinds of figure in every step)",
+                )
+            plans.append((step.at_s, plan))
+        violations.raise_if_any()
+        return plans
+
+    # --- schedules ----------------------------------------------------------------------------
+
+    def start_schedule(self, shaping_id: str) -> schedule.ScheduleRun:
+        """Apply the shaping's schedule from its first step, from now (restarting it if it runs)."""
+        if not shaping_id:
+            raise InvalidArgument("required", field="shaping_id")
+        record = self.store.shaping(shaping_id)
+        if record is None or record.state != "installed":
+            raise NotFound(f"shaping {shaping_id} is unknown (lapsed or cleared?)")
+        request = node_agent_pb2.ApplyShapingRequest.FromString(record.request)
+        if not request.HasField("schedule"):
+            raise FailedPrecondition(f"shaping {shaping_id} has no schedule")
+        spec = check_apply(request, self.settings)
+        violations = Violations()
+        steps = schedule.check_schedule(request.schedule, "schedule", violations)
+        violations.raise_if_any()
+        ns = self._namespace_of(record)
+        try:
+            with ns.netlink() as ipr:
+                link = _link(ipr, record.ifindex)
+                mtu = int(link.get_attr("IFLA_MTU") or 1500) if link is not None else 1500
+        except NamespaceGone as exc:
+            raise NotFound(f"shaping {shaping_id}: {exc}") from None
+        plans = self._step_plans(spec, steps, mtu, self._plan(spec, mtu))
+        self.stop_schedule(shaping_id, missing_ok=True)
+
+        def roots(ipr: Any) -> list[int]:
+            found = [record.ifindex] if record.egress else []
+            if record.ifb_name:
+                found += [int(i) for i in ipr.link_lookup(ifname=record.ifb_name)]
+            return found
+
+        run = schedule.ScheduleRun(shaping_id, time.time())
+        run.thread = threading.Thread(
+            target=schedule.run_schedule,
+            args=(run, plans, durations.to_seconds(request.schedule.period), ns.netlink, roots, mtu),
+            name=f"schedule-{shaping_id}",
+            daemon=True,
+        )
+        with self._lock:
+            self._schedules[shaping_id] = run
+        run.thread.start()
+        log.info("schedule_started", shaping_id=shaping_id, steps=len(plans), source=request.schedule.source)
+        return run
+
+    def start_schedule_message(
+        self, request: node_agent_pb2.StartScheduleRequest
+    ) -> node_agent_pb2.StartScheduleResponse:
+        run = self.start_schedule(request.shaping_id)
+        return node_agent_pb2.StartScheduleResponse(started_at=timestamp(run.started_at))
+
+    def stop_schedule_message(self, request: node_agent_pb2.StopScheduleRequest) -> node_agent_pb2.StopScheduleResponse:
+        if not request.shaping_id:
+            raise InvalidArgument("required", field="shaping_id")
+        run = self.stop_schedule(request.shaping_id)
+        return node_agent_pb2.StopScheduleResponse(started_at=timestamp(run.started_at), applied=run.timeline())
+
+    def stop_schedule(self, shaping_id: str, missing_ok: bool = False) -> schedule.ScheduleRun:
+        """Stop the schedule where it is (the link keeps its current step) and return its timeline."""
+        with self._lock:
+            run = self._schedules.pop(shaping_id, None)
+        if run is None:
+            if missing_ok:
+                return schedule.ScheduleRun(shaping_id, 0.0)
+            raise NotFound(f"shaping {shaping_id} has no schedule running")
+        run.stop.set()
+        if run.thread is not None:
+            run.thread.join(timeout=10)
+        log.info("schedule_stopped", shaping_id=shaping_id, applied=len(run.applied))
+        return run
 
     def _occupying(self, ns: Namespace, ifindex: int, egress: bool, ingress: bool) -> list[ShapingRecord]:
         return [
@@ -365,6 +465,7 @@ class ShapingManager:
 
     def _remove(self, record: ShapingRecord) -> None:
         """Remove what `record` installed (only qdiscs and devices that are ours) and forget it."""
+        self.stop_schedule(record.shaping_id, missing_ok=True)
         try:
             with self._namespace_of(record).netlink() as ipr:
                 if _link(ipr, record.ifindex) is not None:

@@ -275,15 +275,7 @@ def install_root(ipr: Any, index: int, plan: RootPlan, mtu: int) -> None:
         add_netem(ipr, index, ROOT_HANDLE, TC_H_ROOT, plan.netem)
         return
     if kind == "tbf":
-        ipr.tc(
-            "add",
-            "tbf",
-            index,
-            ROOT_HANDLE,
-            rate=plan.rate_bytes,
-            burst=plan.burst_bytes,
-            limit=int(plan.rate_bytes * RATE_QUEUE_S) + plan.burst_bytes,
-        )
+        ipr.tc("add", "tbf", index, ROOT_HANDLE, **tbf_options(plan))
         return
     ipr.tc("add", "htb", index, ROOT_HANDLE, default=DEFAULT_CLASS & 0xFFFF)
     quantum = min(200_000, max(mtu + ETHERNET_HEADER, plan.rate_bytes // 10))
@@ -301,6 +293,52 @@ def install_root(ipr: Any, index: int, plan: RootPlan, mtu: int) -> None:
     )
     if plan.netem is not None:
         add_netem(ipr, index, LEAF_HANDLE, DEFAULT_CLASS, plan.netem)
+
+
+# tc's `change`: RTM_NEWQDISC without NLM_F_CREATE, so the kernel changes the qdisc in place
+# (keeping its queue) and refuses when there is none to change.
+CHANGE_FLAGS = NLM_F_REQUEST | NLM_F_ACK
+
+
+def change_netem(ipr: Any, index: int, handle: int, parent: int, params: NetemParams) -> None:
+    send_request(ipr, netem_message(index, handle, parent, params), RTM_NEWQDISC, CHANGE_FLAGS)
+
+
+def tbf_options(plan: RootPlan) -> dict[str, int]:
+    return {
+        "rate": plan.rate_bytes,
+        "burst": plan.burst_bytes,
+        "limit": int(plan.rate_bytes * RATE_QUEUE_S) + plan.burst_bytes,
+    }
+
+
+def change_root(ipr: Any, index: int, plan: RootPlan, mtu: int) -> None:
+    """Change the installed root of `index` (of the same kinds as `plan`) to `plan`'s figures in
+    place: tbf's parameters (its queue's limit follows, queued packets stay), the htb class's
+    rate, netem's options."""
+    kind = plan.root_kind
+    if kind == "netem":
+        assert plan.netem is not None
+        change_netem(ipr, index, ROOT_HANDLE, TC_H_ROOT, plan.netem)
+        return
+    if kind == "tbf":
+        ipr.tc("change", "tbf", index, ROOT_HANDLE, **tbf_options(plan))
+        return
+    quantum = min(200_000, max(mtu + ETHERNET_HEADER, plan.rate_bytes // 10))
+    ipr.tc(
+        "change-class",
+        "htb",
+        index,
+        DEFAULT_CLASS,
+        parent=ROOT_HANDLE,
+        rate=plan.rate_bytes,
+        ceil=plan.rate_bytes,
+        burst=plan.burst_bytes,
+        cburst=plan.burst_bytes,
+        quantum=quantum,
+    )
+    if plan.netem is not None:
+        change_netem(ipr, index, LEAF_HANDLE, DEFAULT_CLASS, plan.netem)
 
 
 def delete_root(ipr: Any, index: int) -> bool:

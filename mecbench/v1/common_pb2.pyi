@@ -265,6 +265,7 @@ class NetworkProfile(_message.Message):
     NETEM_FIELD_NUMBER: _builtins.int
     DIRECTION_FIELD_NUMBER: _builtins.int
     SIDE_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of a shipped profile ("4g", "5g", "wifi", "satellite") or of a custom one."""
     direction: Global___Direction.ValueType
@@ -272,6 +273,10 @@ class NetworkProfile(_message.Message):
     """Apply on the SUT side, the LoadGen side, or both."""
     @_builtins.property
     def netem(self) -> Global___NetemConfig: ...
+    @_builtins.property
+    def schedule(self) -> Global___LinkSchedule:
+        """A link that changes during each test; `netem` is then its first step's."""
+
     def __init__(
         self,
         *,
@@ -279,14 +284,75 @@ class NetworkProfile(_message.Message):
         netem: Global___NetemConfig | None = ...,
         direction: Global___Direction.ValueType = ...,
         side: Global___ShapingSide.ValueType = ...,
+        schedule: Global___LinkSchedule | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["netem", b"netem"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["netem", b"netem", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "name", b"name", "netem", b"netem", "side", b"side"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "name", b"name", "netem", b"netem", "schedule", b"schedule", "side", b"side"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NetworkProfile: _TypeAlias = NetworkProfile  # noqa: Y015
+
+@_typing.final
+class LinkSchedule(_message.Message):
+    """A link that changes over time: from each step's `at` (since the test started) the link is that
+    step's `netem`, changed in place (the queue and connections are kept).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """Where it came from (a shipped trace's name, a file's name), for the record."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkStep]:
+        """In time order, the first at 0; every step sets the same kinds of figure (a rate, netem ones)."""
+
+    @_builtins.property
+    def period(self) -> _duration_pb2.Duration:
+        """Start over after this long (a Mahimahi trace loops); 0 = hold the last step."""
+
+    def __init__(
+        self,
+        *,
+        steps: _abc.Iterable[Global___LinkStep] | None = ...,
+        period: _duration_pb2.Duration | None = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period", b"period"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["period", b"period", "source", b"source", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkSchedule: _TypeAlias = LinkSchedule  # noqa: Y015
+
+@_typing.final
+class LinkStep(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    NETEM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def at(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def netem(self) -> Global___NetemConfig: ...
+    def __init__(
+        self,
+        *,
+        at: _duration_pb2.Duration | None = ...,
+        netem: Global___NetemConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "netem", b"netem"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "netem", b"netem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkStep: _TypeAlias = LinkStep  # noqa: Y015
 
 @_typing.final
 class ResourceLimits(_message.Message):

@@ -330,6 +330,7 @@ class Sweep(_message.Message):
     REPEATS_FIELD_NUMBER: _builtins.int
     PLACEMENTS_FIELD_NUMBER: _builtins.int
     CPU_CORES_FIELD_NUMBER: _builtins.int
+    CLIENT_MIXES_FIELD_NUMBER: _builtins.int
     repeats: _builtins.int
     @_builtins.property
     def clients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
@@ -351,6 +352,12 @@ class Sweep(_message.Message):
     def cpu_cores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Shorthand for `placements` that differ only in CPU cores, e.g. [0.5, 1, 2]."""
 
+    @_builtins.property
+    def client_mixes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientMix]:
+        """Points whose clients come in groups on their own profiles; each mix is a point in place of
+        `clients` x `network_profiles`.
+        """
+
     def __init__(
         self,
         *,
@@ -361,10 +368,11 @@ class Sweep(_message.Message):
         repeats: _builtins.int = ...,
         placements: _abc.Iterable[_common_pb2.ResourceLimits] | None = ...,
         cpu_cores: _abc.Iterable[_builtins.float] | None = ...,
+        client_mixes: _abc.Iterable[Global___ClientMix] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "cpu_cores", b"cpu_cores", "network_profiles", b"network_profiles", "placements", b"placements", "repeats", b"repeats", "scenarios", b"scenarios", "server_target_qps", b"server_target_qps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_mixes", b"client_mixes", "clients", b"clients", "cpu_cores", b"cpu_cores", "network_profiles", b"network_profiles", "placements", b"placements", "repeats", b"repeats", "scenarios", b"scenarios", "server_target_qps", b"server_target_qps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1143,6 +1151,7 @@ class RunSpec(_message.Message):
     WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     ACCURACY_FIELD_NUMBER: _builtins.int
+    CLIENT_GROUPS_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     selector: _builtins.str
     """Names the point within the experiment, e.g. "server-qps100-4g-c2"."""
@@ -1176,6 +1185,12 @@ class RunSpec(_message.Message):
     def accuracy(self) -> _common_pb2.AccuracySpec:
         """How accuracy runs are scored; none: the accuracy log is kept, unscored."""
 
+    @_builtins.property
+    def client_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientGroup]:
+        """Clients in groups, each group on its own network profile, all against the one SUT at once.
+        When set, `clients` is their sum (0 or equal to it) and `network` is not set.
+        """
+
     def __init__(
         self,
         *,
@@ -1195,14 +1210,106 @@ class RunSpec(_message.Message):
         webhook_url: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         accuracy: _common_pb2.AccuracySpec | None = ...,
+        client_groups: _abc.Iterable[Global___ClientGroup] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "data_plane", b"data_plane", "dataset", b"dataset", "network", b"network", "settings", b"settings", "sut", b"sut"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "busy_policy", b"busy_policy", "clients", b"clients", "data_plane", b"data_plane", "dataset", b"dataset", "experiment_id", b"experiment_id", "labels", b"labels", "loadgen_id", b"loadgen_id", "loadgen_mode", b"loadgen_mode", "network", b"network", "repeats", b"repeats", "selector", b"selector", "settings", b"settings", "sut", b"sut", "sut_id", b"sut_id", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "busy_policy", b"busy_policy", "client_groups", b"client_groups", "clients", b"clients", "data_plane", b"data_plane", "dataset", b"dataset", "experiment_id", b"experiment_id", "labels", b"labels", "loadgen_id", b"loadgen_id", "loadgen_mode", b"loadgen_mode", "network", b"network", "repeats", b"repeats", "selector", b"selector", "settings", b"settings", "sut", b"sut", "sut_id", b"sut_id", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunSpec: _TypeAlias = RunSpec  # noqa: Y015
+
+@_typing.final
+class ClientGroup(_message.Message):
+    """Clients that share a network profile within a run (e.g. 2 clients on "5g", 1 on "lte")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CLIENTS_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Unique within the run; names the group in the results."""
+    clients: _builtins.int
+    """At least 1."""
+    @_builtins.property
+    def network(self) -> _common_pb2.NetworkProfile:
+        """A shipped profile by name, or figures of its own; unset = not shaped."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        clients: _builtins.int = ...,
+        network: _common_pb2.NetworkProfile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["network", b"network"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "name", b"name", "network", b"network"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClientGroup: _TypeAlias = ClientGroup  # noqa: Y015
+
+@_typing.final
+class ClientMix(_message.Message):
+    """A named set of client groups: one point of a sweep."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientGroup]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        groups: _abc.Iterable[Global___ClientGroup] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClientMix: _TypeAlias = ClientMix  # noqa: Y015
+
+@_typing.final
+class GroupResult(_message.Message):
+    """One client group's result in a repeat: its clients' results pooled as the run's are."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CLIENTS_FIELD_NUMBER: _builtins.int
+    NETWORK_PROFILE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    network_profile: _builtins.str
+    @_builtins.property
+    def clients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The group's client indices (as in ClientResult.client)."""
+
+    @_builtins.property
+    def result(self) -> _common_pb2.TestResult: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        clients: _abc.Iterable[_builtins.int] | None = ...,
+        network_profile: _builtins.str = ...,
+        result: _common_pb2.TestResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "name", b"name", "network_profile", b"network_profile", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupResult: _TypeAlias = GroupResult  # noqa: Y015
 
 @_typing.final
 class RunProgress(_message.Message):
@@ -1276,6 +1383,7 @@ class RepeatResult(_message.Message):
     LOADGEN_SETUP_TIME_FIELD_NUMBER: _builtins.int
     SUT_STATS_FIELD_NUMBER: _builtins.int
     PLACEMENT_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
     repeat: _builtins.int
     result_uri: _builtins.str
     """Where the files are: a prefix in the results store."""
@@ -1295,6 +1403,10 @@ class RepeatResult(_message.Message):
     def placement(self) -> Global___SutPlacement:
         """The SUT's placement during this repeat (local backend, resources or GPUs asked for)."""
 
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupResult]:
+        """Per client group, when the run has groups (`aggregate` pools them all)."""
+
     def __init__(
         self,
         *,
@@ -1305,10 +1417,11 @@ class RepeatResult(_message.Message):
         loadgen_setup_time: _duration_pb2.Duration | None = ...,
         sut_stats: _sut_agent_pb2.SutStats | None = ...,
         placement: Global___SutPlacement | None = ...,
+        groups: _abc.Iterable[Global___GroupResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "loadgen_setup_time", b"loadgen_setup_time", "placement", b"placement", "sut_stats", b"sut_stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "clients", b"clients", "loadgen_setup_time", b"loadgen_setup_time", "placement", b"placement", "repeat", b"repeat", "result_uri", b"result_uri", "sut_stats", b"sut_stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "clients", b"clients", "groups", b"groups", "loadgen_setup_time", b"loadgen_setup_time", "placement", b"placement", "repeat", b"repeat", "result_uri", b"result_uri", "sut_stats", b"sut_stats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1769,6 +1882,7 @@ class ResultRecord(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
     LOADGEN_SETUP_TIME_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     selector: _builtins.str
     run_id: _builtins.str
@@ -1788,6 +1902,10 @@ class ResultRecord(_message.Message):
 
     @_builtins.property
     def loadgen_setup_time(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupResult]:
+        """Per client group, when the run has groups (`result` pools them all)."""
+
     def __init__(
         self,
         *,
@@ -1804,10 +1922,11 @@ class ResultRecord(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         files: _abc.Iterable[_builtins.str] | None = ...,
         loadgen_setup_time: _duration_pb2.Duration | None = ...,
+        groups: _abc.Iterable[Global___GroupResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "loadgen_setup_time", b"loadgen_setup_time", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "created_at", b"created_at", "experiment_id", b"experiment_id", "files", b"files", "loadgen_setup_time", b"loadgen_setup_time", "network_profile", b"network_profile", "repeat", b"repeat", "result", b"result", "result_uri", b"result_uri", "run_id", b"run_id", "scenario", b"scenario", "selector", b"selector", "sut_backend", b"sut_backend"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "created_at", b"created_at", "experiment_id", b"experiment_id", "files", b"files", "groups", b"groups", "loadgen_setup_time", b"loadgen_setup_time", "network_profile", b"network_profile", "repeat", b"repeat", "result", b"result", "result_uri", b"result_uri", "run_id", b"run_id", "scenario", b"scenario", "selector", b"selector", "sut_backend", b"sut_backend"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

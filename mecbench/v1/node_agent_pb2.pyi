@@ -312,6 +312,7 @@ class ApplyShapingRequest(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
     REPLACE_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
     direction: _common_pb2.Direction.ValueType
     owner: _builtins.str
     """Who asked (a run id); recorded with the lease."""
@@ -325,6 +326,10 @@ class ApplyShapingRequest(_message.Message):
     def lease_duration(self) -> _duration_pb2.Duration:
         """Lease length; the shaping is removed unless renewed in time. 0 = the agent's default."""
 
+    @_builtins.property
+    def schedule(self) -> _common_pb2.LinkSchedule:
+        """Time-varying: `netem` is installed, then changed in place at each step once started."""
+
     def __init__(
         self,
         *,
@@ -334,10 +339,11 @@ class ApplyShapingRequest(_message.Message):
         owner: _builtins.str = ...,
         lease_duration: _duration_pb2.Duration | None = ...,
         replace: _builtins.bool = ...,
+        schedule: _common_pb2.LinkSchedule | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration", "netem", b"netem", "target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration", "netem", b"netem", "schedule", b"schedule", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "lease_duration", b"lease_duration", "netem", b"netem", "owner", b"owner", "replace", b"replace", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "lease_duration", b"lease_duration", "netem", b"netem", "owner", b"owner", "replace", b"replace", "schedule", b"schedule", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1040,45 +1046,146 @@ class ReleasePlacementResponse(_message.Message):
 Global___ReleasePlacementResponse: _TypeAlias = ReleasePlacementResponse  # noqa: Y015
 
 @_typing.final
-class GetPodPlacementRequest(_message.Message):
+class StartScheduleRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    POD_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def pod(self) -> Global___PodReference: ...
+    SHAPING_ID_FIELD_NUMBER: _builtins.int
+    shaping_id: _builtins.str
     def __init__(
         self,
         *,
-        pod: Global___PodReference | None = ...,
+        shaping_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shaping_id", b"shaping_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetPodPlacementRequest: _TypeAlias = GetPodPlacementRequest  # noqa: Y015
+Global___StartScheduleRequest: _TypeAlias = StartScheduleRequest  # noqa: Y015
 
 @_typing.final
-class GetPodPlacementResponse(_message.Message):
+class StartScheduleResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    APPLIED_FIELD_NUMBER: _builtins.int
-    USAGE_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def applied(self) -> _common_pb2.PlacementApplied: ...
-    @_builtins.property
-    def usage(self) -> _common_pb2.PlacementUsage: ...
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
-        applied: _common_pb2.PlacementApplied | None = ...,
-        usage: _common_pb2.PlacementUsage | None = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetPodPlacementResponse: _TypeAlias = GetPodPlacementResponse  # noqa: Y015
+Global___StartScheduleResponse: _TypeAlias = StartScheduleResponse  # noqa: Y015
+
+@_typing.final
+class StopScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHAPING_ID_FIELD_NUMBER: _builtins.int
+    shaping_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        shaping_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shaping_id", b"shaping_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopScheduleRequest: _TypeAlias = StopScheduleRequest  # noqa: Y015
+
+@_typing.final
+class StopScheduleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def applied(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppliedStep]:
+        """Each step as applied, in order (a looping schedule repeats steps)."""
+
+    def __init__(
+        self,
+        *,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        applied: _abc.Iterable[Global___AppliedStep] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "started_at", b"started_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopScheduleResponse: _TypeAlias = StopScheduleResponse  # noqa: Y015
+
+@_typing.final
+class AppliedStep(_message.Message):
+    """One step of a schedule as the node agent applied it and the kernel read it back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParamsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    STEP_FIELD_NUMBER: _builtins.int
+    PLANNED_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    error: _builtins.str
+    """Why it could not be applied, if it could not."""
+    @_builtins.property
+    def planned(self) -> _duration_pb2.Duration:
+        """When the schedule wanted it, and when it took effect, since the schedule started."""
+
+    @_builtins.property
+    def applied(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The root's (and netem leaf's) parameters read back right after the change."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        planned: _duration_pb2.Duration | None = ...,
+        applied: _duration_pb2.Duration | None = ...,
+        params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "planned", b"planned"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "error", b"error", "params", b"params", "planned", b"planned", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppliedStep: _TypeAlias = AppliedStep  # noqa: Y015

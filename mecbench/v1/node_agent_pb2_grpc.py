@@ -91,15 +91,20 @@ class NodeAgentStub:
                 request_serializer=mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementRequest.SerializeToString,
                 response_deserializer=mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementResponse.FromString,
                 _registered_method=True)
-        self.GetPodPlacement = channel.unary_unary(
-                '/mecbench.v1.NodeAgent/GetPodPlacement',
-                request_serializer=mecbench_dot_v1_dot_node__agent__pb2.GetPodPlacementRequest.SerializeToString,
-                response_deserializer=mecbench_dot_v1_dot_node__agent__pb2.GetPodPlacementResponse.FromString,
-                _registered_method=True)
         self.ProbeShaping = channel.unary_unary(
                 '/mecbench.v1.NodeAgent/ProbeShaping',
                 request_serializer=mecbench_dot_v1_dot_node__agent__pb2.ProbeShapingRequest.SerializeToString,
                 response_deserializer=mecbench_dot_v1_dot_node__agent__pb2.ProbeShapingResponse.FromString,
+                _registered_method=True)
+        self.StartSchedule = channel.unary_unary(
+                '/mecbench.v1.NodeAgent/StartSchedule',
+                request_serializer=mecbench_dot_v1_dot_node__agent__pb2.StartScheduleRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_node__agent__pb2.StartScheduleResponse.FromString,
+                _registered_method=True)
+        self.StopSchedule = channel.unary_unary(
+                '/mecbench.v1.NodeAgent/StopSchedule',
+                request_serializer=mecbench_dot_v1_dot_node__agent__pb2.StopScheduleRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_node__agent__pb2.StopScheduleResponse.FromString,
                 _registered_method=True)
 
 
@@ -180,17 +185,23 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetPodPlacement(self, request, context):
-        """What a Kubernetes pod on this node actually got: its pod-level cgroup read back, and the
-        GPUs NVML lists its processes on.
+    def ProbeShaping(self, request, context):
+        """A short measurement through a shaping's path: what the link carries and its round trip,
+        compared with what the shaping asked for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ProbeShaping(self, request, context):
-        """A short measurement through a shaping's path: what the link carries and its round trip,
-        compared with what the shaping asked for.
+    def StartSchedule(self, request, context):
+        """Start a shaping's schedule from its first step now (again from the start if it runs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopSchedule(self, request, context):
+        """Stop a shaping's schedule, holding the link where it is; returns what was applied.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -254,15 +265,20 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     request_deserializer=mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementRequest.FromString,
                     response_serializer=mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementResponse.SerializeToString,
             ),
-            'GetPodPlacement': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetPodPlacement,
-                    request_deserializer=mecbench_dot_v1_dot_node__agent__pb2.GetPodPlacementRequest.FromString,
-                    response_serializer=mecbench_dot_v1_dot_node__agent__pb2.GetPodPlacementResponse.SerializeToString,
-            ),
             'ProbeShaping': grpc.unary_unary_rpc_method_handler(
                     servicer.ProbeShaping,
                     request_deserializer=mecbench_dot_v1_dot_node__agent__pb2.ProbeShapingRequest.FromString,
                     response_serializer=mecbench_dot_v1_dot_node__agent__pb2.ProbeShapingResponse.SerializeToString,
+            ),
+            'StartSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartSchedule,
+                    request_deserializer=mecbench_dot_v1_dot_node__agent__pb2.StartScheduleRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_node__agent__pb2.StartScheduleResponse.SerializeToString,
+            ),
+            'StopSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopSchedule,
+                    request_deserializer=mecbench_dot_v1_dot_node__agent__pb2.StopScheduleRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_node__agent__pb2.StopScheduleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,33 +591,6 @@ class NodeAgent:
             _registered_method=True)
 
     @staticmethod
-    def GetPodPlacement(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/mecbench.v1.NodeAgent/GetPodPlacement',
-            mecbench_dot_v1_dot_node__agent__pb2.GetPodPlacementRequest.SerializeToString,
-            mecbench_dot_v1_dot_node__agent__pb2.GetPodPlacementResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def ProbeShaping(request,
             target,
             options=(),
@@ -618,6 +607,60 @@ class NodeAgent:
             '/mecbench.v1.NodeAgent/ProbeShaping',
             mecbench_dot_v1_dot_node__agent__pb2.ProbeShapingRequest.SerializeToString,
             mecbench_dot_v1_dot_node__agent__pb2.ProbeShapingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mecbench.v1.NodeAgent/StartSchedule',
+            mecbench_dot_v1_dot_node__agent__pb2.StartScheduleRequest.SerializeToString,
+            mecbench_dot_v1_dot_node__agent__pb2.StartScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mecbench.v1.NodeAgent/StopSchedule',
+            mecbench_dot_v1_dot_node__agent__pb2.StopScheduleRequest.SerializeToString,
+            mecbench_dot_v1_dot_node__agent__pb2.StopScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

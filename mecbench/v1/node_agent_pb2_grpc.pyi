@@ -53,14 +53,14 @@ class NodeAgentStub:
     """A placement read back from the kernel, with its group's usage so far."""
     ReleasePlacement: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.ReleasePlacementRequest, _node_agent_pb2.ReleasePlacementResponse]
     """Idempotent: releasing what is not there succeeds."""
-    GetPodPlacement: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.GetPodPlacementRequest, _node_agent_pb2.GetPodPlacementResponse]
-    """What a Kubernetes pod on this node actually got: its pod-level cgroup read back, and the
-    GPUs NVML lists its processes on.
-    """
     ProbeShaping: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.ProbeShapingRequest, _node_agent_pb2.ProbeShapingResponse]
     """A short measurement through a shaping's path: what the link carries and its round trip,
     compared with what the shaping asked for.
     """
+    StartSchedule: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.StartScheduleRequest, _node_agent_pb2.StartScheduleResponse]
+    """Start a shaping's schedule from its first step now (again from the start if it runs)."""
+    StopSchedule: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.StopScheduleRequest, _node_agent_pb2.StopScheduleResponse]
+    """Stop a shaping's schedule, holding the link where it is; returns what was applied."""
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -87,14 +87,14 @@ class NodeAgentAsyncStub(NodeAgentStub):
     """A placement read back from the kernel, with its group's usage so far."""
     ReleasePlacement: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.ReleasePlacementRequest, _node_agent_pb2.ReleasePlacementResponse]  # type: ignore[assignment]
     """Idempotent: releasing what is not there succeeds."""
-    GetPodPlacement: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.GetPodPlacementRequest, _node_agent_pb2.GetPodPlacementResponse]  # type: ignore[assignment]
-    """What a Kubernetes pod on this node actually got: its pod-level cgroup read back, and the
-    GPUs NVML lists its processes on.
-    """
     ProbeShaping: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.ProbeShapingRequest, _node_agent_pb2.ProbeShapingResponse]  # type: ignore[assignment]
     """A short measurement through a shaping's path: what the link carries and its round trip,
     compared with what the shaping asked for.
     """
+    StartSchedule: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.StartScheduleRequest, _node_agent_pb2.StartScheduleResponse]  # type: ignore[assignment]
+    """Start a shaping's schedule from its first step now (again from the start if it runs)."""
+    StopSchedule: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.StopScheduleRequest, _node_agent_pb2.StopScheduleResponse]  # type: ignore[assignment]
+    """Stop a shaping's schedule, holding the link where it is; returns what was applied."""
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     """One per node: shapes traffic through netlink, pins GPUs and samples telemetry. Everything it
@@ -186,16 +186,6 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         """Idempotent: releasing what is not there succeeds."""
 
     @_abc_1.abstractmethod
-    def GetPodPlacement(
-        self,
-        request: _node_agent_pb2.GetPodPlacementRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_node_agent_pb2.GetPodPlacementResponse, _abc.Awaitable[_node_agent_pb2.GetPodPlacementResponse]]:
-        """What a Kubernetes pod on this node actually got: its pod-level cgroup read back, and the
-        GPUs NVML lists its processes on.
-        """
-
-    @_abc_1.abstractmethod
     def ProbeShaping(
         self,
         request: _node_agent_pb2.ProbeShapingRequest,
@@ -204,5 +194,21 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         """A short measurement through a shaping's path: what the link carries and its round trip,
         compared with what the shaping asked for.
         """
+
+    @_abc_1.abstractmethod
+    def StartSchedule(
+        self,
+        request: _node_agent_pb2.StartScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_agent_pb2.StartScheduleResponse, _abc.Awaitable[_node_agent_pb2.StartScheduleResponse]]:
+        """Start a shaping's schedule from its first step now (again from the start if it runs)."""
+
+    @_abc_1.abstractmethod
+    def StopSchedule(
+        self,
+        request: _node_agent_pb2.StopScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_agent_pb2.StopScheduleResponse, _abc.Awaitable[_node_agent_pb2.StopScheduleResponse]]:
+        """Stop a shaping's schedule, holding the link where it is; returns what was applied."""
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -89,3 +89,48 @@ def test_an_overloaded_link_shows_drops_in_the_recorded_counters_and_the_probe_s
     assert final.results[0].aggregate.valid or "link not as requested" not in " ".join(
         final.results[0].aggregate.invalid_reasons
     )
+
+
+def group_p50_ms(run: controller_pb2.Run) -> dict[str, float]:
+    return {g.name: durations.to_ns(g.result.latency.p50) / 1e6 for g in run.results[0].groups}
+
+
+def test_two_client_groups_in_one_run_each_see_their_own_link(edge_stack: Stack) -> None:
+    """Two groups of one client each, at 5 and 50 Mbit/s, against one SUT at once: the slow
+    group's latency rises by what 5 Mbit/s predicts for its 25 kB replies, the fast one's by
+    what 50 Mbit/s predicts (a tenth), each against the same groups unshaped."""
+    def groups(slow: int, fast: int) -> list[controller_pb2.ClientGroup]:
+        def group(name: str, rate: int) -> controller_pb2.ClientGroup:
+            network = common_pb2.NetworkProfile(name=f"{rate // 1_000_000}mbit",
+                                                netem=common_pb2.NetemConfig(rate_bps=rate)) if rate else None
+            return controller_pb2.ClientGroup(name=name, clients=1, network=network)
+        return [group("slow", slow), group("fast", fast)]
+
+    def run(slow: int, fast: int) -> tuple[controller_pb2.Run, dict[str, Any]]:
+        spec = controller_pb2.RunSpec(
+            experiment_id="edge-groups", sut_id=SUT_ID, client_groups=groups(slow, fast),
+            settings=short_settings(common_pb2.SCENARIO_SINGLE_STREAM, min_query_count=30),
+        )
+        return run_to_end(edge_stack, spec)
+
+    unshaped, _ = run(0, 0)
+    shaped, document = run(5_000_000, 50_000_000)
+    base, measured = group_p50_ms(unshaped), group_p50_ms(shaped)
+    rise = {name: measured[name] - base[name] for name in ("slow", "fast")}
+    predicted = {"slow": RESPONSE_BYTES * 8 / 5e6 * 1e3, "fast": RESPONSE_BYTES * 8 / 50e6 * 1e3}
+    print(f"p50 unshaped {base}, shaped {measured}; rise {rise}, predicted {predicted}")
+    # TCP/IP headers add ~4%; the token bucket's burst lets a few kilobytes through early.
+    assert 0.85 * predicted["slow"] <= rise["slow"] <= 1.3 * predicted["slow"]
+    assert rise["fast"] <= 1.3 * predicted["fast"] + 3.0
+    # Each group is its client; the pooled aggregate holds both.
+    result = shaped.results[0]
+    assert [list(g.clients) for g in result.groups] == [[0], [1]]
+    assert [g.network_profile for g in result.groups] == ["5mbit", "50mbit"]
+    assert result.aggregate.sample_count == sum(g.result.sample_count for g in result.groups)
+    pooled_p50 = durations.to_ns(result.aggregate.latency.p50) / 1e6
+    assert measured["fast"] <= pooled_p50 <= measured["slow"]
+    # Each client's link was probed at its own rate.
+    rates = {p["client"]: p["probe"]["requested_rate_bps"] for p in document["network"]["probes"]}
+    assert rates == {0: "5000000", 1: "50000000"}
+    record = edge_stack.stub.ListResults(controller_pb2.ListResultsRequest(run_id=shaped.run_id)).results[0]
+    assert record.network_profile == "slow=5mbit+fast=50mbit" and len(record.groups) == 2
