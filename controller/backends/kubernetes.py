@@ -774,10 +774,12 @@ class KubernetesBackend(DeploymentBackend):
                 window = deadline - time.monotonic()
                 if recheck is not None:
                     window = min(window, self.config.recheck_interval_s)
+                started, events = time.monotonic(), 0
                 for event in self.api.watch(
                     "Pod", self.namespace, label_selector=selector, resource_version=version,
                     timeout_s=max(0.001, window),
                 ):
+                    events += 1
                     version = str(_meta(event.object).get("resourceVersion", version)) or version
                     if event.type == "BOOKMARK":
                         continue  # only its resourceVersion matters: where to watch from next time
@@ -788,6 +790,12 @@ class KubernetesBackend(DeploymentBackend):
                         return None
                 if recheck is not None and (found := recheck()) is not None:
                     return found
+                if not events and time.monotonic() - started < window / 2:
+                    # A watch that ends at once with nothing to say (a proxy, a misbehaving server)
+                    # is not followed by another at once, and another...
+                    closing.wait(max(0.0, min(backoff, deadline - time.monotonic())))
+                    backoff = min(backoff * 2, 5.0)
+                    continue
                 backoff = 0.1
             except ClusterApiError as exc:
                 if exc.status == 410:
