@@ -6,7 +6,7 @@ restarted agent keeps them and the reaper frees them when their lease lapses.
 
 NVML reports host PIDs and host indices. In Kubernetes the device plugin, not this agent, decides
 which GPU a pod gets; there the allocation here is bookkeeping for the local backend, and the pod's
-real device comes from the kubelet pod-resources API (see deploy/).
+real device is the device plugin's choice (the kubelet pod-resources API is not read yet).
 """
 
 from __future__ import annotations
