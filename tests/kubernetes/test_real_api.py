@@ -5,6 +5,7 @@ real cluster: MECBENCH_K8S_TEST_KUBECONFIG, see conftest.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
@@ -29,6 +30,16 @@ class StandInApiServer(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     seen: list[dict[str, Any]] = []
     client_left_streams = 0
+    connections: set[socket.socket] = set()
+
+    def setup(self) -> None:
+        super().setup()
+        StandInApiServer.connections.add(self.connection)
+
+    def finish(self) -> None:
+        StandInApiServer.connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -135,16 +146,49 @@ class StandInApiServer(BaseHTTPRequestHandler):
         self._send(200, {"kind": "Status", "status": "Success"})
 
 
+class StandIn:
+    """The stand-in API server on a fixed loopback port, which can restart as a real one does:
+    every open connection (held watch streams too) is cut, and a new server takes the port."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._start()
+
+    def _start(self) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), StandInApiServer)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        for connection in list(StandInApiServer.connections):
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def restart(self) -> None:
+        self.stop()
+        self._start()
+
+
 @pytest.fixture
-def server() -> Iterator[str]:
+def stand_in() -> Iterator[StandIn]:
     StandInApiServer.seen = []
     StandInApiServer.client_left_streams = 0
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), StandInApiServer)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    StandInApiServer.connections = set()
+    running = StandIn()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def server(stand_in: StandIn) -> str:
+    return stand_in.url
 
 
 @pytest.fixture
@@ -221,6 +265,24 @@ def test_a_log_stream_left_early_does_not_poison_the_connection_pool(api: Kubern
     stream.close()
     body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": []}}
     assert api.create("Pod", "ns", body)["metadata"]["uid"] == "uid-1"
+
+
+def test_an_api_server_restart_breaks_a_held_watch_and_the_pool_recovers(stand_in: StandIn,
+                                                                        api: KubernetesApi) -> None:
+    """Issue 20 (4): a watch held open (what the waits do for up to 900 s) when the API server
+    restarts: the stream ends in ClusterApiError status 0, and the next requests, a POST among
+    them, go out on fresh connections to the new server."""
+    events = []
+    with pytest.raises(ClusterApiError) as caught:
+        for event in api.watch("Pod", "ns", resource_version="7", timeout_s=30):
+            events.append(event.type)
+            if len(events) == 2:
+                stand_in.restart()
+    assert events == ["ADDED", "MODIFIED"]
+    assert caught.value.status == 0
+    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": []}}
+    assert api.create("Pod", "ns", body)["metadata"]["uid"] == "uid-1"
+    assert api.list("Pod", "ns").resource_version == "7"
 
 
 def test_a_watch_cut_mid_way_is_status_0_not_a_protocol_error(api: KubernetesApi) -> None:
