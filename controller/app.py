@@ -54,7 +54,10 @@ def open_backend(settings: ControllerSettings) -> DeploymentBackend:
 
 
 class ControllerApp:
-    def __init__(self, settings: ControllerSettings, store: ObjectStore | None = None) -> None:
+    def __init__(
+        self, settings: ControllerSettings, store: ObjectStore | None = None, backend: DeploymentBackend | None = None
+    ) -> None:
+        """`backend` replaces the one the settings name (tests run the state machine on fakes)."""
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store_settings = StoreSettings.load()
@@ -68,7 +71,7 @@ class ControllerApp:
         # The node agent this controller starts keeps its leases beside the controller's data, so a
         # restarted controller's node agent reconciles what the previous one left.
         self.pool = AgentPool(
-            open_backend(settings), {"MECBENCH_NODE_AGENT_STATE_DIR": str(settings.data_dir.resolve() / "node-agent")}
+            backend or open_backend(settings), {"MECBENCH_NODE_AGENT_STATE_DIR": str(settings.data_dir.resolve() / "node-agent")}
         )
         self.spool = UploadSpool(
             store, settings.data_dir / "spool", attempts=self.store_settings.upload_attempts,

@@ -307,6 +307,9 @@ RESULT_COLUMNS = [
     # A client group's own row ("" = the pooled row of all the repeat's clients).
     "group",
     "sut_backend",
+    # "measurement", or "calibration" for the harness's own floor (selectors calibration-*):
+    # short tests LoadGen does not judge, so their `valid` is None rather than false.
+    "kind",
     "valid",
     "samples_per_second",
     "latency_p50_ms",
@@ -320,6 +323,8 @@ RESULT_COLUMNS = [
     "created_at",
     "result_uri",
 ]
+
+CALIBRATION_PREFIX = "calibration-"
 
 SCENARIO_NAMES = {
     common_pb2.SCENARIO_SINGLE_STREAM: "SingleStream",
@@ -422,6 +427,7 @@ def result_rows(records: Iterable[controller_pb2.ResultRecord]) -> ResultTable:
         scenario = record.scenario or result.scenario
         latency = result.latency if result.HasField("latency") else None
         tokens = result.HasField("ttft")
+        calibration = record.selector.startswith(CALIBRATION_PREFIX)
         metric = result.accuracy_scorer
         table.rows.append(
             {
@@ -434,7 +440,8 @@ def result_rows(records: Iterable[controller_pb2.ResultRecord]) -> ResultTable:
                 "network_profile": group.network_profile if group is not None else record.network_profile,
                 "group": group.name if group is not None else "",
                 "sut_backend": record.sut_backend,
-                "valid": result.valid,
+                "kind": "calibration" if calibration else "measurement",
+                "valid": None if calibration else result.valid,
                 "samples_per_second": result.samples_per_second,
                 "latency_p50_ms": _ms(latency, "p50") if latency else None,
                 "latency_p90_ms": _ms(latency, "p90") if latency else None,

@@ -265,3 +265,17 @@ def test_a_busy_sut_can_be_refused_naming_the_holder(stack: Stack) -> None:
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert holder.run_id in info.value.details()
     stack.wait(holder.run_id)
+
+
+def test_live_qps_is_the_sum_over_clients(stack: Stack) -> None:
+    """Two clients at 100 QPS each (a RunSpec's target is each client's): the run's live figure is
+    theirs together, not the last reporter's share (about 100)."""
+    settings = short_settings(common_pb2.SCENARIO_SERVER, server_target_qps=100.0,
+                              min_duration=durations.from_seconds(3))
+    run = start(stack, settings, clients=2)
+    peak = 0.0
+    for event in stack.stub.WatchRun(controller_pb2.WatchRunRequest(run_id=run.run_id), timeout=60):
+        peak = max(peak, event.run.progress.live_qps)
+    final = stack.wait(run.run_id)
+    assert final.state == common_pb2.RUN_STATE_SUCCEEDED, final.error
+    assert peak > 150, f"peak live QPS {peak:.0f} with 2 clients at 100 QPS each"

@@ -417,3 +417,15 @@ def test_result_rows_fill_token_and_accuracy_columns_only_where_they_apply() -> 
     table.to_csv(buffer)
     back = list(csv.DictReader(io.StringIO(buffer.getvalue())))
     assert back[0]["accuracy"] == "0.875" and back[1]["accuracy"] == "" and back[0]["valid"] == "false"
+
+
+def test_calibration_rows_are_marked_and_not_judged() -> None:
+    """The harness's calibration is a short floor measurement LoadGen does not judge VALID: its
+    rows say what they are rather than reading as failures."""
+    calibration = controller_pb2.ResultRecord(experiment_id="e", selector="calibration-offline", run_id="c",
+                                              result=common_pb2.TestResult(valid=False))
+    measured = controller_pb2.ResultRecord(experiment_id="e", selector="offline", run_id="m",
+                                           result=common_pb2.TestResult(valid=False))
+    first, second = result_rows([calibration, measured]).rows
+    assert first["kind"] == "calibration" and first["valid"] is None
+    assert second["kind"] == "measurement" and second["valid"] is False
