@@ -71,7 +71,8 @@ class ControllerApp:
         # The node agent this controller starts keeps its leases beside the controller's data, so a
         # restarted controller's node agent reconciles what the previous one left.
         self.pool = AgentPool(
-            backend or open_backend(settings), {"MECBENCH_NODE_AGENT_STATE_DIR": str(settings.data_dir.resolve() / "node-agent")}
+            backend or open_backend(settings),
+            {"MECBENCH_NODE_AGENT_STATE_DIR": str(settings.data_dir.resolve() / "node-agent")},
         )
         self.spool = UploadSpool(
             store, settings.data_dir / "spool", attempts=self.store_settings.upload_attempts,
