@@ -229,11 +229,11 @@ class DirectClient:
                 else:
                     body = await response.read()
                     record.response_bytes = len(body)
-                    decoder.whole(body)
-            text, tokens = decoder.result()
+                    decoder.whole(body, response.headers)
+            _, tokens = decoder.result()
             record.output_tokens = tokens
             record.input_tokens = decoder.input_tokens or 0
-            self._finish(wire_id, record, text.encode(), tokens)
+            self._finish(wire_id, record, decoder.output(), tokens)
             return
         except asyncio.CancelledError:
             raise

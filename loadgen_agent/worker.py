@@ -53,6 +53,7 @@ from mecbench.core.framing import FrameError, FrameReader, FrameWriter, read_fra
 from mecbench.core.logging import configure_logging, get_logger
 from mecbench.core.server import split_address
 from mecbench.core.tls import TlsSettings, TlsStream, ssl_client_context
+from mecbench.servers.base import ServerError
 from mecbench.servers.errors import ErrorTally
 from mecbench.servers.registry import load_server_type
 from mecbench.v1 import common_pb2, loadgen_agent_pb2, sut_agent_pb2, sut_agent_pb2_grpc
@@ -629,7 +630,16 @@ class SessionWorker:
         server = server_class(
             status.server_endpoint, config.model, dict(config.options), timeout_s, 1, "config.external.options"
         )
-        if server.http_call(samples[0] if samples else b"") is None:
+        try:
+            server.prepare_client(time.monotonic() + min(timeout_s, 30.0))
+            has_client = server.http_call(samples[0] if samples else b"") is not None
+        except (ServerError, MecbenchError) as exc:
+            server.close()
+            if asked:
+                raise FailedPrecondition(f"the direct client to {status.server_endpoint} cannot start: {exc}") from None
+            log.warning("direct_client_unavailable", endpoint=status.server_endpoint, error=str(exc))
+            return None
+        if not has_client:
             server.close()
             if asked:
                 raise FailedPrecondition(f"server type {server.name!r} has no direct client; use the relay")

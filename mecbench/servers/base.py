@@ -66,12 +66,16 @@ class AnswerDecoder(ABC):
         """The text of one streamed line."""
 
     @abstractmethod
-    def whole(self, body: bytes) -> None:
-        """A complete (not streamed) answer body."""
+    def whole(self, body: bytes, headers: Mapping[str, str] | None = None) -> None:
+        """A complete (not streamed) answer body, and its response headers."""
 
     @abstractmethod
     def result(self) -> tuple[str, int]:
         """The generated text and its token count (the server's, else one per text event)."""
+
+    def output(self) -> bytes:
+        """What LoadGen gets back for the sample: the text as UTF-8 (tensor protocols: bytes)."""
+        return self.result()[0].encode()
 
 
 class Options:
@@ -200,6 +204,10 @@ class ServerType(ABC):
     def decoder(self) -> AnswerDecoder:
         """A fresh decoder for the answer to one `http_call`."""
         raise NotImplementedError(f"server type {self.name!r} has no answer decoder")
+
+    def prepare_client(self, deadline: float) -> None:  # noqa: B027 - optional hook
+        """What a client must learn from the (prepared) server before its first `http_call`, by
+        `deadline` (time.monotonic()); e.g. KServe: the model's metadata. Changes nothing there."""
 
     # --- what managing a server needs ------------------------------------------------------
 

@@ -85,7 +85,7 @@ class HttpClient:
         if not call.streamed:
             response = self.request(call.method, call.path, call.body, call.headers)
             check_status(response, f"{call.method} {call.path}")
-            decoder.whole(response.data)
+            decoder.whole(response.data, response.headers)
             return decoder.result()
         first = True
         for line in self.stream_raw(call.method, call.path, call.body, call.headers):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +25,15 @@ import numpy as np
 from mecbench.core.channels import open_channel
 from mecbench.core.errors import DeadlineExceeded, FailedPrecondition
 from mecbench.kserve import inference_pb2, inference_pb2_grpc
-from mecbench.servers.base import FirstTokenCallback, InferenceResult, Options, ServerError, ServerType
+from mecbench.servers.base import (
+    AnswerDecoder,
+    FirstTokenCallback,
+    HttpCall,
+    InferenceResult,
+    Options,
+    ServerError,
+    ServerType,
+)
 from mecbench.servers.http import HttpClient, check_status
 
 DATATYPES: dict[str, type[np.generic]] = {
@@ -172,6 +180,15 @@ class KServeHttpServer(_KServe):
                 self._http.json("POST", f"/v2/repository/models/{self.model}/load", {}, timeout_s=remaining)
                 continue
             time.sleep(0.2)
+        self._read_metadata()
+
+    def prepare_client(self, deadline: float) -> None:
+        """The model's metadata (input name, datatype, shape; outputs), read from the server the
+        SUT agent prepared: the LoadGen side's direct client builds its requests from it."""
+        if self.plan is None:
+            self._read_metadata()
+
+    def _read_metadata(self) -> None:
         metadata = self._http.json_ok("GET", self._model_path)
         inputs = [
             (str(item.get("name", "")), str(item.get("datatype", "")), [int(d) for d in item.get("shape", [])])
@@ -180,7 +197,7 @@ class KServeHttpServer(_KServe):
         outputs = [str(item.get("name", "")) for item in metadata.get("outputs", []) or []]
         self.plan = self.plan_from_metadata(inputs, outputs)
 
-    def infer(self, payloads: Sequence[bytes], on_first_token: FirstTokenCallback | None) -> InferenceResult:
+    def _call(self, payloads: Sequence[bytes]) -> HttpCall:
         plan = self._ready_plan()
         count = len(payloads)
         data = payloads[0] if count == 1 else b"".join(payloads)
@@ -189,26 +206,32 @@ class KServeHttpServer(_KServe):
         request: dict[str, Any] = {"inputs": [tensor]}
         if plan.output_name:
             request["outputs"] = [{"name": plan.output_name, "parameters": {"binary_data": self.binary}}]
+        path = f"{self._model_path}/infer"
         if self.binary:
             tensor["parameters"] = {"binary_data_size": len(data)}
             header = json.dumps(request).encode()
-            response = self._http.request(
-                "POST", f"{self._model_path}/infer", header + data,
-                {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"},
-            )
-        else:
-            array = np.frombuffer(data, dtype=DATATYPES[plan.datatype])
-            tensor["data"] = array.tolist()
-            response = self._http.request(
-                "POST", f"{self._model_path}/infer", json.dumps(request).encode(), {"Content-Type": "application/json"}
-            )
-        check_status(response, f"POST {self._model_path}/infer")
-        return InferenceResult(self.split(self._output(response), count))
+            headers = {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
+            return HttpCall("POST", path, header + data, headers, False)
+        array = np.frombuffer(data, dtype=DATATYPES[plan.datatype])
+        tensor["data"] = array.tolist()
+        return HttpCall("POST", path, json.dumps(request).encode(), {"Content-Type": "application/json"}, False)
 
-    def _output(self, response: Any) -> bytes:
+    def http_call(self, payload: bytes) -> HttpCall:
+        return self._call([payload])
+
+    def decoder(self) -> KServeDecoder:
+        return KServeDecoder(self)
+
+    def infer(self, payloads: Sequence[bytes], on_first_token: FirstTokenCallback | None) -> InferenceResult:
+        call = self._call(payloads)
+        response = self._http.request(call.method, call.path, call.body, call.headers)
+        check_status(response, f"POST {self._model_path}/infer")
+        return InferenceResult(self.split(self.decode_output(response.data, response.headers.get(HEADER_LENGTH)),
+                                          len(payloads)))
+
+    def decode_output(self, body: bytes, header_length: str | None) -> bytes:
+        """The chosen output's bytes from an inference answer (binary extension or JSON)."""
         plan = self._ready_plan()
-        body: bytes = response.data
-        header_length = response.headers.get(HEADER_LENGTH)
         binary = b""
         if header_length is not None:
             length = int(header_length)
@@ -230,6 +253,27 @@ class KServeHttpServer(_KServe):
 
     def close(self) -> None:
         self._http.close()
+
+
+class KServeDecoder(AnswerDecoder):
+    """One KServe v2 HTTP answer: the chosen output's bytes (no tokens)."""
+
+    def __init__(self, server: KServeHttpServer) -> None:
+        self.server = server
+        self.data = b""
+
+    def line(self, line: bytes) -> str:
+        raise ServerError("KServe v2 answers are not streamed")
+
+    def whole(self, body: bytes, headers: Mapping[str, str] | None = None) -> None:
+        self.data = self.server.decode_output(body, (headers or {}).get(HEADER_LENGTH))
+        self.done = True
+
+    def result(self) -> tuple[str, int]:
+        return "", 0
+
+    def output(self) -> bytes:
+        return self.data
 
 
 class KServeGrpcServer(_KServe):

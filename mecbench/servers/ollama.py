@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from mecbench.core.errors import DeadlineExceeded, FailedPrecondition
@@ -127,7 +127,7 @@ class OllamaDecoder(AnswerDecoder):
             self.done = True
         return text
 
-    def whole(self, body: bytes) -> None:
+    def whole(self, body: bytes, headers: Mapping[str, str] | None = None) -> None:
         try:
             answer = json.loads(body)
         except ValueError:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from mecbench.core.errors import FailedPrecondition
@@ -158,7 +158,7 @@ class OpenAIDecoder(AnswerDecoder):
             self.parts.append(text)
         return text
 
-    def whole(self, body: bytes) -> None:
+    def whole(self, body: bytes, headers: Mapping[str, str] | None = None) -> None:
         try:
             answer = json.loads(body)
         except ValueError:
