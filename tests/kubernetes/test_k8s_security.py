@@ -17,7 +17,7 @@ import yaml
 
 from controller.backends import k8s_objects as objects
 from mecbench.core.tls import TlsSettings
-from mecbench.v1 import common_pb2, node_agent_pb2, node_agent_pb2_grpc
+from mecbench.v1 import common_pb2, node_agent_pb2, node_agent_pb2_grpc, sut_agent_pb2
 from node_agent.server import create_server
 from node_agent.settings import NodeAgentSettings
 from tests.kubernetes.test_objects import CTX, SUT_CONFIGS
@@ -166,5 +166,58 @@ def test_leases_are_bounded_in_hours(tmp_path: Path) -> None:
                 stub.ApplyShaping(request, timeout=10)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "lease_duration" in str(refused.value.details())
+    finally:
+        running.stop(grace=1)
+
+
+@pytest.mark.parametrize("service", ["sut-agent", "loadgen-agent"])
+def test_agent_pods_as_made_admit_whom_they_should(service: str, ca: CertificateAuthority, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SUT (LoadGen) agent started with the environment of the pod the backend makes, its
+    Secret at the mount path: the controller may call it; the agents' identity (a LoadGen
+    dialling its SUT) only the SUT agent; another certificate of the CA neither."""
+    from mecbench.v1 import loadgen_agent_pb2, loadgen_agent_pb2_grpc, sut_agent_pb2_grpc
+
+    ctx = objects.ObjectContext(**{**CTX.__dict__, "tls_secret": "mecbench-agent-tls"})
+    if service == "sut-agent":
+        pod = objects.sut_pod(ctx, "mecbench-a-sut-000001", "sut-a", SUT_CONFIGS["plain"])
+    else:
+        pod = objects.loadgen_pod(ctx, "mecbench-l-loadgen-000001", "loadgen-l", {})
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    secret = _secret(tmp_path / "mecbench-agent-tls", _agent_identity(ca))
+    for name, value in env.items():
+        if name != objects.TCP_DATA_PLANE_ENV:  # this machine's port 50052 is not ours to take
+            monkeypatch.setenv(name, value.replace(objects.TLS_MOUNT, str(secret)))
+    if service == "sut-agent":
+        from sut_agent.server import create_server as create_sut
+
+        running, _ = create_sut("127.0.0.1:0")
+    else:
+        from loadgen_agent.server import create_server as create_loadgen
+
+        running, _ = create_loadgen("127.0.0.1:0")
+
+    def call(identity: Identity) -> grpc.StatusCode:
+        credentials = grpc.ssl_channel_credentials(ca.cert.read_bytes(), identity.key.read_bytes(),
+                                                   identity.cert.read_bytes())
+        with grpc.secure_channel(running.address, credentials,
+                                 options=[("grpc.ssl_target_name_override", "mecbench-agent")]) as channel:
+            try:
+                if service == "sut-agent":
+                    sut_agent_pb2_grpc.SutAgentStub(channel).GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10)
+                else:
+                    loadgen_agent_pb2_grpc.LoadGenAgentStub(channel).ListSessions(
+                        loadgen_agent_pb2.ListSessionsRequest(), timeout=10)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                assert isinstance(code, grpc.StatusCode)
+                return code
+        return grpc.StatusCode.OK
+
+    try:
+        assert call(ca.issue("mecbench-controller")) == grpc.StatusCode.OK
+        agents = grpc.StatusCode.OK if service == "sut-agent" else grpc.StatusCode.PERMISSION_DENIED
+        assert call(_agent_identity(ca)) == agents
+        assert call(ca.issue("tenant")) == grpc.StatusCode.PERMISSION_DENIED
     finally:
         running.stop(grace=1)
