@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from mecbench.core.settings import from_env
 
@@ -13,14 +14,14 @@ class ControllerSettings:
     # Where the registry database, the store's local root and the spool live.
     data_dir: Path = field(default_factory=lambda: Path("mecbench-data"))
     # "local": agents are child processes on this machine. "kubernetes": pods (the k8s_* fields).
-    backend: str = "local"
+    backend: Literal["local", "kubernetes"] = "local"
     # Host the local backend binds agents on.
     agent_host: str = "127.0.0.1"
     agent_start_timeout_s: float = 30.0
-    max_workers: int = 32
+    max_workers: int = field(default=32, metadata={"min": 1})
     # Runs executing at once; more wait in PENDING, up to max_pending_runs (then RESOURCE_EXHAUSTED).
-    max_concurrent_runs: int = 4
-    max_pending_runs: int = 256
+    max_concurrent_runs: int = field(default=4, metadata={"min": 1})
+    max_pending_runs: int = field(default=256, metadata={"min": 0})
     # Longest a single LoadGen test may take before the run fails (guards stuck SUTs).
     max_test_duration_s: float = 3600.0
     # A result file's LoadGen log chunks are kept in memory up to this size per file.
@@ -29,13 +30,16 @@ class ControllerSettings:
     max_blob_bytes: int = 2 * 1024 * 1024 * 1024
     # "loopback": every agent on 127.0.0.1. "netns" (root only): the SUT on an edge namespace and
     # each LoadGen client on a client namespace, joined by veth pairs that shaping applies to.
-    topology: str = "loopback"
-    topology_clients: int = 4
+    topology: Literal["loopback", "netns"] = "loopback"
+    topology_clients: int = field(default=4, metadata={"min": 1, "max": 62})
     # Which 10.231.<slot>/10.232.<slot> subnets the netns topology uses (one per controller).
-    topology_slot: int = 0
+    topology_slot: int = field(default=0, metadata={"min": 0, "max": 63})
     topology_name: str = "mb0"
     # Node telemetry sampled during each repeat; 0 turns it off.
     telemetry_interval_s: float = 0.5
+    # A run starts only when the results spool (under data_dir) has this much disk free: with
+    # the store away, every measured file waits there.
+    spool_min_free_bytes: int = 256 * 1024 * 1024
     # Shaping lease: the node agent removes shaping this long after the controller stops renewing.
     shaping_lease_s: float = 15.0
     # backend = "kubernetes": agents are pods in this namespace (docs/kubernetes.md).

@@ -310,8 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(args.log_level)
         try:
             SERVICES[args.command](args.listen)
-        except SettingsError as exc:
-            # A bad environment (TLS files, a tokens file): one line, not a traceback.
+        except (SettingsError, MecbenchError) as exc:
+            # A bad environment (a setting's value, TLS files, a tokens file, a topology that
+            # cannot be made): one line, not a traceback.
             err(f"error: {args.command}: {exc}")
             return EXIT_USAGE
         return EXIT_OK

@@ -52,13 +52,44 @@ def _convert(name: str, raw: str, annotation: Any) -> Any:
 
 
 def from_env(cls: type[T], prefix: str, environ: Mapping[str, str] | None = None, **overrides: Any) -> T:
-    """Build `cls` from its defaults, then `{prefix}{FIELD}` environment variables, then overrides."""
+    """Build `cls` from its defaults, then `{prefix}{FIELD}` environment variables, then overrides.
+
+    Every problem is reported at once, in one SettingsError (one line): a value that does not
+    parse, a choice outside a `Literal[...]` field's, a number outside the field's
+    `metadata={"min": .., "max": ..}`."""
     env = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+    problems: list[str] = []
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    for field in fields:
         var = f"{prefix}{field.name.upper()}"
         if var in env:
-            values[field.name] = _convert(var, env[var], hints[field.name])
+            try:
+                values[field.name] = _convert(var, env[var], hints[field.name])
+            except SettingsError as exc:
+                problems.append(str(exc))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    for field in fields:
+        if field.name in values:
+            problem = _check_value(f"{prefix}{field.name.upper()}", values[field.name], hints[field.name], field)
+            if problem is not None:
+                problems.append(problem)
+    if problems:
+        raise SettingsError("; ".join(problems))
     return cls(**values)
+
+
+def _check_value(name: str, value: Any, annotation: Any, field: dataclasses.Field[Any]) -> str | None:
+    """Why `value` is not one the field allows (its Literal choices, its range), or None."""
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            return f"{name}={value!r}: expected one of {', '.join(str(c) for c in choices)}"
+    low, high = field.metadata.get("min"), field.metadata.get("max")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if low is not None and value < low:
+            return f"{name}={value!r}: must be at least {low}"
+        if high is not None and value > high:
+            return f"{name}={value!r}: must be at most {high}"
+    return None

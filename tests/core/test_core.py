@@ -135,3 +135,49 @@ def test_settings_reject_bad_values_naming_the_variable() -> None:
 
 def test_scenario_enum_has_zero_unspecified() -> None:
     assert common_pb2.Scenario.Name(0) == "SCENARIO_UNSPECIFIED"
+
+
+def test_every_log_line_of_a_service_is_json_with_its_logger_name() -> None:
+    """structlog's lines and the standard library's (kubernetes, urllib3, the SDK) come out in one
+    format, each naming its logger."""
+    import json as json_module
+    import subprocess
+    import sys
+
+    program = (
+        "import logging\n"
+        "from mecbench.core.logging import configure_logging, get_logger\n"
+        "log = get_logger('mecbench.test.module')\n"
+        "configure_logging('info', json_output=True)\n"
+        "log.info('from_structlog', run_id='r1')\n"
+        "logging.getLogger('urllib3.connectionpool').warning('retrying %s', 'x')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    lines = [json_module.loads(line) for line in result.stderr.splitlines()]
+    assert [(line["logger"], line["event"], line["level"]) for line in lines] == [
+        ("mecbench.test.module", "from_structlog", "info"),
+        ("urllib3.connectionpool", "retrying x", "warning"),
+    ]
+    assert all("timestamp" in line for line in lines)
+
+
+def test_bad_settings_stop_a_service_with_one_line_naming_every_problem(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {
+        "PATH": "/usr/bin:/bin", "MECBENCH_CONTROLLER_DATA_DIR": str(tmp_path / "data"),
+        "MECBENCH_CONTROLLER_BACKEND": "docker", "MECBENCH_CONTROLLER_TOPOLOGY": "mesh",
+        "MECBENCH_CONTROLLER_MAX_WORKERS": "0", "MECBENCH_CONTROLLER_TOPOLOGY_SLOT": "x",
+    }
+    result = subprocess.run([sys.executable, "-m", "mecbench", "controller", "--listen", "127.0.0.1:0"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for expected in ("MECBENCH_CONTROLLER_BACKEND='docker': expected one of local, kubernetes",
+                     "MECBENCH_CONTROLLER_TOPOLOGY='mesh': expected one of loopback, netns",
+                     "MECBENCH_CONTROLLER_MAX_WORKERS=0: must be at least 1",
+                     "MECBENCH_CONTROLLER_TOPOLOGY_SLOT='x': expected int"):
+        assert expected in lines[0]
+    assert not (tmp_path / "data").exists()
