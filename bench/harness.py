@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -54,39 +56,84 @@ def _run(
     return final
 
 
-def _server_settings(qps: float, seconds: float) -> common_pb2.LoadGenSettings:
+def _server_settings(qps: float, seconds: float, coalesce: bool) -> common_pb2.LoadGenSettings:
     return common_pb2.LoadGenSettings(
         scenario=common_pb2.SCENARIO_SERVER,
         server_target_qps=qps,
         server_target_latency=durations.from_seconds(0.100),
-        server_coalesce_queries=True,
+        server_coalesce_queries=coalesce,
         min_duration=durations.from_seconds(seconds),
         min_query_count=1,
         skip_mlperf_defaults=True,
     )
 
 
+@dataclass(frozen=True)
+class Ceiling:
+    """The highest Server target QPS LoadGen judged VALID, and the lowest it did not, after a
+    search: doubling from `start` until a step fails, then bisection until high/low <= 1 + precision."""
+
+    valid_qps: float
+    invalid_qps: float
+    probes: int
+
+    def text(self) -> str:
+        upper = f"{self.invalid_qps:.0f}" if self.invalid_qps < float("inf") else "none found"
+        return f"{self.valid_qps:.0f} (next INVALID {upper}, {self.probes} probes)"
+
+
+def search_ceiling(
+    valid: Callable[[float], bool], start: float, limit: float, precision: float = 0.05
+) -> Ceiling:
+    """A ceiling searched for, not the top of a ladder: `valid(qps)` runs one test."""
+    low, high, probes = 0.0, float("inf"), 0
+    qps = start
+    while qps <= limit:
+        probes += 1
+        if not valid(qps):
+            high = qps
+            break
+        low = qps
+        qps *= 2
+    if high == float("inf"):
+        return Ceiling(low, high, probes)
+    if low == 0.0:  # the start itself failed: look below it
+        while high > 1 and low == 0.0:
+            probes += 1
+            qps = high / 2
+            if valid(qps):
+                low = qps
+            else:
+                high = qps
+    while high / low > 1 + precision:
+        middle = (low + high) / 2
+        probes += 1
+        if valid(middle):
+            low = middle
+        else:
+            high = middle
+    return Ceiling(low, high, probes)
+
+
 def mecbench_server_ceiling(
-    app: ControllerApp, clients: int, ladder: list[float], seconds: float, transport: str
-) -> float:
-    """Highest total target QPS in the ladder that LoadGen judges VALID (p99 under 100 ms)."""
-    best = 0.0
-    for total in ladder:
-        run = _run(app, _server_settings(total / clients, seconds), clients, transport)
-        if not run.results[0].aggregate.valid:
-            break
-        best = total
-    return best
+    app: ControllerApp, clients: int, seconds: float, transport: str, coalesce: bool, limit: float
+) -> Ceiling:
+    """Highest total target QPS (shared by the clients) LoadGen judges VALID, every client, p99
+    under 100 ms."""
+
+    def valid(total: float) -> bool:
+        run = _run(app, _server_settings(total / clients, seconds, coalesce), clients, transport)
+        return bool(run.results[0].aggregate.valid)
+
+    return search_ceiling(valid, 2000.0, limit)
 
 
-def inprocess_server_ceiling(ladder: list[float], seconds: float) -> float:
-    best = 0.0
-    for qps in ladder:
-        fields = references.loadgen_in_process("server", qps, seconds)
-        if fields.get("Result is") != "VALID":
-            break
-        best = qps
-    return best
+def inprocess_server_ceiling(seconds: float, coalesce: bool, trace: bool, limit: float) -> Ceiling:
+    def valid(qps: float) -> bool:
+        fields = references.loadgen_in_process("server", qps, seconds, coalesce=coalesce, trace=trace)
+        return fields.get("Result is") == "VALID"
+
+    return search_ceiling(valid, 2000.0, limit)
 
 
 def mecbench_single_stream(app: ControllerApp, clients: int, seconds: float, transport: str) -> tuple[float, float]:
@@ -106,56 +153,77 @@ def mecbench_single_stream(app: ControllerApp, clients: int, seconds: float, tra
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="shorter tests and a coarser ladder")
+    parser.add_argument("--quick", action="store_true", help="2 s tests instead of 5 s")
     parser.add_argument(
         "--transports", nargs="+", choices=sorted(TRANSPORTS), default=["grpc", "tcp"], help="data planes to measure"
     )
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--limit", type=float, default=2_000_000.0, help="highest QPS the search may try")
     args = parser.parse_args()
     seconds = 2.0 if args.quick else 5.0
-    ladder = [2000.0, 5000.0, 10000.0, 20000.0, 30000.0, 40000.0, 60000.0, 80000.0]
 
     tcp = references.tcp_ping_pong()
     unary = references.grpc_unary()
     inprocess_ss = float(references.loadgen_in_process("single", 0, seconds)["50.00 percentile latency (ns)"]) / 1e3
-    inprocess_ceiling = inprocess_server_ceiling([*ladder, 100000.0], seconds)
+    inprocess = {
+        (coalesce, trace): inprocess_server_ceiling(seconds, coalesce, trace, args.limit)
+        for coalesce in (False, True) for trace in (False, True)
+    }
 
-    rows: list[tuple[str, int, float, float, float]] = []
+    rows: list[tuple[str, int, float, float, Ceiling, Ceiling]] = []
     with tempfile.TemporaryDirectory() as data_dir:
         app = ControllerApp(ControllerSettings.load(data_dir=Path(data_dir)))
         try:
             app.pool.deploy_sut(SUT_ID, _zero_time_sut())
             for transport in args.transports:
-                for clients in (1, 2, 4):
+                for clients in args.clients:
                     # A warm-up run opens the sessions, so set-up is not measured as latency.
                     mecbench_single_stream(app, clients, 0.5, transport)
                     p50, p99 = mecbench_single_stream(app, clients, seconds, transport)
-                    ceiling = mecbench_server_ceiling(app, clients, ladder, seconds, transport)
-                    rows.append((transport, clients, p50, p99, ceiling))
+                    plain = mecbench_server_ceiling(app, clients, seconds, transport, False, args.limit)
+                    coalesced = mecbench_server_ceiling(app, clients, seconds, transport, True, args.limit)
+                    rows.append((transport, clients, p50, p99, plain, coalesced))
         finally:
             app.close()
 
     print(f"MECBench harness benchmark, {date.today().isoformat()}, {platform.node()}, "
-          f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
+          f"{platform.processor() or platform.machine()}, python {platform.python_version()}, "
+          f"{seconds:.0f} s per probe")
     print()
     print("| reference | figure |")
     print("| --- | --- |")
     print(f"| TCP ping-pong on loopback | p50 {tcp['p50_us']:.0f} us |")
     print(f"| grpcio unary on loopback | p50 {unary['p50_us']:.0f} us, {unary['calls_per_s']:.0f} calls/s |")
-    print(f"| LoadGen in-process SUT | SingleStream p50 {inprocess_ss:.1f} us; "
-          f"Server ceiling {inprocess_ceiling:.0f} QPS |")
+    print(f"| LoadGen in-process SUT | SingleStream p50 {inprocess_ss:.1f} us |")
+    for (coalesce, trace), ceiling in inprocess.items():
+        print(f"| LoadGen in-process Server ceiling, coalescing {'on' if coalesce else 'off'}, "
+              f"trace {'on' if trace else 'off'} | {ceiling.text()} |")
+    print()
+    print("MECBench records every sample's latency from LoadGen's trace (one measuring mode for every client")
+    print("count). Its cost in LoadGen itself: ceiling with trace / without, coalescing off "
+          f"{inprocess[(False, True)].valid_qps / max(inprocess[(False, False)].valid_qps, 1):.2f}, on "
+          f"{inprocess[(True, True)].valid_qps / max(inprocess[(True, False)].valid_qps, 1):.2f}.")
     print()
     print("| data plane | clients | SingleStream p50 (us) | p99 (us) | p50 / grpc unary p50 | p50 / TCP p50 "
-          "| Server ceiling (QPS) | ceiling / in-process | ceiling / grpc unary calls/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for transport, clients, p50, p99, ceiling in rows:
+          "| Server ceiling, no coalescing (QPS) | / in-process (trace on) | / 1 client "
+          "| Server ceiling, coalescing (QPS) | / in-process (trace on) | / 1 client |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    single = {(t, "plain"): c for t, n, _, _, c, _ in rows if n == 1} | {
+        (t, "coalesced"): c for t, n, _, _, _, c in rows if n == 1}
+    for transport, clients, p50, p99, plain, coalesced in rows:
+        base_plain = single.get((transport, "plain"), plain).valid_qps or 1
+        base_coalesced = single.get((transport, "coalesced"), coalesced).valid_qps or 1
         print(
             f"| {transport} | {clients} | {p50:.0f} | {p99:.0f} | {p50 / unary['p50_us']:.2f}"
             f" | {p50 / tcp['p50_us']:.1f} "
-            f"| {ceiling:.0f} | {ceiling / max(inprocess_ceiling, 1):.2f} | {ceiling / unary['calls_per_s']:.1f} |"
+            f"| {plain.text()} | {plain.valid_qps / max(inprocess[(False, True)].valid_qps, 1):.2f}"
+            f" | {plain.valid_qps / base_plain:.2f} "
+            f"| {coalesced.text()} | {coalesced.valid_qps / max(inprocess[(True, True)].valid_qps, 1):.2f}"
+            f" | {coalesced.valid_qps / base_coalesced:.2f} |"
         )
     print()
-    print("Ladder of Server target QPS:", ", ".join(f"{q:.0f}" for q in ladder),
-          f"({seconds:.0f} s each); a ceiling is the highest VALID step.")
+    print("Each ceiling is searched: from 2000 QPS doubling until LoadGen judges a step INVALID (p99 over")
+    print(f"100 ms, or fewer queries than scheduled), then bisection to 5 %, up to {args.limit:.0f} QPS.")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def _loadgen_in_process(scenario: str, target_qps: float, duration_s: float, queue: Any) -> None:
+def _loadgen_in_process(
+    scenario: str, target_qps: float, duration_s: float, queue: Any, coalesce: bool = True, trace: bool = False
+) -> None:
     import mlperf_loadgen as lg
 
     def issue(ids: list[int], indices: list[int]) -> None:
@@ -48,7 +50,7 @@ def _loadgen_in_process(scenario: str, target_qps: float, duration_s: float, que
         settings.scenario = lg.TestScenario.Server
         settings.server_target_qps = target_qps
         settings.server_target_latency_ns = 100_000_000
-        settings.server_coalesce_queries = True
+        settings.server_coalesce_queries = coalesce
     else:
         settings.scenario = lg.TestScenario.SingleStream
         settings.single_stream_expected_latency_ns = 10_000
@@ -56,6 +58,7 @@ def _loadgen_in_process(scenario: str, target_qps: float, duration_s: float, que
         log_settings = lg.LogSettings()
         log_settings.log_output.outdir = outdir
         log_settings.log_output.copy_summary_to_stdout = False
+        log_settings.enable_trace = trace
         lg.StartTestWithLogSettings(sut, qsl, settings, log_settings)
         with open(f"{outdir}/mlperf_log_summary.txt") as handle:
             summary = handle.read()
@@ -69,10 +72,16 @@ def _loadgen_in_process(scenario: str, target_qps: float, duration_s: float, que
     queue.put(fields)
 
 
-def loadgen_in_process(scenario: str, target_qps: float = 0.0, duration_s: float = 3.0) -> dict[str, str]:
+def loadgen_in_process(
+    scenario: str, target_qps: float = 0.0, duration_s: float = 3.0, *, coalesce: bool = True, trace: bool = False
+) -> dict[str, str]:
+    """LoadGen against a SUT that answers at once, in a fresh process; the summary's fields.
+    `trace` turns on LoadGen's trace, which MECBench reads every sample's latency from."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_loadgen_in_process, args=(scenario, target_qps, duration_s, queue))
+    process = context.Process(
+        target=_loadgen_in_process, args=(scenario, target_qps, duration_s, queue, coalesce, trace)
+    )
     process.start()
     fields: dict[str, str] = queue.get(timeout=duration_s + 120)
     process.join(30)

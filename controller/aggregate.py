@@ -21,6 +21,27 @@ from mecbench.v1 import common_pb2
 PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p95", 0.95), ("p97", 0.97), ("p99", 0.99), ("p999", 0.999))
 
 Latencies = npt.NDArray[np.int64]
+# One row per request of the direct LLM client (store.layout.TOKEN_LATENCIES_NAME): issued ns,
+# time to first token ns (-1: none), end-to-end ns, output tokens, failed (0/1).
+TokenRows = npt.NDArray[np.int64]
+
+
+def read_token_latencies(data: bytes) -> TokenRows:
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.ndim != 2 or array.shape[1] != 5:
+        raise ValueError(f"expected rows of (issued, ttft, e2e, tokens, failed), got shape {array.shape}")
+    rows: TokenRows = array.astype(np.int64, copy=False)
+    return rows
+
+
+def token_latency_samples(rows: TokenRows) -> tuple[Latencies, Latencies]:
+    """(TTFT of each request that completed with a first token, TPOT of each of those with more
+    than one token), as LoadGen defines TPOT: (latency - TTFT) / (tokens - 1)."""
+    ok = rows[(rows[:, 4] == 0) & (rows[:, 1] >= 0)]
+    ttft: Latencies = ok[:, 1]
+    several = ok[ok[:, 3] > 1]
+    tpot: Latencies = (several[:, 2] - several[:, 1]) // (several[:, 3] - 1)
+    return ttft, tpot
 
 
 def read_sample_latencies(data: bytes) -> Latencies:
@@ -57,11 +78,14 @@ def latency_stats(latencies: Latencies) -> common_pb2.LatencyStats:
 
 
 def aggregate_results(
-    results: list[common_pb2.TestResult], latencies: list[Latencies | None] | None = None
+    results: list[common_pb2.TestResult],
+    latencies: list[Latencies | None] | None = None,
+    token_rows: list[TokenRows | None] | None = None,
 ) -> common_pb2.TestResult:
-    """One client: its result, as LoadGen reported it. Several: summed throughput, valid only if
-    every client is, and latency percentiles over the pooled latencies of all clients. Without
-    every client's latencies the aggregate carries no latency rather than a made-up one."""
+    """One client: its result, as LoadGen reported it. Several: summed throughput and tokens/s,
+    valid only if every client is, the longest test duration, and latency, TTFT and TPOT
+    percentiles over the pooled per-sample figures of all clients. Without every client's
+    per-sample figures the aggregate carries none of that metric rather than a made-up one."""
     if not results:
         return common_pb2.TestResult()
     if len(results) == 1:
@@ -83,12 +107,26 @@ def aggregate_results(
         performance_constraints_met=all(r.performance_constraints_met for r in results),
         error_count=sum(r.error_count for r in results),
         warning_count=sum(r.warning_count for r in results),
+        tokens_per_second=sum(r.tokens_per_second for r in results),
+        failed_samples=sum(r.failed_samples for r in results),
     )
+    aggregate.test_duration.CopyFrom(max((r.test_duration for r in results), key=lambda d: d.ToNanoseconds()))
+    for result in results:
+        for kind, count in result.failed_samples_by_kind.items():
+            aggregate.failed_samples_by_kind[kind] = aggregate.failed_samples_by_kind.get(kind, 0) + count
     for index, result in enumerate(results):
         aggregate.invalid_reasons.extend(f"client {index}: {reason}" for reason in result.invalid_reasons)
     if latencies and len(latencies) == len(results) and all(rows is not None for rows in latencies):
         pooled = np.concatenate([latencies_for_scenario(rows, scenario) for rows in latencies if rows is not None])
         aggregate.latency.CopyFrom(latency_stats(pooled))
+    if token_rows and len(token_rows) == len(results) and all(rows is not None for rows in token_rows):
+        samples = [token_latency_samples(rows) for rows in token_rows if rows is not None]
+        ttft = np.concatenate([ttft for ttft, _ in samples])
+        tpot = np.concatenate([tpot for _, tpot in samples])
+        if len(ttft):
+            aggregate.ttft.CopyFrom(latency_stats(ttft))
+        if len(tpot):
+            aggregate.tpot.CopyFrom(latency_stats(tpot))
     return aggregate
 
 

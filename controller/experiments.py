@@ -569,7 +569,9 @@ class ExperimentManager:
                 peak.latency_at_peak.CopyFrom(result.latency.p99)
             return met
 
-        if not probe(low):
+        # The search's anchor is confirmed before it is given up: on a busy machine one stall can
+        # push a short probe's tail past the bound, and a failed `low` ends the search at 0.
+        if not probe(low) and not probe(low):
             return peak
         if probe(high):
             return peak

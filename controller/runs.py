@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import shutil
 import threading
 import time
 import uuid
@@ -30,7 +31,14 @@ import mecbench
 from controller import webhooks
 from controller.accuracy import ACCURACY_MODES, LABELS_ROOTS_SETTING, apply_accuracy, read_labels, score_clients
 from controller.agents import AgentPool, LoadGenHandle, SutHandle, remote_error
-from controller.aggregate import Latencies, aggregate_results, mark_failures, read_sample_latencies
+from controller.aggregate import (
+    Latencies,
+    TokenRows,
+    aggregate_results,
+    mark_failures,
+    read_sample_latencies,
+    read_token_latencies,
+)
 from controller.backends.base import AgentHandle
 from controller.groups import any_shaped, client_profiles, group_results, network_label, resolve_groups
 from controller.registry import ACTIVE_STATES, RunRegistry
@@ -52,11 +60,12 @@ from mecbench.core.errors import (
 from mecbench.core.logging import get_logger
 from mecbench.profiles import resolve_profile
 from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, node_agent_pb2, sut_agent_pb2
-from store.base import ObjectStore
+from store.base import ObjectStore, StoreUnavailable
 from store.layout import (
     ACCURACY_LOG_NAME,
     ACCURACY_SCORE_NAME,
     SAMPLE_LATENCIES_NAME,
+    TOKEN_LATENCIES_NAME,
     content_type_for,
     repeat_prefix,
 )
@@ -103,6 +112,8 @@ class ActiveRun:
     failure: str = ""
     # The run's shaping while it is held: its counters and probes go with each repeat.
     shaping: RunShaping | None = None
+    # Each client's latest (live QPS, samples completed) in the repeat running now.
+    client_progress: dict[int, tuple[float, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,6 +147,8 @@ class RunManager:
         self._active: dict[str, ActiveRun] = {}
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(settings.max_concurrent_runs, thread_name_prefix="run")
+        # Set once the results bucket was seen to exist: from then on a store outage spools.
+        self._results_bucket_seen = False
         self._reconcile()
 
     def _reconcile(self) -> None:
@@ -473,11 +486,25 @@ class RunManager:
         self._publish(active, f"webhook: {delivery.error or delivery.status_code}")
 
     def _check_store(self) -> None:
-        """Refuse to measure what could not be kept: the results bucket must exist first."""
+        """Refuse to measure what could not be kept: the results bucket must be known to exist
+        and the spool must have room. The store itself is needed to keep results, not to
+        measure them: once its bucket has been seen, a store that is away now only means the
+        results wait in the spool (a blip must not stop a sweep)."""
         try:
             self.store.list(self.store.results_bucket, "__probe__/")
+            self._results_bucket_seen = True
         except NotFound as exc:
             raise FailedPrecondition(f"results store not ready ({exc}); call InitStorage first") from None
+        except StoreUnavailable as exc:
+            if not self._results_bucket_seen:
+                raise
+            log.warning("store_unreachable_at_run_start", error=str(exc))
+        free = shutil.disk_usage(self.spool.directory).free
+        if free < self.settings.spool_min_free_bytes:
+            raise FailedPrecondition(
+                f"the results spool {self.spool.directory} has {free} bytes free, less than "
+                f"spool_min_free_bytes ({self.settings.spool_min_free_bytes}): results could not be kept"
+            )
 
     def _run_repeat(self, active: ActiveRun, sut: SutHandle, repeat: int, job_mode: bool) -> None:
         """One repeat. In job mode every client gets a fresh LoadGen process that loads the
@@ -506,6 +533,7 @@ class RunManager:
         clients = spec.clients
         with active.changed:
             run.progress.repeat = repeat
+            active.client_progress.clear()
         self.pool.check_alive(sut)
         serving = self.pool.sut_serving(sut)
         server_log_offset = serving.server_log_size
@@ -612,7 +640,9 @@ class RunManager:
             settings=run.spec.settings,
             test_id=f"{run.run_id}-r{repeat}-c{outcome.client}",
             # Several clients' percentiles are merged from every sample's latency.
-            record_sample_latencies=run.spec.clients > 1,
+            # One measuring mode for every client count and the calibration: LoadGen's trace
+            # (each sample's own latency) is on for one client as for many.
+            record_sample_latencies=True,
         )
         try:
             barrier.wait(timeout=60)
@@ -634,7 +664,7 @@ class RunManager:
                 elif kind == "progress":
                     outcome.live_qps = event.progress.live_qps
                     outcome.samples_completed = event.progress.samples_completed
-                    self._progress(active, event.progress)
+                    self._progress(active, outcome.client, event.progress)
                 elif kind == "finished":
                     outcome.result = event.finished.result
                     outcome.cancelled = event.finished.cancelled
@@ -694,11 +724,13 @@ class RunManager:
     def telemetry(self, run_id: str, since: float) -> list[common_pb2.TelemetrySample]:
         return self.registry.telemetry(run_id=run_id, since=since)
 
-    def _progress(self, active: ActiveRun, progress: loadgen_agent_pb2.TestProgress) -> None:
+    def _progress(self, active: ActiveRun, client: int, progress: loadgen_agent_pb2.TestProgress) -> None:
+        """The run's live figures: the clients' sum (each reports its own test)."""
         with active.changed:
+            active.client_progress[client] = (progress.live_qps, progress.samples_completed)
             active.run.progress.elapsed.CopyFrom(progress.elapsed)
-            active.run.progress.live_qps = progress.live_qps
-            active.run.progress.samples_completed = progress.samples_completed
+            active.run.progress.live_qps = sum(qps for qps, _ in active.client_progress.values())
+            active.run.progress.samples_completed = sum(done for _, done in active.client_progress.values())
         self._publish(active, "progress", persist=False)
 
     def _store_repeat(
@@ -739,7 +771,8 @@ class RunManager:
             assert outcome.result is not None
             mark_failures(outcome.result, outcome.sample_errors, outcome.first_sample_error, sut_failure)
         aggregate = aggregate_results(
-            [o.result for o in measured if o.result is not None], [_sample_latencies(o) for o in measured]
+            [o.result for o in measured if o.result is not None], [_sample_latencies(o) for o in measured],
+            [_token_rows(o) for o in measured],
         )
         if spec.HasField("accuracy") and spec.settings.mode in ACCURACY_MODES and measured:
             score = self._score_accuracy(spec.accuracy, measured, aggregate)
@@ -892,6 +925,17 @@ def _copy(message: MessageT) -> MessageT:
     copy = type(message)()
     copy.CopyFrom(message)
     return copy
+
+
+def _token_rows(outcome: ClientOutcome) -> TokenRows | None:
+    data = outcome.files.get(TOKEN_LATENCIES_NAME)
+    if data is None:
+        return None
+    try:
+        return read_token_latencies(bytes(data))
+    except ValueError as exc:
+        log.warning("token_latencies_unreadable", client=outcome.client, error=str(exc))
+        return None
 
 
 def _sample_latencies(outcome: ClientOutcome) -> Latencies | None:

@@ -174,6 +174,24 @@ def _headline(scenario: common_pb2.Scenario.ValueType, fields: dict[str, str], s
     return 0.0
 
 
+def summary_bullets(summary_text: str, heading: str = "Recommendations:") -> list[str]:
+    """The bullets of one block of the summary (`Recommendations:`, `Early Stopping Result:`),
+    each joined onto one line."""
+    advice: list[str] = []
+    inside = False
+    for line in summary_text.splitlines():
+        stripped = line.strip()
+        if stripped == heading:
+            inside = True
+        elif inside and stripped.startswith("* "):
+            advice.append(stripped[2:].strip())
+        elif inside and stripped and advice and not stripped.endswith(":") and not stripped.startswith("="):
+            advice[-1] += " " + stripped
+        elif inside:
+            break
+    return advice
+
+
 def parse_result(
     summary_text: str,
     detail_text: str = "",
@@ -199,6 +217,13 @@ def parse_result(
     result.invalid_reasons.extend(f"{key} : {value}" for key, value in satisfied.items() if value.upper() != "YES")
     if fields.get("Result is") == "INVALID" and not result.invalid_reasons:
         result.invalid_reasons.append("Result is : INVALID")
+    if not result.valid:
+        # LoadGen's own words on what to change (early stopping's query count, the duration).
+        result.invalid_reasons.extend(f"LoadGen: {advice}" for advice in summary_bullets(summary_text))
+        if satisfied.get("Early stopping satisfied", "YES").upper() != "YES":
+            result.invalid_reasons.extend(
+                f"LoadGen early stopping: {line}" for line in summary_bullets(summary_text, "Early Stopping Result:")
+            )
     result.min_duration_met = satisfied.get("Min duration satisfied", "").upper() == "YES"
     result.min_queries_met = satisfied.get("Min queries satisfied", "").upper() == "YES"
     result.early_stopping_met = satisfied.get("Early stopping satisfied", "").upper() == "YES"

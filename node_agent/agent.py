@@ -59,7 +59,8 @@ class NodeAgent:
         self.gpus = GpuAllocator(self.store, self.gpu_inventory)
         cgroups, cgroups_reason = detect_cgroups(settings.cgroup_version, settings.cgroup_parent)
         self.placements = PlacementManager(
-            self.store, settings, self.gpus, self.gpu_inventory, cgroups, cgroups_reason, lambda: read_memory()[1]
+            self.store, settings, self.gpus, self.gpu_inventory, cgroups, cgroups_reason, lambda: read_memory()[1],
+            settings.proc_root,
         )
         self.shaping.reconcile()
         self.placements.reconcile()
@@ -73,6 +74,19 @@ class NodeAgent:
         if self._owned_inventory and isinstance(self.gpu_inventory, NvmlInventory):
             self.gpu_inventory.close()
         self.store.close()
+
+    def outlive_owner(self) -> None:
+        """The process that started this agent is gone (a controller killed with SIGKILL), and
+        with it whoever renewed the leases: keep enforcing them until each has lapsed and what
+        it held is removed, then let the agent stop. Nothing it installed outlives its lease."""
+        leases = self.store.leases()
+        if not leases:
+            return
+        deadline = max(lease.expires_at for lease in leases)
+        log.info("outliving_owner", leases=len(leases), seconds=round(max(deadline - time.time(), 0.0), 1))
+        while self.store.leases() and time.time() < deadline + 5.0:
+            self.reap()
+            time.sleep(self.settings.reaper_interval_s)
 
     def reap(self) -> None:
         for lease in self.store.lapsed_leases():
@@ -129,6 +143,9 @@ class NodeAgent:
 
     def release_placement(self, request: node_agent_pb2.ReleasePlacementRequest) -> list[str]:
         return self.placements.release(request)
+
+    def pod_placement(self, request: node_agent_pb2.GetPodPlacementRequest) -> node_agent_pb2.GetPodPlacementResponse:
+        return self.placements.pod(request)
 
     # --- node info ----------------------------------------------------------------------------
 

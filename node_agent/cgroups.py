@@ -97,6 +97,12 @@ class Cgroups(Protocol):
 
     def usage(self, name: str) -> GroupUsage: ...
 
+    def read_groups(self, groups: dict[str, str]) -> AppliedGroup:
+        """Any group, named as /proc/<pid>/cgroup names it ({hierarchy: path}): a pod's."""
+        ...
+
+    def usage_groups(self, groups: dict[str, str]) -> GroupUsage: ...
+
     def remove(self, name: str, return_to: dict[str, str]) -> None:
         """Move what is still in the group back to `return_to` (hierarchy -> group path, as
         /proc/<pid>/cgroup names it; the root where it is gone) and delete the group."""
@@ -344,11 +350,19 @@ class CgroupV1:
             if group.is_dir():
                 _write(group / "cgroup.procs", str(pid))
 
+    def _own(self, name: str) -> dict[str, str]:
+        return {controller: f"/{self.parent}/{name}" for controller in self.mounts}
+
+    def _dirs(self, groups: dict[str, str]) -> dict[str, Path]:
+        return {c: self.mounts[c] / path.lstrip("/") for c, path in groups.items() if c in self.mounts}
+
     def read(self, name: str) -> AppliedGroup:
+        return self.read_groups(self._own(name))
+
+    def read_groups(self, groups: dict[str, str]) -> AppliedGroup:
         applied = AppliedGroup(version=self.version, paths={})
         pids: set[int] = set()
-        for controller in self.mounts:
-            group = self._dir(controller, name)
+        for controller, group in self._dirs(groups).items():
             if not group.is_dir():
                 continue
             applied.paths[controller] = str(group)
@@ -373,18 +387,22 @@ class CgroupV1:
         return applied
 
     def usage(self, name: str) -> GroupUsage:
+        return self.usage_groups(self._own(name))
+
+    def usage_groups(self, groups: dict[str, str]) -> GroupUsage:
         usage = GroupUsage()
-        if "cpuacct" in self.mounts:
-            usage.cpu_usage_ns = _read_int(self._dir("cpuacct", name) / "cpuacct.usage")
+        dirs = self._dirs(groups)
+        if "cpuacct" in dirs:
+            usage.cpu_usage_ns = _read_int(dirs["cpuacct"] / "cpuacct.usage")
         else:
             usage.notes.append("no cpuacct hierarchy: CPU time not counted")
-        if "cpu" in self.mounts:
-            stat = _keyed(self._dir("cpu", name) / "cpu.stat")
+        if "cpu" in dirs:
+            stat = _keyed(dirs["cpu"] / "cpu.stat")
             usage.cpu_periods = stat.get("nr_periods", 0)
             usage.cpu_throttled_periods = stat.get("nr_throttled", 0)
             usage.cpu_throttled_ns = stat.get("throttled_time", 0)
-        if "memory" in self.mounts:
-            group = self._dir("memory", name)
+        if "memory" in dirs:
+            group = dirs["memory"]
             usage.memory_current_bytes = _read_int(group / "memory.usage_in_bytes")
             usage.memory_peak_bytes = _read_int(group / "memory.max_usage_in_bytes")
             usage.oom_kills = _keyed(group / "memory.oom_control").get("oom_kill", 0)
@@ -486,7 +504,12 @@ class CgroupV2:
         _write(self._dir(name) / "cgroup.procs", str(pid))
 
     def read(self, name: str) -> AppliedGroup:
-        group = self._dir(name)
+        return self.read_groups({"unified": f"/{self.parent}/{name}"})
+
+    def read_groups(self, groups: dict[str, str]) -> AppliedGroup:
+        if "unified" not in groups:
+            return AppliedGroup(version=self.version, paths={})
+        group = self.root / groups["unified"].lstrip("/")
         applied = AppliedGroup(version=self.version, paths={"unified": str(group)} if group.is_dir() else {})
         if not group.is_dir():
             return applied
@@ -502,7 +525,12 @@ class CgroupV2:
         return applied
 
     def usage(self, name: str) -> GroupUsage:
-        group = self._dir(name)
+        return self.usage_groups({"unified": f"/{self.parent}/{name}"})
+
+    def usage_groups(self, groups: dict[str, str]) -> GroupUsage:
+        if "unified" not in groups:
+            return GroupUsage(notes=["the process is in no cgroup v2 group"])
+        group = self.root / groups["unified"].lstrip("/")
         stat = _keyed(group / "cpu.stat")
         usage = GroupUsage(
             cpu_usage_ns=stat.get("usage_usec", 0) * 1000,

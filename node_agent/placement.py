@@ -35,6 +35,7 @@ from mecbench.v1 import common_pb2, node_agent_pb2
 from node_agent.cgroups import CgroupLimits, Cgroups, cpus_allowed, format_cpu_list, parse_cpu_list
 from node_agent.gpus import GpuAllocator, GpuInventory, gpu_message
 from node_agent.leases import LeaseRecord, PlacementRecord, StateStore, new_id
+from node_agent.podplacement import read_pod
 from node_agent.settings import NodeAgentSettings
 from node_agent.validation import check_lease, check_owner
 
@@ -259,6 +260,10 @@ class PlacementManager:
             memory_bytes=limits.memory_bytes,
         )
         return self.message(record)
+
+    def pod(self, request: node_agent_pb2.GetPodPlacementRequest) -> node_agent_pb2.GetPodPlacementResponse:
+        applied, usage = read_pod(request.pod.uid, self.cgroups, self.cgroups_reason, self.inventory, self.proc_root)
+        return node_agent_pb2.GetPodPlacementResponse(applied=applied, usage=usage)
 
     def get(self, placement_id: str) -> node_agent_pb2.Placement:
         if not placement_id:

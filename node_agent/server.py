@@ -41,6 +41,7 @@ def create_server(
     )
     holder[0].address = running.address
     running.on_stop.append(agent.close)
+    running.on_parent_gone.append(agent.outlive_owner)
     return running, running.port
 
 

@@ -83,6 +83,11 @@ class NodeAgentServicer(node_agent_pb2_grpc.NodeAgentServicer):
     ) -> node_agent_pb2.GetPlacementResponse:
         return node_agent_pb2.GetPlacementResponse(placement=self._agent.get_placement(request.placement_id))
 
+    def GetPodPlacement(
+        self, request: node_agent_pb2.GetPodPlacementRequest, context: grpc.ServicerContext
+    ) -> node_agent_pb2.GetPodPlacementResponse:
+        return self._agent.pod_placement(request)
+
     def ReleasePlacement(
         self, request: node_agent_pb2.ReleasePlacementRequest, context: grpc.ServicerContext
     ) -> node_agent_pb2.ReleasePlacementResponse:

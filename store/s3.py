@@ -24,6 +24,8 @@ from store.base import BucketInit, ObjectStore, StoreError, StoreUnavailable
 T = TypeVar("T")
 
 _CREDENTIAL_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken", "ExpiredToken"}
+# Error codes S3 documents as worth retrying: the server is up but cannot answer now.
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted"}
 
 
 class S3Store(ObjectStore):
@@ -80,6 +82,12 @@ class S3Store(ObjectStore):
                 raise PermissionDenied(
                     f"the S3 server at {self.endpoint} refused access key {self.access_key!r} for "
                     f"{self._where(bucket, key)}: {exc.code} (check the access key and secret)"
+                ) from None
+            if exc.code in _TRANSIENT_CODES:
+                # The server is there but not able to answer now (starting, overloaded): as
+                # good as away, so the caller retries or spools rather than failing.
+                raise StoreUnavailable(
+                    f"the S3 server at {self.endpoint} cannot serve {self._where(bucket, key)} now: {exc.code}"
                 ) from None
             raise StoreError(
                 f"S3 refused an operation on {self._where(bucket, key)}: {exc.code}: {exc.message}"

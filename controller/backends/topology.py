@@ -9,13 +9,25 @@ Address plan for topology slot `t` (0..63) and node `i` (0 = edge, 1..n = client
   management: 10.232.t.(4i+1) root side, 10.232.t.(4i+2) namespace side
   data:       10.231.t.(4i+1) edge side, 10.231.t.(4i+2) client side   (i >= 1)
 All configuration goes through netlink (pyroute2); nothing shells out to `ip`.
+
+Nothing outlives its owner: the controller that creates a topology holds an exclusive lock on
+it (`/run/mecbench/topology-NAME.lock`, released by the kernel when it dies, however it dies)
+and starts a reaper process that waits on a pipe from it. When the controller is gone the pipe
+closes and the reaper removes the namespaces (and with their veths every qdisc on them), unless
+a new controller holds the lock by then. A controller that finds namespaces of its name that no
+live owner holds removes and rebuilds them rather than failing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyroute2 import IPRoute, NetNS, netns
 
@@ -27,6 +39,23 @@ log = get_logger("mecbench.controller.topology")
 
 MAX_SLOTS = 64
 MAX_CLIENTS = 62
+LOCK_DIR = Path("/run/mecbench")
+_REAPER_LOCK_WAIT_S = 10.0
+
+
+def _try_lock(name: str) -> int | None:
+    """An open descriptor holding topology `name`'s exclusive lock, or None when a live process
+    holds it."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(LOCK_DIR / f"topology-{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        return None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, str(os.getpid()).encode())
+    return descriptor
 
 
 @dataclass(frozen=True)
@@ -47,6 +76,8 @@ class NetnsTopology:
     edge: NodeLinks = field(init=False)
     client_nodes: list[NodeLinks] = field(init=False)
     created: bool = False
+    _lock: int | None = field(default=None, init=False, repr=False)
+    _reaper: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.slot < MAX_SLOTS:
@@ -74,9 +105,29 @@ class NetnsTopology:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
+    def leftovers(self) -> list[str]:
+        """Namespaces and root-side links of this topology's name that exist now."""
+        found = [n.netns for n in [self.edge, *self.client_nodes] if os.path.exists(os.path.join(NETNS_DIR, n.netns))]
+        with IPRoute() as root:
+            names = [f"mb{self.name}{kind}{index}" for index in range(self.clients + 1) for kind in "md"]
+            found += [name for name in names if root.link_lookup(ifname=name)]
+        return found
+
     def create(self) -> None:
         if os.geteuid() != 0:
             raise FailedPrecondition("the netns topology needs root (network namespaces and veth pairs)")
+        if self._lock is None:
+            self._lock = _try_lock(self.name)
+            if self._lock is None:
+                raise FailedPrecondition(
+                    f"topology {self.name!r} is in use by a running controller "
+                    f"({LOCK_DIR}/topology-{self.name}.lock); give this one another topology_name and slot"
+                )
+        leftovers = self.leftovers()
+        if leftovers:
+            # Nobody alive holds the lock: a controller that died left these. Rebuild.
+            log.warning("topology_leftovers_removed", name=self.name, leftovers=leftovers)
+            self._remove()
         try:
             nodes = [self.edge, *self.client_nodes]
             for node in nodes:
@@ -102,10 +153,19 @@ class NetnsTopology:
                     self._configure(self.edge.netns, f"data{index}", self._ip("231", index, 1))
                     self._configure(node.netns, node.data_interface, node.data_ip)
             self.created = True
+            self._start_reaper()
             log.info("topology_created", name=self.name, clients=self.clients, slot=self.slot)
         except Exception:
             self.destroy()
             raise
+
+    def _start_reaper(self) -> None:
+        """A process that removes the topology once this one is gone (see the module docstring)."""
+        with (LOCK_DIR / f"topology-{self.name}.reaper.log").open("ab") as log_file:
+            self._reaper = subprocess.Popen(
+                [sys.executable, "-m", "controller.backends.topology", self.name, str(self.slot), str(self.clients)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True,
+            )
 
     @staticmethod
     def _veth(root: IPRoute, name: str, peer: str, peer_netns: str) -> None:
@@ -119,7 +179,21 @@ class NetnsTopology:
             ns.link("set", index=index, state="up")
 
     def destroy(self) -> None:
-        """Remove the namespaces (their veths go with them) and any root-side leftovers."""
+        """Remove the namespaces (their veths go with them) and any root-side leftovers, then
+        let the reaper and the lock go."""
+        self._remove()
+        if self._reaper is not None:
+            reaper, self._reaper = self._reaper, None
+            if reaper.stdin is not None:
+                with contextlib.suppress(OSError):
+                    reaper.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                reaper.wait(10)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _remove(self) -> None:
         with IPRoute() as root:
             for index in range(self.clients + 1):
                 for name in (f"mb{self.name}m{index}", f"mb{self.name}d{index}"):
@@ -131,3 +205,32 @@ class NetnsTopology:
                 with contextlib.suppress(Exception):
                     netns.remove(node.netns)
         self.created = False
+
+
+def _reap_when_owner_is_gone(name: str, slot: int, clients: int) -> None:
+    """The reaper: wait for the owner's pipe to close, then remove the topology unless a live
+    controller holds it again."""
+    with contextlib.suppress(OSError):
+        while sys.stdin.buffer.read(4096):
+            pass
+    # Processes the owner forked without exec (pyroute2's namespace helpers) hold its lock for
+    # a moment after it died: wait for them, but not for a new controller that took it over.
+    deadline = time.monotonic() + _REAPER_LOCK_WAIT_S
+    lock = _try_lock(name)
+    while lock is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        lock = _try_lock(name)
+    if lock is None:
+        log.info("topology_held_by_another_controller", name=name)
+        return
+    try:
+        topology = NetnsTopology(name, slot, clients)
+        if topology.leftovers():
+            log.warning("topology_reaped", name=name, leftovers=topology.leftovers())
+            topology._remove()
+    finally:
+        os.close(lock)
+
+
+if __name__ == "__main__":
+    _reap_when_owner_is_gone(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

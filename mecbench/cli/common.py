@@ -203,6 +203,7 @@ def format_results_table(rows: Sequence[tuple[str, controller_pb2.Run]]) -> str:
     header += ["TTFT p50 ms", "TPOT p50 ms", "tokens/s"] if tokens else []
     header += ["accuracy"] if accuracy else []
     lines: list[list[str]] = []
+    reasons: list[str] = []
     for label, run in rows:
         state = state_name(run.state)
         # The pooled result of all clients, then each client group's own (indented).
@@ -227,9 +228,13 @@ def format_results_table(rows: Sequence[tuple[str, controller_pb2.Run]]) -> str:
                 metric = result.accuracy_scorer
                 line.append(f"{metric} {result.accuracy[metric]:.4f}" if metric in result.accuracy else "-")
             lines.append(line)
+            if not result.valid:
+                why = "; ".join(result.invalid_reasons) or "LoadGen gave no reason"
+                reasons.append(f"{test.strip()}: INVALID: {why}")
         if not run.results:
             lines.append([label, state] + ["-"] * (len(header) - 2))
-    return render_table(header, lines)
+    # Every INVALID verdict with LoadGen's own reason beside it.
+    return "\n".join([render_table(header, lines), *reasons])
 
 
 # --- where the controller is ------------------------------------------------------------------

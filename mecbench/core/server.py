@@ -43,6 +43,9 @@ class RunningServer:
     health: health.HealthServicer
     service_names: list[str]
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    # Run, before stopping, when the parent that started this server died (EXIT_WITH_PARENT):
+    # what the service must not leave behind once nobody owns it any more.
+    on_parent_gone: list[Callable[[], None]] = field(default_factory=list)
     # Set when the server has a /metrics endpoint: its registry and its bound port.
     metrics_registry: CollectorRegistry | None = None
     metrics: MetricsEndpoint | None = None
@@ -186,13 +189,14 @@ def _require_identity(allowed: Sequence[str], then: Authorizer | None) -> Author
 EXIT_WITH_PARENT_ENV = "MECBENCH_EXIT_WITH_PARENT"
 
 
-def _stop_when_stdin_closes(stop: threading.Event) -> None:
+def _stop_when_stdin_closes(stop: threading.Event, parent_gone: threading.Event) -> None:
     try:
         while sys.stdin.buffer.read(4096):
             pass
     except (OSError, ValueError):
         pass
     log.info("parent_gone")
+    parent_gone.set()
     stop.set()
 
 
@@ -209,6 +213,7 @@ def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:
         metrics_port=running.metrics_port, tls=running.tls,
     )
     stop = threading.Event()
+    parent_gone = threading.Event()
 
     def handle(signum: int, _frame: object) -> None:
         log.info("signal_received", signal=signal.Signals(signum).name)
@@ -217,7 +222,15 @@ def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
     if os.environ.get(EXIT_WITH_PARENT_ENV) == "1":
-        threading.Thread(target=_stop_when_stdin_closes, args=(stop,), name="parent-watch", daemon=True).start()
+        threading.Thread(
+            target=_stop_when_stdin_closes, args=(stop, parent_gone), name="parent-watch", daemon=True
+        ).start()
     stop.wait()
+    if parent_gone.is_set():
+        for hook in running.on_parent_gone:
+            try:
+                hook()
+            except Exception:
+                log.exception("parent_gone_hook_failed")
     running.stop(grace)
     log.info("server_stopped", port=running.port)

@@ -1189,3 +1189,47 @@ class AppliedStep(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AppliedStep: _TypeAlias = AppliedStep  # noqa: Y015
+
+@_typing.final
+class GetPodPlacementRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pod(self) -> Global___PodReference: ...
+    def __init__(
+        self,
+        *,
+        pod: Global___PodReference | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPodPlacementRequest: _TypeAlias = GetPodPlacementRequest  # noqa: Y015
+
+@_typing.final
+class GetPodPlacementResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLIED_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def applied(self) -> _common_pb2.PlacementApplied: ...
+    @_builtins.property
+    def usage(self) -> _common_pb2.PlacementUsage: ...
+    def __init__(
+        self,
+        *,
+        applied: _common_pb2.PlacementApplied | None = ...,
+        usage: _common_pb2.PlacementUsage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPodPlacementResponse: _TypeAlias = GetPodPlacementResponse  # noqa: Y015

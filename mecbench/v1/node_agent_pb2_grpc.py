@@ -91,6 +91,11 @@ class NodeAgentStub:
                 request_serializer=mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementRequest.SerializeToString,
                 response_deserializer=mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementResponse.FromString,
                 _registered_method=True)
+        self.GetPodPlacement = channel.unary_unary(
+                '/mecbench.v1.NodeAgent/GetPodPlacement',
+                request_serializer=mecbench_dot_v1_dot_node__agent__pb2.GetPodPlacementRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_node__agent__pb2.GetPodPlacementResponse.FromString,
+                _registered_method=True)
         self.ProbeShaping = channel.unary_unary(
                 '/mecbench.v1.NodeAgent/ProbeShaping',
                 request_serializer=mecbench_dot_v1_dot_node__agent__pb2.ProbeShapingRequest.SerializeToString,
@@ -185,6 +190,14 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPodPlacement(self, request, context):
+        """What a Kubernetes pod on this node actually got: its pod-level cgroup read back, and the
+        GPUs NVML lists its processes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ProbeShaping(self, request, context):
         """A short measurement through a shaping's path: what the link carries and its round trip,
         compared with what the shaping asked for.
@@ -264,6 +277,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.ReleasePlacement,
                     request_deserializer=mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementRequest.FromString,
                     response_serializer=mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementResponse.SerializeToString,
+            ),
+            'GetPodPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPodPlacement,
+                    request_deserializer=mecbench_dot_v1_dot_node__agent__pb2.GetPodPlacementRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_node__agent__pb2.GetPodPlacementResponse.SerializeToString,
             ),
             'ProbeShaping': grpc.unary_unary_rpc_method_handler(
                     servicer.ProbeShaping,
@@ -580,6 +598,33 @@ class NodeAgent:
             '/mecbench.v1.NodeAgent/ReleasePlacement',
             mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementRequest.SerializeToString,
             mecbench_dot_v1_dot_node__agent__pb2.ReleasePlacementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPodPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mecbench.v1.NodeAgent/GetPodPlacement',
+            mecbench_dot_v1_dot_node__agent__pb2.GetPodPlacementRequest.SerializeToString,
+            mecbench_dot_v1_dot_node__agent__pb2.GetPodPlacementResponse.FromString,
             options,
             channel_credentials,
             insecure,

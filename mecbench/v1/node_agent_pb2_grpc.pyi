@@ -53,6 +53,10 @@ class NodeAgentStub:
     """A placement read back from the kernel, with its group's usage so far."""
     ReleasePlacement: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.ReleasePlacementRequest, _node_agent_pb2.ReleasePlacementResponse]
     """Idempotent: releasing what is not there succeeds."""
+    GetPodPlacement: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.GetPodPlacementRequest, _node_agent_pb2.GetPodPlacementResponse]
+    """What a Kubernetes pod on this node actually got: its pod-level cgroup read back, and the
+    GPUs NVML lists its processes on.
+    """
     ProbeShaping: _grpc.UnaryUnaryMultiCallable[_node_agent_pb2.ProbeShapingRequest, _node_agent_pb2.ProbeShapingResponse]
     """A short measurement through a shaping's path: what the link carries and its round trip,
     compared with what the shaping asked for.
@@ -87,6 +91,10 @@ class NodeAgentAsyncStub(NodeAgentStub):
     """A placement read back from the kernel, with its group's usage so far."""
     ReleasePlacement: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.ReleasePlacementRequest, _node_agent_pb2.ReleasePlacementResponse]  # type: ignore[assignment]
     """Idempotent: releasing what is not there succeeds."""
+    GetPodPlacement: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.GetPodPlacementRequest, _node_agent_pb2.GetPodPlacementResponse]  # type: ignore[assignment]
+    """What a Kubernetes pod on this node actually got: its pod-level cgroup read back, and the
+    GPUs NVML lists its processes on.
+    """
     ProbeShaping: _aio.UnaryUnaryMultiCallable[_node_agent_pb2.ProbeShapingRequest, _node_agent_pb2.ProbeShapingResponse]  # type: ignore[assignment]
     """A short measurement through a shaping's path: what the link carries and its round trip,
     compared with what the shaping asked for.
@@ -184,6 +192,16 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_agent_pb2.ReleasePlacementResponse, _abc.Awaitable[_node_agent_pb2.ReleasePlacementResponse]]:
         """Idempotent: releasing what is not there succeeds."""
+
+    @_abc_1.abstractmethod
+    def GetPodPlacement(
+        self,
+        request: _node_agent_pb2.GetPodPlacementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_agent_pb2.GetPodPlacementResponse, _abc.Awaitable[_node_agent_pb2.GetPodPlacementResponse]]:
+        """What a Kubernetes pod on this node actually got: its pod-level cgroup read back, and the
+        GPUs NVML lists its processes on.
+        """
 
     @_abc_1.abstractmethod
     def ProbeShaping(

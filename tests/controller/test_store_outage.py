@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from google.protobuf import json_format
+
 from controller.app import ControllerApp
 from controller.settings import ControllerSettings
 from mecbench.core import durations
@@ -112,3 +114,46 @@ def test_a_controller_killed_with_results_spooled_flushes_them_after_restart(
     finally:
         restarted.terminate()
         restarted.wait(15)
+
+
+def test_a_store_blip_mid_experiment_does_not_stop_the_sweep(s3_server: S3Server, tmp_path: Path) -> None:
+    """S3 away for 5 s between the points of a 3-point experiment: the points measured meanwhile
+    start (the bucket was seen, the spool has room), their files wait in the spool, and every
+    one of them reaches S3 with the content the registry holds."""
+    store = s3_server.store("blip-results", "blip-blobs")
+    store.init_buckets()
+    settings = ControllerSettings.load(data_dir=tmp_path, telemetry_interval_s=0)
+    app = ControllerApp(settings, store=store)
+    app.spool.flush_interval_s = 0.3
+    spec = controller_pb2.ExperimentSpec(
+        experiment_id="blip", sut=synthetic_sut(0.001), skip_calibration=True,
+        settings=short_settings(common_pb2.SCENARIO_SERVER, min_duration=durations.from_seconds(1.0),
+                                offline_expected_qps=500.0),
+        sweep=controller_pb2.Sweep(scenarios=[common_pb2.SCENARIO_SINGLE_STREAM, common_pb2.SCENARIO_OFFLINE,
+                                              common_pb2.SCENARIO_SERVER]),
+    )
+    try:
+        app.experiments.start(spec)
+        _wait_for(lambda: app.experiments.get("blip").points_done >= 1, 60, "the first point")
+        s3_server.stop()
+        try:
+            time.sleep(5)
+        finally:
+            s3_server.start()
+        final = app.experiments.wait("blip", timeout=120)
+        assert final.state == common_pb2.RUN_STATE_SUCCEEDED, final.error
+        assert final.points_done == 3
+        for run_id in final.run_ids:
+            _wait_for(lambda run_id=run_id: not app.runs.get_run(run_id).results_spooled, 60, "the spool to drain")
+        records = app.registry.list_results(controller_pb2.ListResultsRequest(experiment_id="blip"))
+        assert sorted(r.scenario for r in records) == sorted(spec.sweep.scenarios)
+        _assert_all_files_in_s3(s3_server, records, "blip-results")
+        for record in records:
+            prefix = f"blip/{record.selector}/{record.run_id}/repeat-{record.repeat}/"
+            document = json.loads(s3_server.store().get("blip-results", prefix + "result.json"))
+            # The aggregate kept in S3 is the one the registry indexed, figure for figure.
+            stored = common_pb2.TestResult()
+            json_format.ParseDict(document["result"]["aggregate"], stored)
+            assert stored == record.result
+    finally:
+        app.close()
