@@ -661,6 +661,8 @@ class RunManager:
                     buffer += chunk.data
                 elif kind == "started":
                     outcome.setup_time_s = durations.to_seconds(event.started.setup_time)
+                    if active.shaping is not None:
+                        active.shaping.test_started()  # time-varying links start with the test
                 elif kind == "progress":
                     outcome.live_qps = event.progress.live_qps
                     outcome.samples_completed = event.progress.samples_completed

@@ -56,6 +56,7 @@ class AppliedShaping:
     shaping: node_agent_pb2.Shaping
     probe: node_agent_pb2.LinkProbe | None = None
     probe_error: str = ""
+    schedule: common_pb2.LinkSchedule | None = None
 
 
 def _counters(message: node_agent_pb2.QdiscCounters) -> dict[str, int]:
@@ -69,6 +70,9 @@ class _RepeatCounters:
     samples: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
     sampler: threading.Thread | None = None
+    # Schedules started for this repeat (when its first test started), and any failure to.
+    schedules_started: bool = False
+    schedule_errors: list[str] = field(default_factory=list)
 
 
 class RunShaping:
@@ -92,6 +96,7 @@ class RunShaping:
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._repeat: _RepeatCounters | None = None
+        self._schedule_lock = threading.Lock()
 
     @property
     def leases(self) -> list[tuple[NodeAgentHandle, str]]:
@@ -133,8 +138,12 @@ class RunShaping:
                         owner=self.run_id,
                         lease_duration=durations.from_seconds(self.lease_s),
                     )
+                    if profile.HasField("schedule"):
+                        request.schedule.CopyFrom(profile.schedule)
                     reply = node.stub.ApplyShaping(request, timeout=30)
-                    self.applied.append(AppliedShaping(node, client, profile.name, reply.shaping))
+                    self.applied.append(AppliedShaping(node, client, profile.name, reply.shaping,
+                                                       schedule=request.schedule if profile.HasField("schedule")
+                                                       else None))
                     log.info("shaping_applied", run_id=self.run_id, interface=point.interface, netns=point.netns,
                              profile=profile.name, client=client)
         except grpc.RpcError as exc:
@@ -208,6 +217,53 @@ class RunShaping:
         state.sampler.start()
         self._repeat = state
 
+    def test_started(self) -> None:
+        """A client's test has started: start every schedule from its first step (once a repeat),
+        so the link changes in step with the test."""
+        state = self._repeat
+        if state is None:
+            return
+        with self._schedule_lock:
+            if state.schedules_started:
+                return
+            state.schedules_started = True
+        for applied in self.applied:
+            if applied.schedule is None:
+                continue
+            try:
+                applied.node.stub.StartSchedule(
+                    node_agent_pb2.StartScheduleRequest(shaping_id=applied.shaping.shaping_id), timeout=10
+                )
+            except grpc.RpcError as exc:
+                state.schedule_errors.append(f"client {applied.client}: {exc.code().name}: {exc.details()}")
+                log.warning("schedule_start_failed", run_id=self.run_id, error=exc.details())
+
+    def _stop_schedules(self, state: _RepeatCounters) -> list[dict[str, Any]]:
+        """Stop the repeat's schedules; each one's requested steps beside what was applied."""
+        timelines = []
+        for applied in self.applied:
+            if applied.schedule is None:
+                continue
+            entry: dict[str, Any] = {
+                "client": applied.client, "profile": applied.profile, "shaping_id": applied.shaping.shaping_id,
+                "schedule": json_format.MessageToDict(applied.schedule, preserving_proto_field_name=True),
+            }
+            if state.schedules_started:
+                try:
+                    stopped = applied.node.stub.StopSchedule(
+                        node_agent_pb2.StopScheduleRequest(shaping_id=applied.shaping.shaping_id), timeout=15
+                    )
+                    entry["started_at"] = stopped.started_at.ToJsonString()
+                    entry["applied"] = [
+                        json_format.MessageToDict(step, preserving_proto_field_name=True) for step in stopped.applied
+                    ]
+                except grpc.RpcError as exc:
+                    entry["error"] = f"{exc.code().name}: {exc.details()}"
+            else:
+                entry["error"] = "no test started: the schedule was not run"
+            timelines.append(entry)
+        return timelines
+
     def _sample(self, state: _RepeatCounters) -> None:
         while not state.stop.wait(BACKLOG_SAMPLE_S):
             try:
@@ -229,6 +285,7 @@ class RunShaping:
         state.stop.set()
         if state.sampler is not None:
             state.sampler.join(timeout=10)
+        schedules = self._stop_schedules(state)
         try:
             after = self._read()
         except grpc.RpcError as exc:
@@ -273,6 +330,8 @@ class RunShaping:
             ],
             "link_as_requested": not problems,
             "problems": problems,
+            **({"schedules": schedules} if schedules else {}),
+            **({"schedule_errors": state.schedule_errors} if state.schedule_errors else {}),
         }
 
     # --- leases --------------------------------------------------------------------------------

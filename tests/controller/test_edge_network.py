@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from controller.aggregate import read_sample_latencies
 from controller.app import ControllerApp
 from controller.server import create_server
 from controller.settings import ControllerSettings
@@ -134,3 +136,46 @@ def test_two_client_groups_in_one_run_each_see_their_own_link(edge_stack: Stack)
     assert rates == {0: "5000000", 1: "50000000"}
     record = edge_stack.stub.ListResults(controller_pb2.ListResultsRequest(run_id=shaped.run_id)).results[0]
     assert record.network_profile == "slow=5mbit+fast=50mbit" and len(record.groups) == 2
+
+
+@pytest.mark.slow
+def test_a_rate_trace_stepping_50_5_50_shows_in_the_per_sample_latency_and_the_applied_timeline(
+    edge_stack: Stack,
+) -> None:
+    """The shipped "step-50-5-50" trace during one SingleStream test with 25 kB replies: the
+    latency of the samples issued in each step follows the step's rate, and the timeline the node
+    agent applied (read back from the kernel) is the trace's."""
+    spec = controller_pb2.RunSpec(
+        experiment_id="edge-trace", sut_id=SUT_ID, network=common_pb2.NetworkProfile(name="step-50-5-50"),
+        settings=short_settings(common_pb2.SCENARIO_SINGLE_STREAM, min_duration=durations.from_seconds(6.0),
+                                min_query_count=100),
+    )
+    final, document = run_to_end(edge_stack, spec)
+    record = edge_stack.stub.GetResult(
+        controller_pb2.GetResultRequest(run_id=final.run_id, include_files=["sample_latencies.npy"])
+    )
+    rows = read_sample_latencies(b"".join(f.data for f in record.files if f.name == "sample_latencies.npy"))
+    ordered = rows[np.argsort(rows[:, 0], kind="stable")]
+    latency_ms = ordered[:, 1] / 1e6
+    # SingleStream issues each query when the one before completes: a sample's time into the
+    # test is the sum of the latencies before it (the gaps between queries are microseconds).
+    issued_s = np.concatenate([[0.0], np.cumsum(latency_ms)[:-1] / 1e3])
+
+    def median_ms(start_s: float, end_s: float) -> float:
+        inside = latency_ms[(issued_s >= start_s) & (issued_s < end_s)]
+        assert len(inside) >= 5, (start_s, end_s, len(inside))
+        return float(np.median(inside))
+
+    phases = [median_ms(0.4, 1.6), median_ms(2.4, 3.6), median_ms(4.4, 5.6)]
+    print(f"median latency per step (50, 5, 50 Mbit/s): {[round(p, 1) for p in phases]} ms")
+    at_5mbit = RESPONSE_BYTES * 8 / 5e6 * 1e3
+    assert 0.85 * at_5mbit <= phases[1] <= 1.3 * at_5mbit
+    assert phases[0] < 0.3 * phases[1] and phases[2] < 0.3 * phases[1]
+    (timeline,) = document["network"]["schedules"]
+    assert timeline["schedule"]["source"] == "shipped:step-50-5-50"
+    applied = [(s.get("step", 0), s["params"]["rate_bps"], s.get("planned", "0s"), s["applied"])
+               for s in timeline["applied"]]
+    print(f"applied timeline: {applied}")
+    assert [(step, rate) for step, rate, _, _ in applied] == [(0, "50000000"), (1, "5000000"), (2, "50000000")]
+    for _step, _rate, planned, took in applied:
+        assert 0 <= float(took.rstrip("s")) - float(planned.rstrip("s")) < 0.1
