@@ -265,6 +265,8 @@ class AgentPool:
         """The SUT's placement as the kernel holds it now, with its group's counters; None when
         it is not placed."""
         if handle.placement is None:
+            if not self._places() and wants_placement(handle.config):
+                return self._read_pod_placement(handle)
             return None
         node = self.node_agent()
         try:
@@ -275,6 +277,31 @@ class AgentPool:
             raise remote_error("node agent", exc) from None
         placement: node_agent_pb2.Placement = reply.placement
         return placement
+
+    def _read_pod_placement(self, handle: SutHandle) -> node_agent_pb2.Placement | None:
+        """On a cluster the kubelet confines the SUT's pod from its requests and limits; the node
+        agent of the pod's node reads back what the pod got. None (and a warning) where it cannot
+        be read: the result then records no placement rather than the request as if applied."""
+        try:
+            pods = [p for p in self.backend.sut_shaping_points("sut", 0, handle.agent) if p.pod is not None]
+        except MecbenchError:
+            return None
+        if not pods:
+            return None
+        point = pods[0]
+        assert point.pod is not None
+        reference = node_agent_pb2.PodReference(namespace=point.pod.namespace, name=point.pod.name, uid=point.pod.uid)
+        try:
+            reply = self.node_agent_on(point.node).stub.GetPodPlacement(
+                node_agent_pb2.GetPodPlacementRequest(pod=reference), timeout=30
+            )
+        except (grpc.RpcError, MecbenchError) as exc:
+            log.warning("pod_placement_unread", sut_id=handle.sut_id, pod=point.pod.name, error=str(exc))
+            return None
+        return node_agent_pb2.Placement(
+            pid=reply.applied.pids[0] if reply.applied.pids else 0, resources=handle.config.resources,
+            gpus=handle.config.gpus, applied=reply.applied, usage=reply.usage,
+        )
 
     def _release_placement(self, handle: SutHandle) -> None:
         placement, handle.placement = handle.placement, None

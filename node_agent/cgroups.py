@@ -23,6 +23,25 @@ log = get_logger("mecbench.node_agent.cgroups")
 CPU_PERIOD_US = 100_000
 # The kernel's lower bound for cfs_quota_us / cpu.max's quota.
 MIN_CPU_QUOTA_US = 1_000
+# A placement's cores are its share under contention too (a floor as well as a ceiling), as the
+# kubelet does for a pod's CPU request: 1024 shares a core, and MECBench's parent group weighs as
+# many cores as the node has (kubepods' weight), so other processes cannot starve a SUT of them.
+SHARES_PER_CORE = 1024
+MIN_SHARES = 2
+MAX_SHARES = 262_144
+
+
+def cpu_shares(cores: float) -> int:
+    return min(MAX_SHARES, max(MIN_SHARES, round(cores * SHARES_PER_CORE)))
+
+
+def shares_to_weight(shares: int) -> int:
+    """v1 cpu.shares as v2 cpu.weight (1..10000), by the kubelet's formula."""
+    return 1 + ((shares - MIN_SHARES) * 9999) // (MAX_SHARES - MIN_SHARES)
+
+
+def weight_to_shares(weight: int) -> int:
+    return MIN_SHARES + ((weight - 1) * (MAX_SHARES - MIN_SHARES)) // 9999
 V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory")
 
 
@@ -54,6 +73,7 @@ class AppliedGroup:
     paths: dict[str, str]
     cpu_quota_us: int = 0  # 0 = no limit
     cpu_period_us: int = 0
+    cpu_shares: int = 0  # v1 cpu.shares (v2: cpu.weight as shares); 0 = not read
     cpus: tuple[int, ...] = ()
     memory_limit_bytes: int = 0  # 0 = no limit
     swap_limit_bytes: int = 0
@@ -314,6 +334,8 @@ class CgroupV1:
             for name in ("cpuset.mems", "cpuset.cpus"):
                 if not _read(parent / name):
                     _write(parent / name, _read(mount / name))
+        if controller == "cpu":
+            _write(parent / "cpu.shares", str(cpu_shares(len(self.online_cpus()))))
         return parent
 
     def create(self, name: str, limits: CgroupLimits) -> dict[str, str]:
@@ -330,6 +352,8 @@ class CgroupV1:
                 _write(group / "cpu.cfs_period_us", str(CPU_PERIOD_US))
                 quota = max(MIN_CPU_QUOTA_US, round(limits.cpu_cores * CPU_PERIOD_US)) if limits.cpu_cores else -1
                 _write(group / "cpu.cfs_quota_us", str(quota))
+                if limits.cpu_cores:
+                    _write(group / "cpu.shares", str(cpu_shares(limits.cpu_cores)))
             elif controller == "cpuset":
                 _write(group / "cpuset.mems", _read(parent / "cpuset.mems"))
                 _write(group / "cpuset.cpus", format_cpu_list(limits.cpus))
@@ -371,6 +395,7 @@ class CgroupV1:
                 quota = _read_int(group / "cpu.cfs_quota_us", -1)
                 applied.cpu_quota_us = quota if quota > 0 else 0
                 applied.cpu_period_us = _read_int(group / "cpu.cfs_period_us")
+                applied.cpu_shares = _read_int(group / "cpu.shares")
             elif controller == "cpuset":
                 with contextlib.suppress(OSError, ValueError):
                     applied.cpus = parse_cpu_list(_read(group / "cpuset.cpus"))
@@ -492,6 +517,10 @@ class CgroupV2:
         quota = max(MIN_CPU_QUOTA_US, round(limits.cpu_cores * CPU_PERIOD_US)) if limits.cpu_cores else "max"
         if limits.cpu_cores or "cpu" in wanted:
             _write(group / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+        if "cpu" in wanted:
+            _write(parent / "cpu.weight", str(shares_to_weight(cpu_shares(len(self.online_cpus())))))
+            if limits.cpu_cores:
+                _write(group / "cpu.weight", str(shares_to_weight(cpu_shares(limits.cpu_cores))))
         if limits.cpus:
             _write(group / "cpuset.cpus", format_cpu_list(limits.cpus))
         if limits.memory_bytes:
@@ -518,6 +547,8 @@ class CgroupV2:
             quota, _, period = _read(group / "cpu.max").partition(" ")
             applied.cpu_quota_us = int(quota) if quota != "max" else 0
             applied.cpu_period_us = int(period or CPU_PERIOD_US)
+        weight = _read_int(group / "cpu.weight")
+        applied.cpu_shares = weight_to_shares(weight) if weight else 0
         with contextlib.suppress(OSError, ValueError):
             applied.cpus = parse_cpu_list(_read(group / "cpuset.cpus"))
         applied.memory_limit_bytes = _read_int(group / "memory.max")

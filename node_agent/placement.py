@@ -356,6 +356,7 @@ class PlacementManager:
             applied.cgroups.update(group.paths)
             applied.cpu_quota_us, applied.cpu_period_us = group.cpu_quota_us, group.cpu_period_us
             applied.cpu_cores = group.cpu_cores
+            applied.cpu_shares = group.cpu_shares
             applied.cpus.extend(group.cpus)
             applied.memory_limit_bytes = group.memory_limit_bytes
             applied.swap_limit_bytes = group.swap_limit_bytes

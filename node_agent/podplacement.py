@@ -70,6 +70,7 @@ def read_pod(
         cpu_quota_us=group.cpu_quota_us,
         cpu_period_us=group.cpu_period_us,
         cpu_cores=group.cpu_cores,
+        cpu_shares=group.cpu_shares,
         cpus=list(group.cpus),
         memory_limit_bytes=group.memory_limit_bytes,
         swap_limit_bytes=group.swap_limit_bytes,

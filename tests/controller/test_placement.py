@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -139,59 +140,94 @@ def _read(path: Path) -> str:
     return path.read_text().strip()
 
 
+@dataclass
+class Measured:
+    samples_per_second: float
+    cpu_seconds: float
+    test_seconds: float
+    throttled_periods: int
+    periods: int
+
+    @property
+    def cores_used(self) -> float:
+        return self.cpu_seconds / self.test_seconds
+
+    @property
+    def per_cpu_second(self) -> float:
+        return self.samples_per_second / self.cores_used
+
+    def got_quota(self, cores: float) -> bool:
+        """The quota, not the node's other load, set the pace: the group got its cores."""
+        return self.cores_used >= 0.93 * cores and self.throttled_periods > 0
+
+
+def measure_at(stack: Stack, burn_model: Path, cores: float) -> Measured:
+    sut_id = f"burn-{cores:g}".replace(".", "-")
+    stack.stub.DeploySut(controller_pb2.DeploySutRequest(sut_id=sut_id, config=burn_sut(burn_model, cpu_cores=cores)))
+    try:
+        final = offline_run(stack, sut_id, expected_qps=1400 * cores)
+        assert final.state == common_pb2.RUN_STATE_SUCCEEDED, final.error
+        placement = final.results[0].placement
+        assert placement.requested.cpu_cores == cores
+        # Throttling counted in the SUT's own group during the repeat.
+        assert placement.usage.cpu_usage_ns > 0 and placement.usage.cpu_periods > 0
+        if cores == 0.5:
+            assert placement.usage.cpu_throttled_periods > 0 and placement.usage.cpu_throttled_ns > 0
+
+        # result.json: placement.applied beside the request, equal to the kernel's files now.
+        document = result_document(stack, final.run_id)
+        recorded = document["placement"]
+        assert isinstance(recorded, dict)
+        assert recorded["requested"] == {"cpuCores": cores}
+        applied = recorded["applied"]
+        cpu = Path(applied["cgroups"]["cpu"])
+        memory = Path(applied["cgroups"]["memory"])
+        assert int(_read(cpu / "cpu.cfs_quota_us")) == int(applied["cpuQuotaUs"]) == int(cores * 100_000)
+        assert int(_read(cpu / "cpu.cfs_period_us")) == int(applied["cpuPeriodUs"]) == 100_000
+        assert int(_read(cpu / "cpu.shares")) == int(applied["cpuShares"]) == int(cores * 1024)
+        assert applied["cpuCores"] == pytest.approx(cores)
+        sut = stack.app.pool.get_sut(sut_id)
+        procs = [int(p) for p in _read(cpu / "cgroup.procs").split()]
+        assert sut.agent.pid in procs and sut.agent.pid in [int(p) for p in applied["pids"]]
+        assert sut.agent.pid in [int(p) for p in _read(memory / "cgroup.procs").split()]
+        assert recorded["usage"]["cpuUsageNs"]
+        usage = placement.usage
+        measured = Measured(
+            final.results[0].aggregate.samples_per_second,
+            usage.cpu_usage_ns / 1e9,
+            durations.to_seconds(final.results[0].aggregate.test_duration),
+            usage.cpu_throttled_periods,
+            usage.cpu_periods,
+        )
+    finally:
+        stack.app.pool.remove_sut(sut_id)
+    # Released with the SUT.
+    assert not cpu.exists() and not memory.exists()
+    return measured
+
+
 def test_half_a_core_gives_half_the_throughput_and_the_result_says_what_was_applied(
     stack: Stack, burn_model: Path
 ) -> None:
-    measured: dict[float, float] = {}
-    used: dict[float, tuple[float, float, int, int]] = {}
-    for cores in (1.0, 0.5):
-        sut_id = f"burn-{cores:g}".replace(".", "-")
-        stack.stub.DeploySut(
-            controller_pb2.DeploySutRequest(sut_id=sut_id, config=burn_sut(burn_model, cpu_cores=cores))
-        )
-        try:
-            final = offline_run(stack, sut_id, expected_qps=1400 * cores)
-            assert final.state == common_pb2.RUN_STATE_SUCCEEDED, final.error
-            measured[cores] = final.results[0].aggregate.samples_per_second
-            placement = final.results[0].placement
-            seconds = durations.to_seconds(final.results[0].aggregate.test_duration)
-            used[cores] = (
-                placement.usage.cpu_usage_ns / 1e9,
-                seconds,
-                placement.usage.cpu_throttled_periods,
-                placement.usage.cpu_periods,
-            )
-            assert placement.requested.cpu_cores == cores
-            # Throttling counted in the SUT's own group during the repeat.
-            assert placement.usage.cpu_usage_ns > 0 and placement.usage.cpu_periods > 0
-            if cores == 0.5:
-                assert placement.usage.cpu_throttled_periods > 0 and placement.usage.cpu_throttled_ns > 0
-
-            # result.json: placement.applied beside the request, equal to the kernel's files now.
-            document = result_document(stack, final.run_id)
-            recorded = document["placement"]
-            assert isinstance(recorded, dict)
-            assert recorded["requested"] == {"cpuCores": cores}
-            applied = recorded["applied"]
-            cpu = Path(applied["cgroups"]["cpu"])
-            memory = Path(applied["cgroups"]["memory"])
-            assert int(_read(cpu / "cpu.cfs_quota_us")) == int(applied["cpuQuotaUs"]) == int(cores * 100_000)
-            assert int(_read(cpu / "cpu.cfs_period_us")) == int(applied["cpuPeriodUs"]) == 100_000
-            assert applied["cpuCores"] == pytest.approx(cores)
-            sut = stack.app.pool.get_sut(sut_id)
-            procs = [int(p) for p in _read(cpu / "cgroup.procs").split()]
-            assert sut.agent.pid in procs and sut.agent.pid in [int(p) for p in applied["pids"]]
-            assert sut.agent.pid in [int(p) for p in _read(memory / "cgroup.procs").split()]
-            assert recorded["usage"]["cpuUsageNs"]
-        finally:
-            stack.app.pool.remove_sut(sut_id)
-        # Released with the SUT.
-        assert not cpu.exists() and not memory.exists()
-    ratio = measured[0.5] / measured[1.0]
-    print(f"placement-figures ratio={ratio:.3f} measured={measured} used={used}")
-    assert 0.425 <= ratio <= 0.575, (
-        f"0.5 core: {measured[0.5]:.0f}/s, 1 core: {measured[1.0]:.0f}/s (ratio {ratio:.2f}); CPU s, test s, throttled, periods: {used}"
-    )
+    """Measured in pairs (1 core, then 0.5). In every pair the quota holds and the SUT's rate
+    follows the CPU it got. The throughput ratio is judged on a pair where both tests got their
+    quota: on this 2-core VM, shared with LoadGen and whatever else runs, a full core is not
+    always there to be had (the placement's weight makes it likely, not certain)."""
+    pairs = []
+    for _attempt in range(4):
+        pair = {cores: measure_at(stack, burn_model, cores) for cores in (1.0, 0.5)}
+        pairs.append(pair)
+        for cores, measured in pair.items():
+            assert measured.cores_used <= cores * 1.05, f"over its {cores} core quota: {measured}"
+        efficiency = pair[0.5].per_cpu_second / pair[1.0].per_cpu_second
+        assert 0.85 <= efficiency <= 1.15, f"samples per CPU-second differ ({efficiency:.2f}): {pair}"
+        if all(m.got_quota(cores) for cores, m in pair.items()):
+            break
+    else:
+        pytest.skip(f"the node's other load never let the 1-core SUT have its core; ratio not judged: {pairs}")
+    ratio = pair[0.5].samples_per_second / pair[1.0].samples_per_second
+    print(f"placement-figures ratio={ratio:.3f} efficiency={efficiency:.3f} attempts={len(pairs)} pair={pair}")
+    assert 0.425 <= ratio <= 0.575, f"ratio {ratio:.2f}: {pair}"
 
 
 def test_pinned_cores_are_the_servers_cpus_allowed(stack: Stack, burn_model: Path) -> None:

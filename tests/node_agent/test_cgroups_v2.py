@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.cgroups import CgroupLimits, CgroupV2, cgroup_mounts, detect
+from node_agent.cgroups import CgroupLimits, CgroupV2, cgroup_mounts, detect, shares_to_weight
 from tests.conftest import is_root
 
 
@@ -38,6 +38,9 @@ def test_v2_writes_the_limits_and_reads_them_back(fake_root: Path) -> None:
     assert (fake_root / "cgroup.subtree_control").read_text() == "+cpu +cpuset +memory"
     assert (fake_root / "mecbench" / "cgroup.subtree_control").read_text() == "+cpu +cpuset +memory"
     assert (group / "cpu.max").read_text() == "150000 100000"
+    # Weighted as 1.5 cores (1536 shares) under contention, the parent as the node's 4 cores.
+    assert (group / "cpu.weight").read_text() == str(shares_to_weight(1536)) == "59"
+    assert (fake_root / "mecbench" / "cpu.weight").read_text() == str(shares_to_weight(4096))
     assert (group / "cpuset.cpus").read_text() == "1,2"
     assert (group / "memory.max").read_text() == str(2**30)
     assert (group / "memory.swap.max").read_text() == "0"  # no swap escape
@@ -47,6 +50,7 @@ def test_v2_writes_the_limits_and_reads_them_back(fake_root: Path) -> None:
     assert (applied.version, applied.cpu_quota_us, applied.cpu_period_us) == ("v2", 150_000, 100_000)
     assert applied.cpu_cores == pytest.approx(1.5)
     assert applied.cpus == (1, 2) and applied.memory_limit_bytes == 2**30 and applied.swap_limit_bytes == 0
+    assert abs(applied.cpu_shares - 1536) < 30  # cpu.weight is coarser than shares
     assert applied.pids == (4242,)
     # The kernel's counters, as v2 names them.
     (group / "cpu.stat").write_text(

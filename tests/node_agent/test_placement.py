@@ -130,6 +130,9 @@ def test_placement_is_applied_read_back_and_inherited(placer: Placer, shell: sub
     assert int(_read(cpu / "cpu.cfs_quota_us")) == applied.cpu_quota_us == 50_000
     assert int(_read(cpu / "cpu.cfs_period_us")) == applied.cpu_period_us == 100_000
     assert applied.cpu_cores == pytest.approx(0.5)
+    # Its cores are its weight under contention too: 1024 shares a core; the parent weighs the node's cores.
+    assert int(_read(cpu / "cpu.shares")) == applied.cpu_shares == 512
+    assert int(_read(cpu.parent / "cpu.shares")) == 1024 * len(placer.agent.placements.cgroups.online_cpus())  # type: ignore[union-attr]
     assert _read(cpuset / "cpuset.cpus") == "1" and list(applied.cpus) == [1]
     assert int(_read(memory / "memory.limit_in_bytes")) == applied.memory_limit_bytes == 256 * 2**20
     assert int(_read(memory / "memory.memsw.limit_in_bytes")) == 256 * 2**20 and applied.swap_limit_bytes == 0
