@@ -13,15 +13,12 @@ import uuid
 from dataclasses import dataclass, field
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from controller.backends.base import AgentHandle, AgentKind, DeploymentBackend
+from mecbench.core import codec
 from mecbench.core.channels import open_channel
 from mecbench.core.errors import (
     FailedPrecondition,
-    FieldViolation,
-    InvalidArgument,
     MecbenchError,
     NotFound,
     Unavailable,
@@ -60,32 +57,8 @@ def same_placement(old: sut_agent_pb2.SutConfig, new: sut_agent_pb2.SutConfig) -
 
 
 def remote_error(component: str, exc: grpc.RpcError) -> MecbenchError:
-    """Turn an agent's RPC error into a domain error that names the component.
-
-    The status code is kept, and so are the agent's field violations, so a caller of the
-    controller sees which field of its request the agent refused and why.
-    """
-    code = exc.code()
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        violations = _field_violations(exc)
-        if violations:
-            return InvalidArgument([FieldViolation(v.field, f"{v.description} ({component})") for v in violations])
-    message = f"{component}: {exc.details() or code.name}"
-    error = MecbenchError(message)
-    error.code = code if code != grpc.StatusCode.UNKNOWN else grpc.StatusCode.INTERNAL
-    return error
-
-
-def _field_violations(exc: grpc.RpcError) -> list[error_details_pb2.BadRequest.FieldViolation]:
-    status = rpc_status.from_call(exc)
-    if status is None:
-        return []
-    found = []
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            found.extend(bad_request.field_violations)
-    return found
+    """An agent's RPC error as a domain error that names the component (mecbench.core.codec)."""
+    return codec.decode(exc, component)
 
 
 @dataclass

@@ -61,7 +61,7 @@ class Point:
 
     @property
     def selector(self) -> str:
-        parts = [_SCENARIO_SLUGS[self.scenario], f"c{self.clients}", self.profile.name or "unshaped"]
+        parts = [_SCENARIO_SLUGS.get(self.scenario, "unspecified"), f"c{self.clients}", self.profile.name or "unshaped"]
         if self.scenario == common_pb2.SCENARIO_SERVER:
             parts.append(f"q{self.qps:g}")
         if self.resources is not None:

@@ -18,9 +18,8 @@ one error whichever side found the problem.
 from __future__ import annotations
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from mecbench.core import codec
 from mecbench.core.errors import InvalidArgument, MecbenchError
 
 __all__ = [
@@ -191,18 +190,9 @@ def error_for(
 
 
 def _violations_of(error: grpc.RpcError) -> dict[str, str]:
-    try:
-        status = rpc_status.from_call(error)
-    except (ValueError, AttributeError, TypeError):
-        # A status proto that disagrees with the call's code, or an error that is no grpc.Call
-        # (raised before any call existed): there are no details to trust.
-        return {}
     violations: dict[str, str] = {}
-    for detail in status.details if status is not None else []:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            for violation in bad_request.field_violations:
-                _add_violation(violations, violation.field, violation.description)
+    for violation in codec.field_violations(error):
+        _add_violation(violations, violation.field, violation.description)
     return violations
 
 

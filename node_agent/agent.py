@@ -20,7 +20,7 @@ from node_agent.leases import LeaseRecord, Reaper, StateStore
 from node_agent.netns import NETNS_DIR, Namespace, NamespaceGone, host_namespace, resolve_named
 from node_agent.placement import LEASE_KIND as PLACEMENT_LEASE
 from node_agent.placement import PlacementManager
-from node_agent.pods import make_pod_resolver
+from node_agent.podnetns import make_pod_resolver
 from node_agent.probe import KernelSupport, assume_nothing, probe_kernel
 from node_agent.settings import NodeAgentSettings
 from node_agent.shaping import ShapingManager

@@ -27,7 +27,13 @@ from pathlib import Path
 
 from mecbench.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from mecbench.core.settings import from_env
-from node_agent.pods import PodNetnsResolver, ProcCgroupPodResolver, netns_identity, valid_pod_uid
+from node_agent.pods import (
+    DisabledPodResolver,
+    PodNetnsResolver,
+    ProcCgroupPodResolver,
+    netns_identity,
+    valid_pod_uid,
+)
 
 DEFAULT_BUNDLE_ROOTS = (
     Path("/run/containerd/io.containerd.runtime.v2.task/k8s.io"),
@@ -147,3 +153,16 @@ def make_resolver(strategy: str, proc_root: Path, settings: PodNetnsSettings | N
         return ChainedPodResolver([ProcCgroupPodResolver(proc_root), runtime])
     raise InvalidArgument(f"unknown pod resolver {strategy!r} (known: proc, runtime, auto, disabled)",
                           field="pod_resolver")
+
+
+def make_pod_resolver(strategy: str, proc_root: Path) -> PodNetnsResolver:
+    """The resolver a node agent's `pod_resolver` setting names."""
+    if strategy == "proc":
+        return ProcCgroupPodResolver(proc_root)
+    if strategy == "disabled":
+        return DisabledPodResolver()
+    if strategy in ("runtime", "auto"):
+        return make_resolver(strategy, proc_root)
+    raise InvalidArgument(
+        f"unknown pod resolver {strategy!r} (known: proc, runtime, auto, disabled)", field="pod_resolver"
+    )

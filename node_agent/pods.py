@@ -107,17 +107,3 @@ def netns_identity(path: Path, strict: bool = False) -> tuple[int, int] | None:
     except OSError:
         return None
     return (info.st_dev, info.st_ino)
-
-
-def make_pod_resolver(strategy: str, proc_root: Path) -> PodNetnsResolver:
-    if strategy == "proc":
-        return ProcCgroupPodResolver(proc_root)
-    if strategy == "disabled":
-        return DisabledPodResolver()
-    if strategy in ("runtime", "auto"):
-        from node_agent.podnetns import make_resolver
-
-        return make_resolver(strategy, proc_root)
-    raise InvalidArgument(
-        f"unknown pod resolver {strategy!r} (known: proc, runtime, auto, disabled)", field="pod_resolver"
-    )

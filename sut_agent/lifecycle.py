@@ -7,7 +7,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -20,10 +20,15 @@ from sut_agent.backends.base import Backend
 from sut_agent.settings import SutAgentSettings
 from sut_agent.stats import SutStatsRecorder
 
-if TYPE_CHECKING:
-    from sut_agent.tcp_dataplane import TcpDataPlaneServer
-
 log = get_logger("sut_agent.lifecycle")
+
+
+class TcpListener(Protocol):
+    """What the manager knows of the TCP data plane (sut_agent.tcp_dataplane imports this
+    module, not the other way round)."""
+
+    @property
+    def accepted(self) -> int: ...
 
 
 class BackendManager:
@@ -42,7 +47,8 @@ class BackendManager:
         self._started_at_ns = 0
         self.open_streams = 0
         # Set by the server when the plain-TCP data plane listens; the port is in the status.
-        self.tcp_data_plane: TcpDataPlaneServer | None = None
+        # The plain-TCP data plane the server starts beside gRPC, and its port for SutStatus (0: none).
+        self.tcp_data_plane: TcpListener | None = None
         self.tcp_data_plane_port = 0
 
     def ready_backend(self) -> Backend:

@@ -7,12 +7,12 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from mecbench.core import codec
 from mecbench.core.channels import open_channel, wait_until_serving
 from mecbench.core.logging import configure_logging
 from tests.s3server import S3Server
@@ -46,13 +46,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 def field_violations(error: grpc.RpcError) -> dict[str, str]:
     """The google.rpc.BadRequest field violations of an INVALID_ARGUMENT error, field to
     description, in the order the server reported them."""
-    status = rpc_status.from_call(error)
-    assert status is not None
-    violations: dict[str, str] = {}
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            violations |= {v.field: v.description for v in bad_request.field_violations}
+    violations = {v.field: v.description for v in codec.field_violations(error)}
     assert violations, f"no field violations in: {error}"
     return violations
 
@@ -72,6 +66,25 @@ def start_service_process(service: str, env: dict[str, str]) -> tuple[subprocess
                 wait_until_serving(channel, timeout=30)
             return process, address
     raise AssertionError(f"{service} did not start")
+
+
+# Test tiers (pyproject's markers): `pytest -m "not slow and not root and not gpu and not cluster"` is
+# the quick tier (scripts/test --quick); CI runs everything. Files are marked here by what they
+# need, so a new test in them is tiered without remembering to.
+GPU_FILES = {"tests/node_agent/test_gpus.py"}
+CLUSTER_FILES = {"tests/kubernetes/test_real_api.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(str(config.rootpath))
+    for item in items:
+        path = Path(str(item.path)).relative_to(root).as_posix()
+        if any(m.name == "skipif" and "needs root" in str(m.kwargs.get("reason", "")) for m in item.iter_markers()):
+            item.add_marker(pytest.mark.root)
+        if path in GPU_FILES:
+            item.add_marker(pytest.mark.gpu)
+        if path in CLUSTER_FILES:
+            item.add_marker(pytest.mark.cluster)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

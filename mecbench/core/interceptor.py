@@ -18,12 +18,12 @@ from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import any_pb2
 from google.protobuf.message import Message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
-from mecbench.core.errors import InvalidArgument, MecbenchError
+from mecbench.core import codec
+from mecbench.core.errors import MecbenchError
 from mecbench.core.metrics import RpcMetrics
 
 log = structlog.get_logger("mecbench.rpc")
@@ -46,19 +46,8 @@ OPEN_METHOD_PREFIXES = (
 Authorizer = Callable[[str, grpc.ServicerContext], str | None]
 
 
-def status_for(exc: MecbenchError) -> status_pb2.Status:
-    status = status_pb2.Status(code=exc.code.value[0], message=str(exc))
-    if isinstance(exc, InvalidArgument):
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in exc.violations
-            ]
-        )
-        detail = any_pb2.Any()
-        detail.Pack(bad_request)
-        status.details.append(detail)
-    return status
+# The server's half of the one codec (mecbench.core.codec).
+status_for = codec.encode
 
 
 def _context_from(request: Any, metadata: tuple[tuple[str, str | bytes], ...]) -> dict[str, str]:
@@ -217,5 +206,6 @@ def _final_code(context: grpc.ServicerContext) -> str:
 
 def _is_abort(exc: Exception, context: grpc.ServicerContext) -> bool:
     """True when the servicer already aborted the RPC itself (context.abort raises)."""
+    # context.abort() sets the code on the context before it raises, so the code says it.
     code = getattr(context, "code", lambda: None)()
-    return type(exc).__name__ == "_AbortError" or (code is not None and code != grpc.StatusCode.OK)
+    return code is not None and code != grpc.StatusCode.OK

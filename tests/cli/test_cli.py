@@ -149,7 +149,9 @@ def test_results_table_shows_token_latencies_and_accuracy_only_when_present() ->
     result.accuracy["top1"] = 0.8125
     result.accuracy_scorer = "top1"
     table = format_results_table([("plain", plain), ("llm", llm)])
-    header, first, second = table.splitlines()
+    header, first, second, *reasons = table.splitlines()
+    # Every INVALID verdict is followed by LoadGen's reason (none given in these hand-made results).
+    assert reasons == ["plain: INVALID: LoadGen gave no reason", "llm: INVALID: LoadGen gave no reason"]
     assert "TTFT p50 ms" in header and "accuracy" in header
     assert "12.500" in second and "2.000" in second and "480.0" in second and "top1 0.8125" in second
     assert first.rstrip().endswith("-")

@@ -21,8 +21,14 @@ from mecbench.core.durations import from_seconds
 from mecbench.core.errors import InvalidArgument, NotFound
 from mecbench.v1 import common_pb2, node_agent_pb2
 from node_agent.netns import resolve_named, resolve_path
-from node_agent.podnetns import ChainedPodResolver, PodNetnsSettings, RuntimeBundlePodResolver, make_resolver
-from node_agent.pods import ProcCgroupPodResolver, make_pod_resolver
+from node_agent.podnetns import (
+    ChainedPodResolver,
+    PodNetnsSettings,
+    RuntimeBundlePodResolver,
+    make_pod_resolver,
+    make_resolver,
+)
+from node_agent.pods import ProcCgroupPodResolver
 from tests.conftest import requires_root
 from tests.node_agent.conftest import AgentUnderTest, VethPair, node_agent, qdisc_kinds, veth_pair
 

@@ -1,0 +1,69 @@
+"""The one codec between domain errors and gRPC statuses.
+
+Servers encode (`encode`, used by the interceptor): the status code of the domain error, its
+message, and an INVALID_ARGUMENT's field violations as a `google.rpc.BadRequest` detail.
+Everything that calls a service decodes with the same functions: the controller's agent clients
+(`decode`: a domain error naming the agent, its code and field violations kept), the SDK (its
+typed errors read `field_violations`) and the tests.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from mecbench.core.errors import FieldViolation, InvalidArgument, MecbenchError
+
+
+def encode(exc: MecbenchError) -> status_pb2.Status:
+    """The rich status a server answers a domain error with."""
+    status = status_pb2.Status(code=exc.code.value[0], message=str(exc))
+    if isinstance(exc, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in exc.violations
+            ]
+        )
+        detail = any_pb2.Any()
+        detail.Pack(bad_request)
+        status.details.append(detail)
+    return status
+
+
+def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
+    """The BadRequest field violations a failed call carries, in the server's order; none when
+    its status has no such detail or cannot be trusted (a status that disagrees with the call's
+    code, an error raised before any call existed)."""
+    try:
+        status = rpc_status.from_call(error)
+    except (ValueError, AttributeError, TypeError):
+        return []
+    found: list[FieldViolation] = []
+    for detail in status.details if status is not None else []:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            found.extend(FieldViolation(v.field, v.description) for v in bad_request.field_violations)
+    return found
+
+
+def decode(error: grpc.RpcError, component: str) -> MecbenchError:
+    """A service's failed call as a domain error that names `component` (e.g. "LoadGen agent
+    x"): its status code kept (UNKNOWN, an unmapped failure there, becomes INTERNAL), and an
+    INVALID_ARGUMENT's field violations kept, so whoever called the controller learns which field
+    the agent refused and why."""
+    code_of = getattr(error, "code", None)
+    code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        violations = field_violations(error)
+        if violations:
+            return InvalidArgument([FieldViolation(v.field, f"{v.description} ({component})") for v in violations])
+    details_of = getattr(error, "details", None)
+    details = details_of() if callable(details_of) else str(error)
+    decoded = MecbenchError(f"{component}: {details or code.name}")
+    decoded.code = code if code != grpc.StatusCode.UNKNOWN else grpc.StatusCode.INTERNAL
+    return decoded
