@@ -58,6 +58,8 @@ class Point:
     qps: float
     # The SUT's placement at this point (over the spec's sut.resources); None = the spec's own.
     resources: common_pb2.ResourceLimits | None = None
+    # GPUs the SUT gets at this point (replacing the spec's sut.gpus); None = the spec's own.
+    gpu_count: int | None = None
 
     @property
     def selector(self) -> str:
@@ -66,6 +68,8 @@ class Point:
             parts.append(f"q{self.qps:g}")
         if self.resources is not None:
             parts.append(placement_slug(self.resources))
+        if self.gpu_count is not None:
+            parts.append(f"gpu{self.gpu_count}")
         return "-".join(parts)
 
 
@@ -102,6 +106,8 @@ def sut_for(spec: controller_pb2.ExperimentSpec, point: Point) -> sut_agent_pb2.
     """The SUT config a point runs on: the spec's, with the point's placement over its resources."""
     config = sut_agent_pb2.SutConfig()
     config.CopyFrom(spec.sut)
+    if point.gpu_count is not None:
+        config.gpus.CopyFrom(common_pb2.GpuRequest(count=point.gpu_count))
     placement = point.resources
     if placement is None:
         return config
@@ -141,10 +147,16 @@ def expand(spec: controller_pb2.ExperimentSpec) -> tuple[list[Point], Violations
     names = [p.name or "unshaped" for p in profiles]
     violations.check(len(set(names)) == len(names), "spec.sweep.network_profiles", "profile names must be unique")
     placements = _placements(spec, violations)
+    gpu_counts: list[int | None] = list(spec.sweep.gpu_counts) or [None]
+    violations.check(len(set(gpu_counts)) == len(gpu_counts), "spec.sweep.gpu_counts", "counts must differ")
+    for index, wanted in enumerate(spec.sweep.gpu_counts):
+        violations.check(wanted <= 64, f"spec.sweep.gpu_counts[{index}]", "at most 64")
     points = []
-    for scenario, count, profile, placement in itertools.product(scenarios, clients, profiles, placements):
+    for scenario, count, profile, placement, gpus in itertools.product(
+        scenarios, clients, profiles, placements, gpu_counts
+    ):
         for qps in qps_values if scenario == common_pb2.SCENARIO_SERVER else [0.0]:
-            points.append(Point(scenario, count, profile, qps, placement))
+            points.append(Point(scenario, count, profile, qps, placement, gpus))
     return points, violations
 
 

@@ -330,6 +330,7 @@ class Sweep(_message.Message):
     REPEATS_FIELD_NUMBER: _builtins.int
     PLACEMENTS_FIELD_NUMBER: _builtins.int
     CPU_CORES_FIELD_NUMBER: _builtins.int
+    GPU_COUNTS_FIELD_NUMBER: _builtins.int
     CLIENT_MIXES_FIELD_NUMBER: _builtins.int
     repeats: _builtins.int
     @_builtins.property
@@ -353,6 +354,12 @@ class Sweep(_message.Message):
         """Shorthand for `placements` that differ only in CPU cores, e.g. [0.5, 1, 2]."""
 
     @_builtins.property
+    def gpu_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """GPUs the SUT is given at each point (replacing `sut.gpus`), e.g. [0, 1, 2]; crossed with the
+        placements.
+        """
+
+    @_builtins.property
     def client_mixes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientMix]:
         """Points whose clients come in groups on their own profiles; each mix is a point in place of
         `clients` x `network_profiles`.
@@ -368,11 +375,12 @@ class Sweep(_message.Message):
         repeats: _builtins.int = ...,
         placements: _abc.Iterable[_common_pb2.ResourceLimits] | None = ...,
         cpu_cores: _abc.Iterable[_builtins.float] | None = ...,
+        gpu_counts: _abc.Iterable[_builtins.int] | None = ...,
         client_mixes: _abc.Iterable[Global___ClientMix] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_mixes", b"client_mixes", "clients", b"clients", "cpu_cores", b"cpu_cores", "network_profiles", b"network_profiles", "placements", b"placements", "repeats", b"repeats", "scenarios", b"scenarios", "server_target_qps", b"server_target_qps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_mixes", b"client_mixes", "clients", b"clients", "cpu_cores", b"cpu_cores", "gpu_counts", b"gpu_counts", "network_profiles", b"network_profiles", "placements", b"placements", "repeats", b"repeats", "scenarios", b"scenarios", "server_target_qps", b"server_target_qps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,6 +8,7 @@ placement's cgroup. NVML itself is exercised where a GPU is present (the last te
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from mecbench.core.errors import InvalidArgument
+from mecbench.experiment_file import parse_experiment
 from mecbench.v1 import common_pb2, controller_pb2, node_agent_pb2, sut_agent_pb2
 from node_agent.agent import NodeAgent
 from node_agent.cgroups import cgroup_mounts
@@ -142,3 +144,41 @@ def test_a_real_gpu_is_placed_by_uuid(tmp_path: Path) -> None:
         for mount in set(V1_MOUNTS.values()):
             if (mount / "mecbench-gpu-test").is_dir():
                 (mount / "mecbench-gpu-test").rmdir()
+
+
+GPU_SWEEP = """
+experiment_id: gpu-sweep
+skip_calibration: true
+sut:
+  synthetic: {distribution: SERVICE_TIME_DISTRIBUTION_CONSTANT, mean: 0.001s}
+dataset:
+  synthetic: {sample_count: 16, shape: [4], data_type: DATA_TYPE_FLOAT32}
+settings:
+  scenario: SCENARIO_OFFLINE
+  offline_expected_qps: 200
+  min_duration: 0.5s
+  min_query_count: 50
+sweep:
+  gpu_counts: [1, 2]
+"""
+
+
+@requires_root
+def test_gpu_counts_are_a_sweep_axis(stack: Stack) -> None:
+    spec = parse_experiment(GPU_SWEEP)
+    stack.app.experiments.start(spec)
+    final = stack.app.experiments.wait("gpu-sweep", 120)
+    assert final.state == common_pb2.RUN_STATE_SUCCEEDED, final.error
+    held: dict[str, list[str]] = {}
+    for run_id in final.run_ids:
+        run = stack.app.runs.get_run(run_id)
+        placement = run.results[0].placement
+        assert placement.requested_gpus.count == len(placement.applied.gpus)
+        held[run.spec.selector] = [g.uuid for g in placement.applied.gpus]
+    uuids = [entry.partition("=")[0] for entry in DECLARED]
+    assert held == {"offline-c1-unshaped-gpu1": uuids[:1], "offline-c1-unshaped-gpu2": uuids}
+    # Released with the experiment's SUT (removed just after the experiment ends).
+    deadline = time.monotonic() + 30
+    while any(g.allocated_to for g in stack.app.pool.node_infos()[0].gpus):
+        assert time.monotonic() < deadline, "the experiment's GPUs were not released"
+        time.sleep(0.1)
