@@ -70,6 +70,12 @@ def open_allowed(uri: str, roots: Sequence[Path], *, field: str, setting: str) -
         raise InvalidArgument(_DIRECTORY, field=field) from None
     except OSError as exc:
         raise PermissionDenied(f"{field}: cannot read {resolved}: {exc.strerror or exc}") from None
+    # What was opened, whatever a directory on the way was swapped for after the check: the
+    # kernel's name for the descriptor must still lie where the check said.
+    opened = Path(os.path.realpath(f"/proc/self/fd/{descriptor}"))
+    if opened != resolved:
+        os.close(descriptor)
+        raise InvalidArgument(f"{uri} changed while it was opened", field=field)
     mode = os.fstat(descriptor).st_mode
     if not stat.S_ISREG(mode):
         os.close(descriptor)
