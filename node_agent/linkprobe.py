@@ -107,10 +107,10 @@ def measure_rtt(ns: Namespace, peer: str, samples: int = RTT_SAMPLES) -> list[fl
 
 def measure_rate(
     ns: Namespace, ipr: Any, ifindex: int, peer: str, rate_bps: float, window_s: float,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] = time.monotonic, offer_bps: float = 0.0,
 ) -> tuple[float, float]:
     """(carried, offered) link-layer bit/s over the window, after a warm-up that fills the queue."""
-    offer_bps = min(rate_bps * OFFER_FACTOR, MAX_OFFER_BPS)
+    offer_bps = offer_bps or min(rate_bps * OFFER_FACTOR, MAX_OFFER_BPS)
     frame = PAYLOAD_BYTES + FRAME_OVERHEAD
     # The warm-up spends the bucket's burst and fills its queue (50 ms at the rate) at the offer.
     warmup_s = 0.25
@@ -136,6 +136,10 @@ def measure_rate(
                     sock.sendto(payload, (peer, DISCARD_PORT))
                 except (BlockingIOError, ConnectionRefusedError):
                     break  # a full send buffer, or the far end's ICMP answer: not offered
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        raise
+                    # Offered and dropped on the way out (a qdisc or a drop filter said so).
                 sent_frames += 1
             time.sleep(SLOT_S)
         took = clock() - window_started
@@ -172,4 +176,29 @@ def judge_delay(outcome: ProbeOutcome, requested_s: float) -> None:
         outcome.problems.append(
             f"delay: round trip {outcome.rtt_s * 1e3:.2f} ms, asked one-way {requested_s * 1e3:.2f} ms on egress "
             f"(tolerance {slack * 1e3:.2f} ms)"
+        )
+
+
+# Loss is measured below the rate (nothing waits or overflows), at most at this offer.
+LOSS_OFFER_BPS = 10e6
+
+
+def measure_loss(ns: Namespace, ipr: Any, ifindex: int, peer: str, rate_bps: float, window_s: float
+                 ) -> tuple[float, int]:
+    """(percent of offered packets the interface did not transmit, packets offered)."""
+    offer = min(LOSS_OFFER_BPS, rate_bps / 2) if rate_bps else LOSS_OFFER_BPS
+    carried, offered = measure_rate(ns, ipr, ifindex, peer, rate_bps or offer, window_s, offer_bps=offer)
+    packets = int(offered * window_s / 8 / (PAYLOAD_BYTES + FRAME_OVERHEAD))
+    return max(0.0, (1 - carried / offered) * 100) if offered else 0.0, packets
+
+
+def judge_loss(outcome: ProbeOutcome, requested: float, measured: float, packets: int) -> None:
+    """Off by more than 10% of the asked loss, and by more than 3 standard deviations of a
+    binomial count of `packets` (a short probe cannot tell 1% from 1.1%)."""
+    p = requested / 100
+    sd = (p * (1 - p) / max(packets, 1)) ** 0.5 * 100
+    slack = max(TOLERANCE * requested, 3 * sd)
+    if abs(measured - requested) > slack:
+        outcome.problems.append(
+            f"loss: measured {measured:.2f}% of {packets} packets, asked {requested:g}% (tolerance {slack:.2f} points)"
         )

@@ -18,12 +18,12 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from mecbench.core.logging import get_logger
-from node_agent import tc
+from node_agent import loss, tc
 from node_agent.netns import run_in_scratch_namespace
 
 log = get_logger("mecbench.node_agent.probe")
 
-PROBED_KINDS = ("tbf", "htb", "netem", "ingress", "ifb", "u32", "mirred")
+PROBED_KINDS = ("tbf", "htb", "netem", "ingress", "ifb", "u32", "mirred", "clsact", "bpf")
 
 _PROVIDERS = {
     "tbf": "sch_tbf (CONFIG_NET_SCH_TBF)",
@@ -33,6 +33,8 @@ _PROVIDERS = {
     "ifb": "ifb (CONFIG_IFB)",
     "u32": "cls_u32 (CONFIG_NET_CLS_U32)",
     "mirred": "act_mirred (CONFIG_NET_ACT_MIRRED)",
+    "clsact": "sch_ingress with clsact (CONFIG_NET_SCH_INGRESS, CONFIG_NET_CLS_ACT)",
+    "bpf": "cls_bpf and the bpf(2) syscall (CONFIG_NET_CLS_BPF, CONFIG_BPF_SYSCALL)",
 }
 
 _PROBE_IFB = "mbprobe0"
@@ -109,6 +111,19 @@ def _probe_in_scratch() -> KernelSupport:
         else:
             reasons["u32"] = "not probed: needs an ingress qdisc to attach to"
             reasons["mirred"] = "not probed: needs an ingress qdisc to attach to"
+        # Random loss without netem: a bpf drop on a clsact egress hook (node_agent/loss.py).
+        if ingress:
+            ipr.tc("del", "ingress", lo, tc.INGRESS_HANDLE)
+        if attempt("clsact", lambda: ipr.tc("add", "clsact", lo, loss.CLSACT_HANDLE)):
+            ipr.tc("del", "clsact", lo, loss.CLSACT_HANDLE)
+
+            def drop_then_delete() -> None:
+                loss.install(ipr, lo, 1.0)
+                loss.delete(ipr, lo)
+
+            attempt("bpf", drop_then_delete)
+        else:
+            reasons["bpf"] = "not probed: needs a clsact qdisc to attach to"
     return KernelSupport(tuple(k for k in PROBED_KINDS if k in supported), reasons)
 
 

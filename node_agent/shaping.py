@@ -38,7 +38,7 @@ from mecbench.core.errors import (
 )
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, node_agent_pb2
-from node_agent import linkprobe, schedule, tc
+from node_agent import linkprobe, loss, schedule, tc
 from node_agent.leases import LeaseRecord, ShapingRecord, StateStore, new_id
 from node_agent.netns import (
     Namespace,
@@ -83,6 +83,10 @@ def _link(ipr: Any, ifindex: int) -> Any | None:
     except NetlinkError:
         return None
     return links[0] if links else None
+
+
+def loss_readback(percent: float) -> dict[str, str]:
+    return {"loss_percent": f"{percent:g}", "loss_mechanism": "bpf", "filter": "bpf prio 0x6d65 on the egress hook"}
 
 
 def _link_kind(link: Any) -> str:
@@ -212,10 +216,23 @@ class ShapingManager:
             )
         burst = spec.burst_bytes or (tc.default_burst(spec.rate_bytes, mtu) if spec.rate_bytes else 0)
         netem = spec.netem
+        if netem is not None and self._loss_by_bpf(netem):
+            if spec.egress and spec.ingress:
+                raise FailedPrecondition(
+                    "loss without netem (a bpf drop on a clsact egress hook) is one direction at a time: the "
+                    "interface's ingress slot cannot hold clsact and the ingress redirect together"
+                )
+            return tc.RootPlan(rate_bytes=spec.rate_bytes, burst_bytes=burst, bpf_loss_percent=netem.loss)
         if netem is not None:
             limit = tc.netem_limit(netem.limit, spec.rate_bytes, netem.delay_ns, netem.jitter_ns, mtu)
             netem = tc.NetemParams(**{**netem.__dict__, "limit": limit})
         return tc.RootPlan(rate_bytes=spec.rate_bytes, burst_bytes=burst, netem=netem)
+
+    def _loss_by_bpf(self, netem: tc.NetemParams) -> bool:
+        """Loss alone (no delay, jitter, correlation, ...) on a kernel without netem but with a
+        bpf classifier: dropped by loss.py's program instead."""
+        only_loss = netem.loss > 0 and netem == tc.NetemParams(loss=netem.loss, limit=netem.limit)
+        return only_loss and not self.support.supports("netem") and self.support.supports("bpf")
 
     def _step_plans(
         self, spec: ShapingSpec, steps: list[schedule.CheckedStep], mtu: int, base: tc.RootPlan
@@ -323,6 +340,14 @@ class ShapingManager:
         nothing, on a foreign qdisc or on our own without `replace`."""
         where = spec.target.describe()
         ours = self._occupying(ns, ifindex, spec.egress, spec.ingress)
+        if spec.egress and spec.netem is not None and self._loss_by_bpf(spec.netem):
+            slot = tc.find_ingress(ipr, ifindex)
+            if slot is not None and not (loss.installed_percent(ipr, ifindex) is not None and any(
+                    r.egress for r in ours)):
+                raise FailedPrecondition(
+                    f"{where} has an {slot['kind']} qdisc in its ingress slot that MECBench did not install; loss "
+                    "without netem needs a clsact there"
+                )
         if spec.egress:
             root = tc.find_root(ipr, ifindex)
             if root is not None and not tc.is_kernel_default(root["handle"]):
@@ -430,7 +455,13 @@ class ShapingManager:
         readings = {r.handle: r for r in tc.read_qdiscs(ipr, ifindex)}
         root = readings.get(tc.ROOT_HANDLE)
         problems = []
-        if root is None or root.kind != plan.root_kind:
+        if plan.bpf_loss_percent:
+            found = loss.installed_percent(ipr, ifindex)
+            if found is None or abs(found - plan.bpf_loss_percent) > 1e-6:
+                problems.append(f"the bpf drop reads back as {found}%, expected {plan.bpf_loss_percent}%")
+        if not plan.root_kind:
+            pass
+        elif root is None or root.kind != plan.root_kind:
             problems.append(f"root is {root.kind if root else 'missing'}, expected {plan.root_kind}")
         elif plan.rate_bytes and root.params.get("rate_bps") != str(plan.rate_bytes * 8):
             problems.append(f"rate reads back as {root.params.get('rate_bps')} bit/s, expected {plan.rate_bytes * 8}")
@@ -599,16 +630,24 @@ class ShapingManager:
         found = []
         if _link(ipr, record.ifindex) is not None:
             redirect = tc.ingress_redirect_target(ipr, record.ifindex) if record.ingress else None
+            drop = loss.installed_percent(ipr, record.ifindex) if record.egress else None
             for reading in tc.read_qdiscs(ipr, record.ifindex):
                 if record.egress and tc.is_ours(reading.handle):
+                    found.append(self._installed(ns, record.interface, reading, True))
+                elif drop is not None and reading.kind == "clsact":
+                    reading.params.update(loss_readback(drop))
                     found.append(self._installed(ns, record.interface, reading, True))
                 elif record.ingress and reading.parent == tc.TC_H_INGRESS and redirect is not None:
                     reading.params["redirect_to"] = record.ifb_name
                     found.append(self._installed(ns, record.interface, reading, True))
         if record.ifb_name:
             for index in ipr.link_lookup(ifname=record.ifb_name):
+                drop = loss.installed_percent(ipr, int(index))
                 for reading in tc.read_qdiscs(ipr, int(index)):
                     if tc.is_ours(reading.handle):
+                        found.append(self._installed(ns, record.ifb_name, reading, True))
+                    elif drop is not None and reading.kind == "clsact":
+                        reading.params.update(loss_readback(drop))
                         found.append(self._installed(ns, record.ifb_name, reading, True))
         return found
 
@@ -645,6 +684,7 @@ class ShapingManager:
                         for reading in tc.read_qdiscs(ipr, index):
                             if (ns.identity, index) in held and (
                                 tc.is_ours(reading.handle) or (reading.parent == tc.TC_H_INGRESS and redirect)
+                                or (reading.kind == "clsact" and loss.installed_percent(ipr, index) is not None)
                             ):
                                 continue
                             foreign.append(self._installed(ns, name, reading, tc.is_ours(reading.handle)))
@@ -702,6 +742,14 @@ class ShapingManager:
                     linkprobe.judge_rate(outcome, float(asked.netem.rate_bps))
                 else:
                     outcome.notes.append("rate: none asked, not measured")
+                if asked.netem.loss_percent:
+                    probe.requested_loss_percent = asked.netem.loss_percent
+                    probe.loss_mechanism = "bpf" if loss.installed_percent(ipr, record.ifindex) is not None else "netem"
+                    measured, packets = linkprobe.measure_loss(
+                        ns, ipr, record.ifindex, peer, float(asked.netem.rate_bps), max(window_s, 1.0)
+                    )
+                    probe.measured_loss_percent = measured
+                    linkprobe.judge_loss(outcome, asked.netem.loss_percent, measured, packets)
                 delay_s = durations.to_seconds(asked.netem.delay)
                 if delay_s > 0:
                     linkprobe.judge_delay(outcome, delay_s)

@@ -40,6 +40,7 @@ from pyroute2.netlink.rtnl import RTM_NEWQDISC
 from pyroute2.netlink.rtnl.tcmsg import common as tc_common
 from pyroute2.netlink.rtnl.tcmsg import sched_netem, tcmsg
 
+from node_agent import loss
 from node_agent.distributions import distribution_table
 
 MAJOR_FIRST = 0x6D65
@@ -113,11 +114,13 @@ class NetemParams:
 
 @dataclass(frozen=True)
 class RootPlan:
-    """What one root (an egress, or the ifb of an ingress) gets."""
+    """What one root (an egress, or the ifb of an ingress) gets. `bpf_loss_percent`: random drop
+    by a bpf classifier on a clsact egress hook, where the kernel has no netem (see loss.py)."""
 
     rate_bytes: int = 0
     burst_bytes: int = 0
     netem: NetemParams | None = None
+    bpf_loss_percent: float = 0.0
 
     @property
     def root_kind(self) -> str:
@@ -125,13 +128,17 @@ class RootPlan:
             return "htb"
         if self.netem is not None:
             return "netem"
+        if not self.rate_bytes:
+            return ""  # loss alone, by the bpf classifier: no root qdisc
         return "tbf" if self.rate_bytes <= TBF_MAX_RATE_BYTES else "htb"
 
     @property
     def kinds(self) -> list[str]:
-        kinds = [self.root_kind]
+        kinds = [self.root_kind] if self.root_kind else []
         if self.netem is not None and self.rate_bytes:
             kinds.append("netem")
+        if self.bpf_loss_percent:
+            kinds += ["clsact", "bpf"]
         return kinds
 
 
@@ -269,7 +276,11 @@ def add_netem(ipr: Any, index: int, handle: int, parent: int, params: NetemParam
 
 def install_root(ipr: Any, index: int, plan: RootPlan, mtu: int) -> None:
     """Install `plan` as the root of interface `index` (whose root is the kernel's default)."""
+    if plan.bpf_loss_percent:
+        loss.install(ipr, index, plan.bpf_loss_percent)
     kind = plan.root_kind
+    if not kind:
+        return
     if kind == "netem":
         assert plan.netem is not None
         add_netem(ipr, index, ROOT_HANDLE, TC_H_ROOT, plan.netem)
@@ -315,8 +326,12 @@ def tbf_options(plan: RootPlan) -> dict[str, int]:
 def change_root(ipr: Any, index: int, plan: RootPlan, mtu: int) -> None:
     """Change the installed root of `index` (of the same kinds as `plan`) to `plan`'s figures in
     place: tbf's parameters (its queue's limit follows, queued packets stay), the htb class's
-    rate, netem's options."""
+    rate, netem's options; a bpf drop's probability by replacing its filter (no qdisc changes)."""
+    if plan.bpf_loss_percent:
+        loss.change(ipr, index, plan.bpf_loss_percent)
     kind = plan.root_kind
+    if not kind:
+        return
     if kind == "netem":
         assert plan.netem is not None
         change_netem(ipr, index, ROOT_HANDLE, TC_H_ROOT, plan.netem)
@@ -342,7 +357,9 @@ def change_root(ipr: Any, index: int, plan: RootPlan, mtu: int) -> None:
 
 
 def delete_root(ipr: Any, index: int) -> bool:
-    """Delete the root qdisc of `index` if it is ours; the kernel puts its default back."""
+    """Delete the root qdisc of `index` if it is ours (and our bpf drop, if any); the kernel puts
+    its default back."""
+    loss.delete(ipr, index)
     root = find_root(ipr, index)
     if root is None or not is_ours(root["handle"]):
         return False

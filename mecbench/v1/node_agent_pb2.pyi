@@ -771,6 +771,9 @@ class LinkProbe(_message.Message):
     AS_REQUESTED_FIELD_NUMBER: _builtins.int
     PROBLEMS_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
+    REQUESTED_LOSS_PERCENT_FIELD_NUMBER: _builtins.int
+    MEASURED_LOSS_PERCENT_FIELD_NUMBER: _builtins.int
+    LOSS_MECHANISM_FIELD_NUMBER: _builtins.int
     shaping_id: _builtins.str
     interface: _builtins.str
     netns: _builtins.str
@@ -788,6 +791,13 @@ class LinkProbe(_message.Message):
     """How the rate and the round trip were measured."""
     as_requested: _builtins.bool
     """False when the link is more than 10% off what was asked."""
+    requested_loss_percent: _builtins.float
+    measured_loss_percent: _builtins.float
+    """Share of the probe's packets the link did not carry (offered below the rate, so none
+    waited or overflowed a queue); set when loss was asked.
+    """
+    loss_mechanism: _builtins.str
+    """What drops them: "netem", or "bpf" (a random-drop classifier where the kernel lacks netem)."""
     @_builtins.property
     def requested_delay(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -820,10 +830,13 @@ class LinkProbe(_message.Message):
         as_requested: _builtins.bool = ...,
         problems: _abc.Iterable[_builtins.str] | None = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
+        requested_loss_percent: _builtins.float = ...,
+        measured_loss_percent: _builtins.float = ...,
+        loss_mechanism: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["requested_delay", b"requested_delay", "rtt", b"rtt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_requested", b"as_requested", "interface", b"interface", "measured_rate_bps", b"measured_rate_bps", "method", b"method", "netns", b"netns", "notes", b"notes", "offered_rate_bps", b"offered_rate_bps", "peer_address", b"peer_address", "problems", b"problems", "requested_delay", b"requested_delay", "requested_rate_bps", b"requested_rate_bps", "rtt", b"rtt", "rtt_samples", b"rtt_samples", "saturated", b"saturated", "shaping_id", b"shaping_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_requested", b"as_requested", "interface", b"interface", "loss_mechanism", b"loss_mechanism", "measured_loss_percent", b"measured_loss_percent", "measured_rate_bps", b"measured_rate_bps", "method", b"method", "netns", b"netns", "notes", b"notes", "offered_rate_bps", b"offered_rate_bps", "peer_address", b"peer_address", "problems", b"problems", "requested_delay", b"requested_delay", "requested_loss_percent", b"requested_loss_percent", "requested_rate_bps", b"requested_rate_bps", "rtt", b"rtt", "rtt_samples", b"rtt_samples", "saturated", b"saturated", "shaping_id", b"shaping_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

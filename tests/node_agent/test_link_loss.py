@@ -1,0 +1,61 @@
+"""Loss without netem: on a kernel that lacks netem but has clsact and cls_bpf, a loss profile
+is served by a random-drop bpf classifier; the probe says which mechanism serves and measures
+what it drops. Skips, saying why, where the kernel has netem (netem serves loss there) or no bpf."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from mecbench.v1 import common_pb2, node_agent_pb2
+from node_agent import loss
+from node_agent.probe import probe_kernel
+from tests.conftest import requires_root
+from tests.node_agent.conftest import AgentUnderTest, VethPair, qdisc_kinds, target
+
+
+def test_the_drop_program_compares_31_random_bits_with_the_probability() -> None:
+    program = loss.drop_program(25.0)
+    assert len(program) == 7 * 8
+    code, regs, off, imm = (program[16], program[17], int.from_bytes(program[18:20], "little", signed=True),
+                            int.from_bytes(program[20:24], "little", signed=True))
+    assert (code, regs, off, imm) == (0xA5, 0, 2, 2**29)  # if r0 < 2^31 / 4 goto drop
+    assert loss.threshold(100) == 2**31 - 1 and loss.threshold(0) == 0
+
+
+@requires_root
+@pytest.mark.root
+@pytest.mark.parametrize("rate_bps", [0, 20_000_000])
+def test_loss_is_served_by_a_bpf_drop_and_measured_by_the_probe(
+    node_agent: AgentUnderTest, veth_pair: VethPair, rate_bps: int
+) -> None:
+    support = probe_kernel()
+    if support.supports("netem"):
+        pytest.skip("this kernel has netem, which serves loss itself")
+    if not support.supports("bpf"):
+        pytest.skip(f"no netem and no bpf classifier: {support.reasons.get('bpf')}")
+    shaping = node_agent.stub.ApplyShaping(node_agent_pb2.ApplyShapingRequest(
+        target=target(veth_pair.left, veth_pair.left_if), direction=common_pb2.DIRECTION_EGRESS,
+        netem=common_pb2.NetemConfig(loss_percent=20.0, rate_bps=rate_bps), owner="run-loss",
+        lease_duration=Duration(seconds=60),
+    )).shaping
+    kinds = {q.kind: q for q in shaping.qdiscs}
+    assert set(kinds) == ({"clsact", "tbf"} if rate_bps else {"clsact"})
+    assert kinds["clsact"].params["loss_percent"] == "20" and kinds["clsact"].params["loss_mechanism"] == "bpf"
+    probe = node_agent.stub.ProbeShaping(node_agent_pb2.ProbeShapingRequest(
+        shaping_id=shaping.shaping_id, peer_address=veth_pair.right_ip)).probe
+    print(f"loss measured {probe.measured_loss_percent:.2f}% ({probe.loss_mechanism}); "
+          f"rate {probe.measured_rate_bps / 1e6:.2f} Mbit/s; problems {list(probe.problems)}")
+    assert probe.loss_mechanism == "bpf" and probe.requested_loss_percent == 20.0
+    assert 15.0 <= probe.measured_loss_percent <= 25.0
+    assert probe.as_requested, list(probe.problems)
+    node_agent.stub.ClearShaping(node_agent_pb2.ClearShapingRequest(shaping_id=shaping.shaping_id))
+    assert qdisc_kinds(veth_pair.left, veth_pair.left_if) == ["noqueue"]
+
+
+@requires_root
+@pytest.mark.root
+def test_the_node_reports_which_loss_mechanisms_its_kernel_has(node_agent: AgentUnderTest) -> None:
+    info = node_agent.stub.GetNodeInfo(node_agent_pb2.GetNodeInfoRequest()).node
+    for kind in ("clsact", "bpf", "netem"):
+        assert (kind in info.supported_qdiscs) != (kind in info.unsupported_reasons)
