@@ -357,7 +357,14 @@ class CgroupV1:
             elif controller == "cpuset":
                 _write(group / "cpuset.mems", _read(parent / "cpuset.mems"))
                 _write(group / "cpuset.cpus", format_cpu_list(limits.cpus))
-            elif controller == "memory" and limits.memory_bytes:
+            elif controller == "memory":
+                # What the process already uses moves with it where the kernel still offers that
+                # (v1 move_charge, refused by recent kernels: there the group counts what is
+                # allocated after the move, which is why a SUT is placed before its server starts).
+                with contextlib.suppress(OSError):
+                    _write(group / "memory.move_charge_at_immigrate", "3")
+                if not limits.memory_bytes:
+                    continue
                 _write(group / "memory.limit_in_bytes", str(limits.memory_bytes))
                 # No swap escape: memory plus swap is capped at the same figure where the kernel
                 # accounts swap; swapping is discouraged either way.
