@@ -8,6 +8,8 @@ import csv
 import io
 import json
 import threading
+from collections.abc import Iterator
+from typing import cast
 
 import grpc
 from google.protobuf import json_format
@@ -34,7 +36,8 @@ class TelemetryRecorder:
         self.targets = targets
         self.samples: list[common_pb2.TelemetrySample] = []
         self.error = ""
-        self._call: grpc.Future | None = None
+        # The streaming call: a grpc.Call (to cancel) that iterates over the replies.
+        self._call: grpc.Call | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -56,7 +59,8 @@ class TelemetryRecorder:
     def _read(self) -> None:
         assert self._call is not None
         try:
-            for reply in self._call:
+            replies = cast("Iterator[node_agent_pb2.StreamTelemetryResponse]", self._call)
+            for reply in replies:
                 with self._lock:
                     self.samples.append(reply.sample)
         except grpc.RpcError as exc:

@@ -101,8 +101,7 @@ class AsyncClient:
                 self._channel = grpc.aio.secure_channel(self.address, self.settings.credentials, options=options)
             else:
                 self._channel = grpc.aio.insecure_channel(self.address, options=options)
-            stub = controller_pb2_grpc.ControllerStub(self._channel)
-            self._stub = cast("controller_pb2_grpc.ControllerAsyncStub", stub)  # a stub-only type
+            self._stub = controller_pb2_grpc.ControllerStub(self._channel)
         return self._stub
 
     async def close(self) -> None:

@@ -83,7 +83,7 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> No
     )
 
 
-class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
     """Maps exceptions to status codes, binds log context and records RPC metrics for every RPC
     shape."""
 
@@ -98,9 +98,9 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return None

@@ -156,7 +156,8 @@ def ssl_client_context(settings: TlsSettings) -> ssl.SSLContext | None:
 def peer_identities(context: grpc.ServicerContext) -> list[str]:
     """The caller's certificate identities (its CN, then its subject alternative names); empty
     for a plaintext caller or one that presented no certificate."""
-    auth: Mapping[str, Iterable[bytes]] = context.auth_context() or {}
+    # Each key maps to a list of values (types-grpcio says bytes: it is wrong there).
+    auth: Mapping[str, Iterable[bytes]] = context.auth_context() or {}  # type: ignore[assignment]
     found: list[str] = []
     for key in ("x509_common_name", "x509_subject_alternative_name"):
         for value in auth.get(key, ()):
