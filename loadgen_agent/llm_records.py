@@ -158,13 +158,19 @@ def write_records(records: Sequence[RequestRecord], directory: Path) -> None:
     writer.writeheader()
     writer.writerows(rows)
     (directory / LLM_RECORDS_CSV_NAME).write_text(text.getvalue())
-    array = np.array(
+    write_token_latencies(
         [
             (r.issued_ns, r.first_token_ns - r.issued_ns if r.first_token_ns else -1, r.ended_ns - r.issued_ns,
              r.output_tokens, 0 if r.ok else 1)
             for r in records
         ],
-        dtype=np.int64,
-    ).reshape(-1, 5)
+        directory,
+    )
+
+
+def write_token_latencies(rows: Sequence[tuple[int, int, int, int, int]], directory: Path) -> None:
+    """Each sample's (issue ns, TTFT ns or -1, latency ns, output tokens, failed 0/1) as int64 .npy
+    (relay and direct paths alike), for TTFT/TPOT pooled over clients."""
+    array = np.array(rows, dtype=np.int64).reshape(-1, 5)
     with (directory / TOKEN_LATENCIES_NAME).open("wb") as handle:
         np.save(handle, array)

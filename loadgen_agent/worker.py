@@ -42,7 +42,7 @@ import structlog
 
 from loadgen_agent import datasets
 from loadgen_agent.direct import DirectClient, reachable_endpoint
-from loadgen_agent.llm_records import compute_metrics, write_records
+from loadgen_agent.llm_records import compute_metrics, write_records, write_token_latencies
 from loadgen_agent.protocol import Message, MessageWriter, error_to_message, read_message
 from loadgen_agent.results import TRACE_FILE, extract_sample_latencies
 from loadgen_agent.settings_builder import build_test_settings, describe_test_settings
@@ -218,6 +218,11 @@ class DataPlane:
         self._use_tokens = False
         # Samples (LoadGen response ids) of this test whose first token LoadGen has been told of.
         self._first_token_seen: set[int] = set()
+        # Token tests: each sample's issue and first-token times (ns), and the finished samples'
+        # rows (issue ns, TTFT ns, latency ns, tokens, failed) for token_latencies.npy.
+        self._token_issued: dict[int, int] = {}
+        self._token_first: dict[int, int] = {}
+        self.token_rows: list[tuple[int, int, int, int, int]] = []
         self.counters = TestCounters()
         # Told when the data plane aborts a test on its own (timeout, broken stream).
         self.on_abort: Callable[[MecbenchError], None] | None = None
@@ -234,6 +239,8 @@ class DataPlane:
                 if not self._pending and not self._in_flight:
                     self._last_activity = now
                 self._pending.extend(zip(ids, indices, itertools.repeat(now), strict=False))
+                if self._use_tokens:
+                    self._token_issued.update(dict.fromkeys(ids, time.monotonic_ns()))
                 self._cond.notify()
                 return
         self._complete_now(ids)
@@ -406,6 +413,7 @@ class DataPlane:
                 no_first_token = [(p, rid) for p, rid in matched if rid not in seen]
                 for _, rid in matched:
                     seen.discard(rid)
+                self._record_token_rows(batch, matched, failed_positions)
         for message in failed:
             self.counters.errors.add(message)
         if not matched:
@@ -420,6 +428,18 @@ class DataPlane:
         self._lg.QuerySamplesComplete(responses)
         del owners  # LoadGen has copied the outputs it logs
 
+    def _record_token_rows(
+        self, batch: sut_agent_pb2.ResponseBatch, matched: list[tuple[int, int]], failed: set[int]
+    ) -> None:
+        """With `_cond` held: the finished samples' token latencies, as the client saw them."""
+        now = time.monotonic_ns()
+        counts = batch.token_counts
+        for position, rid in matched:
+            issued = self._token_issued.pop(rid, now)
+            first = self._token_first.pop(rid, now)
+            tokens = counts[position] if position < len(counts) else 0
+            self.token_rows.append((issued, first - issued, now - issued, tokens, int(position in failed)))
+
     def _on_first_tokens(self, batch: sut_agent_pb2.ResponseBatch) -> None:
         """With `_token_lock` held: first tokens of samples still in flight (completion follows)."""
         matched: list[tuple[int, int]] = []
@@ -432,6 +452,8 @@ class DataPlane:
                     matched.append((position, response_id))
             want_data = self._want_data
             self._first_token_seen.update(response_id for _, response_id in matched)
+            if self._use_tokens:
+                self._token_first.update(dict.fromkeys((rid for _, rid in matched), time.monotonic_ns()))
         if matched:
             responses, owners = self._responses(batch, matched, want_data)
             self._lg.FirstTokenComplete(responses)
@@ -481,6 +503,9 @@ class DataPlane:
             self._want_data = want_data
             self._use_tokens = use_tokens
             self._first_token_seen = set()
+            self._token_issued = {}
+            self._token_first = {}
+            self.token_rows = []
             self._error_logged = False
             self._last_activity = time.monotonic()
 
@@ -783,6 +808,11 @@ class SessionWorker:
             llm_metrics = compute_metrics(
                 records, durations.to_seconds(settings.ttft_latency), durations.to_seconds(settings.tpot_latency)
             )
+        elif self.data_plane.token_rows:
+            try:
+                write_token_latencies(self.data_plane.token_rows, outdir)
+            except OSError as exc:
+                log.warning("token_latencies_unwritable", test_id=test_id, error=str(exc))
         trace = outdir / TRACE_FILE
         if record_latencies and trace.is_file():
             try:

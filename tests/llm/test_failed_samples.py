@@ -5,10 +5,12 @@ with their messages and is INVALID. Plus the sanity check on LoadGen's own broke
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from loadgen_agent.results import apply_integrity, parse_result
@@ -85,6 +87,15 @@ def test_failed_samples_keep_token_statistics_sane_and_are_named(
         assert 0 < durations.to_ns(stats.max) < 60 * 10**9
     assert 0 < durations.to_ns(result.ttft.p50) <= durations.to_ns(result.latency.p50)
     assert "-9223372036854775808" not in result.summary_fields.get("Min First Token latency (ns)", "")
+    # Each sample's token latencies, for pooling over clients: relay and direct alike.
+    reply = stack.stub.GetResult(
+        controller_pb2.GetResultRequest(run_id=final.run_id, include_files=["token_latencies.npy"])
+    )
+    rows = np.load(io.BytesIO(reply.files[0].data))
+    assert rows.shape == (result.sample_count, 5)
+    assert int(rows[:, 4].sum()) == result.failed_samples
+    ok = rows[rows[:, 4] == 0]
+    assert (ok[:, 1] > 0).all() and (ok[:, 1] <= ok[:, 2]).all() and (ok[:, 3] == 8).all()
     if transport == loadgen_agent_pb2.DATA_PLANE_TRANSPORT_DIRECT:
         # No relay: the SUT agent saw none of the requests; the client's records tell them.
         assert final.results[0].sut_stats.samples_completed == 0
