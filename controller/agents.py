@@ -263,9 +263,15 @@ class AgentPool:
             return None
         point = pods[0]
         assert point.pod is not None
+        node = self._known_node_agent(point.node)
+        if node is None:
+            # Never waits for one to appear (a cluster without the DaemonSet): telemetry and
+            # shaping find the node's agent when the run has any.
+            log.info("pod_placement_unread", sut_id=handle.sut_id, pod=point.pod.name, reason="no node agent in use")
+            return None
         reference = node_agent_pb2.PodReference(namespace=point.pod.namespace, name=point.pod.name, uid=point.pod.uid)
         try:
-            reply = self.node_agent_on(point.node).stub.GetPodPlacement(
+            reply = node.stub.GetPodPlacement(
                 node_agent_pb2.GetPodPlacementRequest(pod=reference), timeout=30
             )
         except (grpc.RpcError, MecbenchError) as exc:
@@ -275,6 +281,17 @@ class AgentPool:
             pid=reply.applied.pids[0] if reply.applied.pids else 0, resources=handle.config.resources,
             gpus=handle.config.gpus, applied=reply.applied, usage=reply.usage,
         )
+
+    def _known_node_agent(self, node: str) -> NodeAgentHandle | None:
+        """The node agent of `node` this pool already talks to, if it is alive; never starts one."""
+        with self._lock:
+            known = [self._nodes.get(node)] if node else []
+            known.append(self._node)
+        for handle in known:
+            if handle is not None and (not node or node in (handle.agent.node, handle.agent.placement)) \
+                    and self.backend.is_alive(handle.agent.name):
+                return handle
+        return None
 
     def _release_placement(self, handle: SutHandle) -> None:
         placement, handle.placement = handle.placement, None

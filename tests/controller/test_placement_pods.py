@@ -42,6 +42,9 @@ def test_a_pods_placement_is_read_back_for_the_result(fake_pod: FakePod, tmp_pat
         )
         handle = pool.deploy_sut("podded", config)
         assert handle.placement is None  # nothing placed by PID: the pod's limits are the kubelet's
+        # No node agent in use yet: nothing is read (and none is waited for).
+        assert pool.read_placement(handle) is None
+        pool.node_infos()  # as a run's telemetry does
         placement = pool.read_placement(handle)
         assert placement is not None
         assert placement.resources.cpu_cores == 1.5
