@@ -46,6 +46,7 @@ from controller.settings import ControllerSettings
 from controller.shaping import RunShaping
 from controller.telemetry import TelemetryRecorder, telemetry_csv, telemetry_json
 from controller.validation import validate_run_spec
+from mecbench.breakdown import latency_breakdown
 from mecbench.core import durations
 from mecbench.core.errors import (
     Cancelled,
@@ -808,6 +809,9 @@ class RunManager:
         }
         if network is not None:
             document["network"] = network
+        breakdown = latency_breakdown(repeat_result)
+        if breakdown is not None:
+            document["latency_breakdown"] = breakdown  # where the time went (mecbench/breakdown.py)
         if placement is not None:
             # What the SUT was asked to get beside what the kernel says it got, and its own usage.
             document["placement"] = json_format.MessageToDict(placement)

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -34,6 +34,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from mecbench.breakdown import latency_breakdown
 from mecbench.client import Client
 from mecbench.core import durations
 from mecbench.core.logging import get_logger
@@ -59,11 +60,31 @@ LATENCY_CDF = "latency_cdf.png"
 CLIENT_FAIRNESS = "client_fairness.png"
 TELEMETRY = "telemetry.png"
 LATENCY_BY_GROUP = "latency_by_group.png"
+LATENCY_BREAKDOWN = "latency_breakdown.png"
+LINK_TIMELINE = "link_timeline.png"
+RESULT_FILE = "result.json"
 VS_RESOURCES = "throughput_latency_vs_resources.png"
 REPORT_HTML = "report.html"
 
 # File name -> (caption on the report page, why it is left out when it is).
 FIGURES: dict[str, tuple[str, str]] = {
+    LATENCY_BY_GROUP: (
+        "Latency per client group of the points whose clients came in groups, each on its own network "
+        "profile: p50 solid, p99 hatched, mean over repeats (bars: min-max).",
+        "no point has client groups",
+    ),
+    LATENCY_BREAKDOWN: (
+        "Where the time went: mean latency split into network and client (LoadGen's latency less the "
+        "server's own time), server queueing and server compute (the SUT agent's per-sample timings), "
+        "per point and, for client groups, per group; mean over repeats.",
+        "no point has the SUT's timings",
+    ),
+    LINK_TIMELINE: (
+        "Link state and latency on one time axis, for points on a time-varying link (SingleStream): each "
+        "sample's latency at the time it was issued (top) and the link rate the node agent applied, read "
+        "back from the kernel (bottom).",
+        "no SingleStream point ran on a time-varying link",
+    ),
     LATENCY_VS_CLIENTS: (
         "Latency percentiles (p50 solid, p90 dashed, p99 dotted) of all clients' samples vs the number of "
         "clients, one panel per scenario, one colour per network profile.",
@@ -141,6 +162,10 @@ class RepeatData:
     result_uri: str = ""
     # Per client group, when the run's clients came in groups on their own profiles.
     groups: list[controller_pb2.GroupResult] = field(default_factory=list)
+    # Where the time went (mecbench/breakdown.py), when the SUT reported its timings.
+    breakdown: dict[str, Any] | None = None
+    # Time-varying links: each schedule's requested and applied steps (result.json's network.schedules).
+    schedules: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -161,6 +186,8 @@ class PointData:
     repeats: list[RepeatData] = field(default_factory=list)
     # CPU cores the SUT was confined to (its cgroup's quota read back; else what was asked); 0 = none.
     cpu_cores: float = 0.0
+    # Its link changes during the test (a schedule): the applied timeline is fetched.
+    has_schedule: bool = False
 
     @property
     def scenario_name(self) -> str:
@@ -215,6 +242,7 @@ def collect_report_data(client: Client, experiment_id: str) -> ReportData:
             state=run.state,
             error=run.error,
             peak_probe=run_id in probes,
+            has_schedule=_has_schedule(spec),
         )
         for result in run.results:
             if result.HasField("placement") and not point.cpu_cores:
@@ -227,7 +255,10 @@ def collect_report_data(client: Client, experiment_id: str) -> ReportData:
                 files=list(record.files) if record is not None else [],
                 result_uri=result.result_uri,
                 groups=list(result.groups),
+                breakdown=latency_breakdown(result),
             )
+            if _has_schedule(spec):
+                repeat.files = [*repeat.files, RESULT_FILE] if RESULT_FILE not in repeat.files else repeat.files
             _fetch_files(client, point, repeat, data.notes)
             point.repeats.append(repeat)
         data.points.append(point)
@@ -239,7 +270,8 @@ def _fetch_files(client: Client, point: PointData, repeat: RepeatData, notes: li
     answer nears gRPC's message limit."""
     for name in repeat.files:
         is_latencies = name.rsplit("/", 1)[-1] == SAMPLE_LATENCIES_NAME
-        if name != TELEMETRY_FILE and not is_latencies:
+        is_result = name == RESULT_FILE and _has_schedule_point(point)
+        if name != TELEMETRY_FILE and not is_latencies and not is_result:
             continue
         where = f"{point.selector} repeat {repeat.repeat}: {name}"
         request = controller_pb2.GetResultRequest(run_id=point.run_id, repeat=repeat.repeat, include_files=[name])
@@ -253,11 +285,21 @@ def _fetch_files(client: Client, point: PointData, repeat: RepeatData, notes: li
         try:
             if is_latencies:
                 repeat.sample_latencies[_client_of(name)] = read_latencies(content)
+            elif is_result:
+                repeat.schedules = list(json.loads(content).get("network", {}).get("schedules", []))
             else:
                 repeat.telemetry = read_telemetry(content)
         except (ValueError, EOFError, OSError) as exc:  # np.load's ways of saying "not a .npy"
             notes.append(f"{where} unreadable: {exc}")
             log.warning("report_file_unreadable", file=name, run_id=point.run_id, error=str(exc))
+
+
+def _has_schedule(spec: controller_pb2.RunSpec) -> bool:
+    return spec.network.HasField("schedule") or any(g.network.HasField("schedule") for g in spec.client_groups)
+
+
+def _has_schedule_point(point: PointData) -> bool:
+    return point.has_schedule
 
 
 def _client_of(name: str) -> int:
@@ -384,6 +426,8 @@ def render_figures(data: ReportData, out_dir: Path) -> list[Path]:
         CLIENT_FAIRNESS: _draw_client_fairness,
         TELEMETRY: _draw_telemetry,
         LATENCY_BY_GROUP: _draw_latency_by_group,
+        LATENCY_BREAKDOWN: _draw_latency_breakdown,
+        LINK_TIMELINE: _draw_link_timeline,
         VS_RESOURCES: _draw_vs_resources,
     }
     written = []
@@ -687,6 +731,93 @@ def _draw_latency_by_group(data: ReportData, figure: Figure) -> bool:
     axis.grid(True, axis="y", alpha=0.3)
     axis.legend(fontsize="small", ncols=min(len(names) * 2, 6))
     figure.suptitle(_title(data, "latency per client group (p50 solid, p99 hatched; mean over repeats)"))
+    return True
+
+
+BREAKDOWN_PARTS = (
+    ("network_and_client_ms", "network + client", "#4c72b0"),
+    ("server_queue_ms", "server queueing", "#dd8452"),
+    ("server_compute_ms", "server compute", "#55a868"),
+)
+
+
+def _draw_latency_breakdown(data: ReportData, figure: Figure) -> bool:
+    """A stacked bar per point (per client group where it has groups): mean network-and-client,
+    server queueing and server compute, each the mean over the point's repeats."""
+    bars: list[tuple[str, dict[str, float]]] = []
+    for point in data.sweep_points:
+        found = [r.breakdown for r in point.repeats if r.breakdown]
+        if not found:
+            continue
+        names = _unique(name for b in found for name in b.get("groups", {}))
+        entries = [(f"{point.selector}", [b["pooled"] for b in found])]
+        entries += [(f"{point.selector}\n{name} ({found[0]['groups'][name]['network_profile']})",
+                     [b["groups"][name] for b in found if name in b.get("groups", {})]) for name in names]
+        for label, splits in entries:
+            bars.append((label, {key: float(np.mean([s[key] for s in splits])) for key, _, _ in BREAKDOWN_PARTS}))
+    if not bars:
+        return False
+    axis = figure.subplots()
+    bottom = np.zeros(len(bars))
+    for key, label, colour in BREAKDOWN_PARTS:
+        values = np.array([b[key] for _, b in bars])
+        axis.bar(range(len(bars)), values, 0.6, bottom=bottom, label=label, color=colour)
+        bottom += values
+    axis.set_xticks(range(len(bars)))
+    axis.set_xticklabels([label for label, _ in bars], fontsize="small", rotation=30 if len(bars) > 4 else 0,
+                         ha="right" if len(bars) > 4 else "center")
+    axis.set_ylabel("mean latency (ms)")
+    axis.grid(True, axis="y", alpha=0.3)
+    axis.legend(fontsize="small")
+    figure.suptitle(_title(data, "where the time went (mean latency, stacked)"))
+    return True
+
+
+def _draw_link_timeline(data: ReportData, figure: Figure) -> bool:
+    """Top: each sample's latency at its issue time; bottom: the applied link rate, same axis.
+    SingleStream only: its queries run back to back, so a sample's issue time is the sum of the
+    latencies before it (other scenarios keep no per-sample issue time)."""
+    shown = [
+        (point, repeat) for point in data.sweep_points if point.scenario == common_pb2.SCENARIO_SINGLE_STREAM
+        for repeat in point.repeats[:1] if repeat.schedules and repeat.sample_latencies
+    ]
+    if not shown:
+        return False
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    palette = _colours([f"{p.selector}" for p, _ in shown])
+    rates: list[float] = []
+    for point, repeat in shown:
+        colour = palette[point.selector]
+        for client, latencies in sorted(repeat.sample_latencies.items()):
+            latency_ms = latencies / 1e6
+            issued_s = np.concatenate([[0.0], np.cumsum(latency_ms)[:-1] / 1e3])
+            top.plot(issued_s, latency_ms, ".", markersize=2, color=colour,
+                     label=point.selector if client == min(repeat.sample_latencies) else None)
+        for timeline in repeat.schedules:
+            steps = [
+                (float(str(step.get("applied", "0s")).rstrip("s")),
+                 float(step.get("params", {}).get("rate_bps", "nan")) / 1e6)
+                for step in timeline.get("applied", [])
+            ]
+            if not steps:
+                continue
+            end = max(float(np.sum(lat)) / 1e9 for lat in repeat.sample_latencies.values())
+            xs = [t for t, _ in steps] + [max(end, steps[-1][0])]
+            ys = [r for _, r in steps] + [steps[-1][1]]
+            rates += ys
+            bottom.step(xs, ys, where="post", color=colour,
+                        label=f"client {timeline.get('client', 0)} ({timeline.get('profile', '')})")
+    top.set_ylabel("latency (ms)")
+    _auto_log(top, [v for _, r in shown for lat in r.sample_latencies.values() for v in (lat / 1e6)])
+    top.grid(True, alpha=0.3)
+    top.legend(fontsize="small", markerscale=4)
+    bottom.set_ylabel("link rate (Mbit/s)")
+    bottom.set_xlabel("seconds into the test")
+    bottom.grid(True, alpha=0.3)
+    if rates:
+        bottom.set_ylim(0, max((r for r in rates if math.isfinite(r)), default=1.0) * 1.15)
+        bottom.legend(fontsize="small")
+    figure.suptitle(_title(data, "link state and latency over the test"))
     return True
 
 

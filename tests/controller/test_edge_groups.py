@@ -5,6 +5,7 @@ test_edge_network.py, which needs root.)"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from controller.settings import ControllerSettings
 from mecbench.cli.common import format_results_table
 from mecbench.client import Client
 from mecbench.core import durations
-from mecbench.report import LATENCY_BY_GROUP, collect_report_data, write_report
+from mecbench.report import LATENCY_BREAKDOWN, LATENCY_BY_GROUP, collect_report_data, write_report
 from mecbench.v1 import common_pb2, controller_pb2, sut_agent_pb2
 from tests.conftest import field_violations
 from tests.controller.conftest import short_settings
@@ -89,11 +90,32 @@ def test_a_mix_runs_its_groups_together_and_every_table_shows_them(finished: Fin
     assert "  near (unshaped)" in text and "  far (unshaped)" in text
 
 
-def test_the_report_draws_latency_per_group(finished: Finished) -> None:
+def test_the_report_draws_latency_per_group_and_where_the_time_went(finished: Finished) -> None:
     data = collect_report_data(finished.client, EXPERIMENT_ID)
     page = write_report(data, finished.out_dir).read_text(encoding="utf-8")
-    assert_png_has_content(finished.out_dir / LATENCY_BY_GROUP)
-    assert f'<img src="{LATENCY_BY_GROUP}"' in page
+    for name in (LATENCY_BY_GROUP, LATENCY_BREAKDOWN):
+        assert_png_has_content(finished.out_dir / name)
+        assert f'<img src="{name}"' in page
+
+
+def test_where_the_time_went_is_kept_per_point_and_per_group(finished: Finished) -> None:
+    """The SUT computes 2 ms a sample and queues nothing (one query at a time per client, three
+    clients): the split gives compute about 2 ms, and the rest to the network and the client."""
+    (run_id,) = finished.experiment.run_ids
+    record = finished.client.get_result(run_id, include_files=["result.json"])
+    (document,) = [json.loads(f.data) for f in record.files if f.name == "result.json"]
+    breakdown = document["latency_breakdown"]
+    pooled = breakdown["pooled"]
+    print(f"where the time went: {breakdown}")
+    assert pooled["network_and_client_ms"] + pooled["server_queue_ms"] + pooled["server_compute_ms"] == pytest.approx(
+        pooled["latency_mean_ms"])
+    assert 1.9 <= pooled["server_compute_ms"] <= 2.6
+    assert 0 < pooled["network_and_client_ms"] < pooled["latency_mean_ms"]
+    assert set(breakdown["groups"]) == {"near", "far"}
+    for group in breakdown["groups"].values():
+        assert group["server_compute_ms"] == pooled["server_compute_ms"]  # the server's, over all clients
+        assert group["network_and_client_ms"] == pytest.approx(
+            group["latency_mean_ms"] - group["server_queue_ms"] - group["server_compute_ms"])
 
 
 def test_group_specs_are_checked_field_by_field(finished: Finished) -> None:

@@ -15,11 +15,14 @@ from controller.aggregate import read_sample_latencies
 from controller.app import ControllerApp
 from controller.server import create_server
 from controller.settings import ControllerSettings
+from mecbench.client import Client
 from mecbench.core import durations
 from mecbench.core.channels import open_channel
+from mecbench.report import LATENCY_BREAKDOWN, LINK_TIMELINE, collect_report_data, write_report
 from mecbench.v1 import common_pb2, controller_pb2, controller_pb2_grpc, sut_agent_pb2
 from tests.conftest import requires_root
 from tests.controller.conftest import Stack, short_settings, stop_stack
+from tests.report.test_report import assert_png_has_content
 
 pytestmark = [requires_root, pytest.mark.root]
 
@@ -140,17 +143,28 @@ def test_two_client_groups_in_one_run_each_see_their_own_link(edge_stack: Stack)
 
 @pytest.mark.slow
 def test_a_rate_trace_stepping_50_5_50_shows_in_the_per_sample_latency_and_the_applied_timeline(
-    edge_stack: Stack,
+    edge_stack: Stack, tmp_path: Path
 ) -> None:
     """The shipped "step-50-5-50" trace during one SingleStream test with 25 kB replies: the
     latency of the samples issued in each step follows the step's rate, and the timeline the node
     agent applied (read back from the kernel) is the trace's."""
-    spec = controller_pb2.RunSpec(
-        experiment_id="edge-trace", sut_id=SUT_ID, network=common_pb2.NetworkProfile(name="step-50-5-50"),
+    experiment = controller_pb2.ExperimentSpec(
+        experiment_id="edge-trace", skip_calibration=True,
+        sut=sut_agent_pb2.SutConfig(synthetic=sut_agent_pb2.SyntheticBackendConfig(
+            distribution=sut_agent_pb2.SERVICE_TIME_DISTRIBUTION_CONSTANT, mean=durations.from_seconds(0.001),
+            response_bytes=RESPONSE_BYTES,
+        )),
         settings=short_settings(common_pb2.SCENARIO_SINGLE_STREAM, min_duration=durations.from_seconds(6.0),
                                 min_query_count=100),
+        sweep=controller_pb2.Sweep(network_profiles=[common_pb2.NetworkProfile(name="step-50-5-50")]),
     )
-    final, document = run_to_end(edge_stack, spec)
+    edge_stack.stub.StartExperiment(controller_pb2.StartExperimentRequest(spec=experiment))
+    done = edge_stack.app.experiments.wait("edge-trace", timeout=180)
+    assert done.state == common_pb2.RUN_STATE_SUCCEEDED, done.error
+    final = edge_stack.app.runs.get_run(done.run_ids[0])
+    files = edge_stack.stub.GetResult(
+        controller_pb2.GetResultRequest(run_id=final.run_id, include_files=["result.json"])).files
+    (document,) = [json.loads(f.data) for f in files if f.name == "result.json"]
     record = edge_stack.stub.GetResult(
         controller_pb2.GetResultRequest(run_id=final.run_id, include_files=["sample_latencies.npy"])
     )
@@ -179,3 +193,11 @@ def test_a_rate_trace_stepping_50_5_50_shows_in_the_per_sample_latency_and_the_a
     assert [(step, rate) for step, rate, _, _ in applied] == [(0, "50000000"), (1, "5000000"), (2, "50000000")]
     for _step, _rate, planned, took in applied:
         assert 0 <= float(took.rstrip("s")) - float(planned.rstrip("s")) < 0.1
+    # The report draws the link's timeline beside the latency, and where the time went.
+    with Client(edge_stack.server.address) as client:
+        data = collect_report_data(client, "edge-trace")
+    out_dir = tmp_path / "report"
+    page = write_report(data, out_dir).read_text(encoding="utf-8")
+    for name in (LINK_TIMELINE, LATENCY_BREAKDOWN):
+        assert_png_has_content(out_dir / name)
+        assert f'<img src="{name}"' in page
