@@ -13,7 +13,7 @@ from node_agent import tc
 from tests.conftest import field_violations, requires_root
 from tests.node_agent.conftest import AgentUnderTest, VethPair, error_code, target
 
-pytestmark = requires_root
+pytestmark = [requires_root, pytest.mark.root]
 
 RATE_BPS = 5_000_000
 
