@@ -122,12 +122,8 @@ class PlacementManager:
             cpus, exclusive = self._check_node(request, wants_gpus)
             limits = CgroupLimits(resources.cpu_cores, cpus, int(resources.memory_bytes))
             if request.validate_only:
-                return node_agent_pb2.Placement(
-                    pid=request.pid,
-                    resources=resources,
-                    gpus=request.gpus,
-                    applied=common_pb2.PlacementApplied(cpus=list(cpus)),
-                )
+                # It could be placed now; nothing is applied, so nothing is reported as applied.
+                return node_agent_pb2.Placement(pid=request.pid, resources=resources, gpus=request.gpus)
             self._check_placeable(request.pid)
             for record in self._live_records():
                 if record.pid == request.pid:
