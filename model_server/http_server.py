@@ -69,6 +69,36 @@ class FailEvery:
         return failing
 
 
+class RequestCounters:
+    """Prometheus counters of the generation requests (OpenAI, Ollama), served at GET /metrics as
+    vLLM and TGI serve theirs (so a SUT agent's metrics scrape has a real page to read)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[str, int] = {}
+        self.failures: dict[str, int] = {}
+
+    def wrap(self, pattern: str, handler: Handler) -> Handler:
+        def counted(request: Request) -> RouteResult:
+            result = handler(request)
+            with self._lock:
+                self.requests[pattern] = self.requests.get(pattern, 0) + 1
+                if isinstance(result, Response) and result.status >= 400:
+                    self.failures[pattern] = self.failures.get(pattern, 0) + 1
+            return result
+
+        return counted
+
+    def page(self, _request: Request) -> Response:
+        lines = []
+        with self._lock:
+            for name, values in (("model_server_requests", self.requests), ("model_server_failures", self.failures)):
+                lines.append(f"# TYPE {name} counter")
+                lines += [f'{name}_total{{path="{path}"}} {count}' for path, count in sorted(values.items())]
+        body = ("\n".join(lines) + "\n").encode()
+        return Response(status=200, body=body, content_type="text/plain; version=0.0.4")
+
+
 def build_router(repository: ModelRepository, fail_every: FailEvery | None = None) -> Router:
     def health(_request: Request) -> Response:
         # vLLM, TGI and llama.cpp all answer GET /health with 200 once the model is loaded.
@@ -88,6 +118,14 @@ def build_router(repository: ModelRepository, fail_every: FailEvery | None = Non
             if r.method == "POST" and r.pattern in GENERATION_PATHS else r
             for r in routes
         ]
+    # Counted outermost, so injected failures count too.
+    counters = RequestCounters()
+    routes = [
+        Route(r.method, r.pattern, counters.wrap(r.pattern, r.handler))
+        if r.method == "POST" and r.pattern in GENERATION_PATHS else r
+        for r in routes
+    ]
+    routes.append(Route("GET", r"/metrics", counters.page))
     return Router(routes)
 
 

@@ -51,6 +51,11 @@ class BackendManager:
         self.tcp_data_plane: TcpListener | None = None
         self.tcp_data_plane_port = 0
 
+    def server_metrics(self, reset: bool = False) -> dict[str, float]:
+        """The running server's own metrics (external servers with a metrics page), else {}."""
+        backend = self.backend
+        return backend.server_metrics(reset) if backend is not None else {}
+
     def ready_backend(self) -> Backend:
         """The backend to submit to; FAILED_PRECONDITION when none is ready."""
         backend = self.backend

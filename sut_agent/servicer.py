@@ -33,7 +33,9 @@ class SutAgentServicer(sut_agent_pb2_grpc.SutAgentServicer):
     def GetStats(
         self, request: sut_agent_pb2.GetStatsRequest, context: grpc.ServicerContext
     ) -> sut_agent_pb2.GetStatsResponse:
-        return sut_agent_pb2.GetStatsResponse(stats=self._manager.stats.snapshot(reset=request.reset))
+        stats = self._manager.stats.snapshot(reset=request.reset)
+        stats.server_metrics.update(self._manager.server_metrics(reset=request.reset))
+        return sut_agent_pb2.GetStatsResponse(stats=stats)
 
     def Stop(self, request: sut_agent_pb2.StopRequest, context: grpc.ServicerContext) -> sut_agent_pb2.StopResponse:
         return sut_agent_pb2.StopResponse(status=self._manager.stop())

@@ -177,6 +177,9 @@ class ServerType(ABC):
 
     name: ClassVar[str] = ""
     OPTIONS: ClassVar[dict[str, str]] = {}
+    # Where the server publishes its Prometheus metrics under its endpoint ("" = nowhere known);
+    # the SUT agent scrapes it into SutStats.server_metrics when it answers.
+    metrics_path: ClassVar[str] = ""
 
     def __init__(
         self, endpoint: str, model: str, options: Mapping[str, str], request_timeout_s: float, concurrency: int,

@@ -32,6 +32,8 @@ from mecbench.servers.http import JSON_HEADERS, HttpClient
 
 class OpenAIServer(ServerType):
     name = "openai"
+    # vLLM, SGLang, TGI and llama.cpp (with --metrics) serve it there.
+    metrics_path = "/metrics"
     OPTIONS: ClassVar[dict[str, str]] = {
         "api": "chat (POST /v1/chat/completions, the default) or completions (POST /v1/completions)",
         "max_tokens": "tokens to generate per sample (default 128)",

@@ -667,6 +667,26 @@ class SutStats(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ServerMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SAMPLES_COMPLETED_FIELD_NUMBER: _builtins.int
     SAMPLES_FAILED_FIELD_NUMBER: _builtins.int
     BATCHES_FIELD_NUMBER: _builtins.int
@@ -676,6 +696,7 @@ class SutStats(_message.Message):
     BUCKET_COUNTS_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
     MEAN_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    SERVER_METRICS_FIELD_NUMBER: _builtins.int
     samples_completed: _builtins.int
     samples_failed: _builtins.int
     batches: _builtins.int
@@ -692,6 +713,13 @@ class SutStats(_message.Message):
     def bucket_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def server_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """External servers with a metrics page (their server type's metrics path, e.g. /metrics):
+        every series as `name{label="value",...}`; counters, histograms' and summaries' series as
+        their increase since the last reset, gauges as read now. Empty when the server has none.
+        """
+
     def __init__(
         self,
         *,
@@ -704,10 +732,11 @@ class SutStats(_message.Message):
         bucket_counts: _abc.Iterable[_builtins.int] | None = ...,
         since: _timestamp_pb2.Timestamp | None = ...,
         mean_batch_size: _builtins.float = ...,
+        server_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compute", b"compute", "queue_wait", b"queue_wait", "since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "bucket_bounds", b"bucket_bounds", "bucket_counts", b"bucket_counts", "compute", b"compute", "mean_batch_size", b"mean_batch_size", "queue_wait", b"queue_wait", "samples_completed", b"samples_completed", "samples_failed", b"samples_failed", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "bucket_bounds", b"bucket_bounds", "bucket_counts", b"bucket_counts", "compute", b"compute", "mean_batch_size", b"mean_batch_size", "queue_wait", b"queue_wait", "samples_completed", b"samples_completed", "samples_failed", b"samples_failed", "server_metrics", b"server_metrics", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

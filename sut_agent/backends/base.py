@@ -101,5 +101,9 @@ class Backend(ABC):
         """The server process behind this backend, if any."""
         return ServerInfo()
 
+    def server_metrics(self, reset: bool = False) -> dict[str, float]:
+        """The server's own metrics (mecbench.servers.metrics), if it has any."""
+        return {}
+
 
 STOPPED_ERROR = "backend stopped"

@@ -31,6 +31,8 @@ from mecbench.core.errors import (
 from mecbench.core.logging import get_logger
 from mecbench.servers.base import InferenceResult, ServerError, ServerType
 from mecbench.servers.errors import ErrorTally
+from mecbench.servers.http import HttpClient
+from mecbench.servers.metrics import ServerMetrics
 from mecbench.servers.registry import load_server_type, server_types
 from mecbench.v1 import sut_agent_pb2
 from sut_agent.backends.base import STOPPED_ERROR, Backend, Completion, CompletionCallback, ServerInfo
@@ -159,6 +161,7 @@ class ExternalBackend(Backend):
         # Every kind of failed request is logged the first time it is seen, with its message.
         self.errors = ErrorTally("sut_agent.external")
         self._workers: list[threading.Thread] = []
+        self._metrics: ServerMetrics | None = None
         try:
             deadline = time.monotonic() + ready_timeout_s
             if self._process is not None:
@@ -168,6 +171,7 @@ class ExternalBackend(Backend):
             except ServerError as exc:
                 raise FailedPrecondition(f"preparing model {config.model!r} on {endpoint} failed: {exc}") from None
             self._warm_up(config.warmup_requests or 1)
+            self._metrics = self._server_metrics_reader(server_class, endpoint, request_timeout_s)
         except BaseException:
             self.server.close()
             if self._process is not None:
@@ -181,6 +185,25 @@ class ExternalBackend(Backend):
             "external_server_ready", server_type=server_class.name, endpoint=endpoint, model=config.model,
             pid=self._process.pid if self._process else 0,
         )
+
+    @staticmethod
+    def _server_metrics_reader(
+        server_class: type[ServerType], endpoint: str, timeout_s: float
+    ) -> ServerMetrics | None:
+        """A reader of the server's metrics page, counting from now (after the warm-up)."""
+        if not server_class.metrics_path:
+            return None
+        try:
+            reader = ServerMetrics(HttpClient(endpoint, min(timeout_s, 5.0), 1), server_class.metrics_path)
+        except ValueError:
+            return None  # not an HTTP endpoint
+        reader.read(reset=True)
+        if reader.error:
+            log.info("server_metrics_unavailable", endpoint=endpoint, reason=reader.error)
+        return reader
+
+    def server_metrics(self, reset: bool = False) -> dict[str, float]:
+        return self._metrics.read(reset) if self._metrics is not None else {}
 
     def _warm_up(self, requests: int) -> None:
         payloads = self.server.warmup_payloads()

@@ -87,6 +87,10 @@ def test_failed_samples_keep_token_statistics_sane_and_are_named(
         assert 0 < durations.to_ns(stats.max) < 60 * 10**9
     assert 0 < durations.to_ns(result.ttft.p50) <= durations.to_ns(result.latency.p50)
     assert "-9223372036854775808" not in result.summary_fields.get("Min First Token latency (ns)", "")
+    # The SUT agent scraped the server's own metrics page over the repeat, whichever the path.
+    server_metrics = final.results[0].sut_stats.server_metrics
+    assert server_metrics['model_server_requests_total{path="/v1/chat/completions"}'] == result.sample_count
+    assert server_metrics['model_server_failures_total{path="/v1/chat/completions"}'] == result.failed_samples
     # Each sample's token latencies, for pooling over clients: relay and direct alike.
     reply = stack.stub.GetResult(
         controller_pb2.GetResultRequest(run_id=final.run_id, include_files=["token_latencies.npy"])
