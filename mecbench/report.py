@@ -972,6 +972,8 @@ def _points_table(points: Sequence[PointData]) -> str:
               "p50 ms", "p99 ms"]
     header += ["TTFT p50 ms", "TPOT p50 ms", "tokens/s"] if tokens else []
     header += ["accuracy"] if accuracy else []
+    placed = any(p.cpu_cores for p in points)
+    header += ["SUT CPU cores"] if placed else []
     header += ["notes"]
     e = html.escape
     rows = ["<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>"]
@@ -998,6 +1000,8 @@ def _points_table(points: Sequence[PointData]) -> str:
             scored = [a for a in aggregates if a.accuracy_scorer in a.accuracy]
             scorer = scored[0].accuracy_scorer if scored else ""
             numbers.append(f"{scorer} {_numbers([a.accuracy[scorer] for a in scored], 4)}" if scored else "-")
+        if placed:
+            numbers.append(f"{point.cpu_cores:g}" if point.cpu_cores else "-")
         cells += [f"<td>{e(n)}</td>" for n in numbers]
         cells.append(f'<td class="text{" bad" if notes else ""}">{e("; ".join(notes))}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")

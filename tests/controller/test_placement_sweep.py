@@ -116,4 +116,5 @@ def test_a_sweep_over_three_cpu_placements_runs_from_the_cli_and_the_report_draw
     figure = tmp_path / "report" / VS_RESOURCES
     assert figure in figures
     assert_png_has_content(figure)
-    assert VS_RESOURCES in (tmp_path / "report" / "report.html").read_text()
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert VS_RESOURCES in page and "<th>SUT CPU cores</th>" in page and "<td>0.5</td>" in page
