@@ -8,13 +8,14 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from controller.experiments import Point, expand, placement_slug, sut_for, validate_experiment
 from mecbench.core.errors import InvalidArgument
 from mecbench.experiment_file import parse_experiment
 from mecbench.report import VS_RESOURCES
-from mecbench.v1 import common_pb2
+from mecbench.v1 import common_pb2, controller_pb2
 from tests.cli.conftest import mecbench
 from tests.conftest import requires_root
 from tests.controller.conftest import Stack, start_stack, stop_stack
@@ -118,3 +119,20 @@ def test_a_sweep_over_three_cpu_placements_runs_from_the_cli_and_the_report_draw
     assert_png_has_content(figure)
     page = (tmp_path / "report" / "report.html").read_text()
     assert VS_RESOURCES in page and "<th>SUT CPU cores</th>" in page and "<td>0.5</td>" in page
+
+
+@requires_root
+@pytest.mark.skipif(not {"cpu", "cpuacct", "memory"} <= set(V1_MOUNTS), reason="needs the cgroup v1 hierarchies")
+def test_an_experiment_with_an_impossible_placement_is_refused_before_it_starts(
+    stack: Stack,
+    burn_model: Path,  # noqa: F811 - the fixture imported above
+) -> None:
+    spec = parse_experiment(SPEC.format(experiment_id="impossible", model=burn_model))
+    spec.sweep.cpu_cores.append(64)
+    before = {a.name for a in stack.app.pool.backend.agents()}
+    with pytest.raises(grpc.RpcError) as caught:
+        stack.stub.StartExperiment(controller_pb2.StartExperimentRequest(spec=spec))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "asks for 64 CPU cores; this node has" in (caught.value.details() or "")
+    assert all(e.experiment_id != "impossible" for e in stack.app.experiments.list())
+    assert {a.name for a in stack.app.pool.backend.agents()} - before <= {"node-agent"}
