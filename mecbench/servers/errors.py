@@ -21,7 +21,8 @@ _HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")
 _KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("timeout", re.compile(r"time(d)?[ -]?out|deadline|DEADLINE_EXCEEDED", re.IGNORECASE)),
     ("server_stopped", re.compile(r"backend (was )?stopped|server (has )?(exited|died|stopped)", re.IGNORECASE)),
-    ("aborted", re.compile(r"aborted|cancel", re.IGNORECASE)),
+    # The LoadGen side's own abort ("aborted: <why>"); "Connection aborted." is a connection.
+    ("aborted", re.compile(r"^aborted:|\bcancell?ed\b", re.IGNORECASE)),
     (
         "connection",
         re.compile(

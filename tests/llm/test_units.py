@@ -1,0 +1,81 @@
+"""Small pure parts of the LLM path: where the direct client reaches a server, the kinds of
+failures, the SSE/NDJSON decoders, and the figures computed from request records."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadgen_agent.direct import http_error_text, reachable_endpoint
+from loadgen_agent.llm_records import RequestRecord, compute_metrics
+from mecbench.servers.base import ServerError
+from mecbench.servers.errors import ErrorTally, error_kind
+from mecbench.servers.ollama import OllamaDecoder
+from mecbench.servers.openai import OpenAIDecoder
+
+
+def test_a_loopback_or_wildcard_server_is_reached_where_the_sut_agent_is() -> None:
+    assert reachable_endpoint("http://0.0.0.0:8000", "10.231.0.2") == "http://10.231.0.2:8000"
+    assert reachable_endpoint("127.0.0.1:8000", "10.231.0.2") == "http://10.231.0.2:8000"
+    assert reachable_endpoint("http://127.0.0.1:8000/v1", "fd00::2") == "http://[fd00::2]:8000/v1"
+    assert reachable_endpoint("http://10.0.0.5:8000", "10.231.0.2") == "http://10.0.0.5:8000"
+    assert reachable_endpoint("http://127.0.0.1:8000", "127.0.0.1") == "http://127.0.0.1:8000"
+
+
+def test_failure_kinds() -> None:
+    assert error_kind("POST /v1/chat/completions: HTTP 503: busy") == "http_503"
+    assert error_kind("timed out after 60s") == "timeout"
+    assert error_kind("POST /x: ('Connection aborted.', BadStatusLine('0\\r\\n'))") == "connection"
+    assert error_kind("POST /x: a streamed event is not JSON: b'{'") == "stream"
+    assert error_kind("backend stopped") == "server_stopped"
+    assert error_kind("something else") == "other"
+    tally = ErrorTally("test", kept_messages=2)
+    for message in ("HTTP 500: a", "HTTP 500: b", "timed out", "HTTP 500: c"):
+        tally.add(message)
+    assert tally.snapshot() == ({"http_500": 3, "timeout": 1}, ["HTTP 500: a", "HTTP 500: b"])
+    assert http_error_text(429, b'{"error": {"message": "slow down"}}') == "HTTP 429: slow down"
+
+
+def test_decoders_read_streams_and_errors() -> None:
+    decoder = OpenAIDecoder("chat", "/v1/chat/completions")
+    lines = [
+        b": ping",
+        b'data: {"choices": [{"delta": {"role": "assistant"}}]}',
+        b'data: {"choices": [{"delta": {"content": "He"}}]}',
+        b"",
+        b'data: {"choices": [{"delta": {"content": "llo"}}]}',
+        b'data: {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}}',
+        b"data: [DONE]",
+    ]
+    assert [decoder.line(line) for line in lines] == ["", "", "He", "", "llo", "", ""]
+    assert decoder.done and decoder.result() == ("Hello", 2) and decoder.input_tokens == 4
+    with pytest.raises(ServerError, match="overloaded"):
+        OpenAIDecoder("chat", "/p").line(b'data: {"error": {"message": "overloaded"}}')
+    ollama = OllamaDecoder("generate", "/api/generate")
+    assert ollama.line(b'{"response": "Hi", "done": false}') == "Hi"
+    ollama.line(b'{"response": "", "done": true, "eval_count": 7, "prompt_eval_count": 3}')
+    assert ollama.done and ollama.result() == ("Hi", 7) and ollama.input_tokens == 3
+
+
+def test_metrics_from_records() -> None:
+    ms = 1_000_000
+    records = [
+        RequestRecord(
+            0,
+            0,
+            sent_ns=0,
+            first_token_ns=10 * ms,
+            later_tokens_ns=[12 * ms, 14 * ms],
+            ended_ns=14 * ms,
+            output_tokens=3,
+        ),
+        RequestRecord(1, 5 * ms, sent_ns=5 * ms, first_token_ns=45 * ms, ended_ns=65 * ms, output_tokens=3),
+        RequestRecord(2, 6 * ms, sent_ns=6 * ms, ended_ns=20 * ms, error_kind="http_500", error="HTTP 500"),
+    ]
+    metrics = compute_metrics(records, ttft_slo_s=0.02, tpot_slo_s=0.005)
+    assert metrics["requests_ok"] == 2 and metrics["requests_failed"] == 1
+    assert metrics["ttft_p50_s"] == pytest.approx(0.025)
+    assert metrics["tpot_mean_s"] == pytest.approx((0.002 + 0.010) / 2)
+    assert metrics["itl_mean_s"] == pytest.approx(0.002)
+    # Only the first meets TTFT <= 20 ms and TPOT <= 5 ms; the failed one never counts.
+    assert metrics["goodput_requests"] == 1 and metrics["goodput_fraction"] == pytest.approx(1 / 3)
+    assert metrics["output_tokens_per_s"] == pytest.approx(6 / 0.065)
