@@ -201,3 +201,25 @@ def test_a_rate_trace_stepping_50_5_50_shows_in_the_per_sample_latency_and_the_a
     for name in (LINK_TIMELINE, LATENCY_BREAKDOWN):
         assert_png_has_content(out_dir / name)
         assert f'<img src="{name}"' in page
+
+
+def test_a_link_that_does_not_hold_its_rate_marks_the_result_not_as_requested(edge_stack: Stack) -> None:
+    """Deliberately misconfigured: a 5 Mbit/s bucket with a 10 MB burst passes any short test at
+    line rate. The probe before the first test sees the link carry more than asked without even
+    saturating, and the result says "link not as requested", with the figures."""
+    spec = controller_pb2.RunSpec(
+        experiment_id="edge-misconfigured", sut_id=SUT_ID,
+        settings=short_settings(common_pb2.SCENARIO_SINGLE_STREAM, min_query_count=20),
+        network=common_pb2.NetworkProfile(name="5mbit-huge-burst", netem=common_pb2.NetemConfig(
+            rate_bps=5_000_000, burst_bytes=10_000_000)),
+    )
+    final, document = run_to_end(edge_stack, spec)
+    aggregate = final.results[0].aggregate
+    reasons = [r for r in aggregate.invalid_reasons if r.startswith("link not as requested")]
+    print(reasons)
+    assert not aggregate.valid and reasons
+    assert "rate: measured" in reasons[0] and "asked 5.000 Mbit/s" in reasons[0]
+    network = document["network"]
+    assert not network["link_as_requested"] and network["problems"]
+    (probe,) = [p["probe"] for p in network["probes"]]
+    assert not probe.get("as_requested", False) and probe["measured_rate_bps"] > 5_000_000 * 1.1
