@@ -20,6 +20,7 @@ from mecbench.v1 import common_pb2, controller_pb2, sut_agent_pb2
 from node_agent.cgroups import cgroup_mounts
 from tests.conftest import requires_root
 from tests.controller.conftest import Stack, short_settings, start_stack, stop_stack
+from tests.numbers import report as report_figure
 
 V1_MOUNTS, _ = cgroup_mounts()
 pytestmark = [
@@ -226,7 +227,11 @@ def test_half_a_core_gives_half_the_throughput_and_the_result_says_what_was_appl
     else:
         pytest.skip(f"the node's other load never let the 1-core SUT have its core; ratio not judged: {pairs}")
     ratio = pair[0.5].samples_per_second / pair[1.0].samples_per_second
-    print(f"placement-figures ratio={ratio:.3f} efficiency={efficiency:.3f} attempts={len(pairs)} pair={pair}")
+    report_figure(
+        "SUT placement",
+        f"Offline samples/s at 0.5 core / at 1 core = {ratio:.3f} ({pair[0.5].samples_per_second:.0f} / "
+        f"{pair[1.0].samples_per_second:.0f}); samples per CPU-second ratio {efficiency:.3f}; pairs tried: {len(pairs)}",
+    )
     assert 0.425 <= ratio <= 0.575, f"ratio {ratio:.2f}: {pair}"
 
 

@@ -110,6 +110,7 @@ def test_the_server_sees_exactly_the_allocated_gpu_and_is_in_the_placement(stack
 
 
 @requires_root
+@pytest.mark.gpu
 def test_a_real_gpu_is_placed_by_uuid(tmp_path: Path) -> None:
     """Where NVML answers (the device tool's machine): a placed process holds one real GPU, named
     by the UUID NVML gives, with its readings in the placement's usage."""
