@@ -72,6 +72,16 @@ def start_service_process(service: str, env: dict[str, str]) -> tuple[subprocess
 # the quick tier (scripts/test --quick); CI runs everything. Files are marked here by what they
 # need, so a new test in them is tiered without remembering to.
 GPU_FILES = {"tests/node_agent/test_gpus.py"}
+# Whole stacks (controller, agents, LoadGen runs, S3 outages) in every test of these files: the
+# full tier's; their logic is also covered by fast tests (fakes, units) in the quick tier.
+SLOW_FILES = {
+    "tests/controller/test_store_outage.py", "tests/store/test_spool.py", "tests/cli/test_commands.py",
+    "tests/cli/test_cli.py", "tests/report/test_report.py", "tests/sdk/test_client.py",
+    "tests/sdk/test_async_client.py", "tests/controller/test_experiments.py", "tests/controller/test_runs.py",
+    "tests/controller/test_buf_curl.py", "tests/reliability/test_limits.py", "tests/security/test_auth.py",
+    "tests/security/test_tls.py", "tests/core/test_metrics.py", "tests/loadgen_agent/test_agent.py",
+    "tests/controller/test_edge_groups.py", "tests/controller/test_blobs.py",
+}
 CLUSTER_FILES = {"tests/kubernetes/test_real_api.py"}
 
 
@@ -81,6 +91,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         path = Path(str(item.path)).relative_to(root).as_posix()
         if any(m.name == "skipif" and "needs root" in str(m.kwargs.get("reason", "")) for m in item.iter_markers()):
             item.add_marker(pytest.mark.root)
+        if path in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
         if path in GPU_FILES:
             item.add_marker(pytest.mark.gpu)
         if path in CLUSTER_FILES:

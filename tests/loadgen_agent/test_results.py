@@ -50,7 +50,14 @@ def test_server_valid_with_detail() -> None:
 def test_server_invalid_reasons() -> None:
     result = load("server_invalid")
     assert not result.valid
-    assert list(result.invalid_reasons) == ["Early stopping satisfied : NO"]
+    # LoadGen's verdict, then its own words on why (the early-stopping block of the summary).
+    assert list(result.invalid_reasons) == [
+        "Early stopping satisfied : NO",
+        "LoadGen early stopping: Run unsuccessful.",
+        "LoadGen early stopping: Processed 190 queries.",
+        "LoadGen early stopping: Would need to run at least 269 more queries, with the run being successful if "
+        "every additional query were under latency.",
+    ]
     assert not result.early_stopping_met and result.min_duration_met
     # Without a detail log the counts come from the summary's own lines.
     assert result.warning_count == 1 and result.query_count == 0

@@ -138,14 +138,12 @@ def test_the_collected_data_has_every_point_repeat_and_client(rendered: Rendered
             assert repeat.aggregate.samples_per_second > 0
             assert repeat.telemetry, f"{point.selector}: no telemetry"
             assert all(s.cpu_percent >= 0 and s.memory_total_bytes > 0 for s in repeat.telemetry)
-            if point.clients > 1:
-                # Several clients store every sample's latency, which the report pools.
-                assert sorted(repeat.sample_latencies) == [0, 1]
-                pooled = np.concatenate(list(repeat.sample_latencies.values()))
-                assert len(pooled) == sum(c.sample_count for c in repeat.clients.values())
-                assert np.all(pooled > 0)
-            else:
-                assert not repeat.sample_latencies
+            # Every client stores every sample's latency (one measuring mode for every client
+            # count), which the report pools.
+            assert sorted(repeat.sample_latencies) == list(range(point.clients))
+            pooled = np.concatenate(list(repeat.sample_latencies.values()))
+            assert len(pooled) == sum(c.sample_count for c in repeat.clients.values())
+            assert np.all(pooled > 0)
 
 
 def test_jain_index_is_one_for_equal_shares_and_one_over_n_for_one_taker() -> None:
