@@ -236,7 +236,8 @@ def collect_report_data(client: Client, experiment_id: str) -> ReportData:
             selector=spec.selector,
             scenario=scenario,
             clients=clients,
-            network_profile=spec.network.name or "unshaped",
+            network_profile=spec.network.name or "+".join(
+                f"{g.name}={g.network.name or 'unshaped'}" for g in spec.client_groups) or "unshaped",
             # Each client's settings carry its share of the point's offered load.
             target_qps=spec.settings.server_target_qps * clients if scenario == common_pb2.SCENARIO_SERVER else 0.0,
             state=run.state,

@@ -92,6 +92,9 @@ def test_a_mix_runs_its_groups_together_and_every_table_shows_them(finished: Fin
 
 def test_the_report_draws_latency_per_group_and_where_the_time_went(finished: Finished) -> None:
     data = collect_report_data(finished.client, EXPERIMENT_ID)
+    (point,) = data.points
+    assert point.network_profile == "near=unshaped+far=unshaped"
+    assert [g.name for g in point.repeats[0].groups] == ["near", "far"] and point.repeats[0].breakdown
     page = write_report(data, finished.out_dir).read_text(encoding="utf-8")
     for name in (LATENCY_BY_GROUP, LATENCY_BREAKDOWN):
         assert_png_has_content(finished.out_dir / name)
