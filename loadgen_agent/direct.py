@@ -28,12 +28,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import grpc
+import grpc.aio
 import numpy as np
 
 from loadgen_agent.llm_records import RequestRecord
 from mecbench.core.errors import MecbenchError
 from mecbench.core.logging import get_logger
-from mecbench.servers.base import HttpCall, ServerError, ServerType
+from mecbench.servers.base import GrpcCall, HttpCall, ServerError, ServerType
 from mecbench.servers.errors import error_kind
 from mecbench.servers.http import base_url
 
@@ -124,7 +126,10 @@ class DirectClient:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ready = threading.Event()
         # A sample's request is the same every time it is issued: built once (the body's JSON).
-        self._calls: dict[int, tuple[HttpCall, dict[str, str]]] = {}
+        self._calls: dict[int, tuple[HttpCall | GrpcCall, dict[str, str]]] = {}
+        # gRPC server types: one grpc.aio channel on the loop, its methods by name (bytes in/out).
+        self._grpc_channel: grpc.aio.Channel | None = None
+        self._grpc_methods: dict[str, Any] = {}
 
     # LoadGen side --------------------------------------------------------------------------
 
@@ -207,12 +212,22 @@ class DirectClient:
         try:
             built = self._calls.get(record.sample_index)
             if built is None:
-                made = self.server.http_call(self._samples[record.sample_index])
+                sample = self._samples[record.sample_index]
+                made: HttpCall | GrpcCall | None = self.server.http_call(sample) or self.server.grpc_call(sample)
                 if made is None:
-                    raise ServerError(f"server type {self.server.name!r} has no HTTP client")
-                built = self._calls[record.sample_index] = (made, dict(made.headers))
+                    raise ServerError(f"server type {self.server.name!r} has no client half")
+                built = self._calls[record.sample_index] = (
+                    made, dict(made.headers) if isinstance(made, HttpCall) else {}
+                )
             call, headers = built
             decoder = self.server.decoder()
+            if isinstance(call, GrpcCall):
+                answer = await self._grpc_method(call.method)(call.body, timeout=self.response_timeout_s)
+                record.response_bytes = len(answer)
+                decoder.whole(answer)
+                record.first_token_ns = 0
+                self._finish(wire_id, record, decoder.output(), 0)
+                return
             async with self._session.request(
                 call.method, self.url + call.path, data=call.body, headers=headers
             ) as response:
@@ -245,6 +260,8 @@ class DirectClient:
             raise
         except ServerError as exc:
             error = str(exc)
+        except grpc.aio.AioRpcError as exc:
+            error = f"{exc.code().name}: {exc.details()}"
         except TimeoutError:
             error = f"timed out after {self.response_timeout_s:g}s"
         except aiohttp.ClientError as exc:
@@ -256,6 +273,16 @@ class DirectClient:
         record.error = error[:1000]
         record.error_kind = error_kind(error)
         self._finish(wire_id, record, b"", 0, failed=True)
+
+    def _grpc_method(self, name: str) -> Any:
+        """The unary method `name` on the loop's gRPC channel (plaintext: the inference server is
+        not MECBench's own, so MECBench's TLS identity does not apply to it)."""
+        method = self._grpc_methods.get(name)
+        if method is None:
+            if self._grpc_channel is None:
+                self._grpc_channel = grpc.aio.insecure_channel(urlsplit(self.url).netloc)
+            method = self._grpc_methods[name] = self._grpc_channel.unary_unary(name)
+        return method
 
     def _on_text(self, wire_id: int, record: RequestRecord) -> None:
         now = time.monotonic_ns()

@@ -657,7 +657,8 @@ class SessionWorker:
         )
         try:
             server.prepare_client(time.monotonic() + min(timeout_s, 30.0))
-            has_client = server.http_call(samples[0] if samples else b"") is not None
+            first = samples[0] if samples else b""
+            has_client = server.http_call(first) is not None or server.grpc_call(first) is not None
         except (ServerError, MecbenchError) as exc:
             server.close()
             if asked:

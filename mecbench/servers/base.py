@@ -52,6 +52,15 @@ class HttpCall:
     streamed: bool
 
 
+@dataclass(frozen=True)
+class GrpcCall:
+    """One unary gRPC call in the server's own protocol: the method's full name and the
+    serialized request (the answer is decoded from its serialized bytes)."""
+
+    method: str
+    body: bytes
+
+
 class AnswerDecoder(ABC):
     """Reads one answer without doing I/O: `line` for each line of a streamed answer (returns the
     text it carries, "" for none; sets `done` at the protocol's end marker), or `whole` for a
@@ -202,6 +211,10 @@ class ServerType(ABC):
     def http_call(self, payload: bytes) -> HttpCall | None:
         """The HTTP request for one sample, or None when this server type has no HTTP client
         half (then only the SUT agent's relay, through `infer`, reaches the server)."""
+        return None
+
+    def grpc_call(self, payload: bytes) -> GrpcCall | None:
+        """The gRPC call for one sample, for server types that speak gRPC; None otherwise."""
         return None
 
     def decoder(self) -> AnswerDecoder:

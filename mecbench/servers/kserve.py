@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from mecbench.core.channels import open_channel
 from mecbench.core.errors import DeadlineExceeded, FailedPrecondition
@@ -28,6 +29,7 @@ from mecbench.kserve import inference_pb2, inference_pb2_grpc
 from mecbench.servers.base import (
     AnswerDecoder,
     FirstTokenCallback,
+    GrpcCall,
     HttpCall,
     InferenceResult,
     Options,
@@ -276,6 +278,31 @@ class KServeDecoder(AnswerDecoder):
         return self.data
 
 
+class KServeGrpcDecoder(AnswerDecoder):
+    """One serialized ModelInferResponse: the chosen output's bytes (no tokens)."""
+
+    def __init__(self, server: KServeGrpcServer) -> None:
+        self.server = server
+        self.data = b""
+
+    def line(self, line: bytes) -> str:
+        raise ServerError("ModelInfer answers are not streamed")
+
+    def whole(self, body: bytes, headers: Mapping[str, str] | None = None) -> None:
+        try:
+            response = inference_pb2.ModelInferResponse.FromString(body)
+        except DecodeError:
+            raise ServerError("the ModelInfer answer does not parse") from None
+        self.data = self.server.output_of(response)
+        self.done = True
+
+    def result(self) -> tuple[str, int]:
+        return "", 0
+
+    def output(self) -> bytes:
+        return self.data
+
+
 class KServeGrpcServer(_KServe):
     name = "kserve_v2_grpc"
 
@@ -303,6 +330,14 @@ class KServeGrpcServer(_KServe):
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     raise FailedPrecondition(f"the server has no model {self.model!r} ({exc.details()})") from None
             time.sleep(0.2)
+        self._read_metadata()
+
+    def prepare_client(self, deadline: float) -> None:
+        """The model's metadata, read from the server the SUT agent prepared (see the HTTP type)."""
+        if self.plan is None:
+            self._read_metadata()
+
+    def _read_metadata(self) -> None:
         try:
             metadata = self._stub.ModelMetadata(
                 inference_pb2.ModelMetadataRequest(name=self.model, version=self.version), timeout=10.0
@@ -312,7 +347,21 @@ class KServeGrpcServer(_KServe):
         inputs = [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs]
         self.plan = self.plan_from_metadata(inputs, [t.name for t in metadata.outputs])
 
+    def grpc_call(self, payload: bytes) -> GrpcCall:
+        return GrpcCall("/inference.GRPCInferenceService/ModelInfer", self._request([payload]).SerializeToString())
+
+    def decoder(self) -> KServeGrpcDecoder:
+        return KServeGrpcDecoder(self)
+
     def infer(self, payloads: Sequence[bytes], on_first_token: FirstTokenCallback | None) -> InferenceResult:
+        request = self._request(payloads)
+        try:
+            response = self._stub.ModelInfer(request, timeout=self.request_timeout_s)
+        except grpc.RpcError as exc:
+            raise ServerError(f"ModelInfer: {exc.code().name}: {exc.details()}") from None
+        return InferenceResult(self.split(self.output_of(response), len(payloads)))
+
+    def _request(self, payloads: Sequence[bytes]) -> inference_pb2.ModelInferRequest:
         plan = self._ready_plan()
         count = len(payloads)
         data = payloads[0] if count == 1 else b"".join(payloads)
@@ -327,13 +376,10 @@ class KServeGrpcServer(_KServe):
         )
         if plan.output_name:
             request.outputs.add(name=plan.output_name)
-        try:
-            response = self._stub.ModelInfer(request, timeout=self.request_timeout_s)
-        except grpc.RpcError as exc:
-            raise ServerError(f"ModelInfer: {exc.code().name}: {exc.details()}") from None
-        return InferenceResult(self.split(self._output(response), count))
+        return request
 
-    def _output(self, response: inference_pb2.ModelInferResponse) -> bytes:
+    def output_of(self, response: inference_pb2.ModelInferResponse) -> bytes:
+        """The chosen output's bytes from a ModelInfer answer."""
         plan = self._ready_plan()
         for index, output in enumerate(response.outputs):
             if plan.output_name and output.name != plan.output_name:

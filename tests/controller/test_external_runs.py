@@ -91,10 +91,12 @@ def test_kserve_reference_server_over_grpc(stack: Stack, models: Models) -> None
     config = sut_agent_pb2.SutConfig(external=sut_agent_pb2.ExternalBackendConfig(
         profile="kserve-reference", model=CLASSIFIER_NAME, max_concurrency=4))
     dataset = common_pb2.DatasetSpec(uri=str(models.classifier.samples_path))
+    # Through the SUT agent's relay (the direct path to this server: tests/llm/test_direct_kserve.py).
     final = run(stack, "kserve", config, short_settings(
         common_pb2.SCENARIO_SINGLE_STREAM, min_query_count=100,
         single_stream_expected_latency=durations.from_seconds(0.001)),
-                dataset)
+                dataset, data_plane=loadgen_agent_pb2.DataPlaneOptions(
+                    transport=loadgen_agent_pb2.DATA_PLANE_TRANSPORT_TCP))
     assert final.state == common_pb2.RUN_STATE_SUCCEEDED, final.error
     result = final.results[0].aggregate
     assert result.valid, list(result.invalid_reasons)

@@ -1,6 +1,7 @@
-"""The direct client path for KServe v2 over HTTP: the LoadGen session reads the model's metadata
-from the server the SUT agent prepared and sends each sample as a binary-extension inference
-request itself. An accuracy run through it scores what the model itself scores."""
+"""The direct client path for KServe v2 over HTTP and gRPC: the LoadGen session reads the model's
+metadata from the server the SUT agent prepared and sends each sample itself (a binary-extension
+inference request; a ModelInfer call on a grpc.aio channel). An accuracy run through it scores
+what the model itself scores."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, sut_agent_pb2
 from tests.controller.conftest import Stack, short_settings, start_stack, stop_stack
 from tests.external_servers import CLASSIFIER_NAME, Models, write_profiles
+from tests.servers.kserve_reference import kserve_available
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +32,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator[
             stop_stack(running)
 
 
-def test_kserve_v2_http_accuracy_run_through_the_direct_client(stack: Stack, models: Models) -> None:
+@pytest.mark.parametrize(
+    "profile",
+    [
+        "model-server-kserve-http",
+        "model-server-kserve-grpc",
+        pytest.param(
+            "kserve-reference",
+            marks=pytest.mark.skipif(not kserve_available(), reason="kserve's virtualenv is made by scripts/setup"),
+        ),
+    ],
+)
+def test_kserve_v2_accuracy_run_through_the_direct_client(stack: Stack, models: Models, profile: str) -> None:
     task = models.classifier
     config = sut_agent_pb2.SutConfig(
-        external=sut_agent_pb2.ExternalBackendConfig(profile="model-server-kserve-http", model=CLASSIFIER_NAME)
+        external=sut_agent_pb2.ExternalBackendConfig(profile=profile, model=CLASSIFIER_NAME)
     )
-    stack.stub.DeploySut(controller_pb2.DeploySutRequest(sut_id="kserve-direct", config=config))
+    stack.stub.DeploySut(controller_pb2.DeploySutRequest(sut_id=profile, config=config))
     spec = controller_pb2.RunSpec(
         experiment_id="kserve-direct",
-        sut_id="kserve-direct",
+        sut_id=profile,
         settings=short_settings(common_pb2.SCENARIO_OFFLINE, mode=common_pb2.TEST_MODE_ACCURACY_ONLY),
         dataset=common_pb2.DatasetSpec(uri=str(task.samples_path)),
         accuracy=common_pb2.AccuracySpec(scorer="top1", labels_uri=str(task.labels_path)),
@@ -59,4 +72,4 @@ def test_kserve_v2_http_accuracy_run_through_the_direct_client(stack: Stack, mod
     # The requests went straight to the server: the SUT agent relayed none, the records say so.
     assert final.results[0].sut_stats.samples_completed == 0
     assert result.llm_metrics["requests_ok"] == 256
-    stack.app.pool.remove_sut("kserve-direct")
+    stack.app.pool.remove_sut(profile)
