@@ -68,9 +68,10 @@ class _DataPlaneTransportEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Da
     """
     DATA_PLANE_TRANSPORT_DIRECT: _DataPlaneTransport.ValueType  # 3
     """No relay: the LoadGen session speaks the external server's own protocol (OpenAI SSE,
-    Ollama NDJSON) to the server the SUT agent started and probed (SutStatus.server_endpoint),
-    so the client's real HTTP exchange crosses the (shaped) network. The default
-    (UNSPECIFIED) for an external server whose server type has a client half; fails otherwise.
+    Ollama NDJSON, KServe v2 over HTTP or gRPC) to the server the SUT agent started and probed
+    (SutStatus.server_endpoint), so the client's real exchange crosses the (shaped) network.
+    The default (UNSPECIFIED) for an external server whose server type has a client half;
+    fails otherwise.
     """
 
 class DataPlaneTransport(_DataPlaneTransport, metaclass=_DataPlaneTransportEnumTypeWrapper):
@@ -90,9 +91,10 @@ HTTP/2 framing and no gRPC threads on the measured path. Fails if the agent has 
 """
 DATA_PLANE_TRANSPORT_DIRECT: DataPlaneTransport.ValueType  # 3
 """No relay: the LoadGen session speaks the external server's own protocol (OpenAI SSE,
-Ollama NDJSON) to the server the SUT agent started and probed (SutStatus.server_endpoint),
-so the client's real HTTP exchange crosses the (shaped) network. The default
-(UNSPECIFIED) for an external server whose server type has a client half; fails otherwise.
+Ollama NDJSON, KServe v2 over HTTP or gRPC) to the server the SUT agent started and probed
+(SutStatus.server_endpoint), so the client's real exchange crosses the (shaped) network.
+The default (UNSPECIFIED) for an external server whose server type has a client half;
+fails otherwise.
 """
 Global___DataPlaneTransport: _TypeAlias = DataPlaneTransport  # noqa: Y015
 
