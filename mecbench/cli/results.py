@@ -72,7 +72,11 @@ def _records(client: Client, args: argparse.Namespace) -> list[controller_pb2.Re
 
 
 def _shown_columns(table: ResultTable) -> list[str]:
-    return LIST_COLUMNS + [name for name in OPTIONAL_COLUMNS if any(v is not None for v in table.column(name))]
+    # Runs with client groups get a row per group beside the pooled one: the group names them.
+    columns = list(LIST_COLUMNS)
+    if any(table.column("group")):
+        columns.insert(columns.index("network_profile") + 1, "group")
+    return columns + [name for name in OPTIONAL_COLUMNS if any(v is not None for v in table.column(name))]
 
 
 def results_list(args: argparse.Namespace) -> int:

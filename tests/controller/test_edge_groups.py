@@ -17,6 +17,7 @@ from controller.app import ControllerApp
 from controller.server import create_server
 from controller.settings import ControllerSettings
 from mecbench.cli.common import format_results_table
+from mecbench.cli.results import _shown_columns
 from mecbench.client import Client
 from mecbench.core import durations
 from mecbench.report import LATENCY_BREAKDOWN, LATENCY_BY_GROUP, collect_report_data, write_report
@@ -85,6 +86,9 @@ def test_a_mix_runs_its_groups_together_and_every_table_shows_them(finished: Fin
     rows = [(r["group"], r["clients"], r["network_profile"]) for r in table]
     assert rows == [("", 3, "near=unshaped+far=unshaped"), ("near", 2, "unshaped"), ("far", 1, "unshaped")]
     assert [r["latency_p50_ms"] for r in table][1] == pytest.approx(durations.to_ns(near.result.latency.p50) / 1e6)
+
+    listed = table.to_text(_shown_columns(table))  # what `mecbench results list` prints
+    assert "group" in listed.splitlines()[0] and " near " in listed and " far " in listed
 
     text = format_results_table([("mix", run)])
     assert "  near (unshaped)" in text and "  far (unshaped)" in text
