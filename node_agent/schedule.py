@@ -23,7 +23,7 @@ from mecbench.core import durations
 from mecbench.core.errors import Violations
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, node_agent_pb2
-from node_agent import tc
+from node_agent import loss, tc
 from node_agent.validation import check_duration, check_netem
 
 log = get_logger("mecbench.node_agent.schedule")
@@ -115,6 +115,9 @@ def run_schedule(
                     tc.change_root(ipr, ifindex, plan, mtu)
                 applied.applied.CopyFrom(durations.from_seconds(time.monotonic() - started))
                 for ifindex in indices[:1]:
+                    dropped = loss.installed_percent(ipr, ifindex)
+                    if dropped is not None:
+                        applied.params.update({"loss_percent": f"{dropped:g}", "loss_mechanism": "bpf"})
                     for reading in tc.read_qdiscs(ipr, ifindex):
                         if reading.handle == tc.ROOT_HANDLE:
                             applied.params.update(reading.params)

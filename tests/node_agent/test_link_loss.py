@@ -4,6 +4,8 @@ what it drops. Skips, saying why, where the kernel has netem (netem serves loss 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
@@ -59,3 +61,27 @@ def test_the_node_reports_which_loss_mechanisms_its_kernel_has(node_agent: Agent
     info = node_agent.stub.GetNodeInfo(node_agent_pb2.GetNodeInfoRequest()).node
     for kind in ("clsact", "bpf", "netem"):
         assert (kind in info.supported_qdiscs) != (kind in info.unsupported_reasons)
+
+
+@requires_root
+@pytest.mark.root
+def test_a_loss_schedule_replaces_the_drop_filter_at_each_step(node_agent: AgentUnderTest, veth_pair: VethPair) -> None:
+    support = probe_kernel()
+    if support.supports("netem") or not support.supports("bpf"):
+        pytest.skip("loss by bpf serves kernels without netem and with cls_bpf; " + support.reasons.get("bpf", "netem"))
+    schedule = common_pb2.LinkSchedule(steps=[
+        common_pb2.LinkStep(at=Duration(), netem=common_pb2.NetemConfig(loss_percent=5.0, rate_bps=20_000_000)),
+        common_pb2.LinkStep(at=Duration(nanos=200_000_000),
+                            netem=common_pb2.NetemConfig(loss_percent=30.0, rate_bps=10_000_000)),
+    ])
+    shaping = node_agent.stub.ApplyShaping(node_agent_pb2.ApplyShapingRequest(
+        target=target(veth_pair.left, veth_pair.left_if), direction=common_pb2.DIRECTION_EGRESS,
+        netem=schedule.steps[0].netem, owner="run-loss-schedule", lease_duration=Duration(seconds=60),
+        schedule=schedule,
+    )).shaping
+    node_agent.stub.StartSchedule(node_agent_pb2.StartScheduleRequest(shaping_id=shaping.shaping_id))
+    time.sleep(0.5)
+    stopped = node_agent.stub.StopSchedule(node_agent_pb2.StopScheduleRequest(shaping_id=shaping.shaping_id))
+    assert [(s.params["loss_percent"], s.params["rate_bps"]) for s in stopped.applied] == [
+        ("5", "20000000"), ("30", "10000000")]
+    assert all(not s.error for s in stopped.applied)
