@@ -13,20 +13,45 @@ import yaml
 from google.protobuf import json_format
 
 from mecbench.core.errors import InvalidArgument
-from mecbench.profiles import STRING_FIELDS, netem_from_strings
+from mecbench.profiles import STRING_FIELDS, netem_from_strings, schedule_from_csv, schedule_from_mahimahi
 from mecbench.v1 import controller_pb2
 
 __all__ = ["load_experiment_file", "parse_experiment"]
 
 
+def _schedule(profile: dict[str, Any], field: str) -> dict[str, Any]:
+    """A profile's `schedule` given as a trace's text: `{csv: ...}` (see schedule_from_csv) or
+    `{mahimahi: ..., bin_ms: 100}` (a Mahimahi packet-delivery trace)."""
+    schedule = profile.get("schedule")
+    if not isinstance(schedule, dict) or not ({"csv", "mahimahi"} & set(schedule)):
+        return profile
+    source = str(schedule.get("source", ""))
+    if "csv" in schedule:
+        parsed = schedule_from_csv(str(schedule["csv"]), source or "inline csv", f"{field}.schedule.csv")
+    else:
+        bin_ms = int(schedule.get("bin_ms", 100))
+        parsed = schedule_from_mahimahi(str(schedule["mahimahi"]), bin_ms, source or "inline mahimahi",
+                                        f"{field}.schedule.mahimahi")
+    return {**profile, "schedule": json_format.MessageToDict(parsed, preserving_proto_field_name=True)}
+
+
 def _normalise(document: dict[str, Any]) -> dict[str, Any]:
-    """Accept the shorthands people write: profile names as strings, and the original MECBench
-    string NetEm config (`bandwidth: 100mbit`, `delay: 20ms`) inside a profile."""
+    """Accept the shorthands people write: profile names as strings, the original MECBench
+    string NetEm config (`bandwidth: 100mbit`, `delay: 20ms`) inside a profile, and a profile's
+    schedule as a trace's text (`schedule: {csv: ...}` or `{mahimahi: ...}`)."""
     sweep = document.get("sweep") or {}
+    mixes = sweep.get("client_mixes") or sweep.get("clientMixes")
+    if isinstance(mixes, list):
+        for m, mix in enumerate(mixes):
+            groups = (mix.get("groups") or []) if isinstance(mix, dict) else []
+            for g, group in enumerate(groups):
+                if isinstance(group, dict) and isinstance(group.get("network"), dict):
+                    group["network"] = _schedule(group["network"], f"spec.sweep.client_mixes[{m}].groups[{g}].network")
     profiles = sweep.get("network_profiles") or sweep.get("networkProfiles") or []
     normalised = []
     for index, entry in enumerate(profiles):
         profile = {"name": entry} if isinstance(entry, str) else dict(entry)
+        profile = _schedule(profile, f"spec.sweep.network_profiles[{index}]")
         netem = profile.get("netem")
         if isinstance(netem, dict) and set(netem) & set(STRING_FIELDS):
             typed = netem_from_strings({k: str(v) for k, v in netem.items()},

@@ -99,6 +99,14 @@ def experiment_json_schema() -> dict[str, Any]:
     profile = defs["mecbench.v1.NetworkProfile"]
     for name in ("netem",):
         profile["properties"][name] = {"anyOf": [profile["properties"][name], netem_strings]}
+    trace_text = {
+        "type": "object",
+        "description": "a trace's text: csv (header time,rate,delay,jitter,loss) or mahimahi (delivery times in ms)",
+        "properties": {"csv": {"type": "string"}, "mahimahi": {"type": "string"}, "bin_ms": {"type": "integer"},
+                       "source": {"type": "string"}},
+        "additionalProperties": False,
+    }
+    profile["properties"]["schedule"] = {"anyOf": [profile["properties"]["schedule"], trace_text]}
     sweep = defs["mecbench.v1.Sweep"]
     by_name = {"type": "string", "description": "a shipped network profile", "enum": sorted(PROFILES)}
     for name in ("network_profiles", "networkProfiles"):

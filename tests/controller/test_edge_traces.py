@@ -3,11 +3,15 @@ shipped traces valid as the node agent checks them, and bad traces refused namin
 
 from __future__ import annotations
 
+import jsonschema  # type: ignore[import-untyped]
 import pytest
+import yaml
 
 from mecbench.core import durations
 from mecbench.core.errors import InvalidArgument, Violations
+from mecbench.experiment_file import parse_experiment
 from mecbench.profiles import PROFILES, TRACES, resolve_profile, schedule_from_csv, schedule_from_mahimahi
+from mecbench.schema import experiment_json_schema
 from mecbench.v1 import common_pb2
 from node_agent.schedule import check_schedule
 
@@ -67,3 +71,47 @@ def test_a_profile_with_only_a_schedule_starts_at_its_first_step() -> None:
     assert profile.netem.rate_bps == 5_000_000
     with pytest.raises(InvalidArgument):
         resolve_profile(common_pb2.NetworkProfile(name="empty", schedule=common_pb2.LinkSchedule()))
+
+
+SPEC_WITH_TRACES = """
+experiment_id: traces-in-a-file
+sut: {synthetic: {mean: 0.001s}}
+settings: {scenario: SCENARIO_SINGLE_STREAM}
+sweep:
+  client_mixes:
+    - name: cellular
+      groups:
+        - {name: walking, clients: 2, network: {name: walk, schedule: {mahimahi: "0\\n0\\n50\\n100\\n150\\n", bin_ms: 100}}}
+        - {name: parked, clients: 1, network: {name: slow-fade}}
+"""
+
+SPEC_WITH_CSV = """
+experiment_id: csv-trace
+sut: {synthetic: {mean: 0.001s}}
+settings: {scenario: SCENARIO_SINGLE_STREAM}
+sweep:
+  network_profiles:
+    - name: my-handover
+      schedule:
+        source: handover.csv
+        csv: |
+          time,rate,delay
+          0,100mbit,
+          2s,12.5mbit,
+"""
+
+
+def test_a_spec_file_may_give_a_profile_its_trace_inline() -> None:
+    spec = parse_experiment(SPEC_WITH_CSV)
+    (profile,) = spec.sweep.network_profiles
+    assert profile.schedule.source == "handover.csv"
+    assert steps(profile.schedule) == [(0.0, 100_000_000, 0.0, 0.0), (2.0, 12_500_000, 0.0, 0.0)]
+    mixed = parse_experiment(SPEC_WITH_TRACES)
+    walking = mixed.sweep.client_mixes[0].groups[0].network.schedule
+    assert [rate for _, rate, _, _ in steps(walking)] == [360_000, 240_000]  # 3 and 2 packets a 100 ms
+    validator = jsonschema.Draft202012Validator(experiment_json_schema())
+    for text in (SPEC_WITH_CSV, SPEC_WITH_TRACES):
+        assert not list(validator.iter_errors(yaml.safe_load(text)))
+    with pytest.raises(InvalidArgument) as bad:
+        parse_experiment(SPEC_WITH_CSV.replace("12.5mbit", "lots"))
+    assert [v.field for v in bad.value.violations] == ["spec.sweep.network_profiles[0].schedule.csv.line[3].rate"]
