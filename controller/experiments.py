@@ -183,6 +183,19 @@ def settings_for(spec: controller_pb2.ExperimentSpec, scenario: int) -> common_p
     return settings
 
 
+def goodput_fraction(repeat: controller_pb2.RepeatResult) -> float:
+    """The share of a repeat's requests, over every client, that met the TTFT/TPOT SLOs; 0 when
+    a request failed or the clients kept no LLM figures (the relay path)."""
+    good = total = 0.0
+    for client in repeat.clients:
+        metrics = client.result.llm_metrics
+        if metrics.get("requests_failed", 0.0) or client.result.failed_samples:
+            return 0.0
+        good += metrics.get("goodput_requests", 0.0)
+        total += metrics.get("requests_ok", 0.0)
+    return good / total if total else 0.0
+
+
 def point_spec(spec: controller_pb2.ExperimentSpec, point: Point, sut_id: str,
                selector: str = "") -> controller_pb2.RunSpec:
     settings = settings_for(spec, point.scenario)
@@ -236,6 +249,8 @@ def validate_experiment(spec: controller_pb2.ExperimentSpec) -> list[Point]:
                          "need 0 < low_qps < high_qps")
         violations.check(0 <= search.percentile <= 100, "spec.search.percentile", "must be between 0 and 100")
         violations.check(0 <= search.tolerance < 1, "spec.search.tolerance", "must be in [0, 1)")
+        violations.check(0 <= search.min_goodput_fraction <= 1, "spec.search.min_goodput_fraction",
+                         "must be between 0 and 1")
     seen_fields = {v.field for v in violations.items}
     if spec.experiment_id and spec.HasField("sut") and not violations:
         for point in points:
@@ -576,6 +591,8 @@ class ExperimentManager:
             # LoadGen's own judgement of the latency bound at the percentile; validity as a whole
             # also asks for minimum durations and query counts that a search probe need not meet.
             met = result.performance_constraints_met
+            if met and search.min_goodput_fraction > 0:
+                met = goodput_fraction(run.results[-1]) >= search.min_goodput_fraction
             if met and qps >= peak.peak_qps:
                 peak.peak_qps = qps
                 peak.latency_at_peak.CopyFrom(result.latency.p99)

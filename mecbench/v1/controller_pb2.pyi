@@ -399,6 +399,7 @@ class PeakSearch(_message.Message):
     HIGH_QPS_FIELD_NUMBER: _builtins.int
     TOLERANCE_FIELD_NUMBER: _builtins.int
     MAX_STEPS_FIELD_NUMBER: _builtins.int
+    MIN_GOODPUT_FRACTION_FIELD_NUMBER: _builtins.int
     method: Global___SearchMethod.ValueType
     percentile: _builtins.float
     """0..100; 0 = 99."""
@@ -407,6 +408,11 @@ class PeakSearch(_message.Message):
     tolerance: _builtins.float
     """Stop when high/low is within this fraction; 0 = 0.05."""
     max_steps: _builtins.int
+    min_goodput_fraction: _builtins.float
+    """LLM serving, a peak search on goodput: when > 0, a probe passes when at least this fraction
+    of its requests met the settings' ttft_latency and tpot_latency (the direct client's
+    llm_metrics, over every client) and none failed, besides `latency_bound`. 0..1.
+    """
     @_builtins.property
     def latency_bound(self) -> _duration_pb2.Duration: ...
     def __init__(
@@ -419,10 +425,11 @@ class PeakSearch(_message.Message):
         high_qps: _builtins.float = ...,
         tolerance: _builtins.float = ...,
         max_steps: _builtins.int = ...,
+        min_goodput_fraction: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency_bound", b"latency_bound"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["high_qps", b"high_qps", "latency_bound", b"latency_bound", "low_qps", b"low_qps", "max_steps", b"max_steps", "method", b"method", "percentile", b"percentile", "tolerance", b"tolerance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["high_qps", b"high_qps", "latency_bound", b"latency_bound", "low_qps", b"low_qps", "max_steps", b"max_steps", "method", b"method", "min_goodput_fraction", b"min_goodput_fraction", "percentile", b"percentile", "tolerance", b"tolerance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
