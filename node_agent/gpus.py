@@ -6,7 +6,8 @@ restarted agent keeps them and the reaper frees them when their lease lapses.
 
 NVML reports host PIDs and host indices. In Kubernetes the device plugin, not this agent, decides
 which GPU a pod gets; there the allocation here is bookkeeping for the local backend, and the pod's
-real device is the device plugin's choice (the kubelet pod-resources API is not read yet).
+real device is the device plugin's choice, which the node agent reads back from the kubelet's
+pod-resources API (node_agent.podresources).
 """
 
 from __future__ import annotations

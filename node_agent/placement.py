@@ -258,7 +258,10 @@ class PlacementManager:
         return self.message(record)
 
     def pod(self, request: node_agent_pb2.GetPodPlacementRequest) -> node_agent_pb2.GetPodPlacementResponse:
-        applied, usage = read_pod(request.pod.uid, self.cgroups, self.cgroups_reason, self.inventory, self.proc_root)
+        applied, usage = read_pod(
+            request.pod.uid, self.cgroups, self.cgroups_reason, self.inventory, self.proc_root,
+            request.pod.namespace, request.pod.name, self.settings.pod_resources_socket,
+        )
         return node_agent_pb2.GetPodPlacementResponse(applied=applied, usage=usage)
 
     def get(self, placement_id: str) -> node_agent_pb2.Placement:

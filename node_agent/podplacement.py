@@ -4,8 +4,9 @@ The kubelet, not MECBench, confines a pod: it writes the pod's limits into a pod
 (`.../kubepods/<qos>/pod<uid>` with the cgroupfs driver, `...-pod<uid_with_underscores>.slice`
 with systemd) that every container of the pod sits under. The pod's processes are found by that
 UID in /proc/<pid>/cgroup (the host's /proc at `proc_root`, as pod network namespaces are), the
-pod-level group is read like any placement's, and the GPUs are those NVML lists the pod's
-processes on (host PIDs, as NVML reports them).
+pod-level group is read like any placement's, and the GPUs are those the kubelet's pod-resources
+API says it gave the pod (node_agent.podresources), or, where its socket is not mounted, those
+NVML lists the pod's processes on (host PIDs, as NVML reports them).
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from mecbench.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2
 from node_agent.cgroups import Cgroups, cpus_allowed, process_groups
-from node_agent.gpus import GpuInventory, gpu_message
+from node_agent.gpus import GpuDevice, GpuInventory, gpu_message
+from node_agent.podresources import pod_devices
 from node_agent.pods import valid_pod_uid
+
+log = get_logger("mecbench.node_agent.podplacement")
+# The device plugin's resource name; its device ids are GPU UUIDs.
+GPU_RESOURCE = "nvidia.com/gpu"
 
 
 def _needles(uid: str) -> tuple[str, ...]:
@@ -51,8 +58,29 @@ def pod_level(groups: dict[str, str], uid: str) -> dict[str, str]:
     return cut
 
 
+def pod_gpus(
+    namespace: str, name: str, pids: list[int], inventory: GpuInventory, pod_resources_socket: Path | None
+) -> tuple[list[common_pb2.Gpu], list[GpuDevice], str]:
+    """The GPUs a pod holds: the devices the kubelet gave it (its pod-resources API, where the
+    socket is mounted), else those NVML lists the pod's processes on; (messages, the inventory's
+    devices among them, which source answered)."""
+    if pod_resources_socket is not None and namespace and name:
+        try:
+            uuids = pod_devices(pod_resources_socket, namespace, name).get(GPU_RESOURCE, [])
+        except (FailedPrecondition, NotFound) as exc:
+            log.info("pod_resources_unavailable", pod=f"{namespace}/{name}", reason=str(exc))
+        else:
+            known = {d.uuid: d for d in inventory.devices()}
+            held = [known[u] for u in uuids if u in known]
+            messages = [gpu_message(known[u]) if u in known else common_pb2.Gpu(uuid=u) for u in uuids]
+            return messages, held, "kubelet-pod-resources"
+    held = [d for d in inventory.devices() if set(d.process_ids) & set(pids)]
+    return [gpu_message(d) for d in held], held, "nvml-processes"
+
+
 def read_pod(
-    uid: str, cgroups: Cgroups | None, cgroups_reason: str, inventory: GpuInventory, proc_root: Path
+    uid: str, cgroups: Cgroups | None, cgroups_reason: str, inventory: GpuInventory, proc_root: Path,
+    namespace: str = "", name: str = "", pod_resources_socket: Path | None = None,
 ) -> tuple[common_pb2.PlacementApplied, common_pb2.PlacementUsage]:
     if not valid_pod_uid(uid):
         raise InvalidArgument("must be a UUID", field="pod.uid")
@@ -81,8 +109,8 @@ def read_pod(
         allowed = cpus_allowed(pid, proc_root)
         if allowed:
             applied.cpus_allowed[pid] = allowed
-    held = [d for d in inventory.devices() if set(d.process_ids) & set(pids)]
-    applied.gpus.extend(gpu_message(d) for d in held)
+    messages, held, applied.gpus_source = pod_gpus(namespace, name, pids, inventory, pod_resources_socket)
+    applied.gpus.extend(messages)
     usage = common_pb2.PlacementUsage(
         cpu_usage_ns=counted.cpu_usage_ns,
         cpu_periods=counted.cpu_periods,

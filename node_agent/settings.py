@@ -23,6 +23,9 @@ def default_state_dir() -> Path:
     return Path(base) / "mecbench" / "node-agent"
 
 
+KUBELET_POD_RESOURCES_SOCKET = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
+
+
 @dataclass
 class NodeAgentSettings:
     # Reported node name; "" = this machine's hostname.
@@ -80,6 +83,9 @@ class NodeAgentSettings:
     # for nodes whose GPUs are assigned outside NVML's view, and for tests on machines without a
     # GPU. Reported as declared (NodeInfo label "gpus"), never as discovered.
     declared_gpus: tuple[str, ...] = ()
+    # The kubelet's pod-resources socket (the DaemonSet mounts its folder): the GPUs a pod was
+    # given are read there; where it is missing, from NVML's process lists.
+    pod_resources_socket: Path | None = field(default_factory=lambda: KUBELET_POD_RESOURCES_SOCKET)
     # Prometheus /metrics on the gRPC server's host: -1 off, 0 any free port (logged as
     # metrics_listening), else that port.
     metrics_port: int = -1

@@ -1,4 +1,5 @@
-"""Regenerate the Python code for protos/mecbench/{v1,kserve} into mecbench/v1 and mecbench/kserve.
+"""Regenerate the Python code for protos/mecbench/{v1,kserve,kubelet} into mecbench/v1, mecbench/kserve
+and mecbench/kubelet.
 
 Run: python scripts/genproto.py [--out DIR]
 
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 # MECBench's API, and the KServe v2 inference protocol the SUT agent's adapters and the model
 # server speak (package `inference`, as the protocol names it).
-PACKAGE_DIRS = (Path("mecbench") / "v1", Path("mecbench") / "kserve")
+# And the kubelet's pod-resources API (package `v1`, as the kubelet names it) the node agent reads.
+PACKAGE_DIRS = (Path("mecbench") / "v1", Path("mecbench") / "kserve", Path("mecbench") / "kubelet")
 
 
 def proto_files() -> list[str]:

@@ -447,6 +447,7 @@ class PlacementApplied(_message.Message):
     PIDS_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
     CPU_SHARES_FIELD_NUMBER: _builtins.int
+    GPUS_SOURCE_FIELD_NUMBER: _builtins.int
     cgroup_version: _builtins.str
     """"v1" or "v2"; empty when no cgroup was needed (GPUs only)."""
     cpu_quota_us: _builtins.int
@@ -460,6 +461,10 @@ class PlacementApplied(_message.Message):
     """Swap the group may use beyond its memory limit (v1: memsw - limit; v2: memory.swap.max)."""
     cpu_shares: _builtins.int
     """Its CPU weight under contention: v1 cpu.shares (1024 a core), or v2 cpu.weight as shares."""
+    gpus_source: _builtins.str
+    """Where `gpus` came from for a pod: "kubelet-pod-resources" (the devices the kubelet gave it)
+    or "nvml-processes" (the GPUs NVML lists its processes on); empty for MECBench's own placements.
+    """
     @_builtins.property
     def cgroups(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The group's directory, keyed by hierarchy ("cpu", "cpuacct", "memory", "cpuset"; "unified" on v2)."""
@@ -495,10 +500,11 @@ class PlacementApplied(_message.Message):
         pids: _abc.Iterable[_builtins.int] | None = ...,
         gpus: _abc.Iterable[Global___Gpu] | None = ...,
         cpu_shares: _builtins.int = ...,
+        gpus_source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup_version", b"cgroup_version", "cgroups", b"cgroups", "cpu_cores", b"cpu_cores", "cpu_period_us", b"cpu_period_us", "cpu_quota_us", b"cpu_quota_us", "cpu_shares", b"cpu_shares", "cpus", b"cpus", "cpus_allowed", b"cpus_allowed", "gpus", b"gpus", "memory_limit_bytes", b"memory_limit_bytes", "pids", b"pids", "swap_limit_bytes", b"swap_limit_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cgroup_version", b"cgroup_version", "cgroups", b"cgroups", "cpu_cores", b"cpu_cores", "cpu_period_us", b"cpu_period_us", "cpu_quota_us", b"cpu_quota_us", "cpu_shares", b"cpu_shares", "cpus", b"cpus", "cpus_allowed", b"cpus_allowed", "gpus", b"gpus", "gpus_source", b"gpus_source", "memory_limit_bytes", b"memory_limit_bytes", "pids", b"pids", "swap_limit_bytes", b"swap_limit_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -202,6 +202,7 @@ def test_node_agent_daemonset_has_host_access_it_needs_and_no_more() -> None:
         "containerd-tasks": "/run/containerd/io.containerd.runtime.v2.task/k8s.io",
         "k3s-containerd-tasks": "/run/k3s/containerd/io.containerd.runtime.v2.task/k8s.io",
         "crio-containers": "/run/containers/storage/overlay-containers",
+        "pod-resources": "/var/lib/kubelet/pod-resources",
     }
     # Everything but the agent's own state is read-only.
     assert all(m.get("readOnly") for m in container["volumeMounts"] if m["name"] not in ("state", "tmp"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import uuid
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import grpc
 import pytest
 
 from mecbench.core.channels import open_channel
+from mecbench.kubelet import podresources_pb2, podresources_pb2_grpc
 from mecbench.v1 import node_agent_pb2, node_agent_pb2_grpc
 from node_agent.agent import NodeAgent
 from node_agent.cgroups import cgroup_mounts
@@ -130,3 +132,66 @@ def test_the_node_agent_reads_back_what_a_pod_got(fake_pod: FakePod, tmp_path: P
     finally:
         channel.close()
         running.stop(grace=1)
+
+
+class FakeKubelet(podresources_pb2_grpc.PodResourcesListerServicer):
+    """The kubelet's pod-resources API on a unix socket, answering with the devices it was told
+    each pod holds: a faithful fake (the same service, package and fields the kubelet serves)."""
+
+    def __init__(self, pods: list[podresources_pb2.PodResources]) -> None:
+        self.pods = pods
+        self.calls = 0
+
+    def List(
+        self, request: podresources_pb2.ListPodResourcesRequest, context: grpc.ServicerContext
+    ) -> podresources_pb2.ListPodResourcesResponse:
+        self.calls += 1
+        return podresources_pb2.ListPodResourcesResponse(pod_resources=self.pods)
+
+
+@requires_root
+def test_a_pods_gpus_come_from_the_kubelets_pod_resources_api_when_mounted(
+    fake_pod: FakePod, tmp_path: Path
+) -> None:
+    """The kubelet says which GPUs it gave the pod, used or not yet; NVML's process list (here
+    naming another GPU) is the fallback only. Without the socket, the fallback answers."""
+    given = "GPU-00000000-aaaa-0000-0000-000000000000"
+    gpus = [
+        GpuDevice(0, given, "Declared A", 80 * 2**30, 0),
+        GpuDevice(1, "GPU-11111111-bbbb-1111-1111-111111111111", "Declared B", 80 * 2**30, 0,
+                  process_ids=(fake_pod.process.pid,)),
+    ]
+    socket_path = tmp_path / "pod-resources" / "kubelet.sock"
+    socket_path.parent.mkdir()
+    kubelet = FakeKubelet([
+        podresources_pb2.PodResources(name="other", namespace="mecbench", containers=[
+            podresources_pb2.ContainerResources(name="c", devices=[
+                podresources_pb2.ContainerDevices(resource_name="nvidia.com/gpu", device_ids=["GPU-other"])])]),
+        podresources_pb2.PodResources(name="sut-0", namespace="mecbench", containers=[
+            podresources_pb2.ContainerResources(name="server", devices=[
+                podresources_pb2.ContainerDevices(resource_name="nvidia.com/gpu", device_ids=[given]),
+                podresources_pb2.ContainerDevices(resource_name="example.com/fpga", device_ids=["fpga-0"])])]),
+    ])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    podresources_pb2_grpc.add_PodResourcesListerServicer_to_server(kubelet, server)
+    server.add_insecure_port(f"unix://{socket_path}")
+    server.start()
+    try:
+        for socket, expected, source in ((socket_path, given, "kubelet-pod-resources"),
+                                         (tmp_path / "absent.sock", gpus[1].uuid, "nvml-processes")):
+            settings = NodeAgentSettings.load(state_dir=tmp_path / f"state-{source}", probe_kernel=False,
+                                              pod_resources_socket=socket)
+            agent = NodeAgent(settings, gpu_inventory=StaticInventory(gpus), kernel_support=None)
+            running, _port = create_server("127.0.0.1:0", settings, agent)
+            try:
+                with open_channel(running.address) as channel:
+                    reply = node_agent_pb2_grpc.NodeAgentStub(channel).GetPodPlacement(
+                        node_agent_pb2.GetPodPlacementRequest(pod=node_agent_pb2.PodReference(
+                            uid=fake_pod.uid, namespace="mecbench", name="sut-0")), timeout=30)
+            finally:
+                running.stop(grace=1)
+            assert [g.uuid for g in reply.applied.gpus] == [expected]
+            assert reply.applied.gpus_source == source
+        assert kubelet.calls == 1
+    finally:
+        server.stop(grace=0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-GENERATED_PACKAGES = ("v1", "kserve")
+GENERATED_PACKAGES = ("v1", "kserve", "kubelet")
 
 
 @pytest.mark.parametrize("package", GENERATED_PACKAGES)
