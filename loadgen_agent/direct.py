@@ -93,7 +93,7 @@ class DirectClient:
         self._lg = mlperf_loadgen
         self.server = server
         self.url = url.rstrip("/")
-        self._samples = samples
+        self.samples = samples
         self.response_timeout_s = response_timeout_s
         self._failed_tokens = failed_sample_tokens
         # Concurrency mode: at most this many requests running (0: no bound).
@@ -212,7 +212,7 @@ class DirectClient:
         try:
             built = self._calls.get(record.sample_index)
             if built is None:
-                sample = self._samples[record.sample_index]
+                sample = self.samples[record.sample_index]
                 made: HttpCall | GrpcCall | None = self.server.http_call(sample) or self.server.grpc_call(sample)
                 if made is None:
                     raise ServerError(f"server type {self.server.name!r} has no client half")
@@ -273,6 +273,33 @@ class DirectClient:
         record.error = error[:1000]
         record.error_kind = error_kind(error)
         self._finish(wire_id, record, b"", 0, failed=True)
+
+    def retarget(self, server: ServerType, url: str) -> None:
+        """Speak to another server from the next test on (the SUT agent restarted or replaced
+        its server): requests built for the old one are dropped, its gRPC channel closed."""
+        log.info("direct_client_retargeted", server_type=server.name, url=url, previous=self.url)
+        old_channel = self._grpc_channel
+
+        def switch() -> None:
+            self.server.close()
+            self.server = server
+            self.url = url.rstrip("/")
+            self._calls.clear()
+            self._grpc_methods.clear()
+            self._grpc_channel = None
+            if old_channel is not None:
+                self._loop.create_task(old_channel.close())
+
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                switch()
+            finally:
+                done.set()
+
+        self._loop.call_soon_threadsafe(run)
+        done.wait(10)
 
     def _grpc_method(self, name: str) -> Any:
         """The unary method `name` on the loop's gRPC channel (plaintext: the inference server is

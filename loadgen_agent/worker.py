@@ -53,7 +53,7 @@ from mecbench.core.framing import FrameError, FrameReader, FrameWriter, read_fra
 from mecbench.core.logging import configure_logging, get_logger
 from mecbench.core.server import split_address
 from mecbench.core.tls import TlsSettings, TlsStream, ssl_client_context
-from mecbench.servers.base import ServerError
+from mecbench.servers.base import ServerError, ServerType
 from mecbench.servers.errors import ErrorTally
 from mecbench.servers.registry import load_server_type
 from mecbench.v1 import common_pb2, loadgen_agent_pb2, sut_agent_pb2, sut_agent_pb2_grpc
@@ -604,6 +604,8 @@ class SessionWorker:
         self._sut: Any = None
         self._qsl: Any = None
         self._status_stub: sut_agent_pb2_grpc.SutAgentStub | None = None
+        # What the direct client was built for (endpoint, server type, config), to follow changes.
+        self._direct_key = b""
 
     def setup(self) -> None:
         import mlperf_loadgen as lg
@@ -640,8 +642,22 @@ class SessionWorker:
         relay = (loadgen_agent_pb2.DATA_PLANE_TRANSPORT_GRPC, loadgen_agent_pb2.DATA_PLANE_TRANSPORT_TCP)
         if transport in relay:
             return None
-        asked = transport == loadgen_agent_pb2.DATA_PLANE_TRANSPORT_DIRECT
         status = stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status
+        target = self._direct_target(status, samples, transport == loadgen_agent_pb2.DATA_PLANE_TRANSPORT_DIRECT)
+        if target is None:
+            return None
+        server, url = target
+        self._direct_key = _direct_key(status)
+        timeout_s = durations.to_seconds(self.options.response_timeout) or DEFAULT_RESPONSE_TIMEOUT_S
+        return DirectClient(
+            server, url, samples, timeout_s, FAILED_SAMPLE_TOKENS, TestCounters, self.options.max_in_flight
+        )
+
+    def _direct_target(
+        self, status: sut_agent_pb2.SutStatus, samples: Sequence[bytes], asked: bool
+    ) -> tuple[ServerType, str] | None:
+        """The server type (its client half ready) and URL of the external server `status` names;
+        None when it has none (FailedPrecondition instead when `asked`)."""
         config = status.config.external if status.config.WhichOneof("backend") == "external" else None
         server_class = load_server_type(status.server_type) if status.server_type else None
         if config is None or not status.server_endpoint or server_class is None:
@@ -672,9 +688,21 @@ class SessionWorker:
             return None
         url = reachable_endpoint(status.server_endpoint, split_address(self.sut_address)[0])
         log.info("direct_client", server_type=server.name, url=url, endpoint=status.server_endpoint)
-        return DirectClient(
-            server, url, samples, timeout_s, FAILED_SAMPLE_TOKENS, TestCounters, self.options.max_in_flight
-        )
+        return server, url
+
+    def _follow_server(self, client: DirectClient) -> None:
+        """Before each test: the session outlives a SUT agent's restart of its server (a new port,
+        config or server type); the direct client follows it. A SUT agent that no longer serves
+        an external server ends this session's use (FailedPrecondition)."""
+        assert self._status_stub is not None
+        status = self._status_stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status
+        key = _direct_key(status)
+        if key == self._direct_key:
+            return
+        target = self._direct_target(status, client.samples, asked=True)
+        assert target is not None
+        client.retarget(*target)
+        self._direct_key = key
 
     def _qdl_name(self) -> str:
         """QDL's Name callback: a real round trip to the SUT agent, as MLPerf's network division asks."""
@@ -787,6 +815,14 @@ class SessionWorker:
             or test_settings.accuracy_log_probability > 0
             or test_settings.accuracy_log_sampling_target > 0
         )
+        if isinstance(self.data_plane, DirectClient):
+            try:
+                self._follow_server(self.data_plane)
+            except (MecbenchError, grpc.RpcError) as exc:
+                failure = exc if isinstance(exc, MecbenchError) else Unavailable(f"SUT agent at {self.sut_address}")
+                message = error_to_message(failure)
+                self.events.send({"ev": "finished", "test_id": test_id, "error": message, "ran": False})
+                return
         self.data_plane.begin_test(want_data, bool(test_settings.use_token_latencies))
         if self._is_cancelled(test_id):  # cancelled while the settings were built
             self.data_plane.abort(None, cancelled=True)
@@ -844,6 +880,11 @@ class SessionWorker:
         while True:
             command = self.tests.get()
             self.run_test(command)
+
+
+def _direct_key(status: sut_agent_pb2.SutStatus) -> bytes:
+    config = status.config.SerializeToString(deterministic=True)
+    return b"|".join([status.server_endpoint.encode(), status.server_type.encode(), config])
 
 
 def _no_op(_samples: Any) -> None:

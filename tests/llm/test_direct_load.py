@@ -95,3 +95,38 @@ def test_direct_client_at_600_qps_has_no_failures_and_its_figures_match_its_reco
     span = max(r["start_s"] + r["e2e_s"] for r in rows) - min(r["start_s"] for r in rows)
     assert metrics["output_tokens_per_s"] == pytest.approx(8 * len(rows) / span, rel=1e-3)
     stack.app.pool.remove_sut("llm")
+
+
+def test_a_reused_session_follows_the_server_the_sut_agent_restarts(stack: Stack, tmp_path: Path) -> None:
+    """The same SUT deployed again with another config: its agent starts a new server (a new
+    port); the LoadGen session, reused, reaches the new one."""
+    dataset = common_pb2.DatasetSpec(uri=str(prompts_tar(tmp_path / "prompts.tar")))
+    outputs = []
+    ports = []
+    sessions = []
+    for max_tokens in ("4", "6"):
+        config = sut_agent_pb2.SutConfig(
+            external=sut_agent_pb2.ExternalBackendConfig(
+                profile="llm", model=LM_NAME, options={"max_tokens": max_tokens, "ignore_eos": "true"}
+            )
+        )
+        stack.stub.DeploySut(controller_pb2.DeploySutRequest(sut_id="again", config=config))
+        ports.append(stack.app.pool.sut_status(stack.app.pool.get_sut("again")).server_endpoint)
+        spec = controller_pb2.RunSpec(
+            experiment_id="again",
+            sut_id="again",
+            settings=short_settings(common_pb2.SCENARIO_SINGLE_STREAM, min_query_count=20, use_token_latencies=True),
+            dataset=dataset,
+            data_plane=loadgen_agent_pb2.DataPlaneOptions(transport=loadgen_agent_pb2.DATA_PLANE_TRANSPORT_DIRECT),
+        )
+        run = stack.stub.StartRun(controller_pb2.StartRunRequest(spec=spec)).run
+        final = stack.wait(run.run_id, 120)
+        assert final.state == common_pb2.RUN_STATE_SUCCEEDED, final.error
+        result = final.results[0].aggregate
+        assert result.failed_samples == 0, list(result.sample_errors)
+        outputs.append(result.llm_metrics["output_tokens_mean"])
+        sessions.append(set(stack.app.pool.loadgen_for_client(0).sessions.values()))
+    assert ports[0] != ports[1]
+    assert sessions[0] & sessions[1], "the second run opened a new session: nothing was followed"
+    assert outputs == [4.0, 6.0]
+    stack.app.pool.remove_sut("again")
