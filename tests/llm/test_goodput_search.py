@@ -50,8 +50,8 @@ def test_peak_search_on_goodput(stack: Stack, tmp_path: Path) -> None:
             common_pb2.SCENARIO_SERVER,
             min_duration=durations.from_seconds(1),
             use_token_latencies=True,
-            ttft_latency=durations.from_seconds(0.020),
-            tpot_latency=durations.from_seconds(0.005),
+            ttft_latency=durations.from_seconds(0.100),
+            tpot_latency=durations.from_seconds(0.020),
         ),
         sweep=controller_pb2.Sweep(scenarios=[common_pb2.SCENARIO_SERVER], server_target_qps=[20]),
         search=controller_pb2.PeakSearch(
