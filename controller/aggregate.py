@@ -77,6 +77,28 @@ def latency_stats(latencies: Latencies) -> common_pb2.LatencyStats:
     return stats
 
 
+# The direct LLM client's figures that add up over clients (counts, and rates over the clients'
+# overlapping windows); the percentiles do not, and the pooled TTFT/TPOT are `ttft`/`tpot`.
+_SUMMED_LLM_METRICS = ("requests_ok", "requests_failed", "output_tokens", "input_tokens", "goodput_requests")
+
+
+def merge_llm_metrics(clients: list[dict[str, float]]) -> dict[str, float]:
+    """Several clients' `llm_metrics` as one: counts and per-second rates summed, goodput's share
+    and the mean output length over all requests; percentiles left out (an average of
+    percentiles is no percentile: the aggregate's `ttft`/`tpot` pool every request instead)."""
+    merged: dict[str, float] = {}
+    for name in {key for metrics in clients for key in metrics}:
+        values = [metrics.get(name, 0.0) for metrics in clients]
+        if name in _SUMMED_LLM_METRICS or (name.endswith("_per_s") and "_per_request" not in name):
+            merged[name] = sum(values)
+    requests = merged.get("requests_ok", 0.0) + merged.get("requests_failed", 0.0)
+    if requests and "goodput_requests" in merged:
+        merged["goodput_fraction"] = merged["goodput_requests"] / requests
+    if merged.get("requests_ok") and "output_tokens" in merged:
+        merged["output_tokens_mean"] = merged["output_tokens"] / merged["requests_ok"]
+    return merged
+
+
 def aggregate_results(
     results: list[common_pb2.TestResult],
     latencies: list[Latencies | None] | None = None,
@@ -111,6 +133,8 @@ def aggregate_results(
         failed_samples=sum(r.failed_samples for r in results),
     )
     aggregate.test_duration.CopyFrom(max((r.test_duration for r in results), key=lambda d: d.ToNanoseconds()))
+    if all(r.llm_metrics for r in results):
+        aggregate.llm_metrics.update(merge_llm_metrics([dict(r.llm_metrics) for r in results]))
     for result in results:
         for kind, count in result.failed_samples_by_kind.items():
             aggregate.failed_samples_by_kind[kind] = aggregate.failed_samples_by_kind.get(kind, 0) + count

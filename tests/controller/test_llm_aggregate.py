@@ -82,3 +82,19 @@ def test_two_streaming_clients_aggregate_the_pooled_token_latencies(stack: Stack
     assert aggregate.tokens_per_second == pytest.approx(sum(c.result.tokens_per_second for c in repeat.clients))
     assert aggregate.tokens_per_second > 0
     assert 0 < durations.to_ns(aggregate.ttft.p50) < durations.to_ns(aggregate.latency.p50)
+
+
+def test_llm_metrics_of_several_clients_add_up_and_keep_no_averaged_percentile() -> None:
+    first = {"requests_ok": 90.0, "requests_failed": 10.0, "output_tokens": 900.0, "goodput_requests": 80.0,
+             "requests_per_s": 30.0, "output_tokens_per_s": 300.0, "goodput_fraction": 0.8, "ttft_p50_s": 0.01,
+             "output_tokens_per_s_per_request_p50": 50.0, "output_tokens_mean": 10.0}
+    second = {"requests_ok": 100.0, "requests_failed": 0.0, "output_tokens": 2000.0, "goodput_requests": 100.0,
+              "requests_per_s": 33.0, "output_tokens_per_s": 660.0, "goodput_fraction": 1.0, "ttft_p50_s": 0.5,
+              "output_tokens_per_s_per_request_p50": 40.0, "output_tokens_mean": 20.0}
+    results = [common_pb2.TestResult(llm_metrics=first), common_pb2.TestResult(llm_metrics=second)]
+    merged = dict(aggregate_results(results).llm_metrics)
+    assert merged == {
+        "requests_ok": 190.0, "requests_failed": 10.0, "output_tokens": 2900.0, "goodput_requests": 180.0,
+        "requests_per_s": 63.0, "output_tokens_per_s": 960.0, "goodput_fraction": 0.9,
+        "output_tokens_mean": pytest.approx(2900.0 / 190.0),
+    }
