@@ -4,12 +4,17 @@ ONNX Runtime) or kserve's reference ModelServer from its own virtualenv."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from model_server.models import ClassificationTask, build_bigram_lm, make_classification_task
+from tests.controller.conftest import Stack, start_stack, stop_stack
 from tests.servers.kserve_reference import KSERVE_PYTHON
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +114,22 @@ def write_profiles(path: Path) -> Path:
     text += KSERVE_REFERENCE.format(python=KSERVE_PYTHON, root=ROOT)
     path.write_text(text)
     return path
+
+
+@contextlib.contextmanager
+def stack_with_servers(
+    tmp_path_factory: pytest.TempPathFactory, profiles: Path, model_dir: Path, **env: str
+) -> Iterator[Stack]:
+    """A controller on loopback whose SUT agents read these launch profiles and this model folder
+    (and any other `MECBENCH_*` setting in `env`) from the environment they inherit, as an
+    operator would configure them."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MECBENCH_SUT_SERVER_PROFILES", str(profiles))
+        patch.setenv("MECBENCH_SUT_MODEL_DIR", str(model_dir))
+        for name, value in env.items():
+            patch.setenv(name, value)
+        running = start_stack(tmp_path_factory.mktemp("controller"))
+        try:
+            yield running
+        finally:
+            stop_stack(running)

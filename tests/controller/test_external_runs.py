@@ -18,8 +18,16 @@ import pytest
 
 from mecbench.core import durations
 from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, sut_agent_pb2
-from tests.controller.conftest import Stack, short_settings, start_stack, stop_stack
-from tests.external_servers import CLASSIFIER_NAME, LM_NAME, Models, build_models, prompts_tar, write_profiles
+from tests.controller.conftest import Stack, short_settings
+from tests.external_servers import (
+    CLASSIFIER_NAME,
+    LM_NAME,
+    Models,
+    build_models,
+    prompts_tar,
+    stack_with_servers,
+    write_profiles,
+)
 from tests.servers.kserve_reference import kserve_available
 
 pytestmark = pytest.mark.slow
@@ -35,14 +43,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator[
     """SUT agents started by this controller read their launch profiles and model folder from
     the environment they inherit."""
     profiles = write_profiles(tmp_path_factory.mktemp("profiles") / "servers.yaml")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MECBENCH_SUT_SERVER_PROFILES", str(profiles))
-        patch.setenv("MECBENCH_SUT_MODEL_DIR", str(models.directory))
-        running = start_stack(tmp_path_factory.mktemp("controller"))
-        try:
-            yield running
-        finally:
-            stop_stack(running)
+    with stack_with_servers(tmp_path_factory, profiles, models.directory) as running:
+        yield running
 
 
 def run(stack: Stack, sut_id: str, config: sut_agent_pb2.SutConfig, settings: common_pb2.LoadGenSettings,

@@ -14,8 +14,8 @@ from controller.aggregate import aggregate_results, latency_stats, read_token_la
 from mecbench.core import durations
 from mecbench.v1 import common_pb2, controller_pb2, sut_agent_pb2
 from store.layout import TOKEN_LATENCIES_NAME
-from tests.controller.conftest import Stack, short_settings, start_stack, stop_stack
-from tests.external_servers import LM_NAME, build_models, prompts_tar, write_profiles
+from tests.controller.conftest import Stack, short_settings
+from tests.external_servers import LM_NAME, build_models, prompts_tar, stack_with_servers, write_profiles
 
 pytestmark = pytest.mark.slow
 
@@ -44,14 +44,8 @@ def test_pooled_token_percentiles_follow_loadgens_rule() -> None:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     models = build_models(tmp_path_factory.mktemp("models"))
     profiles = write_profiles(tmp_path_factory.mktemp("profiles") / "servers.yaml")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MECBENCH_SUT_SERVER_PROFILES", str(profiles))
-        patch.setenv("MECBENCH_SUT_MODEL_DIR", str(models.directory))
-        running = start_stack(tmp_path_factory.mktemp("controller"))
-        try:
-            yield running
-        finally:
-            stop_stack(running)
+    with stack_with_servers(tmp_path_factory, profiles, models.directory) as running:
+        yield running
 
 
 def test_two_streaming_clients_aggregate_the_pooled_token_latencies(stack: Stack, tmp_path: Path) -> None:

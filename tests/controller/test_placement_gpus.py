@@ -24,8 +24,8 @@ from node_agent.cgroups import cgroup_mounts
 from node_agent.settings import NodeAgentSettings
 from sut_agent.gpu_env import apply_visible_gpus
 from tests.conftest import requires_root
-from tests.controller.conftest import Stack, start_stack, stop_stack
-from tests.external_servers import CLASSIFIER_NAME, Models, build_models, write_profiles
+from tests.controller.conftest import Stack
+from tests.external_servers import CLASSIFIER_NAME, Models, build_models, stack_with_servers, write_profiles
 from tests.node_agent.test_gpus import real_gpu_inventory
 
 DECLARED = ("GPU-aaaaaaaa-0000-0000-0000-000000000000=Declared A", "GPU-bbbbbbbb-1111-1111-1111-111111111111")
@@ -51,15 +51,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator[Stack]:
     profiles = write_profiles(tmp_path_factory.mktemp("profiles") / "servers.yaml")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MECBENCH_SUT_SERVER_PROFILES", str(profiles))
-        patch.setenv("MECBENCH_SUT_MODEL_DIR", str(models.directory))
-        patch.setenv("MECBENCH_NODE_AGENT_DECLARED_GPUS", ",".join(DECLARED))
-        running = start_stack(tmp_path_factory.mktemp("controller"))
-        try:
-            yield running
-        finally:
-            stop_stack(running)
+    with stack_with_servers(
+        tmp_path_factory, profiles, models.directory, MECBENCH_NODE_AGENT_DECLARED_GPUS=",".join(DECLARED)
+    ) as running:
+        yield running
 
 
 def _environ(pid: int) -> dict[str, str]:

@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 
 from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, sut_agent_pb2
-from tests.controller.conftest import Stack, short_settings, start_stack, stop_stack
-from tests.external_servers import CLASSIFIER_NAME, Models, write_profiles
+from tests.controller.conftest import Stack, short_settings
+from tests.external_servers import CLASSIFIER_NAME, Models, stack_with_servers, write_profiles
 from tests.servers.kserve_reference import kserve_available
 
 pytestmark = pytest.mark.slow
@@ -22,14 +22,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator[Stack]:
     profiles = write_profiles(tmp_path_factory.mktemp("profiles") / "servers.yaml")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MECBENCH_SUT_SERVER_PROFILES", str(profiles))
-        patch.setenv("MECBENCH_SUT_MODEL_DIR", str(models.directory))
-        running = start_stack(tmp_path_factory.mktemp("controller"))
-        try:
-            yield running
-        finally:
-            stop_stack(running)
+    with stack_with_servers(tmp_path_factory, profiles, models.directory) as running:
+        yield running
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,8 @@ import pytest
 from loadgen_agent.results import apply_integrity, parse_result
 from mecbench.core import durations
 from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, sut_agent_pb2
-from tests.controller.conftest import Stack, short_settings, start_stack, stop_stack
-from tests.external_servers import LM_NAME, Models, prompts_tar
+from tests.controller.conftest import Stack, short_settings
+from tests.external_servers import LM_NAME, Models, prompts_tar, stack_with_servers
 from tests.llm.conftest import write_llm_profiles
 
 FAIL_EVERY = 5
@@ -26,14 +26,8 @@ FAIL_EVERY = 5
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator[Stack]:
     profiles = write_llm_profiles(tmp_path_factory.mktemp("profiles") / "servers.yaml", FAIL_EVERY)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MECBENCH_SUT_SERVER_PROFILES", str(profiles))
-        patch.setenv("MECBENCH_SUT_MODEL_DIR", str(models.directory))
-        running = start_stack(tmp_path_factory.mktemp("controller"))
-        try:
-            yield running
-        finally:
-            stop_stack(running)
+    with stack_with_servers(tmp_path_factory, profiles, models.directory) as running:
+        yield running
 
 
 @pytest.mark.slow

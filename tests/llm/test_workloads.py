@@ -25,8 +25,8 @@ from mecbench.workloads import (
     make_synthetic,
     write_dataset,
 )
-from tests.controller.conftest import Stack, short_settings, start_stack, stop_stack
-from tests.external_servers import CORPUS, LM_NAME, Models
+from tests.controller.conftest import Stack, short_settings
+from tests.external_servers import CORPUS, LM_NAME, Models, stack_with_servers
 from tests.llm.conftest import write_llm_profiles
 
 
@@ -144,14 +144,8 @@ def test_the_cli_writes_a_dataset_and_its_manifest(tmp_path: Path, capsys: pytes
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator[Stack]:
     profiles = write_llm_profiles(tmp_path_factory.mktemp("profiles") / "servers.yaml")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MECBENCH_SUT_SERVER_PROFILES", str(profiles))
-        patch.setenv("MECBENCH_SUT_MODEL_DIR", str(models.directory))
-        running = start_stack(tmp_path_factory.mktemp("controller"))
-        try:
-            yield running
-        finally:
-            stop_stack(running)
+    with stack_with_servers(tmp_path_factory, profiles, models.directory) as running:
+        yield running
 
 
 @pytest.mark.slow
