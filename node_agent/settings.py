@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from mecbench.core.settings import from_env
 
@@ -60,20 +61,20 @@ class NodeAgentSettings:
     # <proc_root>/*/cgroup for the pod UID (in a DaemonSet: the host's /proc mounted at proc_root);
     # "runtime" reads the container runtime's records (containerd, k3s, CRI-O; see
     # MECBENCH_NODE_AGENT_RUNTIME_BUNDLE_ROOTS); "auto" tries proc, then runtime; "disabled" refuses pods.
-    pod_resolver: str = "proc"
+    pod_resolver: Literal["proc", "runtime", "auto", "disabled"] = "proc"
     proc_root: Path = field(default_factory=lambda: Path("/proc"))
     # Probe the kernel's qdisc support at start (in a scratch namespace). Off: assume nothing works.
     probe_kernel: bool = True
     # Also list interfaces of named namespaces (/var/run/netns) in GetNodeInfo.
     list_named_netns: bool = True
     # gRPC worker threads; every open StreamTelemetry holds one.
-    max_workers: int = 32
+    max_workers: int = field(default=32, metadata={"min": 1})
     # Shortest telemetry interval accepted.
     min_telemetry_interval_s: float = 0.05
     # Placement (PlaceProcess): which cgroup version confines processes ("auto": v1 where its cpu
     # or memory hierarchy is mounted, else v2), and the group every placement's group is made in,
     # at each hierarchy's root.
-    cgroup_version: str = "auto"
+    cgroup_version: Literal["auto", "v1", "v2"] = "auto"
     cgroup_parent: str = "mecbench"
     # Which processes a request may place, as fnmatch patterns over the command line (arguments
     # joined by spaces): the SUT agents the local backend starts. A request names a PID; without

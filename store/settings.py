@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from mecbench.core.errors import InvalidArgument, Violations
 from mecbench.core.settings import from_env
@@ -15,7 +16,7 @@ from store.base import ObjectStore
 @dataclass
 class StoreSettings:
     # "local": buckets are folders under local_root (the embedded default). "s3": S3 or MinIO.
-    backend: str = "local"
+    backend: Literal["local", "s3"] = "local"
     # "" = <controller data dir>/store.
     local_root: str = ""
     # host:port of the S3 API, without a scheme.
