@@ -76,7 +76,7 @@ def http_error_text(status: int, body: bytes) -> str:
 
 class DirectClient:
     """LoadGen's SUT callbacks for an external server reached directly; the same interface as
-    worker.DataPlane (issue, flush, start, begin_test, end_test, abort, outstanding, ...)."""
+    worker.RelayClient (issue, flush, start, begin_test, end_test, abort, outstanding, ...)."""
 
     def __init__(
         self,

@@ -159,7 +159,7 @@ class _Call:
         self.dead = False
 
 
-class DataPlane:
+class RelayClient:
     """LoadGen's queries to the SUT agent over StreamInfer, and the responses back into LoadGen.
 
     Issue callbacks only append (response id, sample index, arrival time) to `pending` and wake a
@@ -600,7 +600,7 @@ class SessionWorker:
         self._cancelled_tests: set[str] = set()
         self._current_test = ""
         self._lock = threading.Lock()
-        self.data_plane: DataPlane | DirectClient | None = None
+        self.data_plane: RelayClient | DirectClient | None = None
         self._sut: Any = None
         self._qsl: Any = None
         self._status_stub: sut_agent_pb2_grpc.SutAgentStub | None = None
@@ -616,7 +616,7 @@ class SessionWorker:
         wait_until_serving(channel, timeout=self.connect_timeout_s)
         stub = sut_agent_pb2_grpc.SutAgentStub(channel)
         self._status_stub = stub
-        data_plane: DataPlane | DirectClient = self._direct_client(stub, samples) or DataPlane(
+        data_plane: RelayClient | DirectClient = self._direct_client(stub, samples) or RelayClient(
             stub, samples, self.options, self.sut_address
         )
         data_plane.on_abort = self._on_abort

@@ -16,7 +16,6 @@ from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, node_agent_pb2
 from node_agent.cgroups import detect as detect_cgroups
 from node_agent.gpus import Allocation, GpuAllocator, GpuInventory, NvmlInventory, declared_inventory
-from node_agent.leases import LeaseRecord, Reaper, StateStore
 from node_agent.netns import NETNS_DIR, Namespace, NamespaceGone, host_namespace, resolve_named
 from node_agent.placement import LEASE_KIND as PLACEMENT_LEASE
 from node_agent.placement import PlacementManager
@@ -24,6 +23,7 @@ from node_agent.podnetns import make_pod_resolver
 from node_agent.probe import KernelSupport, assume_nothing, probe_kernel
 from node_agent.settings import NodeAgentSettings
 from node_agent.shaping import ShapingManager
+from node_agent.state import LeaseRecord, Reaper, StateStore
 from node_agent.telemetry import NodeSampler, cpu_count, read_memory
 from node_agent.validation import check_duration, check_lease, check_owner, check_target
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from mecbench.core.errors import InvalidArgument, NotFound, ResourceExhausted, Violations
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2
-from node_agent.leases import GpuAllocationRecord, LeaseRecord, StateStore
+from node_agent.state import GpuAllocationRecord, LeaseRecord, StateStore
 
 log = get_logger("mecbench.node_agent.gpus")
 

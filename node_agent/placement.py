@@ -34,9 +34,9 @@ from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, node_agent_pb2
 from node_agent.cgroups import CgroupLimits, Cgroups, cpus_allowed, format_cpu_list, parse_cpu_list
 from node_agent.gpus import GpuAllocator, GpuInventory, gpu_message
-from node_agent.leases import LeaseRecord, PlacementRecord, StateStore, new_id
 from node_agent.podplacement import read_pod
 from node_agent.settings import NodeAgentSettings
+from node_agent.state import LeaseRecord, PlacementRecord, StateStore, new_id
 from node_agent.validation import check_lease, check_owner
 
 log = get_logger("mecbench.node_agent.placement")

@@ -39,7 +39,6 @@ from mecbench.core.errors import (
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, node_agent_pb2
 from node_agent import linkprobe, loss, schedule, tc
-from node_agent.leases import LeaseRecord, ShapingRecord, StateStore, new_id
 from node_agent.netns import (
     Namespace,
     NamespaceGone,
@@ -51,6 +50,7 @@ from node_agent.netns import (
 from node_agent.pods import PodNetnsResolver
 from node_agent.probe import KernelSupport
 from node_agent.settings import NodeAgentSettings
+from node_agent.state import LeaseRecord, ShapingRecord, StateStore, new_id
 from node_agent.validation import ShapingSpec, TargetSpec, check_apply, check_lease, check_target
 
 log = get_logger("mecbench.node_agent.shaping")

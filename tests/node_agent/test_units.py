@@ -15,8 +15,8 @@ from mecbench.v1 import common_pb2, node_agent_pb2
 from node_agent import tc
 from node_agent.distributions import distribution_table
 from node_agent.gpus import GpuAllocator, NvmlInventory, StaticInventory
-from node_agent.leases import StateStore
 from node_agent.settings import NodeAgentSettings
+from node_agent.state import StateStore
 from node_agent.validation import check_apply
 from tests.node_agent.conftest import DECLARED_GPUS
 

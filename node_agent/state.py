@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mecbench.core.logging import get_logger
 
-log = get_logger("mecbench.node_agent.leases")
+log = get_logger("mecbench.node_agent.state")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
