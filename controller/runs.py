@@ -924,6 +924,7 @@ def software_versions() -> dict[str, str]:
 
 
 MessageT = TypeVar("MessageT", bound=Message)
+A = TypeVar("A")
 
 
 def _copy(message: MessageT) -> MessageT:
@@ -933,23 +934,22 @@ def _copy(message: MessageT) -> MessageT:
     return copy
 
 
-def _token_rows(outcome: ClientOutcome) -> TokenRows | None:
-    data = outcome.files.get(TOKEN_LATENCIES_NAME)
+def _client_array(outcome: ClientOutcome, name: str, read: Callable[[bytes], A]) -> A | None:
+    """A client's per-sample array file (`name`), or None when it has none or it does not parse
+    (the aggregate then carries no figure rather than a wrong one)."""
+    data = outcome.files.get(name)
     if data is None:
         return None
     try:
-        return read_token_latencies(bytes(data))
+        return read(bytes(data))
     except ValueError as exc:
-        log.warning("token_latencies_unreadable", client=outcome.client, error=str(exc))
+        log.warning("per_sample_file_unreadable", client=outcome.client, file=name, error=str(exc))
         return None
+
+
+def _token_rows(outcome: ClientOutcome) -> TokenRows | None:
+    return _client_array(outcome, TOKEN_LATENCIES_NAME, read_token_latencies)
 
 
 def _sample_latencies(outcome: ClientOutcome) -> Latencies | None:
-    data = outcome.files.get(SAMPLE_LATENCIES_NAME)
-    if data is None:
-        return None
-    try:
-        return read_sample_latencies(bytes(data))
-    except ValueError as exc:
-        log.warning("sample_latencies_unreadable", client=outcome.client, error=str(exc))
-        return None
+    return _client_array(outcome, SAMPLE_LATENCIES_NAME, read_sample_latencies)
