@@ -161,8 +161,5 @@ def make_pod_resolver(strategy: str, proc_root: Path) -> PodNetnsResolver:
         return ProcCgroupPodResolver(proc_root)
     if strategy == "disabled":
         return DisabledPodResolver()
-    if strategy in ("runtime", "auto"):
-        return make_resolver(strategy, proc_root)
-    raise InvalidArgument(
-        f"unknown pod resolver {strategy!r} (known: proc, runtime, auto, disabled)", field="pod_resolver"
-    )
+    # runtime, auto, or anything else, which make_resolver refuses naming the known ones.
+    return make_resolver(strategy, proc_root)

@@ -46,10 +46,6 @@ OPEN_METHOD_PREFIXES = (
 Authorizer = Callable[[str, grpc.ServicerContext], str | None]
 
 
-# The server's half of the one codec (mecbench.core.codec).
-status_for = codec.encode
-
-
 def _context_from(request: Any, metadata: tuple[tuple[str, str | bytes], ...]) -> dict[str, str]:
     found: dict[str, str] = {}
     for key, value in metadata:
@@ -73,7 +69,7 @@ def _context_from(request: Any, metadata: tuple[tuple[str, str | bytes], ...]) -
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
     if isinstance(exc, MecbenchError):
         log.info("rpc_error", method=method, code=exc.code.name, error=str(exc))
-        context.abort_with_status(rpc_status.to_status(status_for(exc)))
+        context.abort_with_status(rpc_status.to_status(codec.encode(exc)))
     incident = uuid.uuid4().hex[:12]
     log.error("rpc_internal_error", method=method, incident=incident, exc_info=exc)
     context.abort_with_status(
