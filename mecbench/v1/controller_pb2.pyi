@@ -933,6 +933,7 @@ class SutDeployment(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     NODE_FIELD_NUMBER: _builtins.int
     HELD_BY_RUN_ID_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
     sut_id: _builtins.str
     node: _builtins.str
     held_by_run_id: _builtins.str
@@ -943,6 +944,10 @@ class SutDeployment(_message.Message):
     def endpoint(self) -> _common_pb2.Endpoint: ...
     @_builtins.property
     def status(self) -> _sut_agent_pb2.SutStatus: ...
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterMember]:
+        """Cluster SUTs: every member, the head first."""
+
     def __init__(
         self,
         *,
@@ -952,14 +957,66 @@ class SutDeployment(_message.Message):
         status: _sut_agent_pb2.SutStatus | None = ...,
         node: _builtins.str = ...,
         held_by_run_id: _builtins.str = ...,
+        members: _abc.Iterable[Global___ClusterMember] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "endpoint", b"endpoint", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "endpoint", b"endpoint", "held_by_run_id", b"held_by_run_id", "node", b"node", "status", b"status", "sut_id", b"sut_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "endpoint", b"endpoint", "held_by_run_id", b"held_by_run_id", "members", b"members", "node", b"node", "status", b"status", "sut_id", b"sut_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SutDeployment: _TypeAlias = SutDeployment  # noqa: Y015
+
+@_typing.final
+class ClusterMember(_message.Message):
+    """A member of a cluster SUT (SutConfig.cluster) as the controller deployed it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"head", or the worker's name in SutCluster.workers."""
+    role: _sut_agent_pb2.MemberRole.ValueType
+    node: _builtins.str
+    """The node it runs on (the local backend: its namespace node, e.g. "edge", "sut-1")."""
+    host: _builtins.str
+    """The address the other members reach it at (StartMemberRequest.host)."""
+    @_builtins.property
+    def endpoint(self) -> _common_pb2.Endpoint:
+        """Its SUT agent."""
+
+    @_builtins.property
+    def placement(self) -> Global___SutPlacement:
+        """Where it was placed during a repeat (resources or GPUs asked for); unset when not placed."""
+
+    @_builtins.property
+    def status(self) -> _sut_agent_pb2.MemberStatus:
+        """Its runtime process as its agent reported it."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        role: _sut_agent_pb2.MemberRole.ValueType = ...,
+        endpoint: _common_pb2.Endpoint | None = ...,
+        node: _builtins.str = ...,
+        host: _builtins.str = ...,
+        placement: Global___SutPlacement | None = ...,
+        status: _sut_agent_pb2.MemberStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "placement", b"placement", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "host", b"host", "name", b"name", "node", b"node", "placement", b"placement", "role", b"role", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterMember: _TypeAlias = ClusterMember  # noqa: Y015
 
 @_typing.final
 class DeploySutRequest(_message.Message):
@@ -1399,6 +1456,7 @@ class RepeatResult(_message.Message):
     SUT_STATS_FIELD_NUMBER: _builtins.int
     PLACEMENT_FIELD_NUMBER: _builtins.int
     GROUPS_FIELD_NUMBER: _builtins.int
+    CLUSTER_FIELD_NUMBER: _builtins.int
     repeat: _builtins.int
     result_uri: _builtins.str
     """Where the files are: a prefix in the results store."""
@@ -1422,6 +1480,10 @@ class RepeatResult(_message.Message):
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupResult]:
         """Per client group, when the run has groups (`aggregate` pools them all)."""
 
+    @_builtins.property
+    def cluster(self) -> Global___SutClusterRecord:
+        """Cluster SUTs: the cluster during this repeat, every member with its node and placement."""
+
     def __init__(
         self,
         *,
@@ -1433,14 +1495,41 @@ class RepeatResult(_message.Message):
         sut_stats: _sut_agent_pb2.SutStats | None = ...,
         placement: Global___SutPlacement | None = ...,
         groups: _abc.Iterable[Global___GroupResult] | None = ...,
+        cluster: Global___SutClusterRecord | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "loadgen_setup_time", b"loadgen_setup_time", "placement", b"placement", "sut_stats", b"sut_stats"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "cluster", b"cluster", "loadgen_setup_time", b"loadgen_setup_time", "placement", b"placement", "sut_stats", b"sut_stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "clients", b"clients", "groups", b"groups", "loadgen_setup_time", b"loadgen_setup_time", "placement", b"placement", "repeat", b"repeat", "result_uri", b"result_uri", "sut_stats", b"sut_stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "clients", b"clients", "cluster", b"cluster", "groups", b"groups", "loadgen_setup_time", b"loadgen_setup_time", "placement", b"placement", "repeat", b"repeat", "result_uri", b"result_uri", "sut_stats", b"sut_stats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RepeatResult: _TypeAlias = RepeatResult  # noqa: Y015
+
+@_typing.final
+class SutClusterRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    runtime: _builtins.str
+    """The cluster launch profile (SutCluster.runtime)."""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterMember]:
+        """The head first, then the workers in their order."""
+
+    def __init__(
+        self,
+        *,
+        runtime: _builtins.str = ...,
+        members: _abc.Iterable[Global___ClusterMember] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members", "runtime", b"runtime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SutClusterRecord: _TypeAlias = SutClusterRecord  # noqa: Y015
 
 @_typing.final
 class SutPlacement(_message.Message):

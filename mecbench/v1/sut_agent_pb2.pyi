@@ -66,6 +66,28 @@ BACKEND_STATE_READY: BackendState.ValueType  # 3
 BACKEND_STATE_FAILED: BackendState.ValueType  # 4
 Global___BackendState: _TypeAlias = BackendState  # noqa: Y015
 
+class _MemberRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MemberRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemberRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MEMBER_ROLE_UNSPECIFIED: _MemberRole.ValueType  # 0
+    MEMBER_ROLE_HEAD: _MemberRole.ValueType  # 1
+    """Runs the runtime's head process and the server."""
+    MEMBER_ROLE_WORKER: _MemberRole.ValueType  # 2
+    """Runs the runtime's worker process, which joins the head."""
+
+class MemberRole(_MemberRole, metaclass=_MemberRoleEnumTypeWrapper):
+    """A member's part in a cluster SUT."""
+
+MEMBER_ROLE_UNSPECIFIED: MemberRole.ValueType  # 0
+MEMBER_ROLE_HEAD: MemberRole.ValueType  # 1
+"""Runs the runtime's head process and the server."""
+MEMBER_ROLE_WORKER: MemberRole.ValueType  # 2
+"""Runs the runtime's worker process, which joins the head."""
+Global___MemberRole: _TypeAlias = MemberRole  # noqa: Y015
+
 @_typing.final
 class SyntheticBackendConfig(_message.Message):
     """A model of a server: each sample takes a service time drawn from a distribution, with at most
@@ -339,6 +361,7 @@ class SutConfig(_message.Message):
     ENV_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
+    CLUSTER_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     """Container image, for cluster backends."""
     @_builtins.property
@@ -357,6 +380,12 @@ class SutConfig(_message.Message):
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def cluster(self) -> Global___SutCluster:
+        """A server that spans nodes: this SutConfig's agent is the cluster's head (placed by the fields
+        above, serving with `external`), the workers are SUT agents on nodes of their own.
+        """
+
     def __init__(
         self,
         *,
@@ -369,16 +398,110 @@ class SutConfig(_message.Message):
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         image: _builtins.str = ...,
         args: _abc.Iterable[_builtins.str] | None = ...,
+        cluster: Global___SutCluster | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "external", b"external", "gpus", b"gpus", "onnxruntime", b"onnxruntime", "resources", b"resources", "synthetic", b"synthetic"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "cluster", b"cluster", "external", b"external", "gpus", b"gpus", "onnxruntime", b"onnxruntime", "resources", b"resources", "synthetic", b"synthetic"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "backend", b"backend", "env", b"env", "external", b"external", "gpus", b"gpus", "image", b"image", "node_selector", b"node_selector", "onnxruntime", b"onnxruntime", "resources", b"resources", "synthetic", b"synthetic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "backend", b"backend", "cluster", b"cluster", "env", b"env", "external", b"external", "gpus", b"gpus", "image", b"image", "node_selector", b"node_selector", "onnxruntime", b"onnxruntime", "resources", b"resources", "synthetic", b"synthetic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_backend: _TypeAlias = _typing.Literal["synthetic", "onnxruntime", "external"]  # noqa: Y015
     _WhichOneofArgType_backend: _TypeAlias = _typing.Literal["backend", b"backend"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_backend) -> _WhichOneofReturnType_backend | None: ...
 
 Global___SutConfig: _TypeAlias = SutConfig  # noqa: Y015
+
+@_typing.final
+class SutCluster(_message.Message):
+    """A cluster of SUT agents serving as one SUT (vLLM tensor/pipeline parallel over Ray, ...)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    JOIN_TIMEOUT_FIELD_NUMBER: _builtins.int
+    runtime: _builtins.str
+    """Name of a cluster launch profile in the SUT agents' configuration (the `clusters` section of
+    MECBENCH_SUT_SERVER_PROFILES: the head's and the workers' commands, probes and stop); commands
+    never come from requests.
+    """
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___SutMember]:
+        """The worker members (at least one), started in this order after the head, stopped in reverse."""
+
+    @_builtins.property
+    def join_timeout(self) -> _duration_pb2.Duration:
+        """How long the head's and all workers' processes may take to start and join; 0 = the profile's."""
+
+    def __init__(
+        self,
+        *,
+        runtime: _builtins.str = ...,
+        workers: _abc.Iterable[Global___SutMember] | None = ...,
+        join_timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["join_timeout", b"join_timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["join_timeout", b"join_timeout", "runtime", b"runtime", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SutCluster: _TypeAlias = SutCluster  # noqa: Y015
+
+@_typing.final
+class SutMember(_message.Message):
+    """One worker of a cluster SUT: a SUT agent on a node of its own, placed like a SUT."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NodeSelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    NODE_SELECTOR_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Unique in the cluster: 1-40 lowercase letters, digits and '-', starting with a letter
+    ("head" is the head's). Names the member in statuses, failures, logs and results.
+    """
+    @_builtins.property
+    def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def resources(self) -> _common_pb2.ResourceLimits: ...
+    @_builtins.property
+    def gpus(self) -> _common_pb2.GpuRequest: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        resources: _common_pb2.ResourceLimits | None = ...,
+        gpus: _common_pb2.GpuRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "resources", b"resources"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "name", b"name", "node_selector", b"node_selector", "resources", b"resources"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SutMember: _TypeAlias = SutMember  # noqa: Y015
 
 @_typing.final
 class QueryBatch(_message.Message):
@@ -573,6 +696,7 @@ class SutStatus(_message.Message):
     SERVER_ENDPOINT_FIELD_NUMBER: _builtins.int
     SERVER_LOG_START_FIELD_NUMBER: _builtins.int
     SERVER_TYPE_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
     state: Global___BackendState.ValueType
     backend: _builtins.str
     message: _builtins.str
@@ -596,6 +720,10 @@ class SutStatus(_message.Message):
     def config(self) -> Global___SutConfig: ...
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def member(self) -> Global___MemberStatus:
+        """Cluster SUTs: this agent's member (unset when it is none)."""
+
     def __init__(
         self,
         *,
@@ -612,14 +740,167 @@ class SutStatus(_message.Message):
         server_endpoint: _builtins.str = ...,
         server_log_start: _builtins.int = ...,
         server_type: _builtins.str = ...,
+        member: Global___MemberStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "member", b"member", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "in_flight", b"in_flight", "message", b"message", "open_streams", b"open_streams", "server_endpoint", b"server_endpoint", "server_log_size", b"server_log_size", "server_log_start", b"server_log_start", "server_pid", b"server_pid", "server_type", b"server_type", "started_at", b"started_at", "state", b"state", "tcp_data_plane_port", b"tcp_data_plane_port"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "config", b"config", "in_flight", b"in_flight", "member", b"member", "message", b"message", "open_streams", b"open_streams", "server_endpoint", b"server_endpoint", "server_log_size", b"server_log_size", "server_log_start", b"server_log_start", "server_pid", b"server_pid", "server_type", b"server_type", "started_at", b"started_at", "state", b"state", "tcp_data_plane_port", b"tcp_data_plane_port"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SutStatus: _TypeAlias = SutStatus  # noqa: Y015
+
+@_typing.final
+class StartMemberRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    HEAD_ADDRESS_FIELD_NUMBER: _builtins.int
+    VISIBLE_GPUS_FIELD_NUMBER: _builtins.int
+    role: Global___MemberRole.ValueType
+    member: _builtins.str
+    """This member's name: "head" for the head, else one of cluster.workers' names."""
+    host: _builtins.str
+    """The address (IP address or DNS name) this member is reached at by the other members, which
+    its runtime process advertises. Set by the controller from its topology, never by a request.
+    """
+    head_address: _builtins.str
+    """Workers: host:port of the head's runtime (the head's MemberStatus.address)."""
+    @_builtins.property
+    def cluster(self) -> Global___SutCluster:
+        """The cluster as the SutConfig names it (the runtime profile, the members)."""
+
+    @_builtins.property
+    def visible_gpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """GPUs the node agent placed this member on, by UUID (as StartRequest.visible_gpus)."""
+
+    def __init__(
+        self,
+        *,
+        cluster: Global___SutCluster | None = ...,
+        role: Global___MemberRole.ValueType = ...,
+        member: _builtins.str = ...,
+        host: _builtins.str = ...,
+        head_address: _builtins.str = ...,
+        visible_gpus: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "head_address", b"head_address", "host", b"host", "member", b"member", "role", b"role", "visible_gpus", b"visible_gpus"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartMemberRequest: _TypeAlias = StartMemberRequest  # noqa: Y015
+
+@_typing.final
+class StartMemberResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___MemberStatus: ...
+    def __init__(
+        self,
+        *,
+        status: Global___MemberStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartMemberResponse: _TypeAlias = StartMemberResponse  # noqa: Y015
+
+@_typing.final
+class StopMemberRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopMemberRequest: _TypeAlias = StopMemberRequest  # noqa: Y015
+
+@_typing.final
+class StopMemberResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___MemberStatus: ...
+    def __init__(
+        self,
+        *,
+        status: Global___MemberStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopMemberResponse: _TypeAlias = StopMemberResponse  # noqa: Y015
+
+@_typing.final
+class MemberStatus(_message.Message):
+    """A cluster member's runtime process, as its SUT agent sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    MEMBERS_JOINED_FIELD_NUMBER: _builtins.int
+    LOG_SIZE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    role: Global___MemberRole.ValueType
+    state: Global___BackendState.ValueType
+    """READY while its process runs (and, for the head, the runtime reported every member at the
+    last check); FAILED with `message` saying why once it exited or stopped answering.
+    """
+    message: _builtins.str
+    runtime: _builtins.str
+    """The cluster launch profile."""
+    address: _builtins.str
+    """host:port of this member's runtime (the head's: where workers join)."""
+    pid: _builtins.int
+    members_joined: _builtins.int
+    """Head: members the runtime reported at its last check, itself included."""
+    log_size: _builtins.int
+    """Bytes the member's process has written to its log so far (GetServerLog with `member`)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        role: Global___MemberRole.ValueType = ...,
+        state: Global___BackendState.ValueType = ...,
+        message: _builtins.str = ...,
+        runtime: _builtins.str = ...,
+        address: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        members_joined: _builtins.int = ...,
+        log_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "log_size", b"log_size", "members_joined", b"members_joined", "message", b"message", "name", b"name", "pid", b"pid", "role", b"role", "runtime", b"runtime", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemberStatus: _TypeAlias = MemberStatus  # noqa: Y015
 
 @_typing.final
 class GetStatsRequest(_message.Message):
@@ -863,19 +1144,23 @@ class GetServerLogRequest(_message.Message):
 
     OFFSET_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
     """Start at this byte of the log."""
     limit: _builtins.int
     """At most this many bytes; 0 = all there is."""
+    member: _builtins.bool
+    """The cluster member process's log (SutStatus.member.log_size) instead of the server's."""
     def __init__(
         self,
         *,
         offset: _builtins.int = ...,
         limit: _builtins.int = ...,
+        member: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "member", b"member", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,6 +71,16 @@ class SutAgentStub:
                 request_serializer=mecbench_dot_v1_dot_sut__agent__pb2.GetServerLogRequest.SerializeToString,
                 response_deserializer=mecbench_dot_v1_dot_sut__agent__pb2.GetServerLogResponse.FromString,
                 _registered_method=True)
+        self.StartMember = channel.unary_unary(
+                '/mecbench.v1.SutAgent/StartMember',
+                request_serializer=mecbench_dot_v1_dot_sut__agent__pb2.StartMemberRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_sut__agent__pb2.StartMemberResponse.FromString,
+                _registered_method=True)
+        self.StopMember = channel.unary_unary(
+                '/mecbench.v1.SutAgent/StopMember',
+                request_serializer=mecbench_dot_v1_dot_sut__agent__pb2.StopMemberRequest.SerializeToString,
+                response_deserializer=mecbench_dot_v1_dot_sut__agent__pb2.StopMemberResponse.FromString,
+                _registered_method=True)
 
 
 class SutAgentServicer:
@@ -127,6 +137,24 @@ class SutAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartMember(self, request, context):
+        """Cluster SUTs (SutConfig.cluster): start this agent's member of the cluster, the head's or a
+        worker's process of the cluster launch profile `cluster.runtime`, and return once it is up.
+        The controller starts the head first, then each worker (joining the head's address), then
+        calls Start on the head, which waits until the runtime reports every member before it starts
+        the server. Its status is SutStatus.member; its output, GetServerLog with `member` set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopMember(self, request, context):
+        """Stops this agent's member process (a head stops its server first); stopping none is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SutAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +192,16 @@ def add_SutAgentServicer_to_server(servicer, server):
                     servicer.GetServerLog,
                     request_deserializer=mecbench_dot_v1_dot_sut__agent__pb2.GetServerLogRequest.FromString,
                     response_serializer=mecbench_dot_v1_dot_sut__agent__pb2.GetServerLogResponse.SerializeToString,
+            ),
+            'StartMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartMember,
+                    request_deserializer=mecbench_dot_v1_dot_sut__agent__pb2.StartMemberRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_sut__agent__pb2.StartMemberResponse.SerializeToString,
+            ),
+            'StopMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopMember,
+                    request_deserializer=mecbench_dot_v1_dot_sut__agent__pb2.StopMemberRequest.FromString,
+                    response_serializer=mecbench_dot_v1_dot_sut__agent__pb2.StopMemberResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +395,60 @@ class SutAgent:
             '/mecbench.v1.SutAgent/GetServerLog',
             mecbench_dot_v1_dot_sut__agent__pb2.GetServerLogRequest.SerializeToString,
             mecbench_dot_v1_dot_sut__agent__pb2.GetServerLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mecbench.v1.SutAgent/StartMember',
+            mecbench_dot_v1_dot_sut__agent__pb2.StartMemberRequest.SerializeToString,
+            mecbench_dot_v1_dot_sut__agent__pb2.StartMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mecbench.v1.SutAgent/StopMember',
+            mecbench_dot_v1_dot_sut__agent__pb2.StopMemberRequest.SerializeToString,
+            mecbench_dot_v1_dot_sut__agent__pb2.StopMemberResponse.FromString,
             options,
             channel_credentials,
             insecure,

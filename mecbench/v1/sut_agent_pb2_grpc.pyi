@@ -51,6 +51,15 @@ class SutAgentStub:
     """What an external server process wrote to stdout and stderr, from a byte offset (the
     `server_log_size` a status reported earlier gives what was written since).
     """
+    StartMember: _grpc.UnaryUnaryMultiCallable[_sut_agent_pb2.StartMemberRequest, _sut_agent_pb2.StartMemberResponse]
+    """Cluster SUTs (SutConfig.cluster): start this agent's member of the cluster, the head's or a
+    worker's process of the cluster launch profile `cluster.runtime`, and return once it is up.
+    The controller starts the head first, then each worker (joining the head's address), then
+    calls Start on the head, which waits until the runtime reports every member before it starts
+    the server. Its status is SutStatus.member; its output, GetServerLog with `member` set.
+    """
+    StopMember: _grpc.UnaryUnaryMultiCallable[_sut_agent_pb2.StopMemberRequest, _sut_agent_pb2.StopMemberResponse]
+    """Stops this agent's member process (a head stops its server first); stopping none is not an error."""
 
 @_typing.type_check_only
 class SutAgentAsyncStub(SutAgentStub):
@@ -75,6 +84,15 @@ class SutAgentAsyncStub(SutAgentStub):
     """What an external server process wrote to stdout and stderr, from a byte offset (the
     `server_log_size` a status reported earlier gives what was written since).
     """
+    StartMember: _aio.UnaryUnaryMultiCallable[_sut_agent_pb2.StartMemberRequest, _sut_agent_pb2.StartMemberResponse]  # type: ignore[assignment]
+    """Cluster SUTs (SutConfig.cluster): start this agent's member of the cluster, the head's or a
+    worker's process of the cluster launch profile `cluster.runtime`, and return once it is up.
+    The controller starts the head first, then each worker (joining the head's address), then
+    calls Start on the head, which waits until the runtime reports every member before it starts
+    the server. Its status is SutStatus.member; its output, GetServerLog with `member` set.
+    """
+    StopMember: _aio.UnaryUnaryMultiCallable[_sut_agent_pb2.StopMemberRequest, _sut_agent_pb2.StopMemberResponse]  # type: ignore[assignment]
+    """Stops this agent's member process (a head stops its server first); stopping none is not an error."""
 
 class SutAgentServicer(metaclass=_abc_1.ABCMeta):
     """Wraps an inference server: starts it, probes it, forwards LoadGen's queries to it and
@@ -138,5 +156,26 @@ class SutAgentServicer(metaclass=_abc_1.ABCMeta):
         """What an external server process wrote to stdout and stderr, from a byte offset (the
         `server_log_size` a status reported earlier gives what was written since).
         """
+
+    @_abc_1.abstractmethod
+    def StartMember(
+        self,
+        request: _sut_agent_pb2.StartMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sut_agent_pb2.StartMemberResponse, _abc.Awaitable[_sut_agent_pb2.StartMemberResponse]]:
+        """Cluster SUTs (SutConfig.cluster): start this agent's member of the cluster, the head's or a
+        worker's process of the cluster launch profile `cluster.runtime`, and return once it is up.
+        The controller starts the head first, then each worker (joining the head's address), then
+        calls Start on the head, which waits until the runtime reports every member before it starts
+        the server. Its status is SutStatus.member; its output, GetServerLog with `member` set.
+        """
+
+    @_abc_1.abstractmethod
+    def StopMember(
+        self,
+        request: _sut_agent_pb2.StopMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sut_agent_pb2.StopMemberResponse, _abc.Awaitable[_sut_agent_pb2.StopMemberResponse]]:
+        """Stops this agent's member process (a head stops its server first); stopping none is not an error."""
 
 def add_SutAgentServicer_to_server(servicer: SutAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
