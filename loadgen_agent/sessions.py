@@ -34,11 +34,13 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from loadgen_agent import protocol
 from loadgen_agent.datasets import ROOTS_SETTING, uri_problem
-from loadgen_agent.protocol import Message, MessageWriter, error_from_message, read_message
+from loadgen_agent.protocol import CommandWriter, ProtocolError, ProtocolVersionError, read_event
 from loadgen_agent.results import apply_integrity, iter_file_chunks, parse_result_dir
 from loadgen_agent.settings import LoadGenAgentSettings
 from loadgen_agent.settings_builder import validate_settings
@@ -69,6 +71,10 @@ _MAX_SAMPLE_COUNT = 10_000_000
 _CLOSED_KEPT = 256
 
 State = loadgen_agent_pb2.SessionState
+
+# The session process's command line; SessionManager(worker_command=...) runs another program that
+# speaks protocol.py (tests/loadgen_agent/fake_worker.py: the session manager without LoadGen).
+WORKER_COMMAND: Final[tuple[str, ...]] = (sys.executable, "-m", "loadgen_agent.worker")
 
 
 def validate_open_request(
@@ -130,22 +136,30 @@ def _describe_exit(returncode: int | None) -> str:
 
 
 class WorkerProcess:
-    """A session process: `python -m loadgen_agent.worker` in its own process group, commands on
-    its stdin, events on its stdout, its stderr (JSON logs) shared with the agent's."""
+    """A session process: `python -m loadgen_agent.worker` (or `command`) in its own process group,
+    commands on its stdin, events on its stdout, its stderr (JSON logs) shared with the agent's.
+    A process that breaks the protocol (a frame that is no event, another protocol version) is
+    killed at once and its session fails saying so."""
 
-    def __init__(self, on_event: Callable[[Message], None], on_exit: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        on_event: Callable[[protocol.Event], None],
+        on_exit: Callable[[str], None],
+        command: Sequence[str] = WORKER_COMMAND,
+    ) -> None:
         self._on_event = on_event
         self._on_exit = on_exit
-        self._writer: MessageWriter | None = None
+        self._command = list(command)
+        self._writer: CommandWriter | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:
         return self.process.pid if self.process is not None else 0
 
-    def start(self, open_message: Message) -> None:
+    def start(self, open_command: protocol.OpenSession) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "loadgen_agent.worker"],
+            self._command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,
@@ -154,16 +168,16 @@ class WorkerProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         assert self.process.stdin is not None
-        self._writer = MessageWriter(self.process.stdin)
-        self._writer.send(open_message)
+        self._writer = CommandWriter(self.process.stdin)
+        self._writer.send(open_command)
         threading.Thread(target=self._read_events, name=f"worker-{self.process.pid}", daemon=True).start()
 
-    def send(self, message: Message) -> bool:
+    def send(self, command: protocol.Command) -> bool:
         """False when the process is gone."""
         if self._writer is None:
             return False
         try:
-            self._writer.send(message)
+            self._writer.send(command)
         except (BrokenPipeError, ValueError, OSError):
             return False
         return True
@@ -171,14 +185,23 @@ class WorkerProcess:
     def _read_events(self) -> None:
         process = self.process
         assert process is not None and process.stdout is not None
+        broken = ""
         try:
             while True:
-                message = read_message(process.stdout)
-                if message is None:
+                event = read_event(process.stdout)
+                if event is None:
                     break
-                self._on_event(message)
+                self._on_event(event)
+        except ProtocolVersionError as exc:
+            broken = f"speaks another protocol ({exc})"
+        except ProtocolError as exc:
+            broken = f"broke the protocol: {exc}"
         except Exception:
             log.exception("worker_event_stream_failed", pid=process.pid)
+        if broken:
+            # Nothing it says can be trusted any more, and it may not be about to exit.
+            log.error("worker_protocol_error", pid=process.pid, error=broken)
+            self.kill()
         try:
             returncode: int | None = process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -186,7 +209,7 @@ class WorkerProcess:
             returncode = None
         with contextlib.suppress(OSError):
             process.stdout.close()
-        self._on_exit(_describe_exit(returncode))
+        self._on_exit(broken or _describe_exit(returncode))
 
     def kill(self) -> None:
         """SIGKILL the process group, then reap the process."""
@@ -206,10 +229,34 @@ class WorkerProcess:
         process = self.process
         if process is None:
             return
-        self.send({"op": "close"})
+        self.send(protocol.CloseSession())
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=grace_s)
         self.kill()
+
+
+@dataclass(frozen=True, slots=True)
+class CountedProgress:
+    """A TestProgress with the live QPS the agent computed when it arrived."""
+
+    progress: protocol.TestProgress
+    live_qps: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDied:
+    """The session's process ended (or broke the protocol) during the test."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed:
+    """CloseSession ended the session during the test."""
+
+
+# What RunTest's stream reads from a test's queue.
+TestEvent = protocol.TestStarted | CountedProgress | protocol.TestFinished | WorkerDied | SessionClosed
 
 
 @dataclass
@@ -218,7 +265,7 @@ class ActiveTest:
     settings: common_pb2.LoadGenSettings
     arrival: float
     outdir: Path
-    events: queue.SimpleQueue[Message] = field(default_factory=queue.SimpleQueue)
+    events: queue.SimpleQueue[TestEvent] = field(default_factory=queue.SimpleQueue)
     finished: bool = False
     cancel_requested: bool = False
     abort_error: MecbenchError | None = None
@@ -248,6 +295,7 @@ class LoadGenSession:
         request: loadgen_agent_pb2.OpenSessionRequest,
         settings: LoadGenAgentSettings,
         directory: Path,
+        worker_command: Sequence[str] = WORKER_COMMAND,
     ) -> None:
         self.session_id = session_id
         self.request = request
@@ -269,27 +317,27 @@ class LoadGenSession:
         self._cond = threading.Condition()
         self._generation = 0
         self._worker: WorkerProcess | None = None
+        self._worker_command = worker_command
         self._open_error: MecbenchError | None = None
         self._fatal = ""
         self._test_counter = 0
 
     # --- the process ---------------------------------------------------------------------------
 
-    def _open_message(self) -> Message:
-        return {
-            "op": "open",
-            "session_id": self.session_id,
-            "sut_address": self.request.sut_address,
-            "dataset": self.request.dataset.SerializeToString(),
-            "data_plane": self.request.data_plane.SerializeToString(),
-            "progress_interval_s": self.settings.progress_interval_s,
-            "sut_connect_timeout_s": self.settings.sut_connect_timeout_s,
-            "log_level": self.settings.worker_log_level,
-            "session_dir": str(self.directory),
-            "dataset_cache_dir": str(self.settings.dataset_cache_dir),
-            "max_dataset_bytes": self.settings.max_dataset_bytes,
-            "dataset_roots": [str(root) for root in self.settings.dataset_roots],
-        }
+    def _open_command(self) -> protocol.OpenSession:
+        return protocol.OpenSession(
+            session_id=self.session_id,
+            sut_address=self.request.sut_address,
+            dataset=self.request.dataset.SerializeToString(),
+            data_plane=self.request.data_plane.SerializeToString(),
+            progress_interval_s=self.settings.progress_interval_s,
+            sut_connect_timeout_s=self.settings.sut_connect_timeout_s,
+            log_level=self.settings.worker_log_level,
+            session_dir=str(self.directory),
+            dataset_cache_dir=str(self.settings.dataset_cache_dir),
+            max_dataset_bytes=self.settings.max_dataset_bytes,
+            dataset_roots=tuple(str(root) for root in self.settings.dataset_roots),
+        )
 
     def start_worker(self) -> None:
         """Start a process for this session (state OPENING until it reports ready)."""
@@ -301,11 +349,12 @@ class LoadGenSession:
             self._open_error = None
             self._fatal = ""
             worker = WorkerProcess(
-                on_event=lambda message: self._on_event(generation, message),
+                on_event=lambda event: self._on_event(generation, event),
                 on_exit=lambda description: self._on_exit(generation, description),
+                command=self._worker_command,
             )
             self._worker = worker
-        worker.start(self._open_message())
+        worker.start(self._open_command())
         with self._cond:
             if self._generation == generation:
                 self.pid = worker.pid
@@ -329,54 +378,55 @@ class LoadGenSession:
             if self.state == State.SESSION_STATE_CLOSED:
                 raise FailedPrecondition(f"session {self.session_id} was closed")
 
-    def _on_event(self, generation: int, message: Message) -> None:
-        kind = message.get("ev")
+    def _on_event(self, generation: int, event: protocol.Event) -> None:
         with self._cond:
             if generation != self._generation or self.state == State.SESSION_STATE_CLOSED:
                 return
-            if kind == "ready":
-                self.state = State.SESSION_STATE_IDLE
-                self.setup_time_s = float(message["setup_time_s"])
-                self.sample_count = int(message["sample_count"])
-                self._cond.notify_all()
+            if isinstance(event, protocol.SessionReady):
+                if self.state == State.SESSION_STATE_OPENING:  # a second one changes nothing
+                    self.state = State.SESSION_STATE_IDLE
+                    self.setup_time_s = event.setup_time_s
+                    self.sample_count = event.sample_count
+                    self._cond.notify_all()
                 return
-            if kind == "open_failed":
-                self._open_error = error_from_message(message["error"])
+            if isinstance(event, protocol.OpenFailed):
+                self._open_error = event.error.to_error()
                 self.error = str(self._open_error)
                 self.state = State.SESSION_STATE_FAILED
                 self._cond.notify_all()
                 return
-            if kind == "fatal":
-                self._fatal = str(message.get("error", ""))
-                log.error("session_process_error", session_id=self.session_id, traceback=message.get("traceback"))
+            if isinstance(event, protocol.WorkerFatal):
+                self._fatal = event.error
+                log.error("session_process_error", session_id=self.session_id, traceback=event.traceback)
                 return
             test = self.test
-            if test is None or message.get("test_id") != test.test_id or test.finished:
+            if test is None or event.test_id != test.test_id or test.finished:
                 return
-            if kind == "started":
-                test.progress_time = float(message["start_time"])
-            elif kind == "progress":
+            if isinstance(event, protocol.TestStarted):
+                test.progress_time = event.start_time
+                test.events.put(event)
+            elif isinstance(event, protocol.TestProgress):
                 # Counted here, not where RunTest's stream reads it, so a caller that stops
                 # reading does not stop the metrics.
-                self.live_qps = message["live_qps"] = self._count_progress(test, message)
-            elif kind == "aborting":
-                test.abort_error = error_from_message(message["error"])
+                self.live_qps = self._count_progress(test, event.completed, event.time)
+                test.events.put(CountedProgress(event, self.live_qps))
+            elif isinstance(event, protocol.TestAborting):
+                test.abort_error = event.error.to_error()
                 self._arm_grace_timer(test)
-            elif kind == "finished":
-                self._count_progress(test, message)
+            else:
+                if event.completed is not None:
+                    self._count_progress(test, event.completed, None)
                 self._finish_test(test)
-            test.events.put(message)
+                test.events.put(event)
 
-    def _count_progress(self, test: ActiveTest, message: Message) -> float:
+    def _count_progress(self, test: ActiveTest, completed: int, now: float | None) -> float:
         """With the lock held: add the samples completed since the previous event to the session's
         total; returns the QPS since then (0 for an event without a time: the test's end)."""
-        completed = int(message.get("completed", test.progress_completed))
         delta = completed - test.progress_completed
         self.samples_completed += delta
         test.progress_completed = completed
-        if "time" not in message:
+        if now is None:
             return 0.0
-        now = float(message["time"])
         interval = now - test.progress_time
         test.progress_time = now
         return delta / interval if interval > 0 else 0.0
@@ -394,7 +444,7 @@ class LoadGenSession:
             test = self.test
             if test is not None and not test.finished:
                 self._finish_test(test)
-                test.events.put({"ev": "worker_died", "test_id": test.test_id, "reason": reason})
+                test.events.put(WorkerDied(reason))
             self._cond.notify_all()
         log.warning("session_failed", session_id=self.session_id, reason=reason)
 
@@ -424,14 +474,13 @@ class LoadGenSession:
             test = ActiveTest(test_id, settings, arrival, outdir)
             worker = self._worker
             assert worker is not None
-            command = {
-                "op": "run",
-                "test_id": test_id,
-                "settings": settings.SerializeToString(),
-                "outdir": str(outdir),
-                "conf_dir": str(self.directory / "conf"),
-                "record_latencies": record_latencies,
-            }
+            command = protocol.RunTest(
+                test_id=test_id,
+                settings=settings.SerializeToString(),
+                outdir=str(outdir),
+                conf_dir=str(self.directory / "conf"),
+                record_latencies=record_latencies,
+            )
             if not worker.send(command):
                 raise Unavailable(f"session {self.session_id}: its LoadGen process is gone")
             self.test = test
@@ -458,7 +507,7 @@ class LoadGenSession:
             worker = self._worker
             self._arm_grace_timer(test)
         if worker is not None:
-            worker.send({"op": "cancel", "test_id": test.test_id})
+            worker.send(protocol.CancelTest(test.test_id))
         log.info("test_cancel_requested", session_id=self.session_id, test_id=test.test_id)
         return True
 
@@ -485,15 +534,7 @@ class LoadGenSession:
             test_id=test.test_id,
             reason="cancel" if test.cancel_requested else str(test.abort_error),
         )
-        test.events.put(
-            {
-                "ev": "finished",
-                "test_id": test.test_id,
-                "cancelled": test.cancel_requested,
-                "ran": False,
-                "replaced": True,
-            }
-        )
+        test.events.put(protocol.TestFinished(test.test_id, ran=False, cancelled=test.cancel_requested))
         if old is not None:
             old.kill()
         try:
@@ -526,7 +567,7 @@ class LoadGenSession:
                 test.finished = True
                 if test.grace_timer is not None:
                     test.grace_timer.cancel()
-                test.events.put({"ev": "closed", "test_id": test.test_id})
+                test.events.put(SessionClosed())
             self.pid = 0
             self._cond.notify_all()
         if worker is not None:
@@ -560,10 +601,14 @@ class LoadGenSession:
 
 
 class SessionManager:
-    """Every session of this agent."""
+    """Every session of this agent. `worker_command` is the session process's command line: the
+    LoadGen worker, or any program that speaks protocol.py (the tests' fake worker)."""
 
-    def __init__(self, settings: LoadGenAgentSettings | None = None) -> None:
+    def __init__(
+        self, settings: LoadGenAgentSettings | None = None, worker_command: Sequence[str] = WORKER_COMMAND
+    ) -> None:
         self.settings = settings or LoadGenAgentSettings.load()
+        self._worker_command = tuple(worker_command)
         self._sessions: dict[str, LoadGenSession] = {}
         self._lock = threading.Lock()
         root = self.settings.work_dir or Path(tempfile.gettempdir())
@@ -592,7 +637,7 @@ class SessionManager:
                 raise ResourceExhausted(f"{len(live)} sessions are open, the agent's limit (max_sessions)")
             self._root.mkdir(parents=True, exist_ok=True)
             directory = Path(tempfile.mkdtemp(prefix=f"mecbench-loadgen-{session_id}-", dir=self._root))
-            session = LoadGenSession(session_id, request, self.settings, directory)
+            session = LoadGenSession(session_id, request, self.settings, directory, self._worker_command)
             self._sessions[session_id] = session
         try:
             session.start_worker()
@@ -640,31 +685,31 @@ class SessionManager:
         try:
             while True:
                 message = test.events.get()
-                kind = message.get("ev")
-                if kind == "started":
-                    start_time = float(message["start_time"])
+                if isinstance(message, protocol.TestStarted):
+                    start_time = message.start_time
                     yield event(
                         started=loadgen_agent_pb2.TestStarted(
                             setup_time=durations.from_seconds(max(0.0, start_time - test.arrival)),
-                            effective_settings=str(message.get("effective_settings", "")),
+                            effective_settings=message.effective_settings,
                         )
                     )
-                elif kind == "progress":
+                elif isinstance(message, CountedProgress):
+                    progress = message.progress
                     yield event(
                         progress=loadgen_agent_pb2.TestProgress(
-                            elapsed=durations.from_seconds(max(0.0, float(message["time"]) - start_time)),
-                            samples_issued=int(message["issued"]),
-                            samples_completed=int(message["completed"]),
+                            elapsed=durations.from_seconds(max(0.0, progress.time - start_time)),
+                            samples_issued=progress.issued,
+                            samples_completed=progress.completed,
                             # Computed when the event arrived (LoadGenSession._count_progress).
-                            live_qps=float(message["live_qps"]),
+                            live_qps=message.live_qps,
                         )
                     )
-                elif kind == "finished":
+                elif isinstance(message, protocol.TestFinished):
                     yield from self._finished(test, message, event)
                     return
-                elif kind == "worker_died":
-                    raise Unavailable(f"test {test.test_id} failed: {message['reason']}")
-                elif kind == "closed":
+                elif isinstance(message, WorkerDied):
+                    raise Unavailable(f"test {test.test_id} failed: {message.reason}")
+                else:
                     raise Cancelled(f"session {session.session_id} was closed during test {test.test_id}")
         finally:
             session.abandon(test.test_id)
@@ -673,35 +718,27 @@ class SessionManager:
     def _finished(
         self,
         test: ActiveTest,
-        message: Message,
+        message: protocol.TestFinished,
         event: Callable[..., loadgen_agent_pb2.RunTestResponse],
     ) -> Iterator[loadgen_agent_pb2.RunTestResponse]:
-        error = message.get("error")
-        if error:
-            raise error_from_message(error)
-        if test.abort_error is not None and not message.get("cancelled"):
+        if message.error is not None:
+            raise message.error.to_error()
+        if test.abort_error is not None and not message.cancelled:
             raise test.abort_error
         finished = loadgen_agent_pb2.TestFinished(
-            cancelled=bool(message.get("cancelled")),
-            wall_time=durations.from_seconds(float(message.get("wall_s", 0.0))),
-            batches_sent=int(message.get("batches_sent", 0)),
-            samples_sent=int(message.get("samples_sent", 0)),
-            sample_errors=int(message.get("sample_errors", 0)),
-            first_sample_error=str(message.get("first_sample_error", "")),
+            cancelled=message.cancelled,
+            wall_time=durations.from_seconds(message.wall_s),
+            batches_sent=message.batches_sent,
+            samples_sent=message.samples_sent,
+            sample_errors=message.sample_errors,
+            first_sample_error=message.first_sample_error,
         )
         if finished.batches_sent:
             finished.mean_batch_size = finished.samples_sent / finished.batches_sent
         if test.outdir.is_dir():
             finished.result.CopyFrom(parse_result_dir(test.outdir, test.settings.scenario, test.settings.mode))
-            by_kind = message.get("failed_samples_by_kind") or {}
-            apply_integrity(
-                finished.result,
-                {str(kind): int(count) for kind, count in by_kind.items()},
-                [str(m) for m in message.get("sample_error_messages") or []],
-            )
-            finished.result.llm_metrics.update(
-                {str(key): float(value) for key, value in (message.get("llm_metrics") or {}).items()}
-            )
+            apply_integrity(finished.result, dict(message.failed_samples_by_kind), list(message.sample_error_messages))
+            finished.result.llm_metrics.update(dict(message.llm_metrics))
             for chunk in iter_file_chunks(test.outdir, self.settings.log_chunk_bytes):
                 yield event(log_chunk=chunk)
         yield event(finished=finished)

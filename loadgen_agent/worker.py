@@ -40,10 +40,9 @@ import grpc
 import numpy as np
 import structlog
 
-from loadgen_agent import datasets
+from loadgen_agent import datasets, protocol
 from loadgen_agent.direct import DirectClient, reachable_endpoint
 from loadgen_agent.llm_records import compute_metrics, write_records, write_token_latencies
-from loadgen_agent.protocol import Message, MessageWriter, error_to_message, read_message
 from loadgen_agent.results import TRACE_FILE, extract_sample_latencies
 from loadgen_agent.settings_builder import build_test_settings, describe_test_settings
 from mecbench.core import durations
@@ -580,21 +579,19 @@ class RelayClient:
 class SessionWorker:
     """Set-up and the test loop of one session process."""
 
-    def __init__(self, open_message: Message, events: MessageWriter) -> None:
-        self.session_id: str = open_message["session_id"]
-        self.sut_address: str = open_message["sut_address"]
-        self.dataset = common_pb2.DatasetSpec.FromString(open_message["dataset"])
-        self.options = loadgen_agent_pb2.DataPlaneOptions.FromString(open_message["data_plane"])
-        self.progress_interval_s = float(open_message.get("progress_interval_s", 0.5))
-        self.connect_timeout_s = float(open_message.get("sut_connect_timeout_s", 30.0))
-        self.session_dir = str(open_message.get("session_dir", ""))
-        cache_dir = open_message.get("dataset_cache_dir")
-        self.dataset_cache_dir = Path(cache_dir) if cache_dir else None
-        max_bytes = open_message.get("max_dataset_bytes")
-        self.max_dataset_bytes = int(max_bytes) if max_bytes is not None else None
-        self.dataset_roots = [Path(root) for root in open_message.get("dataset_roots") or []]
+    def __init__(self, open_command: protocol.OpenSession, events: protocol.EventWriter) -> None:
+        self.session_id = open_command.session_id
+        self.sut_address = open_command.sut_address
+        self.dataset = common_pb2.DatasetSpec.FromString(open_command.dataset)
+        self.options = loadgen_agent_pb2.DataPlaneOptions.FromString(open_command.data_plane)
+        self.progress_interval_s = open_command.progress_interval_s
+        self.connect_timeout_s = open_command.sut_connect_timeout_s
+        self.session_dir = open_command.session_dir
+        self.dataset_cache_dir = Path(open_command.dataset_cache_dir) if open_command.dataset_cache_dir else None
+        self.max_dataset_bytes: int | None = open_command.max_dataset_bytes
+        self.dataset_roots = [Path(root) for root in open_command.dataset_roots]
         self.events = events
-        self.tests: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self.tests: queue.SimpleQueue[protocol.RunTest] = queue.SimpleQueue()
         # Tests received and not finished (queued or running), and those of them cancelled.
         self._known_tests: set[str] = set()
         self._cancelled_tests: set[str] = set()
@@ -633,7 +630,7 @@ class SessionWorker:
         start_thread("monitor", self._monitor)
         setup_s = time.monotonic() - started
         log.info("session_ready", samples=len(samples), setup_s=round(setup_s, 3), sut=self.sut_address)
-        self.events.send({"ev": "ready", "setup_time_s": setup_s, "sample_count": len(samples), "pid": os.getpid()})
+        self.events.send(protocol.SessionReady(setup_time_s=setup_s, sample_count=len(samples), pid=os.getpid()))
 
     def _direct_client(self, stub: sut_agent_pb2_grpc.SutAgentStub, samples: Sequence[bytes]) -> DirectClient | None:
         """The direct client path, for an external server whose type has a client half, unless the
@@ -717,11 +714,11 @@ class SessionWorker:
     def _on_abort(self, error: MecbenchError) -> None:
         with self._lock:
             test_id = self._current_test
-        self.events.send({"ev": "aborting", "test_id": test_id, "error": error_to_message(error)})
+        self.events.send(protocol.TestAborting(test_id, protocol.WireError.of(error)))
 
-    def enqueue(self, command: Message) -> None:
+    def enqueue(self, command: protocol.RunTest) -> None:
         with self._lock:
-            self._known_tests.add(str(command["test_id"]))
+            self._known_tests.add(command.test_id)
         self.tests.put(command)
 
     def cancel(self, test_id: str) -> None:
@@ -761,18 +758,10 @@ class SessionWorker:
             if now >= next_progress:
                 next_progress = now + self.progress_interval_s
                 counters = data_plane.counters
-                self.events.send(
-                    {
-                        "ev": "progress",
-                        "test_id": test_id,
-                        "time": now,
-                        "issued": counters.issued,
-                        "completed": counters.completed,
-                    }
-                )
+                self.events.send(protocol.TestProgress(test_id, now, counters.issued, counters.completed))
 
-    def run_test(self, command: Message) -> None:
-        test_id: str = command["test_id"]
+    def run_test(self, command: protocol.RunTest) -> None:
+        test_id = command.test_id
         with self._lock:
             self._current_test = test_id
         try:
@@ -783,21 +772,21 @@ class SessionWorker:
                 self._known_tests.discard(test_id)
                 self._cancelled_tests.discard(test_id)
 
-    def _run_test(self, command: Message, test_id: str) -> None:
+    def _run_test(self, command: protocol.RunTest, test_id: str) -> None:
         import mlperf_loadgen as lg
 
         assert self.data_plane is not None
-        outdir = Path(command["outdir"])
-        settings = common_pb2.LoadGenSettings.FromString(command["settings"])
+        outdir = Path(command.outdir)
+        settings = common_pb2.LoadGenSettings.FromString(command.settings)
         if self._is_cancelled(test_id):
-            self.events.send({"ev": "finished", "test_id": test_id, "cancelled": True, "ran": False})
+            self.events.send(protocol.TestFinished(test_id, ran=False, cancelled=True))
             return
         try:
-            conf_dir = Path(command["conf_dir"])
+            conf_dir = Path(command.conf_dir)
             conf_dir.mkdir(parents=True, exist_ok=True)
             test_settings = build_test_settings(settings, conf_dir)
         except MecbenchError as exc:
-            self.events.send({"ev": "finished", "test_id": test_id, "error": error_to_message(exc), "ran": False})
+            self.events.send(protocol.TestFinished(test_id, ran=False, error=protocol.WireError.of(exc)))
             return
         outdir.mkdir(parents=True, exist_ok=True)
         output = lg.LogOutputSettings()
@@ -806,7 +795,7 @@ class SessionWorker:
         output.copy_detail_to_stdout = False
         log_settings = lg.LogSettings()
         log_settings.log_output = output
-        record_latencies = bool(command.get("record_latencies"))
+        record_latencies = command.record_latencies
         # The trace is the one place LoadGen writes each sample's latency; it is turned into
         # sample_latencies.npy after the test.
         log_settings.enable_trace = record_latencies
@@ -820,15 +809,14 @@ class SessionWorker:
                 self._follow_server(self.data_plane)
             except (MecbenchError, grpc.RpcError) as exc:
                 failure = exc if isinstance(exc, MecbenchError) else Unavailable(f"SUT agent at {self.sut_address}")
-                message = error_to_message(failure)
-                self.events.send({"ev": "finished", "test_id": test_id, "error": message, "ran": False})
+                self.events.send(protocol.TestFinished(test_id, ran=False, error=protocol.WireError.of(failure)))
                 return
         self.data_plane.begin_test(want_data, bool(test_settings.use_token_latencies))
         if self._is_cancelled(test_id):  # cancelled while the settings were built
             self.data_plane.abort(None, cancelled=True)
         effective = describe_test_settings(test_settings)
         started = time.monotonic()
-        self.events.send({"ev": "started", "test_id": test_id, "start_time": started, "effective_settings": effective})
+        self.events.send(protocol.TestStarted(test_id, started, effective))
         try:
             lg.StartTestWithLogSettings(self._sut, self._qsl, test_settings, log_settings)
         finally:
@@ -856,24 +844,24 @@ class SessionWorker:
                 extract_sample_latencies(trace, outdir / SAMPLE_LATENCIES_NAME)
             except (OSError, ValueError) as exc:
                 log.warning("sample_latencies_unreadable", test_id=test_id, error=str(exc))
+        by_kind, messages = counters.errors.snapshot()
         self.events.send(
-            {
-                "ev": "finished",
-                "test_id": test_id,
-                "ran": True,
-                "cancelled": cancelled,
-                "error": error_to_message(error) if error is not None else None,
-                "wall_s": wall_s,
-                "batches_sent": counters.batches_sent,
-                "samples_sent": counters.samples_sent,
-                "sample_errors": counters.sample_errors,
-                "first_sample_error": counters.first_sample_error,
-                "failed_samples_by_kind": counters.errors.snapshot()[0],
-                "llm_metrics": llm_metrics,
-                "sample_error_messages": counters.errors.snapshot()[1],
-                "issued": counters.issued,
-                "completed": counters.completed,
-            }
+            protocol.TestFinished(
+                test_id,
+                ran=True,
+                cancelled=cancelled,
+                error=protocol.WireError.of(error) if error is not None else None,
+                wall_s=wall_s,
+                batches_sent=counters.batches_sent,
+                samples_sent=counters.samples_sent,
+                sample_errors=counters.sample_errors,
+                first_sample_error=counters.first_sample_error,
+                failed_samples_by_kind=tuple(by_kind.items()),
+                sample_error_messages=tuple(messages),
+                llm_metrics=tuple(llm_metrics.items()),
+                issued=counters.issued,
+                completed=counters.completed,
+            )
         )
 
     def serve(self) -> None:
@@ -895,19 +883,18 @@ def _read_commands(stream: IO[bytes], worker: SessionWorker) -> None:
     """The command reader: queues tests, forwards cancels, ends the process at close or EOF."""
     try:
         while True:
-            message = read_message(stream)
-            if message is None:
+            command = protocol.read_command(stream)
+            if command is None:
                 # The agent is gone without closing the session (killed): clean up after it.
                 if worker.session_dir:
                     shutil.rmtree(worker.session_dir, ignore_errors=True)
                 break
-            op = message.get("op")
-            if op == "close":
+            if isinstance(command, protocol.CloseSession):
                 break
-            if op == "run":
-                worker.enqueue(message)
-            elif op == "cancel":
-                worker.cancel(str(message.get("test_id", "")))
+            if isinstance(command, protocol.RunTest):
+                worker.enqueue(command)
+            elif isinstance(command, protocol.CancelTest):
+                worker.cancel(command.test_id)
     except Exception:
         log.exception("command_stream_failed")
     # The agent closed the session or is gone: nothing left to do. os._exit, because LoadGen may
@@ -924,31 +911,36 @@ def main() -> None:
     commands = os.fdopen(os.dup(0), "rb", buffering=0)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    events = MessageWriter(os.fdopen(events_fd, "wb", buffering=0))
-    open_message = read_message(commands)
-    if open_message is None or open_message.get("op") != "open":
+    events = protocol.EventWriter(os.fdopen(events_fd, "wb", buffering=0))
+    try:
+        open_command = protocol.read_command(commands)
+    except protocol.ProtocolError as exc:
+        sys.stderr.write(f"loadgen_agent.worker: {exc}\n")
+        open_command = None
+    if not isinstance(open_command, protocol.OpenSession):
+        sys.stderr.flush()
         os._exit(2)
-    configure_logging(level=str(open_message.get("log_level", "info")), json_output=True)
-    structlog.contextvars.bind_contextvars(session_id=str(open_message.get("session_id", "")))
-    worker = SessionWorker(open_message, events)
+    configure_logging(level=open_command.log_level, json_output=True)
+    structlog.contextvars.bind_contextvars(session_id=open_command.session_id)
+    worker = SessionWorker(open_command, events)
     start_thread("commands", _read_commands, commands, worker)
     try:
         worker.setup()
     except (MecbenchError, grpc.RpcError) as exc:
         error = exc if isinstance(exc, MecbenchError) else Unavailable(f"SUT agent at {worker.sut_address}: {exc}")
         log.warning("session_open_failed", error=str(error))
-        events.send({"ev": "open_failed", "error": error_to_message(error)})
+        events.send(protocol.OpenFailed(protocol.WireError.of(error)))
         sys.stderr.flush()
         os._exit(3)
     except Exception as exc:
-        events.send({"ev": "fatal", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        events.send(protocol.WorkerFatal(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         raise
     try:
         worker.serve()
     except Exception as exc:
         log.exception("session_worker_failed")
         with contextlib.suppress(Exception):
-            events.send({"ev": "fatal", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+            events.send(protocol.WorkerFatal(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         sys.stderr.flush()
         os._exit(1)
 
