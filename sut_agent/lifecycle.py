@@ -17,6 +17,7 @@ from mecbench.core.sut_config import validate_config
 from mecbench.v1 import sut_agent_pb2
 from sut_agent.backends import create_backend
 from sut_agent.backends.base import Backend
+from sut_agent.members import MemberManager
 from sut_agent.settings import SutAgentSettings
 from sut_agent.stats import SutStatsRecorder
 
@@ -38,6 +39,8 @@ class BackendManager:
         if settings.server_log_dir is None:
             settings = dataclasses.replace(settings, server_log_dir=Path(tempfile.mkdtemp(prefix="mecbench-sut-")))
         self.settings = settings
+        # This agent's member of a cluster SUT (StartMember), if it is one.
+        self.members = MemberManager(settings)
         self.stats = SutStatsRecorder()
         self._lock = threading.Lock()  # serialises Start and Stop
         self.backend: Backend | None = None
@@ -91,8 +94,10 @@ class BackendManager:
             previous_state = self._state
             self._state = sut_agent_pb2.BACKEND_STATE_STARTING
             try:
+                # A cluster's head serves once its runtime reports every member.
+                cluster_values = self.members.wait_joined(config) if config.HasField("cluster") else None
                 # Built before the running one stops: a config that fails to load leaves it serving.
-                backend = create_backend(config, self.settings)
+                backend = create_backend(config, self.settings, cluster_values)
             except InvalidArgument:  # a request the backend refused: nothing changed
                 self._state = previous_state
                 raise
@@ -130,6 +135,12 @@ class BackendManager:
         if failure is not None:
             # The server died or hangs under a running backend: say so until it is restarted.
             state, message = sut_agent_pb2.BACKEND_STATE_FAILED, failure
+        member = self.members.status()
+        member_failure = self.members.failure()
+        if backend is not None and member_failure is not None and failure is None:
+            # The cluster's head process under the server died: the server spans nothing any more.
+            state, message = sut_agent_pb2.BACKEND_STATE_FAILED, f"cluster member {member.name if member else ''}: " \
+                f"{member_failure}"
         status = sut_agent_pb2.SutStatus(
             state=state,
             backend=backend.name if backend is not None else "",
@@ -139,6 +150,8 @@ class BackendManager:
             tcp_data_plane_port=self.tcp_data_plane_port,
             server_log_size=self.server_log_size(),
         )
+        if member is not None:
+            status.member.CopyFrom(member)
         if backend is not None:
             info = backend.server_info()
             status.server_pid, status.server_endpoint, status.server_log_start = info.pid, info.endpoint, info.log_start
@@ -151,3 +164,4 @@ class BackendManager:
 
     def close(self) -> None:
         self.stop()
+        self.members.stop()

@@ -56,11 +56,24 @@ class SutAgentServicer(sut_agent_pb2_grpc.SutAgentServicer):
         batch = self._dataplane.infer(request.batch, done, timeout)
         return sut_agent_pb2.InferResponse(batch=batch)
 
+    def StartMember(
+        self, request: sut_agent_pb2.StartMemberRequest, context: grpc.ServicerContext
+    ) -> sut_agent_pb2.StartMemberResponse:
+        apply_visible_gpus(request.visible_gpus)
+        return sut_agent_pb2.StartMemberResponse(status=self._manager.members.start(request))
+
+    def StopMember(
+        self, request: sut_agent_pb2.StopMemberRequest, context: grpc.ServicerContext
+    ) -> sut_agent_pb2.StopMemberResponse:
+        self._manager.stop()  # a head's server spans the cluster: it goes first
+        return sut_agent_pb2.StopMemberResponse(status=self._manager.members.stop() or sut_agent_pb2.MemberStatus())
+
     def GetServerLog(
         self, request: sut_agent_pb2.GetServerLogRequest, context: grpc.ServicerContext
     ) -> Iterator[sut_agent_pb2.GetServerLogResponse]:
         offset = request.offset
-        data = self._manager.read_server_log(offset, request.limit)
+        read = self._manager.members.read_log if request.member else self._manager.read_server_log
+        data = read(offset, request.limit)
         for start in range(0, len(data), LOG_CHUNK_BYTES):
             yield sut_agent_pb2.GetServerLogResponse(
                 offset=offset + start, data=data[start : start + LOG_CHUNK_BYTES]

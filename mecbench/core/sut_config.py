@@ -5,6 +5,8 @@ when it is started with it (the agent can be called directly)."""
 
 from __future__ import annotations
 
+import re
+
 from google.protobuf.duration_pb2 import Duration
 
 from mecbench.core import durations
@@ -90,6 +92,52 @@ def _validate_external(config: sut_agent_pb2.ExternalBackendConfig, prefix: str,
     violations.check(config.warmup_requests <= 1000, f"{prefix}.warmup_requests", "at most 1000")
 
 
+MAX_CLUSTER_WORKERS = 64
+MAX_JOIN_TIMEOUT_NS = 3600 * 1_000_000_000
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MEMBER_NAME = re.compile(r"[a-z][a-z0-9-]{0,39}")
+HEAD_MEMBER = "head"
+
+
+def _validate_resources(resources: common_pb2.ResourceLimits, field: str, violations: Violations) -> None:
+    violations.check(resources.cpu_cores >= 0, f"{field}.cpu_cores", "must not be negative")
+
+
+def validate_cluster(config: sut_agent_pb2.SutConfig, prefix: str, violations: Violations) -> None:
+    """A cluster SUT: the runtime names an operator's cluster launch profile, the head serves an
+    external server (that is what spans the members), every worker has a distinct name."""
+    cluster = config.cluster
+    violations.check(
+        bool(_PROFILE_NAME.fullmatch(cluster.runtime)), f"{prefix}.runtime",
+        "must name a cluster launch profile of the SUT agents' configuration (1-64 letters, digits, '_', '.', '-')",
+    )
+    violations.check(
+        config.WhichOneof("backend") == "external", f"{prefix}.runtime",
+        "a cluster serves an external server (config.external) on its head",
+    )
+    violations.check(
+        1 <= len(cluster.workers) <= MAX_CLUSTER_WORKERS, f"{prefix}.workers",
+        f"a cluster has 1 to {MAX_CLUSTER_WORKERS} workers beside its head",
+    )
+    seen: set[str] = set()
+    for index, worker in enumerate(cluster.workers):
+        field = f"{prefix}.workers[{index}]"
+        if not MEMBER_NAME.fullmatch(worker.name):
+            violations.add(f"{field}.name", "1-40 lowercase letters, digits and '-', starting with a letter")
+        elif worker.name == HEAD_MEMBER:
+            violations.add(f"{field}.name", f"{HEAD_MEMBER!r} is the head's name")
+        elif worker.name in seen:
+            violations.add(f"{field}.name", f"another worker is named {worker.name!r}")
+        seen.add(worker.name)
+        _validate_resources(worker.resources, f"{field}.resources", violations)
+        for key in worker.node_selector:
+            violations.check(bool(key) and len(key) <= 317, f"{field}.node_selector", "keys are 1-317 characters")
+    if durations.is_negative(cluster.join_timeout):
+        violations.add(f"{prefix}.join_timeout", "must not be negative")
+    elif durations.to_ns(cluster.join_timeout) > MAX_JOIN_TIMEOUT_NS:
+        violations.add(f"{prefix}.join_timeout", "must be at most 3600s")
+
+
 def serves_own_process(config: sut_agent_pb2.SutConfig) -> bool:
     """Whether the config has a served process of its own that `env` reaches: an external server
     the SUT agent starts (a launch profile or a command), or a server image beside the agent."""
@@ -115,7 +163,9 @@ def validate_config(
         _validate_onnxruntime(config.onnxruntime, f"{prefix}.onnxruntime", violations)
     elif backend == "external":
         _validate_external(config.external, f"{prefix}.external", violations)
-    violations.check(config.resources.cpu_cores >= 0, f"{prefix}.resources.cpu_cores", "must not be negative")
+    _validate_resources(config.resources, f"{prefix}.resources", violations)
+    if config.HasField("cluster"):
+        validate_cluster(config, f"{prefix}.cluster", violations)
     if config.env:
         if backend is not None and not serves_own_process(config):
             # Never the agent's own environment: the built-in backends, and a server that is

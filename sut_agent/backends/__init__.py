@@ -7,7 +7,7 @@ nothing in that case.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from mecbench.core.errors import Unimplemented
 from mecbench.v1 import sut_agent_pb2
@@ -30,7 +30,9 @@ def _onnxruntime(config: sut_agent_pb2.SutConfig, settings: SutAgentSettings) ->
     return OnnxRuntimeBackend(config.onnxruntime, model_dir=settings.model_dir)
 
 
-def _external(config: sut_agent_pb2.SutConfig, settings: SutAgentSettings) -> Backend:
+def _external(
+    config: sut_agent_pb2.SutConfig, settings: SutAgentSettings, cluster_values: Mapping[str, str] | None = None
+) -> Backend:
     from sut_agent.backends.external import ExternalBackend
 
     return ExternalBackend(
@@ -40,6 +42,7 @@ def _external(config: sut_agent_pb2.SutConfig, settings: SutAgentSettings) -> Ba
         model_dir=settings.model_dir,
         allow_request_commands=settings.allow_request_commands,
         server_env=dict(config.env),
+        cluster_values=cluster_values,
     )
 
 
@@ -50,8 +53,14 @@ BACKENDS: dict[str, BackendFactory] = {
 }
 
 
-def create_backend(config: sut_agent_pb2.SutConfig, settings: SutAgentSettings) -> Backend:
+def create_backend(
+    config: sut_agent_pb2.SutConfig, settings: SutAgentSettings, cluster_values: Mapping[str, str] | None = None
+) -> Backend:
+    """A ready backend for `config`. `cluster_values` (`{cluster_address}`, `{cluster_size}`) reach
+    the launch profile of a cluster head's server."""
     kind = config.WhichOneof("backend")
+    if kind == "external":
+        return _external(config, settings, cluster_values)
     factory = BACKENDS.get(kind or "")
     if factory is None:
         raise Unimplemented(f"{kind} backend: not yet available")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mecbench.core import durations
@@ -118,6 +118,7 @@ class ExternalBackend(Backend):
     def __init__(
         self, config: sut_agent_pb2.ExternalBackendConfig, *, profiles_path: Path | None, log_path: Path,
         model_dir: Path, allow_request_commands: bool = False, server_env: dict[str, str] | None = None,
+        cluster_values: Mapping[str, str] | None = None,
     ) -> None:
         # `server_env` is the request's environment for the server, checked by validate_config
         # (reserved names, the operator's allowlist) before this is built.
@@ -136,6 +137,7 @@ class ExternalBackend(Backend):
                 "model": config.model,
                 "model_dir": str(model_dir.resolve()),
                 **port_values(allocate_ports(profile.ports, profile.host)),
+                **(cluster_values or {}),
             }
             try:
                 # The model name comes from the request: it must be a plain value.

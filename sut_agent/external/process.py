@@ -375,27 +375,26 @@ def _describe_exit(code: int) -> str:
 
 
 def _signal_group(group: int, signum: signal.Signals) -> None:
+    """Signal the server's process group and whatever else of its session moved to a group of its
+    own (Ray's worker processes do): the server leads both, so neither holds anyone else's."""
     try:
         os.killpg(group, signum)
     except ProcessLookupError:
         pass
     except PermissionError as error:
         log.warning("server_signal_refused", group=group, signal=signum.name, error=str(error))
+    for pid in _session_members(group):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
 
 
-def _group_alive(group: int) -> bool:
-    """Whether any process of the group can still run. killpg(0) also counts zombies, which no
-    signal ends (the group's orphans are reaped by init, not by us), so /proc tells them apart."""
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+def _session_members(group: int) -> list[int]:
+    """Live (not zombie) processes of the session or process group `group` leads, from /proc."""
+    members: list[int] = []
     try:
         entries = os.scandir("/proc")
     except OSError:
-        return True
+        return members
     with entries:
         for entry in entries:
             if not entry.name.isdigit():
@@ -404,8 +403,15 @@ def _group_alive(group: int) -> bool:
                 stat = Path(entry.path, "stat").read_text()
             except OSError:
                 continue
-            # After "pid (command)" come state, ppid and pgrp; the command may hold spaces and ')'.
+            # After "pid (command)" come state, ppid, pgrp and session; the command may hold spaces and ')'.
             fields = stat[stat.rindex(")") + 2 :].split()
-            if len(fields) > 2 and int(fields[2]) == group and fields[0] != "Z":
-                return True
-    return False
+            if len(fields) > 3 and fields[0] != "Z" and group in (int(fields[2]), int(fields[3])):
+                members.append(int(entry.name))
+    return members
+
+
+def _group_alive(group: int) -> bool:
+    """Whether any process of the group (or of the session it leads) can still run. killpg(0)
+    also counts zombies, which no signal ends (the group's orphans are reaped by init, not by us),
+    so /proc tells them apart."""
+    return bool(_session_members(group))

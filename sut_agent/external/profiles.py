@@ -30,6 +30,9 @@ from mecbench.core.request_env import served_process_env
 PROBE_KINDS = ("http", "tcp", "grpc")
 # Placeholders every template may use; `{port2}` .. `{portN}` come on top, up to `ports`.
 NAMED_PLACEHOLDERS = frozenset({"host", "port", "model", "model_dir", "python", "profile"})
+# A server on the head of a cluster SUT (SutConfig.cluster) also gets where its cluster's runtime
+# listens and how many members it has (sut_agent/external/clusters.py).
+CLUSTER_PLACEHOLDERS = frozenset({"cluster_address", "cluster_size"})
 MAX_PORTS = 16
 # A model name from a request ends up on a command line; this is every character real model
 # names and paths use (Hugging Face ids, Ollama tags, file paths), and none a shell or an option
@@ -280,6 +283,31 @@ def _reject_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def load_profiles(path: Path) -> dict[str, LaunchProfile]:
     """Every profile of a YAML (or .json) profiles file. Bad content raises FailedPrecondition
     naming the file and, for each problem, `profiles.NAME.KEY` and why."""
+    document = read_document(path)
+    problems: list[str] = []
+    profiles: dict[str, LaunchProfile] = {}
+    if not isinstance(document, Mapping):
+        problems.append("the file must be a mapping with a `profiles` key")
+    else:
+        problems += [
+            f"{key}: unknown key (only `profiles` and `clusters` are allowed)"
+            for key in document if key not in ("profiles", "clusters")
+        ]
+        entries = document.get("profiles")
+        if not isinstance(entries, Mapping):
+            problems.append("profiles: must be a mapping of profile name to profile")
+        else:
+            for name, raw in entries.items():
+                profile = _ProfileReader(str(name), raw, problems, extra=CLUSTER_PLACEHOLDERS).read()
+                if profile is not None:
+                    profiles[profile.name] = profile
+    if problems:
+        raise FailedPrecondition(f"server profiles {path}: " + "; ".join(problems))
+    return profiles
+
+
+def read_document(path: Path) -> object:
+    """The parsed YAML (or .json) of a profiles file; FailedPrecondition when it cannot be read."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -291,24 +319,7 @@ def load_profiles(path: Path) -> dict[str, LaunchProfile]:
             document = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
     except (ValueError, yaml.YAMLError) as error:
         raise FailedPrecondition(f"server profiles {path} are not valid {_format_name(path)}: {error}") from error
-
-    problems: list[str] = []
-    profiles: dict[str, LaunchProfile] = {}
-    if not isinstance(document, Mapping):
-        problems.append("the file must be a mapping with a `profiles` key")
-    else:
-        problems += [f"{key}: unknown key (only `profiles` is allowed)" for key in document if key != "profiles"]
-        entries = document.get("profiles")
-        if not isinstance(entries, Mapping):
-            problems.append("profiles: must be a mapping of profile name to profile")
-        else:
-            for name, raw in entries.items():
-                profile = _ProfileReader(str(name), raw, problems).read()
-                if profile is not None:
-                    profiles[profile.name] = profile
-    if problems:
-        raise FailedPrecondition(f"server profiles {path}: " + "; ".join(problems))
-    return profiles
+    return document
 
 
 def _format_name(path: Path) -> str:
@@ -318,8 +329,14 @@ def _format_name(path: Path) -> str:
 class _ProfileReader:
     """Reads one profile, recording every problem (as `profiles.NAME.KEY: why`) rather than stopping at the first."""
 
-    def __init__(self, name: str, raw: object, problems: list[str]) -> None:
+    def __init__(
+        self, name: str, raw: object, problems: list[str], where: str = "profiles",
+        extra: frozenset[str] = frozenset(), keys: frozenset[str] = _PROFILE_KEYS,
+    ) -> None:
         self.name = name
+        self.where = where
+        self.extra = extra  # placeholders this kind of profile may use beside NAMED_PLACEHOLDERS
+        self.keys = keys
         self.raw: Mapping[Any, Any] = raw if isinstance(raw, Mapping) else {}
         self.problems = problems
         self.valid = True
@@ -330,13 +347,13 @@ class _ProfileReader:
 
     def problem(self, key: str, why: str) -> None:
         self.valid = False
-        where = f"profiles.{self.name}" + (f".{key}" if key else "")
+        where = f"{self.where}.{self.name}" + (f".{key}" if key else "")
         self.problems.append(f"{where}: {why}")
 
     def read(self) -> LaunchProfile | None:
         for key in self.raw:
-            if key not in _PROFILE_KEYS:
-                self.problem(str(key), f"unknown key (known: {', '.join(sorted(_PROFILE_KEYS))})")
+            if key not in self.keys:
+                self.problem(str(key), f"unknown key (known: {', '.join(sorted(self.keys))})")
         ports = self.integer("ports", 1, 0, MAX_PORTS)
         host = self.string("host", "127.0.0.1")
         if not host or any(c.isspace() or c in "/{}" for c in host):
@@ -375,7 +392,7 @@ class _ProfileReader:
             self.problem(key, str(error))
             return
         for name in names:
-            reason = _placeholder_problem(name, ports)
+            reason = _placeholder_problem(name, ports, self.extra)
             if reason is not None:
                 self.problem(key, reason)
 
@@ -503,37 +520,39 @@ class _ProfileReader:
         timeout_s = self.checked_number(
             f"{key}.timeout_s", block.get("timeout_s", default_timeout_s), default_timeout_s, 3600.0, False
         )
-        reason = _probe_target_problem(kind, target, ports)
+        reason = _probe_target_problem(kind, target, ports, self.extra)
         if reason is not None:
             self.problem(f"{key}.{kind}", reason)
         return ProbeTemplate(kind, target, service, interval_s, timeout_s)
 
 
-def _placeholder_problem(name: str, ports: int) -> str | None:
-    extra = _EXTRA_PORT.fullmatch(name)
+def _placeholder_problem(name: str, ports: int, extra: frozenset[str] = frozenset()) -> str | None:
+    numbered = _EXTRA_PORT.fullmatch(name)
     if name == "port":
         number = 1
-    elif extra is not None and int(extra.group(1)) >= 2:
-        number = int(extra.group(1))
-    elif extra is not None:
+    elif numbered is not None and int(numbered.group(1)) >= 2:
+        number = int(numbered.group(1))
+    elif numbered is not None:
         return f"unknown placeholder {{{name}}}: the first port is {{port}}"
-    elif name in NAMED_PLACEHOLDERS:
+    elif name in NAMED_PLACEHOLDERS or name in extra:
         return None
     else:
-        known = "{host}, {port}, {port2}..{portN}, {model}, {model_dir}, {python}, {profile}"
+        known = "{host}, {port}, {port2}..{portN}, {model}, {model_dir}, {python}, {profile}" + "".join(
+            f", {{{other}}}" for other in sorted(extra)
+        )
         return f"unknown placeholder {{{name}}} (known: {known}; write {{{{ and }}}} for literal braces)"
     if number > ports:
         return f"uses {{{name}}} but the profile allocates {ports} port(s); set ports: {number}"
     return None
 
 
-def _probe_target_problem(kind: str, target: str, ports: int) -> str | None:
+def _probe_target_problem(kind: str, target: str, ports: int, extra: frozenset[str] = frozenset()) -> str | None:
     """Checks a probe target's shape with sample values, so `tcp: http://...` fails at load time."""
     try:
         names = template_fields(target)
     except ValueError:
         return None  # reported with the templates
-    if any(_placeholder_problem(name, ports) for name in names):
+    if any(_placeholder_problem(name, ports, extra) for name in names):
         return None
     sample = {name: "127.0.0.1" if name == "host" else "1" if name.startswith("port") else "x" for name in names}
     rendered = target.format_map(sample)
