@@ -26,9 +26,10 @@ import threading
 import types
 import typing
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-from mecbench.core import errors
+if TYPE_CHECKING:
+    from mecbench.core import errors
 
 # Raised when a message's shape changes; a worker of another version is refused at its first frame.
 PROTOCOL_VERSION = 1
@@ -57,8 +58,13 @@ class WireError:
     message: str
     violations: tuple[tuple[str, str], ...] = ()
 
+    # mecbench.core.errors is imported where it is used: it imports grpc, which this module (the
+    # wire format) does not need, so a program that only speaks the protocol starts fast.
+
     @classmethod
     def of(cls, exc: errors.MecbenchError) -> WireError:
+        from mecbench.core import errors
+
         violations = (
             tuple((v.field, v.description) for v in exc.violations) if isinstance(exc, errors.InvalidArgument) else ()
         )
@@ -66,6 +72,8 @@ class WireError:
 
     def to_error(self) -> errors.MecbenchError:
         """The same class where the core defines it, else a plain MecbenchError."""
+        from mecbench.core import errors
+
         kind = getattr(errors, self.kind, None)
         if kind is errors.InvalidArgument:
             return errors.InvalidArgument([errors.FieldViolation(f, d) for f, d in self.violations])

@@ -4,8 +4,8 @@ Plain Python under the gRPC servicer. `SessionManager` opens, runs tests on, can
 closes sessions; every error is a `mecbench.core.errors` exception.
 
 Lifecycle of a session: OPENING (process started, loading the dataset and connecting) -> IDLE
-<-> RUNNING (one test at a time) -> CLOSED; FAILED when its process dies unexpectedly (RunTest on
-it fails, CloseSession clears it).
+<-> RUNNING (one test at a time) -> CLOSED; FAILED when its process dies unexpectedly or breaks the
+pipe's protocol (protocol.py; it is killed then): RunTest on it fails, CloseSession clears it.
 
 Cancelling a test: LoadGen has no abort API. The worker answers every outstanding query at once
 and every later one as it is issued, which ends Offline and query-count-bound tests at once; a
