@@ -45,6 +45,16 @@ _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "0.0.0.0", "::", "::1", "
 _ERROR_TEXT_LIMIT = 500
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop where it is installed (it cut the client's CPU per request, see bench/llm.py),
+    else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def reachable_endpoint(server_endpoint: str, sut_host: str) -> str:
     """The server's URL as this client reaches it: a loopback or wildcard host is replaced by the
     host this client reaches the SUT agent at (the same machine or namespace as the server)."""
@@ -121,9 +131,11 @@ class DirectClient:
         self._want_data = False
         self._use_tokens = False
         self._last_activity = time.monotonic()
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Each request's task and when it went out (monotonic ns), for the timeout sweep.
+        self._tasks: dict[asyncio.Task[None], int] = {}
+        self._timed_out: set[asyncio.Task[None]] = set()
         self._ready = threading.Event()
         # A sample's request is the same every time it is issued: built once (the body's JSON).
         self._calls: dict[int, tuple[HttpCall | GrpcCall, dict[str, str]]] = {}
@@ -162,6 +174,7 @@ class DirectClient:
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._open())
+        self._loop.call_later(self._sweep_interval_s(), self._sweep_timeouts)
         self._ready.set()
         self._loop.run_forever()
 
@@ -169,12 +182,29 @@ class DirectClient:
         # No limit on connections: LoadGen's arrivals decide the concurrency, as a crowd of
         # users would; each connection is kept alive and reused.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+        # No timer per request (aiohttp's timeouts arm one each): the sweep below times requests
+        # out; no cookies (an inference API sets none worth keeping), which aiohttp would filter
+        # for every request.
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.response_timeout_s),
+            timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=None, sock_read=None),
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
+
+    def _sweep_interval_s(self) -> float:
+        return min(max(self.response_timeout_s / 20, 0.01), 0.5)
+
+    def _sweep_timeouts(self) -> None:
+        """Cancel the requests out for longer than the response timeout (each then fails as a
+        timeout); runs every twentieth of the timeout (at most every 0.5 s)."""
+        limit = time.monotonic_ns() - int(self.response_timeout_s * 1e9)
+        for task, sent_ns in list(self._tasks.items()):
+            if sent_ns < limit and task not in self._timed_out:
+                self._timed_out.add(task)
+                task.cancel()
+        self._loop.call_later(self._sweep_interval_s(), self._sweep_timeouts)
 
     def _take_pending(self) -> None:
         with self._lock:
@@ -192,22 +222,28 @@ class DirectClient:
                 record = RequestRecord(index, issued_ns)
                 self._in_flight[wire_id] = (response_id, record)
                 started.append((wire_id, record))
+        create_task = self._loop.create_task
         for wire_id, record in started:
-            task = self._loop.create_task(self._request(wire_id, record))
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        with self._lock:
-            self._running -= 1
-            more = bool(self._pending) and bool(self.max_in_flight)
-        if more:
-            self._take_pending()
+            create_task(self._request(wire_id, record))
 
     async def _request(self, wire_id: int, record: RequestRecord) -> None:
-        assert self._session is not None
+        task = asyncio.current_task()
+        assert task is not None
         record.sent_ns = time.monotonic_ns()
+        self._tasks[task] = record.sent_ns
+        try:
+            await self._exchange(wire_id, record)
+        finally:
+            del self._tasks[task]
+            self._timed_out.discard(task)
+            with self._lock:
+                self._running -= 1
+                more = bool(self._pending) and bool(self.max_in_flight)
+            if more:
+                self._take_pending()
+
+    async def _exchange(self, wire_id: int, record: RequestRecord) -> None:
+        assert self._session is not None
         error = ""
         try:
             built = self._calls.get(record.sample_index)
@@ -257,7 +293,9 @@ class DirectClient:
             self._finish(wire_id, record, decoder.output(), tokens)
             return
         except asyncio.CancelledError:
-            raise
+            if asyncio.current_task() not in self._timed_out:
+                raise
+            error = f"timed out after {self.response_timeout_s:g}s"
         except ServerError as exc:
             error = str(exc)
         except grpc.aio.AioRpcError as exc:

@@ -176,6 +176,37 @@ def request_fields(payload: bytes) -> dict[str, Any] | str:
     return text
 
 
+def plain_string_field(data: bytes, key: bytes) -> str | None:
+    """The value of the JSON object key `key` (given quoted with its colon: b'"content":') in the
+    JSON text `data`, read without decoding the JSON, when that is sure to give what a JSON
+    decoder gives: the key occurs once and its value is a string without escapes. None when
+    unsure (the key is missing or repeated, the value is not a string or has escapes); the caller
+    then decodes the JSON. (In valid JSON, `"name":` with both quotes unescaped is always a key: a
+    quote inside a string is escaped. A raw control character, which a strict decoder refuses in
+    a string, is taken as it is.) A stream's per-token events are read this way: a JSON decoding
+    per event cost the direct client about a sixth of its time per request.)"""
+    at = data.find(key)
+    if at < 0:
+        return None
+    start = at + len(key)
+    if data.find(key, start) >= 0:
+        return None
+    while data[start : start + 1] in (b" ", b"\t"):
+        start += 1
+    if data[start : start + 1] != b'"':
+        return None
+    end = data.find(b'"', start + 1)
+    if end < 0:
+        return None
+    value = data[start + 1 : end]
+    if b"\\" in value:
+        return None
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return None
+
+
 class ServerType(ABC):
     """A kind of inference server: its protocol adapter and model preparation.
 

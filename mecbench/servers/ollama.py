@@ -18,6 +18,7 @@ from mecbench.servers.base import (
     Options,
     ServerError,
     ServerType,
+    plain_string_field,
     request_fields,
 )
 from mecbench.servers.http import JSON_HEADERS, HttpClient
@@ -109,6 +110,13 @@ class OllamaDecoder(AnswerDecoder):
     def line(self, line: bytes) -> str:
         if not line.strip():
             return ""
+        if (b'"done":false' in line or b'"done": false' in line) and b'"error"' not in line:
+            # A token line, read without decoding it (see plain_string_field).
+            text = plain_string_field(line, b'"content":' if self.api == "chat" else b'"response":')
+            if text is not None:
+                if text:
+                    self.parts.append(text)
+                return text
         try:
             event = json.loads(line)
         except ValueError:

@@ -25,6 +25,7 @@ from mecbench.servers.base import (
     Options,
     ServerError,
     ServerType,
+    plain_string_field,
     request_fields,
 )
 from mecbench.servers.http import JSON_HEADERS, HttpClient
@@ -131,6 +132,10 @@ class OpenAIDecoder(AnswerDecoder):
         self.parts: list[str] = []
         self.usage_tokens: int | None = None
         self.done = False
+        # A token event's text, read without decoding the event (see plain_string_field): the
+        # key of the text, and what an event must hold for that (chat: a delta).
+        self._text_key = b'"content":' if api == "chat" else b'"text":'
+        self._event_marker = b'"delta":' if api == "chat" else b'"choices":'
 
     def line(self, line: bytes) -> str:
         if not line.startswith(b"data:"):
@@ -139,6 +144,12 @@ class OpenAIDecoder(AnswerDecoder):
         if data == b"[DONE]":
             self.done = True
             return ""
+        if self._event_marker in data and not _may_carry(data):
+            text = plain_string_field(data, self._text_key)
+            if text is not None:
+                if text:
+                    self.parts.append(text)
+                return text
         try:
             event = json.loads(data)
         except ValueError:
@@ -175,6 +186,13 @@ class OpenAIDecoder(AnswerDecoder):
     def result(self) -> tuple[str, int]:
         tokens = self.usage_tokens if self.usage_tokens is not None else sum(1 for part in self.parts if part)
         return "".join(self.parts), tokens
+
+
+def _may_carry(data: bytes) -> bool:
+    """Whether an event may carry usage or an error (then it is decoded as JSON)."""
+    if b'"error"' in data:
+        return True
+    return b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data
 
 
 def _first_choice(answer: Any) -> dict[str, Any]:

@@ -3,11 +3,15 @@ failures, the SSE/NDJSON decoders, and the figures computed from request records
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loadgen_agent.direct import http_error_text, reachable_endpoint
 from loadgen_agent.llm_records import RequestRecord, compute_metrics
-from mecbench.servers.base import ServerError
+from mecbench.servers.base import ServerError, plain_string_field
 from mecbench.servers.errors import ErrorTally, error_kind
 from mecbench.servers.ollama import OllamaDecoder
 from mecbench.servers.openai import OpenAIDecoder
@@ -79,3 +83,45 @@ def test_metrics_from_records() -> None:
     # Only the first meets TTFT <= 20 ms and TPOT <= 5 ms; the failed one never counts.
     assert metrics["goodput_requests"] == 1 and metrics["goodput_fraction"] == pytest.approx(1 / 3)
     assert metrics["output_tokens_per_s"] == pytest.approx(6 / 0.065)
+
+
+_TRICKY = st.lists(st.sampled_from(['"', "\\", ":", '"content":', "text", "x", "é", "\n", " ", "{", "}"])).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=_TRICKY,
+    other=_TRICKY,
+    compact=st.booleans(),
+    ascii_only=st.booleans(),
+    usage_null=st.booleans(),
+    logprobs=st.booleans(),
+)
+def test_token_events_read_without_json_decoding_give_what_json_gives(
+    text: str, other: str, compact: bool, ascii_only: bool, usage_null: bool, logprobs: bool
+) -> None:
+    """The decoders read a token event's text without decoding its JSON when they can
+    (plain_string_field); whatever the text and the event's other fields hold, that gives what
+    decoding the JSON gives."""
+    separators = (",", ":") if compact else (", ", ": ")
+    choice: dict[str, object] = {"index": 0, "delta": {"role": other, "content": text}, "finish_reason": None}
+    if logprobs:
+        choice["logprobs"] = {"content": [{"token": other}]}
+    event: dict[str, object] = {"id": other, "choices": [choice]}
+    if usage_null:
+        event["usage"] = None
+    data = json.dumps(event, separators=separators, ensure_ascii=ascii_only).encode()
+    decoder = OpenAIDecoder("chat", "/p")
+    assert decoder.line(b"data: " + data) == text
+    completion = {"choices": [{"index": 0, "text": text, "logprobs": None}], "model": other}
+    line = b"data:" + json.dumps(completion, separators=separators, ensure_ascii=ascii_only).encode()
+    assert OpenAIDecoder("completions", "/p").line(line) == text
+    ollama_event = {"model": other, "message": {"role": "assistant", "content": text}, "done": False}
+    ollama_line = json.dumps(ollama_event, separators=separators, ensure_ascii=ascii_only).encode()
+    ollama = OllamaDecoder("chat", "/api/chat")
+    assert ollama.line(ollama_line) == text
+    generate = {"model": other, "response": text, "done": False, "context": [1, 2]}
+    assert OllamaDecoder("generate", "/p").line(json.dumps(generate, separators=separators).encode()) == text
+    # The fast path was taken where it could be: a plain text read without decoding.
+    plain = not logprobs and "\\" not in json.dumps(text, ensure_ascii=ascii_only)
+    assert plain_string_field(data, b'"content":') == (text if plain else None)
