@@ -136,6 +136,7 @@ class DataPlaneOptions(_message.Message):
     RESPONSE_TIMEOUT_FIELD_NUMBER: _builtins.int
     TRANSPORT_FIELD_NUMBER: _builtins.int
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    RAMP_FIELD_NUMBER: _builtins.int
     max_batch_size: _builtins.int
     """Most samples sent in one message."""
     streams: _builtins.int
@@ -157,6 +158,14 @@ class DataPlaneOptions(_message.Message):
     def response_timeout(self) -> _duration_pb2.Duration:
         """No response for this long ends the test with DEADLINE_EXCEEDED; 0 = 60 s."""
 
+    @_builtins.property
+    def ramp(self) -> Global___LoadRamp:
+        """Direct client path, Offline scenario only: a load ramp. The client sends the samples LoadGen
+        issued at once in stages, each at its own rate or concurrency for its duration; the last
+        stage goes on until every issued sample is sent. Each request's record names its stage, and
+        the result's llm_metrics give each stage's achieved rate and latencies (stage<i>_...).
+        """
+
     def __init__(
         self,
         *,
@@ -168,14 +177,75 @@ class DataPlaneOptions(_message.Message):
         response_timeout: _duration_pb2.Duration | None = ...,
         transport: Global___DataPlaneTransport.ValueType = ...,
         max_in_flight: _builtins.int = ...,
+        ramp: Global___LoadRamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "response_timeout", b"response_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "ramp", b"ramp", "response_timeout", b"response_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "max_batch_size", b"max_batch_size", "max_in_flight", b"max_in_flight", "omit_payloads", b"omit_payloads", "response_timeout", b"response_timeout", "streams", b"streams", "sut_interface", b"sut_interface", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "max_batch_size", b"max_batch_size", "max_in_flight", b"max_in_flight", "omit_payloads", b"omit_payloads", "ramp", b"ramp", "response_timeout", b"response_timeout", "streams", b"streams", "sut_interface", b"sut_interface", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DataPlaneOptions: _TypeAlias = DataPlaneOptions  # noqa: Y015
+
+@_typing.final
+class LoadStage(_message.Message):
+    """One stage of a load ramp: a rate or a concurrency, for a duration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATE_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    rate: _builtins.float
+    """Requests started per second (Poisson arrivals, or evenly spaced: LoadRamp.uniform_arrivals)."""
+    concurrency: _builtins.int
+    """Or: this many requests always in flight."""
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        rate: _builtins.float = ...,
+        concurrency: _builtins.int = ...,
+        duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "duration", b"duration", "rate", b"rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadStage: _TypeAlias = LoadStage  # noqa: Y015
+
+@_typing.final
+class LoadRamp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGES_FIELD_NUMBER: _builtins.int
+    UNIFORM_ARRIVALS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    uniform_arrivals: _builtins.bool
+    """Rate stages send evenly spaced requests instead of Poisson arrivals."""
+    seed: _builtins.int
+    """Seed of the Poisson arrivals (the same seed, the same schedule)."""
+    @_builtins.property
+    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoadStage]:
+        """In order; rate and concurrency stages may alternate."""
+
+    def __init__(
+        self,
+        *,
+        stages: _abc.Iterable[Global___LoadStage] | None = ...,
+        uniform_arrivals: _builtins.bool = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seed", b"seed", "stages", b"stages", "uniform_arrivals", b"uniform_arrivals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadRamp: _TypeAlias = LoadRamp  # noqa: Y015
 
 @_typing.final
 class OpenSessionRequest(_message.Message):
