@@ -10,7 +10,7 @@ from pathlib import Path
 from mecbench.core.accuracy import create_scorer, load_labels, parse_accuracy_log
 from mecbench.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Violations
 from mecbench.v1 import common_pb2
-from store.base import ObjectStore
+from store.base import ObjectStore, ObjectTooLarge
 from store.local_files import read_allowed
 from store.uris import is_s3, object_uri_problem, s3_location
 
@@ -42,11 +42,11 @@ def read_labels(spec: common_pb2.AccuracySpec, store: ObjectStore, local_roots: 
     try:
         if is_s3(uri):
             bucket, key = s3_location(uri)
-            if store.size(bucket, key) > MAX_LABELS_BYTES:
-                raise FailedPrecondition(f"the labels at {uri} are larger than {MAX_LABELS_BYTES} bytes")
-            content = store.get(bucket, key)
+            content = store.get(bucket, key, max_bytes=MAX_LABELS_BYTES)
         else:
             content = read_allowed(uri, local_roots, MAX_LABELS_BYTES, field=LABELS_FIELD, setting=LABELS_ROOTS_SETTING)
+    except ObjectTooLarge:
+        raise FailedPrecondition(f"the labels at {uri} are larger than {MAX_LABELS_BYTES} bytes") from None
     except NotFound:
         raise FailedPrecondition(f"no labels at {uri}") from None
     except (InvalidArgument, PermissionDenied) as exc:

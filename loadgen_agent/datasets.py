@@ -43,6 +43,7 @@ import numpy as np
 
 from mecbench.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from mecbench.core.logging import get_logger
+from store.base import ObjectTooLarge
 from store.local_files import copy_limited, open_allowed
 from store.settings import StoreSettings, open_store
 from store.uris import object_uri_problem, s3_location
@@ -191,15 +192,13 @@ def _download_s3(uri: str, out: IO[bytes], s3_settings: StoreSettings | None, ma
         raise FailedPrecondition(f"dataset {uri}: the LoadGen agent's S3 settings are invalid: {exc}") from None
     bucket, key = s3_location(uri)
     try:
-        if store.size(bucket, key) > max_bytes:
-            raise InvalidArgument(f"larger than the LoadGen agent's limit of {max_bytes} bytes", field=URI_FIELD)
-        data = store.get(bucket, key)
+        data = store.get(bucket, key, max_bytes=max_bytes)
+    except ObjectTooLarge:
+        raise InvalidArgument(f"larger than the LoadGen agent's limit of {max_bytes} bytes", field=URI_FIELD) from None
     except NotFound as exc:
         raise NotFound(f"dataset {uri}: {exc}") from None
     finally:
         store.close()
-    if len(data) > max_bytes:  # replaced by a larger object between the two calls
-        raise InvalidArgument(f"larger than the LoadGen agent's limit of {max_bytes} bytes", field=URI_FIELD)
     out.write(data)
     return hashlib.sha256(data).hexdigest(), len(data)
 

@@ -21,6 +21,15 @@ class StoreUnavailable(Unavailable):
     """The store cannot be reached now; the caller may retry or spool."""
 
 
+class ObjectTooLarge(StoreError):
+    """A read with a byte limit met an object over it; nothing of the object was returned.
+    Callers say which limit of theirs it broke (`limit`, bytes)."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class BucketInit:
     name: str
@@ -50,8 +59,11 @@ class ObjectStore(abc.ABC):
         """Write an object whole (replacing any previous one)."""
 
     @abc.abstractmethod
-    def get(self, bucket: str, key: str) -> bytes:
-        """Read an object; NotFound names the bucket and key when it is missing."""
+    def get(self, bucket: str, key: str, max_bytes: int | None = None) -> bytes:
+        """Read an object; NotFound names the bucket and key when it is missing. With `max_bytes`,
+        ObjectTooLarge for an object over it: refused on the size the store reports, before
+        reading, and the bytes are counted as they are read, so an object that grows (or is
+        replaced) meanwhile cannot exceed the limit either."""
 
     @abc.abstractmethod
     def list(self, bucket: str, prefix: str = "") -> list[str]:

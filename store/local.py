@@ -7,7 +7,11 @@ import tempfile
 from pathlib import Path
 
 from mecbench.core.errors import NotFound
-from store.base import BucketInit, ObjectStore, StoreError
+from store.base import BucketInit, ObjectStore, ObjectTooLarge, StoreError
+
+
+def _too_large(bucket: str, key: str, max_bytes: int) -> ObjectTooLarge:
+    return ObjectTooLarge(f"object {key!r} in bucket {bucket!r} is larger than {max_bytes} bytes", max_bytes)
 
 
 class LocalDirStore(ObjectStore):
@@ -54,13 +58,21 @@ class LocalDirStore(ObjectStore):
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def get(self, bucket: str, key: str) -> bytes:
+    def get(self, bucket: str, key: str, max_bytes: int | None = None) -> bytes:
         self._bucket_dir(bucket)
         path = self._path(bucket, key)
         try:
-            return path.read_bytes()
+            with path.open("rb") as source:
+                if max_bytes is None:
+                    return source.read()
+                if os.fstat(source.fileno()).st_size > max_bytes:
+                    raise _too_large(bucket, key, max_bytes)
+                data = source.read(max_bytes + 1)  # one byte more than allowed: it tells
         except FileNotFoundError:
             raise NotFound(f"no object {key!r} in bucket {bucket!r}") from None
+        if len(data) > max_bytes:
+            raise _too_large(bucket, key, max_bytes)
+        return data
 
     def list(self, bucket: str, prefix: str = "") -> list[str]:
         directory = self._bucket_dir(bucket)

@@ -19,13 +19,14 @@ from minio.error import S3Error, ServerError
 from urllib3.exceptions import HTTPError
 
 from mecbench.core.errors import NotFound, PermissionDenied
-from store.base import BucketInit, ObjectStore, StoreError, StoreUnavailable
+from store.base import BucketInit, ObjectStore, ObjectTooLarge, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 
 _CREDENTIAL_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken", "ExpiredToken"}
 # Error codes S3 documents as worth retrying: the server is up but cannot answer now.
 _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted"}
+_READ_CHUNK = 1024 * 1024
 
 
 class S3Store(ObjectStore):
@@ -118,13 +119,29 @@ class S3Store(ObjectStore):
             bucket, key,
         )
 
-    def get(self, bucket: str, key: str) -> bytes:
+    def get(self, bucket: str, key: str, max_bytes: int | None = None) -> bytes:
         self._check_key(bucket, key)
 
+        def too_large() -> ObjectTooLarge:
+            return ObjectTooLarge(f"{self._where(bucket, key)} is larger than {max_bytes} bytes", max_bytes or 0)
+
         def read() -> bytes:
+            # One GET: its Content-Length refuses an object over the limit before its body is
+            # read, and the count of what arrives holds even where the length was not sent.
             response = self._client.get_object(bucket, key)
             try:
-                return bytes(response.read())
+                if max_bytes is None:
+                    return bytes(response.read())
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > max_bytes:
+                    raise too_large()
+                chunks, count = [], 0
+                for chunk in response.stream(_READ_CHUNK):
+                    count += len(chunk)
+                    if count > max_bytes:
+                        raise too_large()
+                    chunks.append(chunk)
+                return b"".join(chunks)
             finally:
                 response.close()
                 response.release_conn()

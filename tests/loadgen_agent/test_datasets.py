@@ -286,6 +286,19 @@ def test_s3_uri_is_downloaded_once(
         fetch(uri, "", cache)
 
 
+def test_an_s3_object_over_the_agents_limit_is_refused_and_nothing_cached(
+    s3: S3Store, s3_server: S3Server, cache: Path
+) -> None:
+    s3.put(s3.blobs_bucket, "datasets/too-big.bin", b"y" * 1001)
+    uri = f"s3://{s3.blobs_bucket}/datasets/too-big.bin"
+    with pytest.raises(InvalidArgument) as error:
+        datasets.fetch(uri, "", cache, s3_settings(s3_server), max_bytes=1000)
+    assert [(v.field, v.description) for v in error.value.violations] == [
+        ("dataset.uri", "larger than the LoadGen agent's limit of 1000 bytes")]
+    assert cached_files(cache) == []
+    assert load_samples(datasets.fetch(uri, "", cache, s3_settings(s3_server), max_bytes=1001)) == [b"y" * 1001]
+
+
 def test_s3_missing_key_is_not_found(s3: S3Store, s3_server: S3Server, cache: Path) -> None:
     uri = f"s3://{s3.blobs_bucket}/datasets/no-such-object.tar"
     with pytest.raises(NotFound) as error:

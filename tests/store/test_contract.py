@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
+from pathlib import Path
 
 import pytest
 
 from mecbench.core.errors import NotFound
-from store.base import ObjectStore, StoreError
+from store.base import ObjectStore, ObjectTooLarge, StoreError
+from store.local import LocalDirStore
 
 
 def test_init_reports_created_then_already_there(object_store: ObjectStore) -> None:
@@ -61,3 +64,46 @@ def test_uri_names_the_object(object_store: ObjectStore) -> None:
     uri = object_store.uri(object_store.results_bucket, "e/s/r/repeat-1/")
     assert uri.endswith(f"{object_store.results_bucket}/e/s/r/repeat-1/")
     assert uri.startswith(("s3://", "file://"))
+
+
+def test_a_read_with_a_byte_limit_refuses_an_object_over_it(object_store: ObjectStore) -> None:
+    object_store.init_buckets()
+    bucket = object_store.blobs_bucket
+    payload = os.urandom(3 * 1024 * 1024 + 17)  # several of the S3 reader's chunks
+    object_store.put(bucket, "datasets/big.bin", payload)
+    object_store.put(bucket, "datasets/empty.bin", b"")
+    assert object_store.get(bucket, "datasets/big.bin", max_bytes=len(payload)) == payload
+    assert object_store.get(bucket, "datasets/empty.bin", max_bytes=0) == b""
+    for limit in (len(payload) - 1, 1024, 0):
+        with pytest.raises(ObjectTooLarge, match=r"datasets/big\.bin.* larger than") as error:
+            object_store.get(bucket, "datasets/big.bin", max_bytes=limit)
+        assert error.value.limit == limit
+    with pytest.raises(NotFound, match=r"datasets/none\.bin"):
+        object_store.get(bucket, "datasets/none.bin", max_bytes=10)
+
+
+def test_the_local_store_counts_the_bytes_it_reads_not_the_size_reported(tmp_path: Path) -> None:
+    """An object whose reported size (0: a pipe's) is under the limit while its content is over it,
+    as a file that grows while it is read: the count refuses it."""
+    store = LocalDirStore(tmp_path / "store")
+    store.init_buckets()
+    store.put(store.blobs_bucket, "datasets/growing.bin", b"")
+    path = tmp_path / "store" / store.blobs_bucket / "datasets" / "growing.bin"
+    path.unlink()
+    os.mkfifo(path)
+
+    def write(count: int) -> None:
+        with path.open("wb") as pipe:
+            pipe.write(b"x" * count)
+
+    for count, limit in ((2000, 1000), (1000, 1000)):
+        writer = threading.Thread(target=write, args=(count,))
+        writer.start()
+        try:
+            if count > limit:
+                with pytest.raises(ObjectTooLarge, match="larger than 1000 bytes"):
+                    store.get(store.blobs_bucket, "datasets/growing.bin", max_bytes=limit)
+            else:
+                assert store.get(store.blobs_bucket, "datasets/growing.bin", max_bytes=limit) == b"x" * count
+        finally:
+            writer.join(10)
