@@ -80,6 +80,8 @@ def latency_stats(latencies: Latencies) -> common_pb2.LatencyStats:
 # The direct LLM client's figures that add up over clients (counts, and rates over the clients'
 # overlapping windows); the percentiles do not, and the pooled TTFT/TPOT are `ttft`/`tpot`.
 _SUMMED_LLM_METRICS = ("requests_ok", "requests_failed", "output_tokens", "input_tokens", "goodput_requests")
+# A load ramp's stages (stage<i>_...): requests sent and failed, concurrency asked and achieved.
+_SUMMED_STAGE_SUFFIXES = ("_sent", "_failed", "_target_concurrency", "_concurrency_mean")
 
 
 def merge_llm_metrics(clients: list[dict[str, float]]) -> dict[str, float]:
@@ -89,7 +91,11 @@ def merge_llm_metrics(clients: list[dict[str, float]]) -> dict[str, float]:
     merged: dict[str, float] = {}
     for name in {key for metrics in clients for key in metrics}:
         values = [metrics.get(name, 0.0) for metrics in clients]
-        if name in _SUMMED_LLM_METRICS or (name.endswith("_per_s") and "_per_request" not in name):
+        if (
+            name in _SUMMED_LLM_METRICS
+            or (name.endswith("_per_s") and "_per_request" not in name)
+            or name.endswith(_SUMMED_STAGE_SUFFIXES)
+        ):
             merged[name] = sum(values)
     requests = merged.get("requests_ok", 0.0) + merged.get("requests_failed", 0.0)
     if requests and "goodput_requests" in merged:

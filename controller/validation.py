@@ -3,13 +3,15 @@ path, before anything is deployed or started."""
 
 from __future__ import annotations
 
+import math
+
 from google.protobuf.duration_pb2 import Duration
 
 from controller.accuracy import validate_accuracy
 from mecbench.core.durations import is_negative
 from mecbench.core.errors import Violations
 from mecbench.core.sut_config import validate_config
-from mecbench.v1 import common_pb2, controller_pb2, sut_agent_pb2
+from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, sut_agent_pb2
 from store.layout import MANIFEST_NAME, check_segment
 
 MAX_CLIENTS = 64
@@ -94,6 +96,8 @@ def validate_run_spec(spec: controller_pb2.RunSpec, prefix: str = "spec") -> Vio
     _duration(data_plane.max_batch_delay, f"{prefix}.data_plane.max_batch_delay", violations)
     _duration(data_plane.response_timeout, f"{prefix}.data_plane.response_timeout", violations)
     violations.check(data_plane.streams <= 64, f"{prefix}.data_plane.streams", "at most 64")
+    if data_plane.HasField("ramp"):
+        _check_ramp(spec, prefix, violations)
     if spec.dataset.WhichOneof("source") == "synthetic":
         synthetic = spec.dataset.synthetic
         violations.check(
@@ -104,6 +108,58 @@ def validate_run_spec(spec: controller_pb2.RunSpec, prefix: str = "spec") -> Vio
     if spec.client_groups:
         _check_groups(spec, prefix, violations)
     return violations
+
+
+MAX_RAMP_STAGES = 64
+MAX_STAGE_RATE = 1e6
+MAX_STAGE_CONCURRENCY = 100_000
+MAX_STAGE_SECONDS = 24 * 3600
+
+
+def _check_ramp(spec: controller_pb2.RunSpec, prefix: str, violations: Violations) -> None:
+    """A load ramp: the direct client schedules the samples LoadGen issues at once (Offline), in
+    stages each of one rate or one concurrency for a positive duration; LoadGen must issue at
+    least the samples the rate stages send."""
+    data_plane = spec.data_plane
+    where = f"{prefix}.data_plane.ramp"
+    stages = data_plane.ramp.stages
+    violations.check(len(stages) >= 1, f"{where}.stages", "at least one stage")
+    violations.check(len(stages) <= MAX_RAMP_STAGES, f"{where}.stages", f"at most {MAX_RAMP_STAGES} stages")
+    needed = 0.0
+    for index, stage in enumerate(stages):
+        field = f"{where}.stages[{index}]"
+        rate_ok = math.isfinite(stage.rate) and 0 <= stage.rate <= MAX_STAGE_RATE
+        violations.check(rate_ok, f"{field}.rate", f"must be between 0 and {MAX_STAGE_RATE:g}")
+        violations.check(
+            stage.concurrency <= MAX_STAGE_CONCURRENCY, f"{field}.concurrency", f"at most {MAX_STAGE_CONCURRENCY}"
+        )
+        if (stage.rate > 0) == (stage.concurrency > 0) and rate_ok:
+            violations.add(f"{field}.rate", "set exactly one of rate and concurrency")
+        seconds = stage.duration.ToNanoseconds() / 1e9
+        violations.check(
+            0 < seconds <= MAX_STAGE_SECONDS, f"{field}.duration", f"must be positive, at most {MAX_STAGE_SECONDS} s"
+        )
+        if rate_ok and 0 < seconds <= MAX_STAGE_SECONDS:
+            needed += stage.rate * seconds
+    violations.check(
+        spec.settings.scenario == common_pb2.SCENARIO_OFFLINE,
+        f"{prefix}.settings.scenario",
+        "a ramp schedules the samples itself: use SCENARIO_OFFLINE (LoadGen issues them all at once)",
+    )
+    violations.check(
+        data_plane.transport
+        not in (loadgen_agent_pb2.DATA_PLANE_TRANSPORT_GRPC, loadgen_agent_pb2.DATA_PLANE_TRANSPORT_TCP),
+        f"{prefix}.data_plane.transport",
+        "a ramp is applied by the direct client: DATA_PLANE_TRANSPORT_DIRECT (or unset)",
+    )
+    violations.check(
+        data_plane.max_in_flight == 0, f"{prefix}.data_plane.max_in_flight", "not with a ramp: its stages set it"
+    )
+    violations.check(
+        spec.settings.min_query_count >= math.ceil(needed - 1e-9),
+        f"{prefix}.settings.min_query_count",
+        f"must be at least {math.ceil(needed - 1e-9)}, the requests the ramp's rate stages send",
+    )
 
 
 def _check_netem(netem: common_pb2.NetemConfig, prefix: str, violations: Violations) -> None:

@@ -32,12 +32,13 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from loadgen_agent.llm_records import RequestRecord
+from loadgen_agent.llm_records import RequestRecord, StageSpan, compute_stage_metrics
 from mecbench.core.errors import MecbenchError
 from mecbench.core.logging import get_logger
 from mecbench.servers.base import GrpcCall, HttpCall, ServerError, ServerType
 from mecbench.servers.errors import error_kind
 from mecbench.servers.http import base_url
+from mecbench.v1 import loadgen_agent_pb2
 
 log = get_logger("mecbench.loadgen.direct")
 
@@ -97,6 +98,7 @@ class DirectClient:
         failed_sample_tokens: int,
         counters_factory: Callable[[], Any],
         max_in_flight: int = 0,
+        ramp: loadgen_agent_pb2.LoadRamp | None = None,
     ) -> None:
         import mlperf_loadgen
 
@@ -109,6 +111,15 @@ class DirectClient:
         # Concurrency mode: at most this many requests running (0: no bound).
         self.max_in_flight = max_in_flight
         self._running = 0
+        # A load ramp (Offline scenario): the samples issued at once are sent stage by stage.
+        self.stages = [
+            StageSpan(stage.rate, stage.concurrency, stage.duration.ToNanoseconds())
+            for stage in (ramp.stages if ramp else [])
+        ]
+        self._uniform_arrivals = bool(ramp and ramp.uniform_arrivals)
+        self._ramp_seed = ramp.seed if ramp else 0
+        self._ramp_task: asyncio.Task[None] | None = None
+        self._ramp_wake: asyncio.Event | None = None
         self._counters_factory = counters_factory
         self.counters = counters_factory()
         self.on_abort: Callable[[MecbenchError], None] | None = None
@@ -207,6 +218,13 @@ class DirectClient:
         self._loop.call_later(self._sweep_interval_s(), self._sweep_timeouts)
 
     def _take_pending(self) -> None:
+        if self.stages:
+            with self._lock:
+                self._wake_scheduled = False
+                start = (self._ramp_task is None or self._ramp_task.done()) and bool(self._pending)
+            if start:
+                self._ramp_task = self._loop.create_task(self._run_ramp())
+            return
         with self._lock:
             self._wake_scheduled = False
             if self.max_in_flight:
@@ -215,16 +233,83 @@ class DirectClient:
             else:
                 taken = list(self._pending)
                 self._pending.clear()
-            self._running += len(taken)
-            started: list[tuple[int, RequestRecord]] = []
-            for response_id, index, issued_ns in taken:
-                wire_id = next(self._wire_ids)
-                record = RequestRecord(index, issued_ns)
-                self._in_flight[wire_id] = (response_id, record)
-                started.append((wire_id, record))
+            started = self._started(taken, -1)
         create_task = self._loop.create_task
         for wire_id, record in started:
             create_task(self._request(wire_id, record))
+
+    def _started(self, taken: Sequence[tuple[int, int, int]], stage: int) -> list[tuple[int, RequestRecord]]:
+        """In flight from now (under `_lock`): each taken sample's wire id and record."""
+        self._running += len(taken)
+        started: list[tuple[int, RequestRecord]] = []
+        for response_id, index, issued_ns in taken:
+            wire_id = next(self._wire_ids)
+            record = RequestRecord(index, issued_ns, stage=stage)
+            self._in_flight[wire_id] = (response_id, record)
+            started.append((wire_id, record))
+        return started
+
+    def _launch(self, count: int, stage: int) -> bool:
+        """Send up to `count` pending samples as requests of ramp stage `stage`; False when none
+        is left to send."""
+        with self._lock:
+            taken = [self._pending.popleft() for _ in range(min(count, len(self._pending)))]
+            started = self._started(taken, stage)
+            left = bool(self._pending)
+        for wire_id, record in started:
+            self._loop.create_task(self._request(wire_id, record))
+        return left
+
+    async def _run_ramp(self) -> None:
+        """Send the pending samples stage by stage: a rate stage starts requests at its rate
+        (Poisson or evenly spaced arrivals), a concurrency stage keeps its count in flight, each
+        for its duration; the last stage goes on until no sample is left. Each stage's span is
+        kept (StageSpan.start_ns/end_ns) for its figures."""
+        rng = np.random.default_rng(self._ramp_seed)
+        wake = self._ramp_wake = asyncio.Event()
+        left = True
+        for index, stage in enumerate(self.stages):
+            last = index == len(self.stages) - 1
+            stage.start_ns = time.monotonic_ns()
+            end_ns = stage.start_ns + stage.duration_ns
+            stage.end_ns = end_ns
+            if not left:
+                stage.end_ns = stage.start_ns
+                continue
+            if stage.rate:
+                gap_s = 1.0 / stage.rate
+                offset_s = 0.0
+                for arrival in itertools.count():
+                    if not left:
+                        break
+                    # Evenly spaced: the k-th at k gaps from the stage's start; Poisson: a gap in.
+                    if self._uniform_arrivals:
+                        offset_s = arrival * gap_s
+                    else:
+                        offset_s += rng.exponential(gap_s)
+                    due_ns = stage.start_ns + round(offset_s * 1e9)
+                    if due_ns >= end_ns and not last:
+                        break
+                    delay_s = (due_ns - time.monotonic_ns()) / 1e9
+                    if delay_s > 0:
+                        await asyncio.sleep(delay_s)
+                    left = self._launch(1, index)
+                    stage.end_ns = max(end_ns, time.monotonic_ns())
+            else:
+                timer = self._loop.call_later(stage.duration_ns / 1e9, wake.set)
+                try:
+                    while left and (last or time.monotonic_ns() < end_ns):
+                        with self._lock:
+                            room = stage.concurrency - self._running
+                        if room > 0:
+                            left = self._launch(room, index)
+                        wake.clear()
+                        await wake.wait()
+                finally:
+                    timer.cancel()
+                stage.end_ns = max(end_ns, time.monotonic_ns()) if last else end_ns
+            if not left and stage.end_ns > time.monotonic_ns():
+                stage.end_ns = time.monotonic_ns()  # nothing left to send: the stage ends here
 
     async def _request(self, wire_id: int, record: RequestRecord) -> None:
         task = asyncio.current_task()
@@ -241,6 +326,8 @@ class DirectClient:
                 more = bool(self._pending) and bool(self.max_in_flight)
             if more:
                 self._take_pending()
+            elif self._ramp_wake is not None:
+                self._ramp_wake.set()
 
     async def _exchange(self, wire_id: int, record: RequestRecord) -> None:
         assert self._session is not None
@@ -410,6 +497,9 @@ class DirectClient:
             self._first_token_seen = set()
             self._records = []
             self._last_activity = time.monotonic()
+            self._ramp_task = None
+            for stage in self.stages:
+                stage.start_ns = stage.end_ns = 0
 
     def end_test(self) -> tuple[Any, bool, MecbenchError | None]:
         with self._lock:
@@ -419,6 +509,10 @@ class DirectClient:
             self._in_flight.clear()
             self._first_token_seen = set()
             return self.counters, self._cancelled, self._abort_error
+
+    def stage_metrics(self, records: Sequence[RequestRecord]) -> dict[str, float]:
+        """The load ramp's figures per stage (none without a ramp), from the test's records."""
+        return compute_stage_metrics(records, self.stages) if self.stages else {}
 
     def take_records(self) -> list[RequestRecord]:
         with self._lock:
@@ -460,6 +554,8 @@ class DirectClient:
     def _cancel_tasks(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self._ramp_task is not None:
+            self._ramp_task.cancel()
 
     def _complete_now(self, ids: Sequence[int]) -> None:
         make = self._lg.QuerySampleResponse

@@ -46,6 +46,8 @@ class RequestRecord:
     error: str = ""
     # Bytes of the answer's body as the client read it (decoded of chunked framing).
     response_bytes: int = 0
+    # The load ramp's stage the request was sent in (-1: no ramp).
+    stage: int = -1
 
     @property
     def ok(self) -> bool:
@@ -91,7 +93,7 @@ class RequestRecord:
             "response_bytes": self.response_bytes,
             "error_kind": self.error_kind,
             "error": self.error,
-        }
+        } | ({"stage": self.stage} if self.stage >= 0 else {})
 
 
 def _spread(prefix: str, values: Sequence[float], metrics: dict[str, float]) -> None:
@@ -141,6 +143,55 @@ def compute_metrics(
         metrics["output_tokens_per_s"] = tokens / span_s
         metrics["goodput_requests_per_s"] = len(good) / span_s
         metrics["goodput_output_tokens_per_s"] = sum(r.output_tokens for r in good) / span_s
+    return metrics
+
+
+@dataclass
+class StageSpan:
+    """One stage of a load ramp as asked (a rate or a concurrency, for a duration) and as it ran:
+    its span on the monotonic clock (0 until it ran)."""
+
+    rate: float
+    concurrency: int
+    duration_ns: int
+    start_ns: int = 0
+    end_ns: int = 0
+
+
+def compute_stage_metrics(records: Sequence[RequestRecord], stages: Sequence[StageSpan]) -> dict[str, float]:
+    """Each ramp stage's figures from the records of the requests sent in it: `stage<i>_` +
+    target_rate_per_s or target_concurrency (as asked), duration_s (as it ran), sent, failed,
+    requests_per_s (sent over the stage's span: the achieved rate), concurrency_mean (requests in
+    flight, averaged over the span), ttft/e2e p50 and p90."""
+    metrics: dict[str, float] = {}
+    by_stage: dict[int, list[RequestRecord]] = {}
+    for record in records:
+        by_stage.setdefault(record.stage, []).append(record)
+    for index, stage in enumerate(stages):
+        prefix = f"stage{index}"
+        if stage.rate:
+            metrics[f"{prefix}_target_rate_per_s"] = stage.rate
+        else:
+            metrics[f"{prefix}_target_concurrency"] = float(stage.concurrency)
+        span_ns = stage.end_ns - stage.start_ns
+        metrics[f"{prefix}_duration_s"] = span_ns / 1e9
+        sent = by_stage.get(index, [])
+        ok = [r for r in sent if r.ok]
+        metrics[f"{prefix}_sent"] = float(len(sent))
+        metrics[f"{prefix}_failed"] = float(len(sent) - len(ok))
+        if span_ns <= 0:
+            continue
+        metrics[f"{prefix}_requests_per_s"] = len(sent) / (span_ns / 1e9)
+        # Time in flight within the span, summed over every request of the test (a stage's
+        # concurrency includes requests still running from the stage before).
+        busy_ns = sum(
+            max(0, min(r.ended_ns or stage.end_ns, stage.end_ns) - max(r.start_ns, stage.start_ns)) for r in records
+        )
+        metrics[f"{prefix}_concurrency_mean"] = busy_ns / span_ns
+        for name, values in (("ttft", [r.ttft_s for r in ok if r.first_token_ns]), ("e2e", [r.e2e_s for r in ok])):
+            if values:
+                metrics[f"{prefix}_{name}_p50_s"] = float(np.percentile(values, 50))
+                metrics[f"{prefix}_{name}_p90_s"] = float(np.percentile(values, 90))
     return metrics
 
 

@@ -647,7 +647,8 @@ class SessionWorker:
         self._direct_key = _direct_key(status)
         timeout_s = durations.to_seconds(self.options.response_timeout) or DEFAULT_RESPONSE_TIMEOUT_S
         return DirectClient(
-            server, url, samples, timeout_s, FAILED_SAMPLE_TOKENS, TestCounters, self.options.max_in_flight
+            server, url, samples, timeout_s, FAILED_SAMPLE_TOKENS, TestCounters, self.options.max_in_flight,
+            self.options.ramp if self.options.HasField("ramp") else None,
         )
 
     def _direct_target(
@@ -833,6 +834,7 @@ class SessionWorker:
             llm_metrics = compute_metrics(
                 records, durations.to_seconds(settings.ttft_latency), durations.to_seconds(settings.tpot_latency)
             )
+            llm_metrics.update(self.data_plane.stage_metrics(records))
         elif self.data_plane.token_rows:
             try:
                 write_token_latencies(self.data_plane.token_rows, outdir)
