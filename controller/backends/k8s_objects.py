@@ -38,6 +38,13 @@ LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_EXPERIMENT = "mecbench.io/experiment"
 LABEL_OWNER = "mecbench.io/owner"
+# Cluster SUTs (SutConfig.cluster): every member pod carries its cluster and its role in it.
+LABEL_CLUSTER = "mecbench.io/cluster"
+LABEL_MEMBER_ROLE = "mecbench.io/member-role"
+# The StatefulSet controller names each of its pods in this label (LeaderWorkerSet's pods are
+# StatefulSet pods too).
+LABEL_STATEFULSET_POD = "statefulset.kubernetes.io/pod-name"
+LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 ANNOTATION_EXPIRES_AT = "mecbench.io/expires-at"
 ANNOTATION_AGENT = "mecbench.io/agent"
 # What the sweep and close() select: objects this code made, never the ones deploy/ applies.
@@ -61,6 +68,8 @@ class Component(StrEnum):
     SUT = "sut-agent"
     LOADGEN = "loadgen-agent"
     LOADGEN_JOB = "loadgen-job"
+    # A worker of a cluster SUT (its head is the SUT agent).
+    SUT_MEMBER = "sut-member"
     OWNER = "owner"
 
 
@@ -78,12 +87,12 @@ def dns_label(text: str, max_len: int = 63) -> str:
     return cleaned[:max_len].rstrip("-") or "x"
 
 
-def salted_name(scope: str, kind: str, salt: str) -> str:
-    """`mecbench-<scope>-<kind>-<salt>`, at most 63 characters and a DNS-1035 label (a Service's
-    name must be one), the scope shortened to fit. The salt keeps a redeployed agent's objects
-    apart from a previous one's that may still be terminating."""
+def salted_name(scope: str, kind: str, salt: str, max_len: int = 63) -> str:
+    """`mecbench-<scope>-<kind>-<salt>`, at most `max_len` (63) characters and a DNS-1035 label (a
+    Service's name must be one), the scope shortened to fit. The salt keeps a redeployed agent's
+    objects apart from a previous one's that may still be terminating."""
     fixed = len("mecbench-") + len(kind) + 1 + len(salt) + 1
-    name = f"mecbench-{dns_label(scope, 63 - fixed)}-{kind}-{salt}"
+    name = f"mecbench-{dns_label(scope, max_len - fixed)}-{kind}-{salt}"
     assert is_dns_label(name), name
     return name
 
@@ -237,8 +246,9 @@ def _grpc_probe(port: int, tls: bool = False) -> JsonObject:
     return {**check, "periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 3}
 
 
-def tls_env(ctx: ObjectContext, service: str) -> dict[str, str]:
-    """MECBENCH_TLS_* for an agent pod whose certificates are mounted from ctx.tls_secret."""
+def tls_env(ctx: ObjectContext, service: str, member: bool = False) -> dict[str, str]:
+    """MECBENCH_TLS_* for an agent pod whose certificates are mounted from ctx.tls_secret. A
+    cluster's worker (`member`) is a SUT agent that only the controller calls."""
     if not ctx.tls_secret:
         return {}
     env = {
@@ -248,7 +258,9 @@ def tls_env(ctx: ObjectContext, service: str) -> dict[str, str]:
         "MECBENCH_TLS_CLIENT_AUTH": "true",
         "MECBENCH_TLS_SERVER_NAME": ctx.tls_server_name,
     }
-    if service == "sut-agent":
+    if service == "sut-agent" and member:
+        env["MECBENCH_SUT_TLS_ALLOWED_CLIENTS"] = ctx.controller_identity
+    elif service == "sut-agent":
         env["MECBENCH_SUT_TLS_ALLOWED_CLIENTS"] = f"{ctx.controller_identity},{ctx.tls_server_name}"
     elif service == "loadgen-agent":
         env["MECBENCH_LOADGEN_TLS_ALLOWED_CLIENTS"] = ctx.controller_identity
@@ -270,7 +282,7 @@ def _restricted_security_context() -> JsonObject:
 
 
 def _agent_container(ctx: ObjectContext, name: str, service: str, image: str, env: dict[str, str],
-                     ports: list[JsonObject]) -> JsonObject:
+                     ports: list[JsonObject], member: bool = False) -> JsonObject:
     container: JsonObject = {
         "name": name,
         "image": image,
@@ -285,7 +297,7 @@ def _agent_container(ctx: ObjectContext, name: str, service: str, image: str, en
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     # The operator's TLS settings win over anything else given for the agent.
-    env = {**env, **tls_env(ctx, service)}
+    env = {**env, **tls_env(ctx, service, member)}
     if ctx.tls_secret:
         container["volumeMounts"].append({"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True})
     if env:
@@ -324,7 +336,7 @@ def cpu_quantity(cores: float) -> str:
     return f"{max(1, math.ceil(round(cores * 1000, 6)))}m"
 
 
-def _resources(config: sut_agent_pb2.SutConfig) -> JsonObject:
+def _resources(config: sut_agent_pb2.SutConfig | sut_agent_pb2.SutMember) -> JsonObject:
     """Requests equal to limits (Guaranteed QoS where both CPU and memory are given: a benchmark
     must not share what it measures). GPUs are a count for the device plugin."""
     amounts: dict[str, str] = {}
@@ -342,24 +354,21 @@ def _resources(config: sut_agent_pb2.SutConfig) -> JsonObject:
 def check_sut_config(config: sut_agent_pb2.SutConfig, prefix: str = "sut") -> None:
     """What the cluster backend cannot do with a SutConfig, all at once (INVALID_ARGUMENT)."""
     violations = Violations()
-    if config.gpus.uuids or config.gpus.indices:
-        field = "uuids" if config.gpus.uuids else "indices"
+    _check_placement(config, prefix, violations)
+    if config.args and is_cluster(config):
         violations.add(
-            f"{prefix}.gpus.{field}",
-            "the kubernetes backend asks the device plugin for a number of GPUs (gpus.count); "
-            "choose the kind of GPU with node_selector (e.g. nvidia.com/gpu.product)",
+            f"{prefix}.args",
+            "a cluster's head and workers run the SUT agent, which starts the runtime and the server from "
+            "the cluster launch profile (cluster.runtime); no command line comes with the request",
         )
-    if config.args and not has_server_sidecar(config):
+    elif config.args and not has_server_sidecar(config):
         violations.add(
             f"{prefix}.args",
             "args are the server's when sut.image runs an external server as a sidecar; "
             "the SUT agent's own command line is fixed",
         )
-    for key, value in config.node_selector.items():
-        if not valid_label_key(key):
-            violations.add(f"{prefix}.node_selector", f"{key!r} is not a Kubernetes label key")
-        if not valid_label_value(value):
-            violations.add(f"{prefix}.node_selector", f"{value!r} ({key}) is not a Kubernetes label value")
+    for index, worker in enumerate(config.cluster.workers):
+        _check_placement(worker, f"{prefix}.cluster.workers[{index}]", violations)
     # A request's environment reaches only the server, and never with a reserved name.
     check_request_env(config.env, f"{prefix}.env", (), violations)
     if config.image and (any(c.isspace() for c in config.image) or len(config.image) > 1024):
@@ -367,16 +376,57 @@ def check_sut_config(config: sut_agent_pb2.SutConfig, prefix: str = "sut") -> No
     violations.raise_if_any()
 
 
+def _check_placement(config: sut_agent_pb2.SutConfig | sut_agent_pb2.SutMember, prefix: str,
+                     violations: Violations) -> None:
+    if config.gpus.uuids or config.gpus.indices:
+        field = "uuids" if config.gpus.uuids else "indices"
+        violations.add(
+            f"{prefix}.gpus.{field}",
+            "the kubernetes backend asks the device plugin for a number of GPUs (gpus.count); "
+            "choose the kind of GPU with node_selector (e.g. nvidia.com/gpu.product)",
+        )
+    for key, value in config.node_selector.items():
+        if not valid_label_key(key):
+            violations.add(f"{prefix}.node_selector", f"{key!r} is not a Kubernetes label key")
+        if not valid_label_value(value):
+            violations.add(f"{prefix}.node_selector", f"{value!r} ({key}) is not a Kubernetes label value")
+
+
+def is_cluster(config: sut_agent_pb2.SutConfig) -> bool:
+    """A SUT of several members (a head and workers, SutConfig.cluster)."""
+    return config.HasField("cluster")
+
+
 def has_server_sidecar(config: sut_agent_pb2.SutConfig) -> bool:
     """An external backend with its own image: the server runs beside the agent in the pod and
     the agent forwards to it over localhost (`external.endpoint`). An external backend without an
-    image is launched by the agent inside its own container from a launch profile."""
-    return config.WhichOneof("backend") == "external" and bool(config.image)
+    image is launched by the agent inside its own container from a launch profile. A cluster's
+    agents start the runtime and the server themselves: its image is theirs, never a sidecar."""
+    return config.WhichOneof("backend") == "external" and bool(config.image) and not is_cluster(config)
+
+
+def _place(ctx: ObjectContext, spec: JsonObject, config: sut_agent_pb2.SutConfig | sut_agent_pb2.SutMember) -> None:
+    """A pod's node selector and, when it asks for GPUs, their toleration and RuntimeClass."""
+    if config.node_selector:
+        spec["nodeSelector"] = dict(sorted(config.node_selector.items()))
+    if config.gpus.count > 0:
+        # GPU node pools are commonly tainted so that only pods asking for GPUs land there.
+        spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+        if ctx.gpu_runtime_class:
+            spec["runtimeClassName"] = ctx.gpu_runtime_class
 
 
 def sut_pod(ctx: ObjectContext, name: str, agent: str, config: sut_agent_pb2.SutConfig) -> JsonObject:
     check_sut_config(config)
-    experiment = experiment_of(agent)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _metadata(ctx, name, Component.SUT, experiment_of(agent), agent),
+        "spec": _sut_pod_spec(ctx, config),
+    }
+
+
+def _sut_pod_spec(ctx: ObjectContext, config: sut_agent_pb2.SutConfig) -> JsonObject:
     sidecar = has_server_sidecar(config)
     # The agent's own environment is the operator's: config.env goes to the server only (the
     # sidecar below, or the process the agent launches, which gets it with the config).
@@ -408,19 +458,8 @@ def sut_pod(ctx: ObjectContext, name: str, agent: str, config: sut_agent_pb2.Sut
     elif resources:
         agent_container["resources"] = resources
     spec = _pod_spec(ctx, containers)
-    if config.node_selector:
-        spec["nodeSelector"] = dict(sorted(config.node_selector.items()))
-    if config.gpus.count > 0:
-        # GPU node pools are commonly tainted so that only pods asking for GPUs land there.
-        spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
-        if ctx.gpu_runtime_class:
-            spec["runtimeClassName"] = ctx.gpu_runtime_class
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": _metadata(ctx, name, Component.SUT, experiment, agent),
-        "spec": spec,
-    }
+    _place(ctx, spec, config)
+    return spec
 
 
 def sut_service(ctx: ObjectContext, name: str, pod_name: str, agent: str) -> JsonObject:
@@ -442,6 +481,247 @@ def sut_service(ctx: ObjectContext, name: str, pod_name: str, agent: str) -> Jso
                 {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
                 {"name": "tcp-data", "port": TCP_DATA_PLANE_PORT, "targetPort": "tcp-data", "protocol": "TCP"},
             ],
+        },
+    }
+
+
+# --- cluster SUTs ------------------------------------------------------------------------------
+#
+# A cluster SUT (SutConfig.cluster) is a head and workers, each a SUT agent in a pod of its own;
+# the agents start the runtime (Ray, ...) and the server from the operator's cluster launch profile.
+# Two shapes, the same names and labels:
+#
+# - LeaderWorkerSet (where its CRD is installed and every worker asks for the same placement): one
+#   object, size 1 + workers, whose leader is the head; `startupPolicy: LeaderReady` makes the
+#   workers only once the head is Ready; `restartPolicy: None`, so a failed member fails the run
+#   rather than being recreated behind the controller's back. Its headless Service is its own.
+# - otherwise the head is a Pod as any SUT agent's and the workers are StatefulSets (one per
+#   distinct placement, usually one), with a headless Service for all members.
+#
+# Either way each member is on a node of its own (required pod anti-affinity on the hostname), every
+# member pod is `<pod>.<base>-m.<namespace>.svc` in DNS (hostname + subdomain),
+# carries `mecbench.io/cluster=<base>` and `mecbench.io/member-role=head|worker`, and a
+# NetworkPolicy admits member-to-member traffic only (on the runtime's ports where they are known).
+
+# Room for "-m-0-<worker>" and for the StatefulSet controller's revision label `<set>-<10 hex>`
+# (at most 63) on the pods of a set named after the base.
+CLUSTER_NAME_MAX = 44
+# The StatefulSet controller and LeaderWorkerSet need pods that restart; a restarted container
+# of a member is a failed member all the same (the backend reads restartCount).
+MEMBER_RESTART_POLICY = "Always"
+
+
+@dataclass(frozen=True)
+class ClusterNames:
+    """The names of one cluster SUT's objects, all derived from `base`, the head's salted name
+    (the head's Service, which LoadGens dial, and its pod's instance label)."""
+
+    base: str
+
+    @property
+    def members(self) -> str:
+        """The headless Service of every member (the LeaderWorkerSet's own, named after it), the
+        NetworkPolicy, and the LeaderWorkerSet."""
+        return f"{self.base}-m"
+
+    @property
+    def leader_pod(self) -> str:
+        return f"{self.members}-0"
+
+    def worker_set(self, group: int) -> str:
+        return f"{self.base}-w{group}"
+
+    def worker_pods(self, config: sut_agent_pb2.SutConfig, lws: bool) -> list[str]:
+        """Each worker's pod name, in the order of config.cluster.workers."""
+        if lws:
+            return [f"{self.leader_pod}-{index + 1}" for index in range(len(config.cluster.workers))]
+        pods = [""] * len(config.cluster.workers)
+        for group, indices in enumerate(worker_groups(config)):
+            for ordinal, index in enumerate(indices):
+                pods[index] = f"{self.worker_set(group)}-{ordinal}"
+        return pods
+
+
+def cluster_names(scope: str, salt: str) -> ClusterNames:
+    return ClusterNames(salted_name(scope, "sut", salt, CLUSTER_NAME_MAX))
+
+
+def worker_groups(config: sut_agent_pb2.SutConfig) -> list[list[int]]:
+    """The workers' indices grouped by identical placement (resources, GPUs, node selector), in
+    order of first appearance: one pod template (a StatefulSet) per group."""
+    groups: dict[bytes, list[int]] = {}
+    for index, worker in enumerate(config.cluster.workers):
+        shape = sut_agent_pb2.SutMember(resources=worker.resources, gpus=worker.gpus,
+                                        node_selector=dict(worker.node_selector))
+        groups.setdefault(shape.SerializeToString(deterministic=True), []).append(index)
+    return list(groups.values())
+
+
+def _member_labels(ctx: ObjectContext, instance: str, component: Component, experiment: str, names: ClusterNames,
+                   role: str) -> dict[str, str]:
+    return {**_labels(ctx, instance, component, experiment), LABEL_CLUSTER: names.base, LABEL_MEMBER_ROLE: role}
+
+
+def _spread(spec: JsonObject, names: ClusterNames) -> None:
+    """One member per node: a SUT that spans nodes, its members' traffic crossing the network
+    between them (what tensor and pipeline parallelism over nodes is measured with)."""
+    spec["affinity"] = {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {LABEL_CLUSTER: names.base}}, "topologyKey": "kubernetes.io/hostname"},
+    ]}}
+
+
+def _template(ctx: ObjectContext, labels: dict[str, str], agent: str, spec: JsonObject) -> JsonObject:
+    return {
+        "metadata": {"labels": labels, "annotations": {ANNOTATION_AGENT: agent, ANNOTATION_EXPIRES_AT: ctx.expires_at}},
+        "spec": spec,
+    }
+
+
+def cluster_head_pod(ctx: ObjectContext, names: ClusterNames, agent: str,
+                     config: sut_agent_pb2.SutConfig) -> JsonObject:
+    """The head without a LeaderWorkerSet: the SUT agent's pod, named in DNS under the members'
+    headless Service (`<base>.<base>-m.<namespace>.svc`)."""
+    pod = sut_pod(ctx, names.base, agent, config)
+    pod["metadata"]["labels"].update({LABEL_CLUSTER: names.base, LABEL_MEMBER_ROLE: "head"})
+    pod["spec"]["subdomain"] = names.members
+    _spread(pod["spec"], names)
+    return pod
+
+
+def _worker_pod_spec(ctx: ObjectContext, config: sut_agent_pb2.SutConfig, worker: sut_agent_pb2.SutMember,
+                     names: ClusterNames) -> JsonObject:
+    """A worker's SUT agent: the cluster's image (it holds the runtime), no data plane (LoadGens
+    reach the head only), only the controller admitted over TLS; placed by its SutMember."""
+    image = config.image or ctx.image
+    container = _agent_container(ctx, "sut-agent", "sut-agent", image, {}, [_grpc_port()], member=True)
+    resources = _resources(worker)
+    if resources:
+        container["resources"] = resources
+    spec = _pod_spec(ctx, [container])
+    spec["restartPolicy"] = MEMBER_RESTART_POLICY
+    _place(ctx, spec, worker)
+    _spread(spec, names)
+    return spec
+
+
+def members_service(ctx: ObjectContext, names: ClusterNames, agent: str) -> JsonObject:
+    """Without a LeaderWorkerSet: the headless Service that gives every member pod its stable
+    DNS name, ready or not (members find each other before any of them serves)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ctx, names.members, Component.SUT_MEMBER, experiment_of(agent), agent),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_CLUSTER: names.base},
+            "ports": [{"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"}],
+        },
+    }
+
+
+def worker_statefulset(ctx: ObjectContext, names: ClusterNames, agent: str, config: sut_agent_pb2.SutConfig,
+                       group: int) -> JsonObject:
+    """Workers `group` of worker_groups(config): as many replicas as workers of that placement,
+    all started at once (Parallel: the head is already Ready when this is made)."""
+    indices = worker_groups(config)[group]
+    name = names.worker_set(group)
+    experiment = experiment_of(agent)
+    labels = _member_labels(ctx, name, Component.SUT_MEMBER, experiment, names, "worker")
+    worker = config.cluster.workers[indices[0]]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(ctx, name, Component.SUT_MEMBER, experiment, agent),
+        "spec": {
+            "serviceName": names.members,
+            "replicas": len(indices),
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": {LABEL_INSTANCE: name}},
+            "template": _template(ctx, labels, agent, _worker_pod_spec(ctx, config, worker, names)),
+        },
+    }
+
+
+def leader_worker_set(ctx: ObjectContext, names: ClusterNames, agent: str,
+                      config: sut_agent_pb2.SutConfig) -> JsonObject:
+    """The whole cluster as one LeaderWorkerSet (every worker of the same placement)."""
+    check_sut_config(config)
+    experiment = experiment_of(agent)
+    head_labels = _member_labels(ctx, names.base, Component.SUT, experiment, names, "head")
+    head_spec = _sut_pod_spec(ctx, config)
+    head_spec["restartPolicy"] = MEMBER_RESTART_POLICY
+    _spread(head_spec, names)
+    worker_labels = _member_labels(ctx, f"{names.base}-w", Component.SUT_MEMBER, experiment, names, "worker")
+    worker_spec = _worker_pod_spec(ctx, config, config.cluster.workers[0], names)
+    return {
+        "apiVersion": LWS_API_VERSION,
+        "kind": "LeaderWorkerSet",
+        "metadata": _metadata(ctx, names.members, Component.SUT, experiment, agent),
+        "spec": {
+            "replicas": 1,
+            "startupPolicy": "LeaderReady",
+            "leaderWorkerTemplate": {
+                "size": 1 + len(config.cluster.workers),
+                "restartPolicy": "None",
+                "leaderTemplate": _template(ctx, head_labels, agent, head_spec),
+                "workerTemplate": _template(ctx, worker_labels, agent, worker_spec),
+            },
+            "networkConfig": {"subdomainPolicy": "Shared"},
+        },
+    }
+
+
+PortRange = tuple[int, int]
+
+
+def parse_port_ranges(text: str) -> list[PortRange] | None:
+    """"6379,8076-8077" as [(6379, 6379), (8076, 8077)]; "*" (every port) as None."""
+    if text.strip() == "*":
+        return None
+    ranges: list[PortRange] = []
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        first, last = int(low), int(high or low)
+        if not 1 <= first <= last <= 65535:
+            raise ValueError(f"not a port or port range: {part.strip()!r}")
+        ranges.append((first, last))
+    if not ranges:
+        raise ValueError("no ports")
+    return ranges
+
+
+def parse_cluster_ports(text: str) -> dict[str, list[PortRange] | None]:
+    """MECBENCH_K8S_CLUSTER_PORTS: `runtime=ports;runtime=ports` (ports as parse_port_ranges)."""
+    table: dict[str, list[PortRange] | None] = {}
+    for entry in text.split(";"):
+        if not entry.strip():
+            continue
+        runtime, sep, ports = entry.partition("=")
+        if not sep or not runtime.strip():
+            raise ValueError(f"not runtime=ports: {entry.strip()!r}")
+        table[runtime.strip()] = parse_port_ranges(ports)
+    return table
+
+
+def members_network_policy(ctx: ObjectContext, names: ClusterNames, agent: str,
+                           ports: list[PortRange] | None) -> JsonObject:
+    """Member-to-member traffic of one cluster: from its own member pods only, on the runtime's
+    ports (None: every port, still only between the members). The agents' own ports stay under
+    deploy/'s policies (the controller; LoadGens reach the head)."""
+    rule: JsonObject = {"from": [{"podSelector": {"matchLabels": {LABEL_CLUSTER: names.base}}}]}
+    if ports is not None:
+        rule["ports"] = [
+            {"protocol": "TCP", "port": low, **({"endPort": high} if high > low else {})} for low, high in ports
+        ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(ctx, names.members, Component.SUT_MEMBER, experiment_of(agent), agent),
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_CLUSTER: names.base}},
+            "policyTypes": ["Ingress"],
+            "ingress": [rule],
         },
     }
 

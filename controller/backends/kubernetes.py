@@ -61,6 +61,11 @@ CONTROLLER_IDENTITY_ENV = "MECBENCH_K8S_CONTROLLER_IDENTITY"
 CLUSTER_DOMAIN_ENV = "MECBENCH_K8S_CLUSTER_DOMAIN"
 LOADGEN_CPU_ENV = "MECBENCH_K8S_LOADGEN_CPU_CORES"
 LOADGEN_MEMORY_ENV = "MECBENCH_K8S_LOADGEN_MEMORY_BYTES"
+# Cluster SUTs: the ports each cluster runtime's members talk to each other on, for the NetworkPolicy
+# between them (`ray=6379,8076-8077;other=*`); a runtime not named here: every port, members only.
+CLUSTER_PORTS_ENV = "MECBENCH_K8S_CLUSTER_PORTS"
+# Kinds whose pods are made by a controller of the cluster (and go with it): never deleted one by one.
+_POD_CONTROLLERS = frozenset({"Job", "StatefulSet", "LeaderWorkerSet"})
 
 # Waiting reasons of a container that will not start without someone changing something: the
 # kubelet keeps retrying, but a benchmark should say why at once rather than wait out a timeout.
@@ -105,7 +110,13 @@ class Listing:
 
 class ClusterApi(Protocol):
     """The part of the Kubernetes API the backend uses. Kinds: Pod, Service, ConfigMap, Event,
-    Job (namespaced), Node, Namespace (cluster-scoped: namespace ""). Objects are JSON dicts."""
+    Job, StatefulSet, NetworkPolicy, LeaderWorkerSet (namespaced; the last a CRD, where installed),
+    Node, Namespace (cluster-scoped: namespace ""). Objects are JSON dicts."""
+
+    def served_kinds(self, group_version: str) -> list[str]:
+        """The kinds the API server serves under `group_version` (discovery: `/apis/<group>/<version>`);
+        [] when it serves none (a CRD that is not installed: 404)."""
+        ...
 
     def create(self, kind: str, namespace: str, body: JsonObject) -> JsonObject: ...
 
@@ -150,6 +161,9 @@ _KINDS: dict[str, tuple[str, str, bool]] = {
     "Node": ("/api/v1", "nodes", False),
     "Namespace": ("/api/v1", "namespaces", False),
     "Job": ("/apis/batch/v1", "jobs", True),
+    "StatefulSet": ("/apis/apps/v1", "statefulsets", True),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
+    "LeaderWorkerSet": (f"/apis/{objects.LWS_API_VERSION}", "leaderworkersets", True),
 }
 
 
@@ -228,6 +242,17 @@ class KubernetesApi:
 
     def create(self, kind: str, namespace: str, body: JsonObject) -> JsonObject:
         return self._json("POST", _path(kind, namespace), body=body)
+
+    def served_kinds(self, group_version: str) -> list[str]:
+        path = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+        try:
+            data = self._json("GET", path)
+        except ClusterApiError as exc:
+            if exc.status == 404:
+                return []
+            raise
+        return [str(resource.get("kind", "")) for resource in data.get("resources") or []
+                if "/" not in str(resource.get("name", ""))]
 
     def get(self, kind: str, namespace: str, name: str) -> JsonObject:
         return self._json("GET", _path(kind, namespace, name))
@@ -518,6 +543,24 @@ class KubernetesConfig:
     controller_identity: str = field(
         default_factory=lambda: os.environ.get(CONTROLLER_IDENTITY_ENV, "") or "mecbench-controller"
     )
+    # Cluster SUTs: by runtime (SutCluster.runtime), the ports its members reach each other on,
+    # the only ones the members' NetworkPolicy admits between them (None: every port, still only
+    # from the cluster's own members). A runtime not named: every port between its members.
+    cluster_ports: dict[str, list[objects.PortRange] | None] = field(
+        default_factory=lambda: objects.parse_cluster_ports(os.environ.get(CLUSTER_PORTS_ENV, ""))
+    )
+
+
+@dataclass
+class _Cluster:
+    """A cluster SUT's objects, kept on its head's record."""
+
+    names: objects.ClusterNames
+    # Made as one LeaderWorkerSet (else a head Pod and StatefulSets of workers).
+    lws: bool
+    config: sut_agent_pb2.SutConfig
+    # The workers' agent names, in the order of config.cluster.workers, once started.
+    workers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -535,6 +578,23 @@ class _Deployed:
     gpus: int = 0
     # A node agent asked for without a placement: the one beside the latest SUT (default_node).
     follows_sut: bool = False
+    # Objects deleted with it before its own (a cluster head's worker sets, Services, policy).
+    extra: list[tuple[str, str]] = field(default_factory=list)
+    # Cluster SUTs: "head" or the worker's name; its DNS name for the other members; the head's
+    # cluster. A member's pod is found by `pod_selector`, its cluster's pods by `gone_selector`.
+    member: str = ""
+    dns_host: str = ""
+    cluster: _Cluster | None = None
+    pod_selector: str = ""
+    gone_selector: str = ""
+
+    def selector(self) -> str:
+        """The label selector of its (one) pod."""
+        return self.pod_selector or f"{objects.LABEL_INSTANCE}={self.instance}"
+
+    def all_pods_selector(self) -> str:
+        """The label selector of every pod that goes when it is stopped."""
+        return self.gone_selector or self.selector()
 
 
 class KubernetesBackend(DeploymentBackend):
@@ -561,6 +621,7 @@ class KubernetesBackend(DeploymentBackend):
         pod_uid = self.config.controller_pod_uid or os.environ.get(CONTROLLER_POD_UID_ENV, "")
         self.controller_pod = objects.OwnerRef(pod_name, pod_uid) if pod_name and pod_uid else None
         self._owner_name = ""  # none yet: the start sweep runs before this controller's owner exists
+        self._lws: bool | None = None  # whether the LeaderWorkerSet CRD is served (asked once)
         # What this controller's predecessors left (a crash, an OOM kill, a stop that outlasted
         # its grace period) goes now, not when its expiry passes a day later holding GPUs.
         self.sweep(at_start=True)
@@ -653,9 +714,11 @@ class KubernetesBackend(DeploymentBackend):
         self._delete_objects(record)
         # A pod that was scheduled holds its node's resources (a GPU) until it is gone; the
         # caller's next attempt should find them free.
-        self._wait_pods_gone(f"{objects.LABEL_INSTANCE}={record.instance}", self.config.delete_timeout_s)
+        self._wait_pods_gone(record.all_pods_selector(), self.config.delete_timeout_s)
 
     def start_sut_agent(self, name: str, config: sut_agent_pb2.SutConfig, placement: str = "") -> AgentHandle:
+        if objects.is_cluster(config):
+            return self._start_cluster_head(name, config, placement)
         ctx = self._context()
         pod_name = objects.salted_name(objects.agent_scope("sut-", name), "sut", objects.new_salt())
         # Built (and checked) before anything is created: a bad config creates nothing.
@@ -723,9 +786,12 @@ class KubernetesBackend(DeploymentBackend):
         record.pod = _name(pod)
         record.pod_uid = str(_meta(pod).get("uid", "")) or record.pod_uid
         handle.node = str((pod.get("spec") or {}).get("nodeName", ""))
-        if handle.kind != AgentKind.SUT:
+        if handle.kind != AgentKind.SUT or record.member not in ("", "head"):
+            # A worker of a cluster is dialled by the controller alone, at its pod's IP.
             handle.address = _address(str((pod.get("status") or {}).get("podIP", "")), objects.GRPC_PORT)
         handle.labels = {"namespace": self.namespace, "pod": record.pod, "uid": record.pod_uid}
+        if record.member:
+            handle.labels.update(member=record.member, host=record.dns_host)
         if record.service:
             handle.labels["service"] = record.service
         if record.job:
@@ -810,12 +876,12 @@ class KubernetesBackend(DeploymentBackend):
                 backoff = min(backoff * 2, 5.0)
         return None
 
-    def _wait_ready(self, what: str, record: _Deployed) -> JsonObject:
+    def _wait_ready(self, what: str, record: _Deployed, deadline: float | None = None) -> JsonObject:
         """Watch the agent's pod until it is Ready; fail at once when it cannot start, and after
-        the ready timeout otherwise, with the pod's state and recent events in the error."""
-        selector = f"{objects.LABEL_INSTANCE}={record.instance}"
+        the ready timeout (or by `deadline`) otherwise, with the pod's state and recent events."""
+        selector = record.selector()
         timeout = self.config.ready_timeout_s
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout if deadline is None else deadline
         last: JsonObject | None = None
         # Since when a problem that may clear by itself has been seen (reason, container).
         since: dict[tuple[str, str], float] = {}
@@ -1014,6 +1080,234 @@ class KubernetesBackend(DeploymentBackend):
                                              owned=False, instance="", follows_sut=not placement)
         return handle
 
+    # --- cluster SUTs ---------------------------------------------------------------------------
+
+    def _lws_available(self) -> bool:
+        """Whether the API server serves LeaderWorkerSets (its CRD is installed), asked once."""
+        if self._lws is None:
+            try:
+                self._lws = "LeaderWorkerSet" in self.api.served_kinds(objects.LWS_API_VERSION)
+            except ClusterApiError as exc:
+                log.warning("discovery_failed", group_version=objects.LWS_API_VERSION, error=str(exc))
+                return False
+        return self._lws
+
+    def _controller_kinds(self) -> tuple[str, ...]:
+        """Kinds whose objects make pods, swept and closed before the pods themselves."""
+        return ("LeaderWorkerSet", "StatefulSet") if self._lws else ("StatefulSet",)
+
+    def _dns_name(self, pod: str, names: objects.ClusterNames) -> str:
+        domain = f".{self.config.cluster_domain}" if self.config.cluster_domain else ""
+        return f"{pod}.{names.members}.{self.namespace}.svc{domain}"
+
+    def _start_cluster_head(self, name: str, config: sut_agent_pb2.SutConfig, placement: str) -> AgentHandle:
+        """The head of a cluster SUT, returned once its pod is Ready; its workers come with
+        start_sut_workers. One LeaderWorkerSet where the CRD is served and the workers share one
+        placement (it makes the workers once the head is Ready), else a Pod beside a headless
+        Service; either way with the head's Service and the members' NetworkPolicy."""
+        ctx = self._context()
+        names = objects.cluster_names(objects.agent_scope("sut-", name), objects.new_salt())
+        objects.check_sut_config(config)
+        lws = len(objects.worker_groups(config)) == 1 and self._lws_available()
+        ports = self.config.cluster_ports.get(config.cluster.runtime)
+        bodies: list[tuple[str, JsonObject]] = [
+            ("NetworkPolicy", objects.members_network_policy(ctx, names, name, ports)),
+            ("Service", objects.sut_service(ctx, names.base, names.base, name)),
+        ]
+        if lws:
+            head_pod = names.leader_pod
+            bodies.append(("LeaderWorkerSet", objects.leader_worker_set(ctx, names, name, config)))
+            extra = [("LeaderWorkerSet", names.members), ("NetworkPolicy", names.members)]
+        else:
+            head_pod = names.base
+            bodies.insert(1, ("Service", objects.members_service(ctx, names, name)))
+            bodies.append(("Pod", objects.cluster_head_pod(ctx, names, name, config)))
+            groups = len(objects.worker_groups(config))
+            # Workers before the head, the last set first: stopped in reverse order of starting.
+            extra = [("StatefulSet", names.worker_set(group)) for group in reversed(range(groups))]
+            extra += [("Service", names.members), ("NetworkPolicy", names.members)]
+        domain = f".{self.config.cluster_domain}" if self.config.cluster_domain else ""
+        address = f"{names.base}.{self.namespace}.svc{domain}:{objects.GRPC_PORT}"
+        handle = AgentHandle(name=name, kind=AgentKind.SUT, address=address, node="", placement=placement)
+        kept = sut_agent_pb2.SutConfig()
+        kept.CopyFrom(config)
+        record = _Deployed(
+            handle, pod=head_pod, service=names.base, instance=names.base, gpus=config.gpus.count, extra=extra,
+            member="head", dns_host=self._dns_name(head_pod, names), cluster=_Cluster(names, lws, kept),
+            gone_selector=f"{objects.LABEL_CLUSTER}={names.base}",
+        )
+        self._reserve(record)
+        what = f"SUT agent {name} (cluster head)"
+        try:
+            for kind, body in bodies:
+                created = self._create(kind, body, what)
+                if kind == "Pod":
+                    record.pod_uid = str(_meta(created).get("uid", ""))
+            pod = self._wait_ready(what, record)
+        except BaseException:
+            self._abandon(record)
+            raise
+        self._started(record, pod)
+        with self._lock:
+            self._sut_order.append(name)
+        log.info("cluster_head_started", agent=name, pod=record.pod, shape="LeaderWorkerSet" if lws else "StatefulSet",
+                 workers=len(config.cluster.workers))
+        return handle
+
+    def start_sut_workers(self, name: str, config: sut_agent_pb2.SutConfig) -> list[AgentHandle]:
+        """The workers of the cluster whose head is the agent `name` (start_sut_agent first), one
+        handle per config.cluster.workers entry in order, named `<name>-<worker>`, returned once
+        every worker pod is Ready. A worker that cannot start fails it naming the member; the
+        workers' objects are then gone (with a LeaderWorkerSet, they go with the head)."""
+        if not objects.is_cluster(config) or not config.cluster.workers:
+            return []
+        with self._lock:
+            head = self._deployed.get(name)
+        if head is None or head.cluster is None:
+            raise FailedPrecondition(f"SUT agent {name} is not the head of a cluster this backend started")
+        cluster = head.cluster
+        names = cluster.names
+        pods = names.worker_pods(cluster.config, cluster.lws)
+        records: list[_Deployed] = []
+        for index, worker in enumerate(cluster.config.cluster.workers):
+            agent = f"{name}-{worker.name}"
+            handle = AgentHandle(name=agent, kind=AgentKind.SUT, address="", node="")
+            record = _Deployed(handle, pod=pods[index], instance=pods[index], gpus=worker.gpus.count,
+                               member=worker.name, dns_host=self._dns_name(pods[index], names),
+                               pod_selector=f"{objects.LABEL_STATEFULSET_POD}={pods[index]}")
+            self._reserve(record)
+            records.append(record)
+        try:
+            if not cluster.lws:
+                ctx = self._context()
+                for group in range(len(objects.worker_groups(cluster.config))):
+                    body = objects.worker_statefulset(ctx, names, name, cluster.config, group)
+                    self._create("StatefulSet", body, f"the workers of SUT agent {name}")
+            # The head is Ready: the sets start every worker at once (a LeaderWorkerSet now, as
+            # its LeaderReady startup policy says); one deadline for them all.
+            deadline = time.monotonic() + self.config.ready_timeout_s
+            ready = []
+            for record in records:
+                what = f"cluster member {record.member} (agent {record.handle.name})"
+                ready.append(self._wait_ready(what, record, deadline))
+        except BaseException:
+            self._drop_workers(head, records)
+            raise
+        for record, pod in zip(records, ready, strict=True):
+            self._started(record, pod)
+        cluster.workers = [record.handle.name for record in records]
+        log.info("cluster_workers_started", agent=name, workers=[(r.member, r.pod, r.handle.node) for r in records])
+        return [record.handle for record in records]
+
+    def stop_sut_workers(self, name: str, workers: list[AgentHandle]) -> None:
+        """Stop the cluster's workers, the last first. StatefulSets are deleted orphaning their
+        pods, which are then deleted one by one in reverse order (a set would replace them); a
+        LeaderWorkerSet's workers are its own and go with it when the head is stopped."""
+        with self._lock:
+            head = self._deployed.get(name)
+            records = [self._deployed.pop(w.name) for w in reversed(workers) if w.name in self._deployed]
+        cluster = head.cluster if head is not None else None
+        if cluster is not None and cluster.lws:
+            return
+        if cluster is not None:
+            for group in reversed(range(len(objects.worker_groups(cluster.config)))):
+                set_name = cluster.names.worker_set(group)
+                with contextlib.suppress(ClusterApiError):
+                    self.api.delete("StatefulSet", self.namespace, set_name, propagation="Orphan")
+                if head is not None and ("StatefulSet", set_name) in head.extra:
+                    head.extra.remove(("StatefulSet", set_name))
+            cluster.workers = []
+        for record in records:
+            self._delete_objects(record)
+        if cluster is not None:
+            selector = f"{objects.LABEL_CLUSTER}={cluster.names.base},{objects.LABEL_MEMBER_ROLE}=worker"
+            self._wait_pods_gone(selector, self.config.delete_timeout_s)
+        log.info("cluster_workers_stopped", agent=name, workers=[r.member for r in records])
+
+    def _drop_workers(self, head: _Deployed, records: list[_Deployed]) -> None:
+        """After a failed start of the workers: nothing of them is left (their sets and pods;
+        a LeaderWorkerSet's go with its head)."""
+        with self._lock:
+            for record in records:
+                if self._deployed.get(record.handle.name) is record:
+                    del self._deployed[record.handle.name]
+        cluster = head.cluster
+        if cluster is None or cluster.lws:
+            return
+        for group in range(len(objects.worker_groups(cluster.config))):
+            with contextlib.suppress(ClusterApiError):
+                self.api.delete("StatefulSet", self.namespace, cluster.names.worker_set(group),
+                                propagation="Background")
+        selector = f"{objects.LABEL_CLUSTER}={cluster.names.base},{objects.LABEL_MEMBER_ROLE}=worker"
+        self._wait_pods_gone(selector, self.config.delete_timeout_s)
+
+    def cluster_host(self, agent: AgentHandle) -> str:
+        """The DNS name the other members reach a member at: `<pod>.<cluster>-m.<namespace>.svc`
+        (hostname and subdomain under the members' headless Service), stable for the pod's life."""
+        with self._lock:
+            record = self._deployed.get(agent.name)
+        if record is None or not record.dns_host:
+            return agent.address.rsplit(":", 1)[0].strip("[]")
+        return record.dns_host
+
+    def agent_problem(self, name: str) -> str:
+        """Why the agent is not alive ("" when it is, or it cannot be told): for a cluster member,
+        which of its pod's states ended it."""
+        with self._lock:
+            record = self._deployed.get(name)
+        if record is None or not record.pod:
+            return f"agent {name} is not running"
+        try:
+            pod: JsonObject | None = self.api.get("Pod", self.namespace, record.pod)
+        except ClusterApiError as exc:
+            if exc.status != 404:
+                return ""
+            pod = None
+        if record.member:
+            return self._member_problem(record, pod)
+        return "" if pod is not None and self.is_alive(name) else f"pod {record.pod} is not running"
+
+    def cluster_shaping_points(self, index: int) -> list[ShapingPoint]:
+        """The link between the latest cluster's head and its worker `index`: the worker pod's own
+        interface (by pod UID, on its node), which carries everything the worker exchanges with
+        the head and the other workers. Never the head's: the run's shaping holds that one."""
+        with self._lock:
+            heads = [self._deployed[n] for n in self._sut_order if n in self._deployed and self._deployed[n].cluster]
+            head = heads[-1] if heads else None
+            workers = head.cluster.workers if head is not None and head.cluster is not None else []
+            record = self._deployed.get(workers[index]) if 0 <= index < len(workers) else None
+        if record is None or not record.pod_uid:
+            raise FailedPrecondition(f"no worker {index} of a cluster SUT is running on this backend")
+        pod = PodRef(self.namespace, record.pod, record.pod_uid)
+        return [ShapingPoint(self.config.pod_interface, "", pod=pod, node=record.handle.node)]
+
+    def _member_problem(self, record: _Deployed, pod: JsonObject | None) -> str:
+        """What makes a cluster member dead: its pod gone, replaced (a set's new pod is not the
+        member that joined), ending, a container ended or restarted (its runtime process with it);
+        for a worker also not Ready. The head, like any SUT, may be slow to answer its probe
+        while a benchmark saturates it."""
+        if pod is None:
+            return f"pod {record.pod} was deleted"
+        uid = str(_meta(pod).get("uid", ""))
+        if record.pod_uid and uid != record.pod_uid:
+            return f"pod {record.pod} was deleted and replaced by another (uid {uid})"
+        if _meta(pod).get("deletionTimestamp"):
+            return f"pod {record.pod} is being deleted"
+        status = pod.get("status") or {}
+        if status.get("phase") != "Running":
+            return f"pod {record.pod} is {status.get('phase') or 'Pending'}" + (
+                f": {status.get('reason')}" if status.get("reason") else "")
+        for container in status.get("containerStatuses") or []:
+            state = container.get("state") or {}
+            last = (container.get("lastState") or {}).get("terminated") or state.get("terminated") or {}
+            if state.get("terminated") or int(container.get("restartCount") or 0) > 0:
+                how = "ended" if state.get("terminated") else "restarted"
+                return (f"container {container.get('name')} of pod {record.pod} {how}"
+                        f" ({last.get('reason') or 'exit code ' + str(last.get('exitCode', '?'))})")
+        if record.member != "head" and not pod_is_ready(pod):
+            return f"pod {record.pod} is not ready ({_pod_state(pod)})"
+        return ""
+
     # --- placement and shaping ---------------------------------------------------------------
 
     def sut_address_for(self, sut: AgentHandle, client: int) -> str:
@@ -1055,9 +1349,13 @@ class KubernetesBackend(DeploymentBackend):
 
     def needs_new_sut_agent(self, old: sut_agent_pb2.SutConfig, new: sut_agent_pb2.SutConfig) -> bool:
         """Image, args, env, resources, GPUs and node selector are the pod's: a change takes a
-        new pod. A change of the backend's own settings is a restart inside the agent."""
+        new pod. A change of the backend's own settings is a restart inside the agent. A cluster's
+        members are pods made for it: any change of the cluster takes new ones."""
         return (
-            old.image != new.image
+            old.HasField("cluster") != new.HasField("cluster")
+            or old.cluster.runtime != new.cluster.runtime
+            or list(old.cluster.workers) != list(new.cluster.workers)
+            or old.image != new.image
             or list(old.args) != list(new.args)
             or dict(old.env) != dict(new.env)
             or old.resources != new.resources
@@ -1076,11 +1374,12 @@ class KubernetesBackend(DeploymentBackend):
         if record is None or not record.owned:
             return
         self._delete_objects(record)
-        self._wait_pods_gone(f"{objects.LABEL_INSTANCE}={record.instance}", self.config.delete_timeout_s)
+        self._wait_pods_gone(record.all_pods_selector(), self.config.delete_timeout_s)
         log.info("agent_stopped", agent=name, pod=record.pod, job=record.job)
 
     def _delete_objects(self, record: _Deployed) -> None:
-        targets = [("Job", record.job), ("Service", record.service), ("Pod", "" if record.job else record.pod)]
+        targets = [*record.extra, ("Job", record.job), ("Service", record.service),
+                   ("Pod", "" if record.job else record.pod)]
         for kind, name in targets:
             if not name:
                 continue
@@ -1144,6 +1443,8 @@ class KubernetesBackend(DeploymentBackend):
             # Cannot tell: an API hiccup must not read as a dead agent and abort a run.
             log.warning("liveness_unknown", agent=name, error=str(exc))
             return True
+        if record.member:
+            return not self._member_problem(record, pod)
         # An agent of ours is alive while its pod runs: a readiness probe timing out while a
         # benchmark saturates it is not death; a container of it that ended is (a dead server
         # sidecar is not restarted: restartPolicy Never). A node agent must be ready to be worth dialling.
@@ -1218,7 +1519,7 @@ class KubernetesBackend(DeploymentBackend):
         gone = {_name(cm) for cm in owners_seen if not _expired(cm, now) and self._dead_owner(cm, now, at_start)}
         live = {_name(cm) for cm in owners_seen if not _expired(cm, now)} - gone
         removed: list[str] = []
-        for kind in ("ConfigMap", "Job", "Service", "Pod"):
+        for kind in ("ConfigMap", *self._controller_kinds(), "Job", "Service", "NetworkPolicy", "Pod"):
             try:
                 items = owners if kind == "ConfigMap" else self.api.list(kind, self.namespace, selector).items
             except ClusterApiError as exc:
@@ -1231,8 +1532,8 @@ class KubernetesBackend(DeploymentBackend):
                     continue
                 if owner not in gone and _name(obj) not in gone and not _expired(obj, now):
                     continue
-                if kind == "Pod" and any(ref.get("kind") == "Job" for ref in meta.get("ownerReferences") or []):
-                    continue  # its Job is swept, and its pods go with it
+                if kind == "Pod" and _controlled(obj):
+                    continue  # its Job or set is swept, and its pods go with it
                 try:
                     self.api.delete(kind, self.namespace, _name(obj), propagation="Background")
                 except ClusterApiError as exc:
@@ -1261,13 +1562,13 @@ class KubernetesBackend(DeploymentBackend):
             self.api.delete("ConfigMap", self.namespace, self.owner.name, propagation="Background")
         # Anything labelled as ours that the owner reference did not cover (made elsewhere, or
         # its reference lost) goes too.
-        for kind in ("Job", "Service", "Pod"):
+        for kind in (*self._controller_kinds(), "Job", "Service", "NetworkPolicy", "Pod"):
             try:
                 items = self.api.list(kind, self.namespace, f"{objects.LABEL_OWNER}={self.owner.name}").items
             except ClusterApiError:
                 continue
             for obj in items:
-                if kind == "Pod" and any(ref.get("kind") == "Job" for ref in _meta(obj).get("ownerReferences") or []):
+                if kind == "Pod" and _controlled(obj):
                     continue
                 with contextlib.suppress(ClusterApiError):
                     self.api.delete(kind, self.namespace, _name(obj), propagation="Background")
@@ -1275,6 +1576,11 @@ class KubernetesBackend(DeploymentBackend):
         if self._maintainer is not None:
             self._maintainer.join(timeout=5)
         log.info("kubernetes_backend_closed", owner=self.owner.name)
+
+
+def _controlled(pod: JsonObject) -> bool:
+    """Whether a pod is a Job's or a set's, which deleting its controller takes with it."""
+    return any(ref.get("kind") in _POD_CONTROLLERS for ref in _meta(pod).get("ownerReferences") or [])
 
 
 def _expired(obj: JsonObject, now: float) -> bool:

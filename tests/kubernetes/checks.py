@@ -24,7 +24,68 @@ _PORT_NAME = re.compile(r"^(?=.{1,15}$)[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 
 
+# LeaderWorkerSet (leaderworkerset.x-k8s.io/v1) is a CRD: kubernetes-validate has no schema for it.
+# Its own fields are checked strictly against this schema, written from the LWS API types
+# (api/leaderworkerset/v1/leaderworkerset_types.go: names, enums, minimums), and each of its pod
+# templates with kubernetes-validate --strict as the PodTemplateSpec it is (a v1 PodTemplate).
+_TEMPLATE = {"type": "object"}
+_INT32 = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
+LWS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "leaderworkerset.x-k8s.io/v1"},
+        "kind": {"const": "LeaderWorkerSet"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["leaderWorkerTemplate"],
+            "properties": {
+                "replicas": _INT32,
+                "startupPolicy": {"enum": ["LeaderCreated", "LeaderReady"]},
+                "rolloutStrategy": {"type": "object"},
+                "networkConfig": {
+                    "type": "object", "additionalProperties": False, "required": ["subdomainPolicy"],
+                    "properties": {"subdomainPolicy": {"enum": ["Shared", "UniquePerReplica"]}},
+                },
+                "leaderWorkerTemplate": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["workerTemplate"],
+                    "properties": {
+                        "leaderTemplate": _TEMPLATE,
+                        "workerTemplate": _TEMPLATE,
+                        "size": {**_INT32, "minimum": 1},
+                        "restartPolicy": {"enum": ["Default", "RecreateGroupOnPodRestart", "RecreateGroupAfterStart",
+                                                   "None"]},
+                        "subGroupPolicy": {"type": "object"},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def _lws_problems(obj: dict[str, Any], versions: tuple[str, ...]) -> list[str]:
+    import jsonschema
+
+    problems = [f"LeaderWorkerSet: {'.'.join(str(p) for p in error.absolute_path) or '(root)'}: {error.message}"
+                for error in jsonschema.Draft202012Validator(LWS_SCHEMA).iter_errors(obj)]
+    templates = ((obj.get("spec") or {}).get("leaderWorkerTemplate") or {})
+    for key in ("leaderTemplate", "workerTemplate"):
+        if key in templates:
+            wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
+                       "template": templates[key]}
+            problems += [f"{key}: {problem}" for problem in schema_problems(wrapped, versions)]
+    return problems
+
+
 def schema_problems(obj: dict[str, Any], versions: tuple[str, ...] = VERSIONS) -> list[str]:
+    if obj.get("kind") == "LeaderWorkerSet":
+        return _lws_problems(obj, versions)
     problems = []
     for version in versions:
         try:
@@ -100,7 +161,7 @@ def api_problems(obj: dict[str, Any]) -> list[str]:
     where = f"{kind}/{name}"
     name_rule = _DNS_1035 if kind in ("Service", "Namespace") else _DNS_SUBDOMAIN
     if kind in ("Pod", "Job", "Service", "ConfigMap", "DaemonSet", "Deployment", "StatefulSet", "Secret",
-                "ServiceAccount", "Namespace", "PersistentVolumeClaim"):
+                "ServiceAccount", "Namespace", "PersistentVolumeClaim", "NetworkPolicy", "LeaderWorkerSet"):
         if not name_rule.match(name):
             problems.append(f"{where}: name is not a valid {kind} name")
         if kind == "Job" and len(name) > 63:
@@ -112,8 +173,22 @@ def api_problems(obj: dict[str, Any]) -> list[str]:
     spec = obj.get("spec") or {}
     if kind == "Pod":
         _check_pod_spec(where, spec, problems)
+    elif kind == "LeaderWorkerSet":
+        if len(name) > 49:
+            problems.append(f"{where}: its worker StatefulSet's revision label (`<name>-0-<10>`) must fit 63")
+        templates = spec.get("leaderWorkerTemplate") or {}
+        for key in ("leaderTemplate", "workerTemplate"):
+            template = templates.get(key) or {}
+            _check_labels(f"{where}.{key}", (template.get("metadata") or {}).get("labels"), problems)
+            _check_pod_spec(f"{where}.{key}", template.get("spec") or {}, problems)
+            if key in templates and (template.get("spec") or {}).get("restartPolicy", "Always") != "Always":
+                problems.append(f"{where}.{key}: its pods are a StatefulSet's: restartPolicy Always")
     elif kind in ("Job", "DaemonSet", "Deployment", "StatefulSet"):
         template = spec.get("template") or {}
+        if kind != "Job" and (template.get("spec") or {}).get("restartPolicy", "Always") != "Always":
+            problems.append(f"{where}: a {kind}'s pods restart Always")
+        if kind == "StatefulSet" and len(name) > 52:
+            problems.append(f"{where}: its pods' controller-revision-hash label (`<name>-<10>`) must fit 63")
         _check_labels(f"{where}.template", (template.get("metadata") or {}).get("labels"), problems)
         claims = {(c.get("metadata") or {}).get("name", "") for c in spec.get("volumeClaimTemplates") or []}
         _check_pod_spec(f"{where}.template", template.get("spec") or {}, problems, claims)
@@ -123,6 +198,11 @@ def api_problems(obj: dict[str, Any]) -> list[str]:
         labels = (template.get("metadata") or {}).get("labels") or {}
         if kind != "Job" and any(labels.get(k) != v for k, v in selector.items()):
             problems.append(f"{where}: selector does not match the template's labels")
+    elif kind == "NetworkPolicy":
+        for rule in spec.get("ingress") or []:
+            for port in rule.get("ports") or []:
+                if "endPort" in port and (not isinstance(port.get("port"), int) or port["endPort"] < port["port"]):
+                    problems.append(f"{where}: endPort needs a numeric port at most endPort")
     elif kind == "Service":
         ports = spec.get("ports") or []
         if len(ports) > 1 and any(not p.get("name") for p in ports):

@@ -24,6 +24,7 @@ from controller.backends.kubernetes import (
     KubernetesBackend,
     KubernetesConfig,
 )
+from mecbench.v1 import common_pb2, sut_agent_pb2
 from tests.kubernetes.fake_api import (
     IMAGE_CRASHES,
     IMAGE_CREATE_ERROR,
@@ -51,6 +52,26 @@ CRASHING_IMAGE = "ghcr.io/mecbench/crashes:0.0.0-test"
 FLAKY_CREATE_IMAGE = "ghcr.io/mecbench/create-error-once:0.0.0-test"
 BROKEN_CREATE_IMAGE = "ghcr.io/mecbench/create-error:0.0.0-test"
 DYING_IMAGE = "ghcr.io/mecbench/dies:0.0.0-test"
+
+def cluster_config(*workers: str, cores: tuple[float, ...] = (), image: str = "", runtime: str = "ray",
+                   gpus: tuple[int, ...] = ()) -> sut_agent_pb2.SutConfig:
+    """A cluster SUT: a head serving an external server from a launch profile, and `workers`
+    (their CPU cores and GPUs by position; alike when not given)."""
+    members = [
+        sut_agent_pb2.SutMember(
+            name=name,
+            resources=common_pb2.ResourceLimits(cpu_cores=cores[i] if i < len(cores) else 0.5,
+                                                memory_bytes=2**30),
+            gpus=common_pb2.GpuRequest(count=gpus[i] if i < len(gpus) else 0),
+        )
+        for i, name in enumerate(workers)
+    ]
+    return sut_agent_pb2.SutConfig(
+        external=sut_agent_pb2.ExternalBackendConfig(profile="vllm-ray"), image=image,
+        resources=common_pb2.ResourceLimits(cpu_cores=1, memory_bytes=2**30),
+        cluster=sut_agent_pb2.SutCluster(runtime=runtime, workers=members),
+    )
+
 
 fake_only = pytest.mark.skipif(REAL_CLUSTER, reason=f"uses the fake API's internals ({KUBECONFIG_ENV} is set)")
 real_only = pytest.mark.skipif(

@@ -14,7 +14,18 @@ no cluster can run. It is not a Kubernetes; it behaves like one where the backen
   ImagePullBackOff, with the kubelet's events), starts containers, runs gRPC readiness probes
   (only images that serve gRPC health pass; others log "Readiness probe failed" events) and
   keeps the containers' output for the log API.
-- A job controller makes each Job's pod from its template; pods are deleted gracefully
+- A job controller makes each Job's pod from its template. A StatefulSet controller makes
+  `<set>-<ordinal>` pods (Parallel: all at once) with the set's hostname, subdomain and
+  `statefulset.kubernetes.io/pod-name` label, and replaces one that is deleted while its set
+  lives. Where `crds` offers it, a LeaderWorkerSet controller makes its headless Service, its
+  leader pod `<lws>-0` and, once the leader is Ready (startupPolicy LeaderReady; at once with
+  LeaderCreated), the workers `<lws>-0-<i>`, injecting LWS_LEADER_ADDRESS, LWS_GROUP_SIZE and
+  LWS_WORKER_INDEX. Simplified: the real controller makes them through two StatefulSets (the
+  leader's, owned by the LWS; the workers', owned by the leader pod); here the leader pod is owned
+  by the LWS and the workers by the leader pod, which the garbage collector follows the same way.
+  Discovery (`served_kinds`) lists a CRD's kind only when it is offered. `timeline` records in
+  order when each object was created, each pod became Ready and each object was removed.
+- Pods are deleted gracefully
   (deletionTimestamp first, DELETED later); the garbage collector deletes dependents of a
   deleted owner (or of an owner that never existed) and orphans them on propagation Orphan,
   which, as in batch/v1, is the default for Jobs.
@@ -57,7 +68,13 @@ IMAGE_CREATE_ERROR = "create-error"
 IMAGE_DIES = "dies"
 
 _API_VERSIONS = {"Pod": "v1", "Service": "v1", "ConfigMap": "v1", "Event": "v1", "Namespace": "v1", "Node": "v1",
-                 "Job": "batch/v1"}
+                 "Job": "batch/v1", "StatefulSet": "apps/v1", "NetworkPolicy": "networking.k8s.io/v1",
+                 "LeaderWorkerSet": "leaderworkerset.x-k8s.io/v1"}
+# Kinds that exist only where their CRD is installed (FakeCluster's `crds`).
+_CRD_KINDS = {"LeaderWorkerSet"}
+LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
+LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+STS_POD_LABEL = "statefulset.kubernetes.io/pod-name"
 _CLUSTER_SCOPED = {"Namespace", "Node"}
 GPU = "nvidia.com/gpu"
 
@@ -165,7 +182,11 @@ class FakeCluster:
         namespaces: tuple[str, ...] = ("default",),
         step_s: float = 0.01,
         version: str = OLDEST,
+        crds: tuple[str, ...] = (),
     ) -> None:
+        self.crds = set(crds)
+        # (what, kind, name): "create", "ready" (a pod's Ready condition turned True), "remove".
+        self.timeline: list[tuple[str, str, str]] = []
         for index, node in enumerate(nodes):
             node.ip = node.ip or f"172.18.0.{index + 2}"
         self.nodes = {node.name: node for node in nodes}
@@ -255,6 +276,8 @@ class FakeCluster:
 
     def _create(self, kind: str, namespace: str, obj: JsonObject, validate: bool) -> JsonObject:
         self.requests.append(("create", kind, (obj.get("metadata") or {}).get("name", "")))
+        if kind in _CRD_KINDS and kind not in self.crds:
+            raise ClusterApiError(404, "NotFound", "the server could not find the requested resource")
         if kind == "Node" or kind not in _API_VERSIONS:
             raise ClusterApiError(405, "MethodNotAllowed", f"create of {kind} is not supported here")
         if obj.get("kind") != kind or obj.get("apiVersion") != _API_VERSIONS[kind]:
@@ -278,11 +301,12 @@ class FakeCluster:
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
         if kind == "Pod":
             obj["status"] = {"phase": "Pending", "conditions": []}
-        elif kind == "Service":
+        elif kind == "Service" and obj["spec"].get("clusterIP") != "None":  # a headless one has none
             obj["spec"]["clusterIP"] = f"10.96.0.{next(self._ips)}"
         elif kind == "Job":
             obj["status"] = {}
         self._store[key] = obj
+        self.timeline.append(("create", kind, meta["name"]))
         self._emit(kind, namespace, "ADDED", obj)
         for ref in meta.get("ownerReferences") or []:
             if self._by_uid(ref.get("uid", "")) is None:
@@ -292,7 +316,20 @@ class FakeCluster:
             self._later(1, lambda: self._schedule(namespace, meta["name"]))
         elif kind == "Job":
             self._later(1, lambda: self._job_pod(namespace, meta["name"]))
+        elif kind == "StatefulSet":
+            self._later(1, lambda: self._reconcile_set(namespace, meta["name"]))
+        elif kind == "LeaderWorkerSet":
+            self._later(1, lambda: self._reconcile_lws(namespace, meta["name"]))
         return obj
+
+    def served_kinds(self, group_version: str) -> list[str]:
+        with self._cond:
+            self.requests.append(("discover", group_version, ""))
+            kinds = [kind for kind, version in _API_VERSIONS.items()
+                     if version == group_version and (kind not in _CRD_KINDS or kind in self.crds)]
+            if not kinds:
+                raise ClusterApiError(404, "NotFound", "the server could not find the requested resource")
+            return kinds
 
     def get(self, kind: str, namespace: str, name: str) -> JsonObject:
         with self._cond:
@@ -303,6 +340,8 @@ class FakeCluster:
 
     def list(self, kind: str, namespace: str, label_selector: str = "", field_selector: str = "") -> Listing:
         with self._cond:
+            if kind in _CRD_KINDS and kind not in self.crds:
+                raise ClusterApiError(404, "NotFound", "the server could not find the requested resource")
             if self.unreachable_lists > 0 and kind == "Pod":
                 self.unreachable_lists -= 1
                 raise ClusterApiError(0, "Unreachable", "ProtocolError: ('Connection aborted.', "
@@ -360,6 +399,7 @@ class FakeCluster:
         obj = self._store.pop(key, None)
         if obj is None:
             return
+        self.timeline.append(("remove", key[0], key[2]))
         self._emit(key[0], key[1], "DELETED", obj)
         uid = obj["metadata"]["uid"]
         for dep_key, dependent in list(self._store.items()):
@@ -375,6 +415,16 @@ class FakeCluster:
             for (kind, ns, name), pod in list(self._store.items()):
                 if kind == "Pod" and not pod["spec"].get("nodeName"):
                     self._later(1, lambda ns=ns, name=name: self._schedule(ns, name))
+            # A set replaces a pod of its own that is gone while the set lives.
+            for ref in obj["metadata"].get("ownerReferences") or []:
+                owner = self._by_uid(ref.get("uid", ""))
+                if owner is None or owner["metadata"].get("deletionTimestamp"):
+                    continue
+                if ref.get("kind") == "StatefulSet":
+                    self._later(1, lambda n=ref["name"]: self._reconcile_set(key[1], n))
+                elif ref.get("kind") == "Pod" and LWS_NAME_LABEL in obj["metadata"].get("labels", {}):
+                    lws = obj["metadata"]["labels"][LWS_NAME_LABEL]
+                    self._later(1, lambda n=lws: self._reconcile_lws(key[1], n))
 
     def _collect(self, key: tuple[str, str, str]) -> None:
         """The garbage collector: delete `key` if none of its owners exists any more."""
@@ -531,6 +581,18 @@ class FakeCluster:
                 for t in tolerations
             ):
                 return [f"node(s) had untolerated taint {{{taint['key']}: {taint.get('value', '')}}}"]
+        # Required pod anti-affinity on the hostname (matchLabels terms): no matching pod on the node.
+        anti = ((spec.get("affinity") or {}).get("podAntiAffinity") or {}).get(
+            "requiredDuringSchedulingIgnoredDuringExecution") or []
+        for term in anti:
+            wanted = (term.get("labelSelector") or {}).get("matchLabels") or {}
+            if term.get("topologyKey") == "kubernetes.io/hostname" and any(
+                kind == "Pod" and other is not pod and other["spec"].get("nodeName") == node.name
+                and not other["metadata"].get("deletionTimestamp")
+                and all(other["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items())
+                for (kind, _, _), other in self._store.items()
+            ):
+                return ["node(s) didn't match pod anti-affinity rules"]
         used: dict[str, float] = {}
         for (kind, _, _), other in self._store.items():
             if kind == "Pod" and other is not pod and other["spec"].get("nodeName") == node.name \
@@ -709,15 +771,114 @@ class FakeCluster:
         pod = self._store.get(("Pod", namespace, name))
         if pod is None or pod["metadata"].get("deletionTimestamp"):
             return
+        killed = {"exitCode": 137, "reason": "OOMKilled", "startedAt": _now(), "finishedAt": _now()}
+        restarts = pod["spec"].get("restartPolicy", "Always") != "Never"
         for status in pod["status"]["containerStatuses"]:
-            if status["name"] == container:
-                status.update(ready=False, state={"terminated": {"exitCode": 137, "reason": "OOMKilled",
-                                                                 "startedAt": _now(), "finishedAt": _now()}})
+            if status["name"] == container and restarts:
+                # The kubelet starts it again: the pod Runs on, with a restart counted.
+                status.update(ready=False, restartCount=status.get("restartCount", 0) + 1,
+                              lastState={"terminated": killed}, state={"running": {"startedAt": _now()}})
+                self._event(pod, "Warning", "BackOff", "Back-off restarting failed container", "kubelet")
+            elif status["name"] == container:
+                status.update(ready=False, state={"terminated": killed})
         if all("terminated" in st["state"] for st in pod["status"]["containerStatuses"]):
             pod["status"]["phase"] = "Failed"
         for condition in ("ContainersReady", "Ready"):
             self._set_condition(pod, condition, "False", "ContainersNotReady")
         self._emit("Pod", namespace, "MODIFIED", pod)
+
+    def kill_container(self, namespace: str, pod: str, container: str) -> None:
+        """The kernel's OOM killer ends a container's process now (a test's fault)."""
+        with self._cond:
+            self._oom_kill(namespace, pod, container)
+
+    def _reconcile_set(self, namespace: str, name: str) -> None:
+        """The StatefulSet controller: every `<set>-<ordinal>` pod exists (Parallel)."""
+        sts = self._store.get(("StatefulSet", namespace, name))
+        if sts is None or sts["metadata"].get("deletionTimestamp"):
+            return
+        spec = sts["spec"]
+        template = spec["template"]
+        for ordinal in range(int(spec.get("replicas", 1))):
+            pod_name = f"{name}-{ordinal}"
+            if ("Pod", namespace, pod_name) in self._store:
+                continue
+            labels = {**(template.get("metadata") or {}).get("labels", {}), STS_POD_LABEL: pod_name,
+                      "apps.kubernetes.io/pod-index": str(ordinal), "controller-revision-hash": f"{name}-5d9c7b8f6d"}
+            pod_spec = {**copy.deepcopy(template["spec"]), "hostname": pod_name}
+            if spec.get("serviceName"):
+                pod_spec["subdomain"] = spec["serviceName"]
+            self._controlled_pod(namespace, pod_name, labels, template, pod_spec, sts, "statefulset-controller")
+
+    def _controlled_pod(self, namespace: str, name: str, labels: dict[str, str], template: JsonObject,
+                        spec: JsonObject, owner: JsonObject, component: str) -> None:
+        pod = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": name, "namespace": namespace, "labels": labels,
+                "annotations": dict((template.get("metadata") or {}).get("annotations", {})),
+                "ownerReferences": [{"apiVersion": owner["apiVersion"], "kind": owner["kind"],
+                                     "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"],
+                                     "controller": True, "blockOwnerDeletion": True}],
+            },
+            "spec": spec,
+        }
+        try:
+            self._create("Pod", namespace, pod, validate=True)
+        except ClusterApiError as exc:
+            self._event(owner, "Warning", "FailedCreate", f"create Pod {name} failed: {exc.message}", component)
+            return
+        self._event(owner, "Normal", "SuccessfulCreate", f"create Pod {name} successful", component)
+
+    def _reconcile_lws(self, namespace: str, name: str) -> None:
+        """The LeaderWorkerSet controller (replicas 1): its headless Service, the leader, and the
+        workers once the startup policy lets them be made."""
+        lws = self._store.get(("LeaderWorkerSet", namespace, name))
+        if lws is None or lws["metadata"].get("deletionTimestamp"):
+            return
+        spec = lws["spec"]
+        group = spec["leaderWorkerTemplate"]
+        size = int(group.get("size", 1))
+        owner_ref = [{"apiVersion": lws["apiVersion"], "kind": "LeaderWorkerSet", "name": name,
+                      "uid": lws["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+        if ("Service", namespace, name) not in self._store:
+            self._create("Service", namespace, {
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": namespace, "ownerReferences": owner_ref},
+                "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                         "selector": {LWS_NAME_LABEL: name}},
+            }, validate=True)
+        leader_name = f"{name}-0"
+        address = f"{leader_name}.{name}.{namespace}"
+
+        def member_spec(template: JsonObject, hostname: str, index: int) -> JsonObject:
+            pod_spec = {**copy.deepcopy(template["spec"]), "hostname": hostname, "subdomain": name}
+            for container in pod_spec["containers"]:
+                container["env"] = [*container.get("env", []), {"name": "LWS_LEADER_ADDRESS", "value": address},
+                                    {"name": "LWS_GROUP_SIZE", "value": str(size)},
+                                    {"name": "LWS_WORKER_INDEX", "value": str(index)}]
+            return pod_spec
+
+        leader_template = group.get("leaderTemplate") or group["workerTemplate"]
+        leader = self._store.get(("Pod", namespace, leader_name))
+        if leader is None:
+            labels = {**(leader_template.get("metadata") or {}).get("labels", {}), LWS_NAME_LABEL: name,
+                      LWS_WORKER_INDEX_LABEL: "0", STS_POD_LABEL: leader_name}
+            self._controlled_pod(namespace, leader_name, labels, leader_template,
+                                 member_spec(leader_template, leader_name, 0), lws, "lws-controller")
+            return
+        leader_ready = any(c["type"] == "Ready" and c["status"] == "True" for c in leader["status"].get("conditions", []))
+        if spec.get("startupPolicy", "LeaderCreated") == "LeaderReady" and not leader_ready:
+            return
+        worker_template = group["workerTemplate"]
+        for index in range(1, size):
+            pod_name = f"{leader_name}-{index}"
+            if ("Pod", namespace, pod_name) in self._store:
+                continue
+            labels = {**(worker_template.get("metadata") or {}).get("labels", {}), LWS_NAME_LABEL: name,
+                      LWS_WORKER_INDEX_LABEL: str(index), STS_POD_LABEL: pod_name}
+            self._controlled_pod(namespace, pod_name, labels, worker_template,
+                                 member_spec(worker_template, pod_name, index), leader, "lws-controller")
 
     def _probe(self, namespace: str, name: str) -> None:
         pod = self._store.get(("Pod", namespace, name))
@@ -742,6 +903,11 @@ class FakeCluster:
         for condition in ("ContainersReady", "Ready"):
             self._set_condition(pod, condition, state, "ContainersNotReady" if failing else "")
         self._emit("Pod", namespace, "MODIFIED", pod)
+        if not failing:
+            self.timeline.append(("ready", "Pod", name))
+            lws = pod["metadata"].get("labels", {}).get(LWS_NAME_LABEL)
+            if lws and pod["metadata"]["labels"].get(LWS_WORKER_INDEX_LABEL) == "0":
+                self._later(1, lambda: self._reconcile_lws(namespace, lws))
         if failing:
             self._later(20, lambda: self._probe(namespace, name))
 

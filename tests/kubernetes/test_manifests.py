@@ -18,7 +18,8 @@ from controller.backends.base import AgentKind
 from controller.backends.kubernetes import ClusterApiError, KubernetesBackend, KubernetesConfig, Listing, WatchEvent
 from mecbench.core.errors import FailedPrecondition
 from tests.kubernetes.checks import VERSIONS, all_problems
-from tests.kubernetes.conftest import PAUSE_IMAGE, _fake_cluster
+from tests.kubernetes.conftest import PAUSE_IMAGE, _fake_cluster, cluster_config
+from tests.kubernetes.fake_api import FakeNode
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -88,7 +89,9 @@ class RbacCheckedApi:
     as the API server would answer the controller's service account."""
 
     RESOURCES = {"Pod": ("", "pods"), "Service": ("", "services"), "ConfigMap": ("", "configmaps"),
-                 "Event": ("", "events"), "Job": ("batch", "jobs"), "Node": ("", "nodes")}
+                 "Event": ("", "events"), "Job": ("batch", "jobs"), "Node": ("", "nodes"),
+                 "StatefulSet": ("apps", "statefulsets"), "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
+                 "LeaderWorkerSet": ("leaderworkerset.x-k8s.io", "leaderworkersets")}
 
     def __init__(self, inner: Any, docs: list[dict[str, Any]]) -> None:
         self.inner = inner
@@ -108,6 +111,10 @@ class RbacCheckedApi:
         rules = self.namespaced if namespace else self.cluster
         if (group, resource, verb) not in rules:
             raise ClusterApiError(403, "Forbidden", f"cannot {verb} {resource} (the controller's Role)")
+
+    def served_kinds(self, group_version: str) -> list[str]:
+        # Discovery is every authenticated client's (the system:discovery ClusterRole): no rule.
+        return self.inner.served_kinds(group_version)  # type: ignore[no-any-return]
 
     def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         self._check("create", kind, namespace)
@@ -145,6 +152,8 @@ class RbacCheckedApi:
 def test_the_role_grants_everything_the_backend_does(tmp_path: Path) -> None:
     docs = render("base")
     fake = _fake_cluster("mecbench")
+    fake.crds.add("LeaderWorkerSet")
+    fake.nodes["node-c"] = FakeNode("node-c", cpu=4, memory=16 * 2**30, ip="172.18.0.9")
     api = RbacCheckedApi(fake, docs)
     try:
         fake.create("Pod", "mecbench", {
@@ -165,6 +174,15 @@ def test_the_role_grants_everything_the_backend_does(tmp_path: Path) -> None:
         backend.start_agent(AgentKind.LOADGEN, "job-rbac-r1-c0")
         backend.start_agent(AgentKind.NODE, "node-agent", placement="node-a")
         assert backend.is_alive(sut.name) and len(backend.agents()) == 4
+        # Cluster SUTs: one LeaderWorkerSet (the CRD is served here, the workers alike), and a head
+        # Pod with StatefulSets (workers placed differently); each with its members' NetworkPolicy.
+        for cluster_id, cores in (("sut-lws", (1.0, 1.0)), ("sut-sts", (1.0, 0.5))):
+            config = cluster_config("w1", "w2", cores=cores)
+            backend.start_sut_agent(cluster_id, config)
+            workers = backend.start_sut_workers(cluster_id, config)
+            if cluster_id == "sut-sts":
+                backend.stop_sut_workers(cluster_id, workers)
+                backend.stop_agent(cluster_id)
         with pytest.raises(FailedPrecondition, match=r"Insufficient nvidia\.com/gpu"):
             backend.start_sut_agent("sut-gpu", sut_agent_pb2.SutConfig(
                 synthetic=sut_agent_pb2.SyntheticBackendConfig(), gpus=common_pb2.GpuRequest(count=4)))

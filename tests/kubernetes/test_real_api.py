@@ -126,6 +126,15 @@ class StandInApiServer(BaseHTTPRequestHandler):
             second = json.dumps({"type": "MODIFIED", "object": ready}).encode() + b"\n"
             self._stream([first[:10], first[10:] + second], hold_s=hold_s,
                          cut=query.get("resourceVersion") == ["cut"])
+        elif path == "/apis/leaderworkerset.x-k8s.io/v1":
+            # Discovery of an installed CRD: its resources, subresources among them.
+            self._send(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": path[6:],
+                             "resources": [{"name": "leaderworkersets", "namespaced": True, "kind": "LeaderWorkerSet"},
+                                           {"name": "leaderworkersets/status", "namespaced": True,
+                                            "kind": "LeaderWorkerSet"}]})
+        elif path.startswith("/apis/") and path.count("/") == 3:
+            # A group/version nobody serves (the CRD is not installed).
+            self._send(404, self._status(404, "NotFound", "the server could not find the requested resource"))
         elif path == "/api/v1/namespaces/ns/pods/missing":
             self._send(404, self._status(404, "NotFound", 'pods "missing" not found'))
         elif path.endswith("/pods"):
@@ -213,6 +222,23 @@ def test_create_sends_the_json_it_was_given_and_returns_json(api: KubernetesApi)
     assert request["body"] == body  # exactly what was validated, no model round trip
     assert request["authorization"] == f"Bearer {TOKEN}"
     assert request["content_type"] == "application/json"
+
+
+def test_discovery_lists_the_kinds_a_group_version_serves(api: KubernetesApi) -> None:
+    """Whether the LeaderWorkerSet CRD is installed: GET /apis/<group>/<version>, 404 when not."""
+    assert api.served_kinds("leaderworkerset.x-k8s.io/v1") == ["LeaderWorkerSet"]
+    assert api.served_kinds("example.com/v1") == []
+    assert [(r["method"], r["path"]) for r in StandInApiServer.seen[-2:]] == [
+        ("GET", "/apis/leaderworkerset.x-k8s.io/v1"), ("GET", "/apis/example.com/v1")]
+
+
+def test_cluster_sut_kinds_have_their_api_paths(api: KubernetesApi) -> None:
+    for kind, path in (("StatefulSet", "/apis/apps/v1/namespaces/ns/statefulsets"),
+                       ("NetworkPolicy", "/apis/networking.k8s.io/v1/namespaces/ns/networkpolicies"),
+                       ("LeaderWorkerSet", "/apis/leaderworkerset.x-k8s.io/v1/namespaces/ns/leaderworkersets")):
+        api.delete(kind, "ns", "x", propagation="Orphan")
+        assert (StandInApiServer.seen[-1]["method"], StandInApiServer.seen[-1]["path"]) == ("DELETE", f"{path}/x")
+        assert StandInApiServer.seen[-1]["body"]["propagationPolicy"] == "Orphan"
 
 
 def test_errors_carry_the_status_reason_and_message(api: KubernetesApi) -> None:
