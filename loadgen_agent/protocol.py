@@ -74,7 +74,7 @@ class WireError:
         """The same class where the core defines it, else a plain MecbenchError."""
         from mecbench.core import errors
 
-        kind = getattr(errors, self.kind, None)
+        kind: object = getattr(errors, self.kind, None)
         if kind is errors.InvalidArgument:
             return errors.InvalidArgument([errors.FieldViolation(f, d) for f, d in self.violations])
         if isinstance(kind, type) and issubclass(kind, errors.MecbenchError):
@@ -252,7 +252,7 @@ def _read(stream: IO[bytes]) -> object:
     header = _read_exactly(stream, _HEADER.size)
     if header is None:
         return None
-    (size,) = _HEADER.unpack(header)
+    size: int = _HEADER.unpack(header)[0]
     if size > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {size} bytes is over the limit")
     payload = _read_exactly(stream, size)
@@ -284,16 +284,19 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _decode(payload: bytes) -> object:
-    """The message of one frame, its version and every field checked."""
+    """The message of one frame, its version and every field checked: the protocol's one decode
+    point, where what pickle returns (Any) becomes an object that isinstance checks narrow."""
     try:
         loaded: object = _Unpickler(io.BytesIO(payload)).load()
     except ProtocolError:
         raise
     except Exception as exc:  # noqa: BLE001 - a corrupt pickle can raise almost anything
         raise ProtocolError(f"a frame that is not a message ({type(exc).__name__}: {exc})") from None
-    if not (isinstance(loaded, tuple) and len(loaded) == 2 and isinstance(loaded[0], int)):
+    if not (isinstance(loaded, tuple) and len(loaded) == 2):
         raise ProtocolError(f"a frame of {type(loaded).__name__}, not (version, message)")
-    version, message = loaded
+    version, message = typing.cast("tuple[object, object]", loaded)  # its length checked above
+    if not isinstance(version, int):
+        raise ProtocolError(f"a frame of {type(loaded).__name__}, not (version, message)")
     if version != PROTOCOL_VERSION:
         raise ProtocolVersionError(f"protocol version {version}, this end speaks {PROTOCOL_VERSION}")
     if type(message) not in _CLASSES.values() or isinstance(message, WireError):
@@ -312,7 +315,7 @@ def _field_problem(message: object) -> str:
     """'' when every field of a message holds what its annotation says, else the first that does not."""
     for name, hint in _HINTS[type(message)].items():
         try:
-            value = getattr(message, name)
+            value: object = getattr(message, name)
         except AttributeError:
             return f"no {name}"
         if not _conforms(value, hint):
@@ -321,16 +324,17 @@ def _field_problem(message: object) -> str:
 
 
 def _conforms(value: object, hint: object) -> bool:
-    origin = typing.get_origin(hint)
+    origin: object = typing.get_origin(hint)
+    args: tuple[object, ...] = typing.get_args(hint)
     if origin is types.UnionType or origin is typing.Union:
-        return any(_conforms(value, arg) for arg in typing.get_args(hint))
+        return any(_conforms(value, arg) for arg in args)
     if origin is tuple:
-        args = typing.get_args(hint)
         if not isinstance(value, tuple):
             return False
+        items: tuple[object, ...] = value
         if len(args) == 2 and args[1] is Ellipsis:
-            return all(_conforms(item, args[0]) for item in value)
-        return len(value) == len(args) and all(_conforms(item, arg) for item, arg in zip(value, args, strict=True))
+            return all(_conforms(item, args[0]) for item in items)
+        return len(items) == len(args) and all(_conforms(item, arg) for item, arg in zip(items, args, strict=True))
     if hint is type(None):
         return value is None
     if hint is float:
