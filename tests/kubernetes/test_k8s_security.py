@@ -170,17 +170,23 @@ def test_leases_are_bounded_in_hours(tmp_path: Path) -> None:
         running.stop(grace=1)
 
 
-@pytest.mark.parametrize("service", ["sut-agent", "loadgen-agent"])
+@pytest.mark.parametrize("service", ["sut-agent", "loadgen-agent", "sut-member"])
 def test_agent_pods_as_made_admit_whom_they_should(service: str, ca: CertificateAuthority, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A real SUT (LoadGen) agent started with the environment of the pod the backend makes, its
     Secret at the mount path: the controller may call it; the agents' identity (a LoadGen
-    dialling its SUT) only the SUT agent; another certificate of the CA neither."""
+    dialling its SUT) only the SUT agent, not a cluster SUT's worker (`sut-member`, a SUT agent of
+    a StatefulSet's pod template); another certificate of the CA neither."""
     from mecbench.v1 import loadgen_agent_pb2, loadgen_agent_pb2_grpc, sut_agent_pb2_grpc
 
     ctx = objects.ObjectContext(**{**CTX.__dict__, "tls_secret": "mecbench-agent-tls"})
     if service == "sut-agent":
         pod = objects.sut_pod(ctx, "mecbench-a-sut-000001", "sut-a", SUT_CONFIGS["plain"])
+    elif service == "sut-member":
+        from tests.kubernetes.conftest import cluster_config
+
+        names = objects.cluster_names("c", "000001")
+        pod = objects.worker_statefulset(ctx, names, "sut-c", cluster_config("w1"), 0)["spec"]["template"]
     else:
         pod = objects.loadgen_pod(ctx, "mecbench-l-loadgen-000001", "loadgen-l", {})
     env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
@@ -188,7 +194,7 @@ def test_agent_pods_as_made_admit_whom_they_should(service: str, ca: Certificate
     for name, value in env.items():
         if name != objects.TCP_DATA_PLANE_ENV:  # this machine's port 50052 is not ours to take
             monkeypatch.setenv(name, value.replace(objects.TLS_MOUNT, str(secret)))
-    if service == "sut-agent":
+    if service in ("sut-agent", "sut-member"):
         from sut_agent.server import create_server as create_sut
 
         running, _ = create_sut("127.0.0.1:0")
@@ -203,7 +209,7 @@ def test_agent_pods_as_made_admit_whom_they_should(service: str, ca: Certificate
         with grpc.secure_channel(running.address, credentials,
                                  options=[("grpc.ssl_target_name_override", "mecbench-agent")]) as channel:
             try:
-                if service == "sut-agent":
+                if service != "loadgen-agent":
                     sut_agent_pb2_grpc.SutAgentStub(channel).GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10)
                 else:
                     loadgen_agent_pb2_grpc.LoadGenAgentStub(channel).ListSessions(
