@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from controller.backends.base import AgentHandle, AgentKind, DeploymentBackend
-from mecbench.core import codec
+from mecbench.core import codec, durations
 from mecbench.core.channels import open_channel
 from mecbench.core.errors import (
     FailedPrecondition,
@@ -24,6 +24,7 @@ from mecbench.core.errors import (
     Unavailable,
 )
 from mecbench.core.logging import get_logger
+from mecbench.core.sut_config import HEAD_MEMBER
 from mecbench.v1 import (
     common_pb2,
     controller_pb2,
@@ -43,6 +44,8 @@ RPC_TIMEOUT_S = 60.0
 # the node agent releases it this long after the last renewal.
 PLACEMENT_LEASE_S = 30.0
 PLACEMENT_RENEW_S = 5.0
+# How long a cluster's members may take to start and join, unless the config says.
+CLUSTER_JOIN_TIMEOUT_S = 120.0
 
 
 def wants_placement(config: sut_agent_pb2.SutConfig) -> bool:
@@ -56,9 +59,28 @@ def same_placement(old: sut_agent_pb2.SutConfig, new: sut_agent_pb2.SutConfig) -
     return old.resources == new.resources and old.gpus == new.gpus
 
 
+def member_config(member: sut_agent_pb2.SutMember) -> sut_agent_pb2.SutConfig:
+    """A cluster worker's placement request, as a SutConfig (what placement reads of one)."""
+    return sut_agent_pb2.SutConfig(resources=member.resources, gpus=member.gpus, node_selector=member.node_selector)
+
+
 def remote_error(component: str, exc: grpc.RpcError) -> MecbenchError:
     """An agent's RPC error as a domain error that names the component (mecbench.core.codec)."""
     return codec.decode(exc, component)
+
+
+@dataclass
+class MemberHandle:
+    """A worker of a cluster SUT: its own SUT agent, running the cluster runtime's worker process."""
+
+    name: str
+    agent: AgentHandle
+    channel: grpc.Channel
+    stub: sut_agent_pb2_grpc.SutAgentStub
+    spec: sut_agent_pb2.SutMember
+    # The address the other members reach it at.
+    host: str = ""
+    placement: node_agent_pb2.Placement | None = None
 
 
 @dataclass
@@ -75,6 +97,15 @@ class SutHandle:
     placement: node_agent_pb2.Placement | None = None
     # Why the placement cannot be vouched for any more (its lease was lost); "" while it holds.
     placement_lost: str = ""
+    # Cluster SUTs (config.cluster): the workers in order (this handle's agent is the head), the
+    # address the head advertises to them and where its runtime listens.
+    workers: list[MemberHandle] = field(default_factory=list)
+    head_host: str = ""
+    head_address: str = ""
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.config.HasField("cluster")
 
 
 @dataclass
@@ -150,6 +181,17 @@ class AgentPool:
     def deploy_sut(self, sut_id: str, config: sut_agent_pb2.SutConfig, ephemeral: bool = False) -> SutHandle:
         with self._lock:
             existing = self._suts.get(sut_id)
+        if existing is not None and (existing.is_cluster or config.HasField("cluster")):
+            if existing.config == config and not self.cluster_failure(existing):
+                return existing
+            if existing.held_by:
+                raise FailedPrecondition(f"SUT {sut_id!r} is in use by run {existing.held_by}: its cluster cannot "
+                                         "change now")
+            # A cluster is redeployed as a whole: a new config, or a member that failed.
+            self.remove_sut(sut_id)
+            existing = None
+        if config.HasField("cluster"):
+            return self._deploy_cluster(sut_id, config, ephemeral)
         if existing is not None and not existing.held_by and not self.backend.is_alive(existing.agent.name):
             # Its agent died (killed, crashed): forget it and start a fresh one under the same id.
             log.warning("sut_agent_gone", sut_id=sut_id, agent=existing.agent.name)
@@ -193,6 +235,163 @@ class AgentPool:
             self._suts[sut_id] = handle
         return handle
 
+    # --- cluster SUTs: a head (the SUT agent that serves) and workers, each on a node of its own ---
+
+    def _deploy_cluster(self, sut_id: str, config: sut_agent_pb2.SutConfig, ephemeral: bool) -> SutHandle:
+        """Start the head's agent and each worker's, place each, then the runtime in order (the
+        head, each worker joining it), then the server on the head once every member is up."""
+        name = f"sut-{sut_id}"
+        if self._places():
+            # Refused here, before any process starts, when this node cannot confine a member as asked.
+            self.check_placement(config, name)
+            for worker in config.cluster.workers:
+                self.check_placement(member_config(worker), f"{name}-{worker.name}")
+        agent = self.backend.start_sut_agent(name, config, placement=self.backend.sut_placement())
+        channel = open_channel(agent.address)
+        handle = SutHandle(sut_id, agent, config, channel, sut_agent_pb2_grpc.SutAgentStub(channel), ephemeral)
+        try:
+            workers = self.backend.start_sut_workers(name, config)
+            for spec, worker_agent in zip(config.cluster.workers, workers, strict=True):
+                worker_channel = open_channel(worker_agent.address)
+                handle.workers.append(MemberHandle(
+                    spec.name, worker_agent, worker_channel, sut_agent_pb2_grpc.SutAgentStub(worker_channel), spec,
+                    host=self.backend.cluster_host(worker_agent),
+                ))
+            if self._places() and wants_placement(config):
+                self._place(handle, config)
+            for member in handle.workers:
+                if self._places() and wants_placement(member_config(member.spec)):
+                    member.placement = self._place_process(
+                        member_config(member.spec), f"{name}-{member.name}", member.agent.pid
+                    )
+            join_timeout = durations.to_seconds(config.cluster.join_timeout) or CLUSTER_JOIN_TIMEOUT_S
+            handle.head_host = self.backend.cluster_host(agent)
+            head = self._start_member(
+                handle.stub, f"SUT {sut_id} cluster head", join_timeout,
+                sut_agent_pb2.StartMemberRequest(cluster=config.cluster, role=sut_agent_pb2.MEMBER_ROLE_HEAD,
+                                                 member=HEAD_MEMBER, host=handle.head_host),
+                handle.placement,
+            )
+            handle.head_address = head.address
+            for member in handle.workers:
+                self._start_member(
+                    member.stub, f"SUT {sut_id} cluster member {member.name}", join_timeout,
+                    sut_agent_pb2.StartMemberRequest(
+                        cluster=config.cluster, role=sut_agent_pb2.MEMBER_ROLE_WORKER, member=member.name,
+                        host=member.host, head_address=head.address,
+                    ),
+                    member.placement,
+                )
+            self._start_backend(handle, config, restart=False, timeout=RPC_TIMEOUT_S + join_timeout)
+        except BaseException:
+            self._stop_cluster(handle)
+            raise
+        log.info("cluster_sut_deployed", sut_id=sut_id, runtime=config.cluster.runtime, head=handle.head_address,
+                 workers=[m.agent.name for m in handle.workers])
+        with self._lock:
+            self._suts[sut_id] = handle
+        return handle
+
+    @staticmethod
+    def _start_member(
+        stub: sut_agent_pb2_grpc.SutAgentStub, component: str, timeout: float,
+        request: sut_agent_pb2.StartMemberRequest, placement: node_agent_pb2.Placement | None,
+    ) -> sut_agent_pb2.MemberStatus:
+        if placement is not None:
+            request.visible_gpus.extend(g.uuid for g in placement.applied.gpus)
+        try:
+            reply = stub.StartMember(request, timeout=RPC_TIMEOUT_S + timeout)
+        except grpc.RpcError as exc:
+            raise remote_error(component, exc) from None
+        status: sut_agent_pb2.MemberStatus = reply.status
+        return status
+
+    def _stop_cluster(self, handle: SutHandle) -> None:
+        """The reverse of `_deploy_cluster`: the server, the workers (the last first), the head."""
+        with contextlib.suppress(grpc.RpcError):
+            handle.stub.Stop(sut_agent_pb2.StopRequest(), timeout=30)
+        for member in reversed(handle.workers):
+            with contextlib.suppress(grpc.RpcError):
+                member.stub.StopMember(sut_agent_pb2.StopMemberRequest(), timeout=60)
+            member.channel.close()
+        self.backend.stop_sut_workers(handle.agent.name, [m.agent for m in handle.workers])
+        for member in handle.workers:
+            placement, member.placement = member.placement, None
+            self._release(placement, f"{handle.sut_id}/{member.name}")
+        with contextlib.suppress(grpc.RpcError):
+            handle.stub.StopMember(sut_agent_pb2.StopMemberRequest(), timeout=60)
+        handle.channel.close()
+        self.backend.stop_agent(handle.agent.name)
+        self._release_placement(handle)
+
+    def cluster_failure(self, handle: SutHandle) -> str:
+        """Why a cluster SUT cannot serve as a whole: the first member (the head first) whose agent
+        is gone or whose runtime process failed, named; "" while every member runs, or for a SUT
+        that is no cluster."""
+        if not handle.is_cluster:
+            return ""
+        members = [(HEAD_MEMBER, handle.agent, handle.stub), *((m.name, m.agent, m.stub) for m in handle.workers)]
+        for name, agent, stub in members:
+            if not self.backend.is_alive(agent.name):
+                return f"cluster member {name} (SUT agent {agent.name}) is not running"
+            try:
+                status = stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status
+            except grpc.RpcError as exc:
+                return f"cluster member {name} (SUT agent {agent.name}) does not answer: {exc.code().name}"
+            member = status.member
+            if member.state != sut_agent_pb2.BACKEND_STATE_READY:
+                state = sut_agent_pb2.BackendState.Name(member.state).removeprefix("BACKEND_STATE_")
+                why = member.message.splitlines()[0] if member.message else "not running"
+                return f"cluster member {name} (SUT agent {agent.name}) is {state}: {why}"
+        return ""
+
+    def cluster_members(self, handle: SutHandle, placements: bool = False) -> list[controller_pb2.ClusterMember]:
+        """Every member of a cluster SUT, the head first, with its node, address and status (and,
+        with `placements`, the placement the node agent holds for it now)."""
+        if not handle.is_cluster:
+            return []
+        rows: list[tuple[str, sut_agent_pb2.MemberRole.ValueType, AgentHandle, sut_agent_pb2_grpc.SutAgentStub, str,
+                         sut_agent_pb2.SutConfig, node_agent_pb2.Placement | None]] = [
+            (HEAD_MEMBER, sut_agent_pb2.MEMBER_ROLE_HEAD, handle.agent, handle.stub, handle.head_host, handle.config,
+             handle.placement),
+        ]
+        rows += [(m.name, sut_agent_pb2.MEMBER_ROLE_WORKER, m.agent, m.stub, m.host, member_config(m.spec),
+                  m.placement) for m in handle.workers]
+        members = []
+        for name, role, agent, stub, host, config, placement in rows:
+            member = controller_pb2.ClusterMember(
+                name=name, role=role, endpoint=common_pb2.Endpoint(name=agent.name, address=agent.address),
+                node=agent.node, host=host,
+            )
+            with contextlib.suppress(grpc.RpcError):
+                member.status.CopyFrom(stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=5).status.member)
+            if placements and placement is not None:
+                now = self._read_placement_id(placement.placement_id)
+                if now is not None:
+                    member.placement.CopyFrom(controller_pb2.SutPlacement(
+                        requested=config.resources, requested_gpus=config.gpus, applied=now.applied, usage=now.usage,
+                    ))
+            members.append(member)
+        return members
+
+    def member_log(self, member: MemberHandle | SutHandle, offset: int, limit: int) -> bytes:
+        """What a cluster member's runtime process wrote since `offset`; b"" when its agent cannot say."""
+        parts: list[bytes] = []
+        try:
+            for reply in member.stub.GetServerLog(
+                sut_agent_pb2.GetServerLogRequest(offset=offset, limit=limit, member=True), timeout=30
+            ):
+                parts.append(reply.data)
+        except grpc.RpcError as exc:
+            log.warning("member_log_unavailable", agent=member.agent.name, code=exc.code().name)
+        return b"".join(parts)
+
+    def member_log_size(self, member: MemberHandle | SutHandle) -> int:
+        try:
+            return int(member.stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status.member.log_size)
+        except grpc.RpcError:
+            return 0
+
     # --- placement (the local backend: the node agent confines the SUT agent's process tree) ----
 
     def _places(self) -> bool:
@@ -221,18 +420,31 @@ class AgentPool:
             raise remote_error("node agent", exc) from None
 
     def _place(self, handle: SutHandle, config: sut_agent_pb2.SutConfig) -> None:
+        handle.placement = self._place_process(config, f"sut-{handle.sut_id}", handle.agent.pid)
+
+    def _place_process(self, config: sut_agent_pb2.SutConfig, owner: str, pid: int) -> node_agent_pb2.Placement:
         node = self.node_agent()
         try:
-            reply = node.stub.PlaceProcess(
-                self._placement_request(config, f"sut-{handle.sut_id}", handle.agent.pid), timeout=30
-            )
+            reply = node.stub.PlaceProcess(self._placement_request(config, owner, pid), timeout=30)
         except grpc.RpcError as exc:
             raise remote_error("node agent", exc) from None
-        handle.placement = reply.placement
-        log.info("sut_placed", sut_id=handle.sut_id, placement_id=reply.placement.placement_id,
-                 pid=handle.agent.pid, cpu_cores=reply.placement.applied.cpu_cores,
+        log.info("sut_placed", owner=owner, placement_id=reply.placement.placement_id,
+                 pid=pid, cpu_cores=reply.placement.applied.cpu_cores,
                  cpus=list(reply.placement.applied.cpus), memory_bytes=reply.placement.applied.memory_limit_bytes)
         self._start_renewer()
+        placement: node_agent_pb2.Placement = reply.placement
+        return placement
+
+    def _read_placement_id(self, placement_id: str) -> node_agent_pb2.Placement | None:
+        try:
+            reply = self.node_agent().stub.GetPlacement(
+                node_agent_pb2.GetPlacementRequest(placement_id=placement_id), timeout=30
+            )
+        except (grpc.RpcError, MecbenchError) as exc:
+            log.warning("placement_unread", placement_id=placement_id, error=str(exc))
+            return None
+        placement: node_agent_pb2.Placement = reply.placement
+        return placement
 
     def read_placement(self, handle: SutHandle) -> node_agent_pb2.Placement | None:
         """The SUT's placement as the kernel holds it now, with its group's counters; None when
@@ -295,6 +507,9 @@ class AgentPool:
 
     def _release_placement(self, handle: SutHandle) -> None:
         placement, handle.placement = handle.placement, None
+        self._release(placement, handle.sut_id)
+
+    def _release(self, placement: node_agent_pb2.Placement | None, sut_id: str) -> None:
         if placement is None:
             return
         try:
@@ -303,7 +518,7 @@ class AgentPool:
             )
         except (grpc.RpcError, MecbenchError) as exc:
             # Its lease still lapses on the node agent: a placement never outlives its SUT for long.
-            log.error("release_placement_failed", sut_id=handle.sut_id, placement_id=placement.placement_id,
+            log.error("release_placement_failed", sut_id=sut_id, placement_id=placement.placement_id,
                       error=str(exc))
 
     def _start_renewer(self) -> None:
@@ -316,8 +531,13 @@ class AgentPool:
         while not self._renewer_stop.wait(PLACEMENT_RENEW_S):
             with self._lock:
                 placed = [h for h in self._suts.values() if h.placement is not None and not h.placement_lost]
-            for handle in placed:
-                placement = handle.placement
+                # A cluster's workers have placements of their own, vouched for with the SUT's.
+                placed_workers = [
+                    (h, m.placement) for h in self._suts.values() for m in h.workers
+                    if m.placement is not None and not h.placement_lost
+                ]
+            leases: list[tuple[SutHandle, node_agent_pb2.Placement | None]] = [(h, h.placement) for h in placed]
+            for handle, placement in [*leases, *placed_workers]:
                 if placement is None:
                     continue
                 request = node_agent_pb2.RenewLeaseRequest(lease_id=placement.lease.lease_id)
@@ -334,13 +554,15 @@ class AgentPool:
                         )
 
     @staticmethod
-    def _start_backend(handle: SutHandle, config: sut_agent_pb2.SutConfig, restart: bool) -> None:
+    def _start_backend(
+        handle: SutHandle, config: sut_agent_pb2.SutConfig, restart: bool, timeout: float = RPC_TIMEOUT_S
+    ) -> None:
         request = sut_agent_pb2.StartRequest(config=config, restart=restart)
         if handle.placement is not None:
             # The GPUs the node agent allocated, by UUID: the served process sees only these.
             request.visible_gpus.extend(g.uuid for g in handle.placement.applied.gpus)
         try:
-            handle.stub.Start(request, timeout=RPC_TIMEOUT_S)
+            handle.stub.Start(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise remote_error(f"SUT agent {handle.sut_id}", exc) from None
         handle.config = config
@@ -357,11 +579,14 @@ class AgentPool:
             handle = self._suts.pop(sut_id, None)
         if handle is None:
             return
-        with contextlib.suppress(grpc.RpcError):  # the process is stopped next either way
-            handle.stub.Stop(sut_agent_pb2.StopRequest(), timeout=10)
-        handle.channel.close()
-        self.backend.stop_agent(handle.agent.name)
-        self._release_placement(handle)
+        if handle.is_cluster:
+            self._stop_cluster(handle)
+        else:
+            with contextlib.suppress(grpc.RpcError):  # the process is stopped next either way
+                handle.stub.Stop(sut_agent_pb2.StopRequest(), timeout=10)
+            handle.channel.close()
+            self.backend.stop_agent(handle.agent.name)
+            self._release_placement(handle)
         with self._lock:
             for loadgen in self._loadgens.values():
                 for key in [k for k in loadgen.sessions if k.startswith(handle.agent.address + "|")]:
@@ -375,6 +600,7 @@ class AgentPool:
             endpoint=common_pb2.Endpoint(name=handle.agent.name, address=handle.agent.address),
             node=handle.agent.node,
             held_by_run_id=handle.held_by,
+            members=self.cluster_members(handle),
         )
         try:
             deployment.status.CopyFrom(
@@ -519,6 +745,10 @@ class AgentPool:
         )
 
     def check_alive(self, handle: SutHandle | LoadGenHandle) -> None:
+        if isinstance(handle, SutHandle) and handle.is_cluster:
+            failure = self.cluster_failure(handle)
+            if failure:
+                raise Unavailable(failure)
         if not self.backend.is_alive(handle.agent.name):
             kind = "SUT agent" if isinstance(handle, SutHandle) else "LoadGen agent"
             raise Unavailable(f"{kind} {handle.agent.name} is not running")

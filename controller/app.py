@@ -26,7 +26,8 @@ def open_backend(settings: ControllerSettings) -> DeploymentBackend:
     if settings.backend == "local":
         topology = None
         if settings.topology == "netns":
-            topology = NetnsTopology(settings.topology_name, settings.topology_slot, settings.topology_clients)
+            topology = NetnsTopology(settings.topology_name, settings.topology_slot, settings.topology_clients,
+                                     settings.topology_sut_nodes)
         return LocalProcessBackend(
             settings.data_dir / "logs",
             host=settings.agent_host,

@@ -40,6 +40,7 @@ from controller.aggregate import (
     read_token_latencies,
 )
 from controller.backends.base import AgentHandle
+from controller.clusters import ClusterLogs, ClusterWatch, cluster_record
 from controller.groups import any_shaped, client_profiles, group_results, network_label, resolve_groups
 from controller.registry import ACTIVE_STATES, RunRegistry
 from controller.settings import ControllerSettings
@@ -544,8 +545,10 @@ class RunManager:
             tail_start = serving.server_log_size - self.settings.max_log_bytes // 2
             server_log_offset = max(serving.server_log_start, tail_start)
         log_marks = _log_marks(
-            [("sut-agent", sut.agent), *((f"loadgen-c{i}", lg.agent) for i, lg in enumerate(loadgens))]
+            [("sut-agent", sut.agent), *((f"sut-agent-{m.name}", m.agent) for m in sut.workers),
+             *((f"loadgen-c{i}", lg.agent) for i, lg in enumerate(loadgens))]
         )
+        member_logs = ClusterLogs(self.pool, sut, repeat == 1, self.settings.max_log_bytes)
         sessions: list[str] = []
         for client, loadgen in enumerate(loadgens):
             try:
@@ -579,7 +582,9 @@ class RunManager:
         ]
         if active.shaping is not None:
             active.shaping.start_repeat()
-        with recorder if self.settings.telemetry_interval_s > 0 else contextlib.nullcontext():
+        # A cluster member that dies during the test ends the run, naming it.
+        watch = ClusterWatch(self.pool, sut, lambda why: self._abort(active, f"{why} (during repeat {repeat})"))
+        with recorder if self.settings.telemetry_interval_s > 0 else contextlib.nullcontext(), watch:
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -612,12 +617,13 @@ class RunManager:
         sut_stats = self.pool.sut_stats(sut, reset=False)
         # A server that died or hung during the test: what was measured is kept, marked invalid,
         # and the run fails saying why.
-        sut_failure = self.pool.sut_failure(sut)
+        sut_failure = self.pool.sut_failure(sut) or self.pool.cluster_failure(sut)
         server_log = self.pool.sut_server_log(sut, server_log_offset, self.settings.max_log_bytes)
+        extra_files = member_logs.files(self.settings.max_log_bytes)
         self._publish(active, f"repeat {repeat}: uploading", common_pb2.RUN_STATE_UPLOADING)
         self._store_repeat(
             active, sut, repeat, outcomes, sut_stats, session_setup_s, telemetry, log_marks, server_log, sut_failure,
-            network, placement=placement,
+            network, placement=placement, extra_files=extra_files,
         )
         if oom:
             raise FailedPrecondition(oom)
@@ -750,6 +756,7 @@ class RunManager:
         sut_failure: str = "",
         network: dict[str, object] | None = None,
         placement: controller_pb2.SutPlacement | None = None,
+        extra_files: dict[str, bytes] | None = None,
     ) -> None:
         run = active.run
         spec = run.spec
@@ -762,6 +769,8 @@ class RunManager:
         if server_log:
             # What the external inference server printed while this repeat ran.
             files["logs/server.log"] = (server_log, "text/plain; charset=utf-8")
+        for member_file, text in (extra_files or {}).items():
+            files[member_file] = (text, "text/plain; charset=utf-8")  # a cluster's members' runtime logs
         if telemetry:
             files["telemetry.json"] = (telemetry_json(telemetry), "application/json")
             files["telemetry.csv"] = (telemetry_csv(telemetry), "text/csv; charset=utf-8")
@@ -794,6 +803,7 @@ class RunManager:
             sut_stats=sut_stats,
             placement=placement,
             groups=group_results(spec, [(o.client, o.result, _sample_latencies(o)) for o in measured if o.result]),
+            cluster=cluster_record(self.pool, sut),
         )
         document = {
             "run_id": run.run_id,
@@ -815,6 +825,9 @@ class RunManager:
         if placement is not None:
             # What the SUT was asked to get beside what the kernel says it got, and its own usage.
             document["placement"] = json_format.MessageToDict(placement)
+        if repeat_result.HasField("cluster"):
+            # The members of a cluster SUT: each one's node, address, runtime status and placement.
+            document["cluster"] = json_format.MessageToDict(repeat_result.cluster)
         files["result.json"] = (json.dumps(document, indent=2).encode(), "application/json")
         # Spooled to local disk first, then uploaded: a store outage or a crash loses nothing.
         spooled = self.spool.write(

@@ -32,6 +32,9 @@ class ControllerSettings:
     # each LoadGen client on a client namespace, joined by veth pairs that shaping applies to.
     topology: Literal["loopback", "netns"] = "loopback"
     topology_clients: int = field(default=4, metadata={"min": 1, "max": 62})
+    # SUT nodes beside the edge in the netns topology, for the workers of cluster SUTs
+    # (SutConfig.cluster): each joined to the edge by a link of its own. 0: none.
+    topology_sut_nodes: int = field(default=0, metadata={"min": 0, "max": 62})
     # Which 10.231.<slot>/10.232.<slot> subnets the netns topology uses (one per controller).
     topology_slot: int = field(default=0, metadata={"min": 0, "max": 63})
     topology_name: str = "mb0"

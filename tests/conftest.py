@@ -81,6 +81,7 @@ SLOW_FILES = {
     "tests/controller/test_buf_curl.py", "tests/reliability/test_limits.py", "tests/security/test_auth.py",
     "tests/security/test_tls.py", "tests/core/test_metrics.py", "tests/loadgen_agent/test_agent.py",
     "tests/controller/test_edge_groups.py", "tests/controller/test_blobs.py",
+    "tests/controller/test_cluster_sut.py",
 }
 CLUSTER_FILES = {"tests/kubernetes/test_real_api.py"}
 

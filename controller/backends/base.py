@@ -87,6 +87,43 @@ class DeploymentBackend(abc.ABC):
         """Where SUT agents run; "" is the host itself."""
         return ""
 
+    # --- cluster SUTs (SutConfig.cluster): the head is the SUT agent above, the workers these --
+
+    def member_placement(self, index: int) -> str:
+        """Where worker `index` (0-based) of a cluster SUT runs; "" is the host itself."""
+        return ""
+
+    def start_sut_workers(self, name: str, config: sut_agent_pb2.SutConfig) -> list[AgentHandle]:
+        """Start one SUT agent per worker of `config.cluster`, in order, named `{name}-{worker}`, each
+        on a node of its own, and return them once each answers its health check. On failure none
+        is left running. A cluster backend shapes each from its SutMember (resources, GPUs, node
+        selector) and the head's image."""
+        started: list[AgentHandle] = []
+        try:
+            for index, worker in enumerate(config.cluster.workers):
+                started.append(
+                    self.start_agent(AgentKind.SUT, f"{name}-{worker.name}", placement=self.member_placement(index))
+                )
+        except BaseException:
+            self.stop_sut_workers(name, started)
+            raise
+        return started
+
+    def stop_sut_workers(self, name: str, workers: list[AgentHandle]) -> None:
+        """Stop a cluster SUT's worker agents, the last first."""
+        for worker in reversed(workers):
+            self.stop_agent(worker.name)
+
+    def cluster_host(self, agent: AgentHandle) -> str:
+        """The address the other members of its cluster reach `agent` at (its runtime advertises it)."""
+        return agent.address.rpartition(":")[0].strip("[]")
+
+    def cluster_shaping_points(self, index: int) -> list[ShapingPoint]:
+        """The link between a cluster SUT's head and worker `index` (0-based), both ends."""
+        from mecbench.core.errors import FailedPrecondition
+
+        raise FailedPrecondition(f"the {self.name} backend's topology has no links between cluster members to shape")
+
     def loadgen_placement(self, client: int) -> str:
         """Where LoadGen client `client` runs; "" means one shared LoadGen server for all clients."""
         return ""

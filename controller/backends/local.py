@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controller.backends.base import AgentHandle, AgentKind, DeploymentBackend, ShapingPoint
-from controller.backends.topology import NetnsTopology
+from controller.backends.topology import NetnsTopology, NodeLinks
 from mecbench.core.channels import open_channel, wait_until_serving
 from mecbench.core.errors import AlreadyExists, FailedPrecondition, Unavailable
 from mecbench.core.logging import get_logger
 from mecbench.core.server import EXIT_WITH_PARENT_ENV
+from mecbench.v1 import sut_agent_pb2
 
 log = get_logger("mecbench.controller.local")
 
@@ -66,12 +67,54 @@ class LocalProcessBackend(DeploymentBackend):
             return "", self.host
         if placement == "edge":
             return self.topology.edge.netns, self.topology.edge.management_ip
+        if placement.startswith("sut-"):
+            sut_node = self._sut_node(int(placement.removeprefix("sut-")))
+            return sut_node.netns, sut_node.management_ip
         client = int(placement.removeprefix("client-"))
         node = self.topology.client_nodes[client]
         return node.netns, node.management_ip
 
     def sut_placement(self) -> str:
         return "edge" if self.topology is not None else ""
+
+    def _sut_node(self, number: int) -> NodeLinks:
+        assert self.topology is not None
+        if not 1 <= number <= self.topology.sut_nodes:
+            raise FailedPrecondition(
+                f"the netns topology has {self.topology.sut_nodes} SUT node(s), a cluster SUT here needs one per "
+                f"worker: set the controller's topology_sut_nodes (MECBENCH_CONTROLLER_TOPOLOGY_SUT_NODES) to {number} "
+                "or more"
+            )
+        return self.topology.sut_node_links[number - 1]
+
+    def member_placement(self, index: int) -> str:
+        if self.topology is None:
+            return ""
+        self._sut_node(index + 1)  # refused here, before anything starts, when the topology lacks it
+        return f"sut-{index + 1}"
+
+    def start_sut_workers(self, name: str, config: sut_agent_pb2.SutConfig) -> list[AgentHandle]:
+        for index in range(len(config.cluster.workers)):
+            self.member_placement(index)
+        return super().start_sut_workers(name, config)
+
+    def cluster_host(self, agent: AgentHandle) -> str:
+        if self.topology is None or not agent.placement:
+            return self.host
+        if agent.placement == "edge":
+            return self.topology.edge_cluster_ip() if self.topology.sut_nodes else self.topology.edge.management_ip
+        if agent.placement.startswith("sut-"):
+            return self._sut_node(int(agent.placement.removeprefix("sut-"))).data_ip
+        return super().cluster_host(agent)
+
+    def cluster_shaping_points(self, index: int) -> list[ShapingPoint]:
+        if self.topology is None:
+            return super().cluster_shaping_points(index)
+        node = self._sut_node(index + 1)
+        return [
+            ShapingPoint(self.topology.edge_cluster_interface(index + 1), self.topology.edge.netns),
+            ShapingPoint(node.data_interface, node.netns),
+        ]
 
     def loadgen_placement(self, client: int) -> str:
         return f"client-{client}" if self.topology is not None else ""

@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import ray
+import ray.exceptions
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
@@ -76,7 +77,7 @@ class Cluster:
     def healthy(self) -> bool:
         try:
             ray.get([replica.where.remote() for replica in self.replicas], timeout=2)
-        except Exception:
+        except (ray.exceptions.RayError, TimeoutError):
             return False
         return True
 
@@ -85,7 +86,7 @@ def handler(cluster: Cluster, model: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        def log_message(self, format: str, *args: Any) -> None:
             return
 
         def _send(self, status: int, body: bytes, kind: str = "application/json") -> None:
@@ -126,7 +127,7 @@ def handler(cluster: Cluster, model: str) -> type[BaseHTTPRequestHandler]:
                 prompt = str(body.get("prompt", ""))
             try:
                 tokens = cluster.complete(prompt, int(body.get("max_tokens") or 16))
-            except Exception as error:  # a replica died with its node: the request fails, saying so
+            except (ray.exceptions.RayError, TimeoutError) as error:  # a replica died with its node
                 self._send(500, json.dumps({"error": f"{type(error).__name__}: {error}"[:500]}).encode())
                 return
             text = " ".join(tokens)
