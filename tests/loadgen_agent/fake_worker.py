@@ -32,6 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+# Run by path: the repository's packages wherever the project is (installed or not).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from loadgen_agent import protocol
 
 # Domain errors by name, as they cross the pipe (mecbench.core.errors would import grpc: slower).

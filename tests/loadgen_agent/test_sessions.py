@@ -177,7 +177,8 @@ def test_a_cancel_racing_the_start_ends_the_test_and_keeps_the_process(fakes: Fa
 
 
 def test_a_cancel_after_the_end_changes_nothing(fakes: Fakes) -> None:
-    manager = fakes.manager(tests=("late_cancel",))
+    grace_s = 0.6  # well over the worker's late answer (fake_worker.LATE_CANCEL_S), on a loaded machine too
+    manager = fakes.manager(tests=("late_cancel",), cancel_grace_s=grace_s)
     session = manager.open_session(open_request())
     test_id, events = start(manager, session.session_id, "late")
     first_event(events, "started")
@@ -186,7 +187,7 @@ def test_a_cancel_after_the_end_changes_nothing(fakes: Fakes) -> None:
     assert collect(events).finished.cancelled  # type: ignore[union-attr]
     assert not manager.cancel_test(session.session_id)
     manager.abandon_test(session.session_id, test_id)
-    time.sleep(GRACE_S + 0.1)  # past the grace timer's deadline
+    time.sleep(grace_s + 0.1)  # past the grace timer's deadline
     described = manager.get_session(session.session_id)
     assert described.state == State.SESSION_STATE_IDLE
     assert described.worker_restarts == 0 and described.pid == session.pid and len(fakes.pids()) == 1
