@@ -490,6 +490,15 @@ def format_events(events: list[JsonObject], limit: int = EVENTS_SHOWN) -> str:
 # --- the backend -------------------------------------------------------------------------------
 
 
+def _cluster_ports_env() -> dict[str, list[objects.PortRange] | None]:
+    try:
+        return objects.parse_cluster_ports(os.environ.get(CLUSTER_PORTS_ENV, ""))
+    except ValueError as exc:
+        raise FailedPrecondition(
+            f"{CLUSTER_PORTS_ENV}: {exc} (expected runtime=ports;... with ports like 6379,10002-10100 or *)"
+        ) from None
+
+
 @dataclass
 class KubernetesConfig:
     namespace: str = "mecbench"
@@ -546,9 +555,7 @@ class KubernetesConfig:
     # Cluster SUTs: by runtime (SutCluster.runtime), the ports its members reach each other on,
     # the only ones the members' NetworkPolicy admits between them (None: every port, still only
     # from the cluster's own members). A runtime not named: every port between its members.
-    cluster_ports: dict[str, list[objects.PortRange] | None] = field(
-        default_factory=lambda: objects.parse_cluster_ports(os.environ.get(CLUSTER_PORTS_ENV, ""))
-    )
+    cluster_ports: dict[str, list[objects.PortRange] | None] = field(default_factory=_cluster_ports_env)
 
 
 @dataclass

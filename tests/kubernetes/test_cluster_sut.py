@@ -312,3 +312,14 @@ def test_a_cluster_change_takes_new_pods(cluster: Cluster) -> None:
     three.cluster.join_timeout.seconds = 600  # the agents' setting, not the pods'
     assert not backend.needs_new_sut_agent(one, three)
     assert not backend.needs_new_sut_agent(one, cluster_config("w1"))
+
+
+def test_the_operators_cluster_ports_are_parsed_or_refused_saying_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.backends.kubernetes import CLUSTER_PORTS_ENV, KubernetesConfig
+
+    monkeypatch.setenv(CLUSTER_PORTS_ENV, "ray=6379, 8076-8077 ;sglang=*")
+    assert KubernetesConfig().cluster_ports == {"ray": [(6379, 6379), (8076, 8077)], "sglang": None}
+    for bad in ("ray=6379-80", "ray=", "ray=0", "=6379", "ray=http"):
+        monkeypatch.setenv(CLUSTER_PORTS_ENV, bad)
+        with pytest.raises(FailedPrecondition, match=CLUSTER_PORTS_ENV):
+            KubernetesConfig()
