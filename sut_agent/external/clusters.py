@@ -109,13 +109,17 @@ def _read_member(cluster: str, role: str, raw: object, problems: list[str]) -> L
         return None
     section: Any = raw
     if isinstance(raw, Mapping):
+        for key in raw:
+            if key not in _MEMBER_KEYS:
+                problems.append(
+                    f"clusters.{cluster}.{role}.{key}: unknown key (known: {', '.join(sorted(_MEMBER_KEYS))})"
+                )
         # A member's `address` is read as a server profile's endpoint (same templates, no scheme).
-        section = {("endpoint" if key == "address" else key): value for key, value in raw.items()}
+        section = {("endpoint" if key == "address" else key): value for key, value in raw.items()
+                   if key in _MEMBER_KEYS}
         section.setdefault("endpoint", "{host}:{port}")
         section.setdefault("ready", {"tcp": "{host}:{port}"})
-    keys = frozenset("endpoint" if key == "address" else key for key in _MEMBER_KEYS)
-    reader = _ProfileReader(role, section, problems, where=f"clusters.{cluster}", extra=MEMBER_PLACEHOLDERS,
-                            keys=keys)
+    reader = _ProfileReader(role, section, problems, where=f"clusters.{cluster}", extra=MEMBER_PLACEHOLDERS)
     return reader.read()
 
 

@@ -293,7 +293,8 @@ def load_profiles(path: Path) -> dict[str, LaunchProfile]:
             f"{key}: unknown key (only `profiles` and `clusters` are allowed)"
             for key in document if key not in ("profiles", "clusters")
         ]
-        entries = document.get("profiles")
+        # A file of cluster profiles only (a cluster worker's agent serves no server) needs none.
+        entries = document.get("profiles", {} if "clusters" in document else None)
         if not isinstance(entries, Mapping):
             problems.append("profiles: must be a mapping of profile name to profile")
         else:
