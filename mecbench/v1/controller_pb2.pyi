@@ -1224,6 +1224,7 @@ class RunSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     ACCURACY_FIELD_NUMBER: _builtins.int
     CLIENT_GROUPS_FIELD_NUMBER: _builtins.int
+    CLUSTER_NETWORK_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     selector: _builtins.str
     """Names the point within the experiment, e.g. "server-qps100-4g-c2"."""
@@ -1263,6 +1264,13 @@ class RunSpec(_message.Message):
         When set, `clients` is their sum (0 or equal to it) and `network` is not set.
         """
 
+    @_builtins.property
+    def cluster_network(self) -> _common_pb2.NetworkProfile:
+        """Cluster SUTs (SutConfig.cluster): the profile every link between the head and a worker is
+        shaped with for the run (side SUT: the head's end, LOADGEN: the worker's, BOTH or unset: both
+        ends, each shaping what it sends). Read back with each repeat as the client paths' are.
+        """
+
     def __init__(
         self,
         *,
@@ -1283,10 +1291,11 @@ class RunSpec(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         accuracy: _common_pb2.AccuracySpec | None = ...,
         client_groups: _abc.Iterable[Global___ClientGroup] | None = ...,
+        cluster_network: _common_pb2.NetworkProfile | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "data_plane", b"data_plane", "dataset", b"dataset", "network", b"network", "settings", b"settings", "sut", b"sut"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "cluster_network", b"cluster_network", "data_plane", b"data_plane", "dataset", b"dataset", "network", b"network", "settings", b"settings", "sut", b"sut"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "busy_policy", b"busy_policy", "client_groups", b"client_groups", "clients", b"clients", "data_plane", b"data_plane", "dataset", b"dataset", "experiment_id", b"experiment_id", "labels", b"labels", "loadgen_id", b"loadgen_id", "loadgen_mode", b"loadgen_mode", "network", b"network", "repeats", b"repeats", "selector", b"selector", "settings", b"settings", "sut", b"sut", "sut_id", b"sut_id", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "busy_policy", b"busy_policy", "client_groups", b"client_groups", "clients", b"clients", "cluster_network", b"cluster_network", "data_plane", b"data_plane", "dataset", b"dataset", "experiment_id", b"experiment_id", "labels", b"labels", "loadgen_id", b"loadgen_id", "loadgen_mode", b"loadgen_mode", "network", b"network", "repeats", b"repeats", "selector", b"selector", "settings", b"settings", "sut", b"sut", "sut_id", b"sut_id", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
