@@ -583,6 +583,9 @@ def cluster_head_pod(ctx: ObjectContext, names: ClusterNames, agent: str,
     headless Service (`<base>.<base>-m.<namespace>.svc`)."""
     pod = sut_pod(ctx, names.base, agent, config)
     pod["metadata"]["labels"].update({LABEL_CLUSTER: names.base, LABEL_MEMBER_ROLE: "head"})
+    # DNS gives a pod a name under a headless Service only when its hostname is set explicitly
+    # (the EndpointSlice carries `spec.hostname`; the StatefulSet controller sets its pods' own).
+    pod["spec"]["hostname"] = names.base
     pod["spec"]["subdomain"] = names.members
     _spread(pod["spec"], names)
     return pod

@@ -1101,7 +1101,7 @@ class KubernetesBackend(DeploymentBackend):
 
     def _controller_kinds(self) -> tuple[str, ...]:
         """Kinds whose objects make pods, swept and closed before the pods themselves."""
-        return ("LeaderWorkerSet", "StatefulSet") if self._lws else ("StatefulSet",)
+        return ("LeaderWorkerSet", "StatefulSet") if self._lws_available() else ("StatefulSet",)
 
     def _dns_name(self, pod: str, names: objects.ClusterNames) -> str:
         domain = f".{self.config.cluster_domain}" if self.config.cluster_domain else ""

@@ -164,7 +164,8 @@ def test_statefulset_cluster_head_first_then_workers_each_ready_on_a_node_of_its
     headless = cluster.api.get("Service", cluster.namespace, members)
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
     for name in (head_pod, *(w.labels["pod"] for w in workers)):
-        assert pods[name]["spec"]["subdomain"] == members
+        # DNS names a pod under a headless Service only with its hostname set explicitly.
+        assert (pods[name]["spec"]["hostname"], pods[name]["spec"]["subdomain"]) == (name, members)
     # The members reach each other only on the runtime's ports, and only from each other.
     policy = cluster.api.get("NetworkPolicy", cluster.namespace, members)
     [rule] = policy["spec"]["ingress"]
