@@ -2,7 +2,8 @@
 API server serves its CRD, else a head Pod, StatefulSets and a headless Service; against the fake
 API (tests/kubernetes/fake_api.py: its scheduler, kubelet, StatefulSet and LeaderWorkerSet
 controllers). Order (head Ready, then the workers, each worker Ready before the server may start),
-a worker that fails, a stop in reverse order that leaves nothing, and every object strictly valid."""
+a worker that fails, a stop in reverse order that leaves nothing. (Every object strictly valid:
+test_objects.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from controller.backends.base import AgentHandle
 from controller.backends.kubernetes import KubernetesBackend, pod_is_ready
 from mecbench.core.errors import FailedPrecondition, InvalidArgument
 from mecbench.v1 import sut_agent_pb2
-from tests.kubernetes.checks import all_problems
 from tests.kubernetes.conftest import Cluster, cluster_config, fake_only
 from tests.kubernetes.fake_api import FakeCluster, FakeNode
 
@@ -54,63 +54,7 @@ def _start(backend: KubernetesBackend, name: str,
     return head, backend.start_sut_workers(name, config)
 
 
-# --- objects ---------------------------------------------------------------------------------------
-
-CTX = objects.ObjectContext(
-    namespace="mecbench", image="ghcr.io/mecbench/mecbench:0.1.0", owner_label="mecbench-c-owner-a1b2c3",
-    expires_at="2030-01-01T00:00:00Z", owner=objects.OwnerRef("mecbench-c-owner-a1b2c3", "5f0c6a8e-0000-4d7b-9a36-0c2b8f1d2e3f"),
-    gpu_runtime_class="nvidia", tls_secret="mecbench-agent-tls",
-)
-
-
-@pytest.mark.parametrize("gpus", [(), (1, 1)])
-def test_every_cluster_object_validates_strictly(gpus: tuple[int, ...]) -> None:
-    config = cluster_config("w1", "w2", gpus=gpus, image="registry.example/vllm-mecbench:0.10")
-    config.gpus.count = 1 if gpus else 0
-    names = objects.cluster_names("run-0123456789abcdef-with-a-long-experiment-name", "a1b2c3")
-    agent = "sut-run-0123456789abcdef-with-a-long-experiment-name"
-    bodies = [
-        objects.leader_worker_set(CTX, names, agent, config),
-        objects.cluster_head_pod(CTX, names, agent, config),
-        objects.members_service(CTX, names, agent),
-        objects.sut_service(CTX, names.base, names.base, agent),
-        objects.worker_statefulset(CTX, names, agent, config, 0),
-        objects.members_network_policy(CTX, names, agent, [(6379, 6379), (10002, 10100)]),
-        objects.members_network_policy(CTX, names, agent, None),
-    ]
-    problems = {f"{b['kind']}/{b['metadata']['name']}": all_problems(b) for b in bodies}
-    assert {k: v for k, v in problems.items() if v} == {}
-    lws, head = bodies[0], bodies[1]
-    template = lws["spec"]["leaderWorkerTemplate"]
-    assert lws["spec"]["startupPolicy"] == "LeaderReady" and template["restartPolicy"] == "None"
-    assert template["size"] == 3
-    # Worker agents admit the controller only; the head also LoadGens (the data plane).
-    worker_env = {e["name"]: e["value"] for e in template["workerTemplate"]["spec"]["containers"][0]["env"]}
-    head_env = {e["name"]: e["value"] for e in head["spec"]["containers"][0]["env"]}
-    assert worker_env["MECBENCH_SUT_TLS_ALLOWED_CLIENTS"] == "mecbench-controller"
-    assert head_env["MECBENCH_SUT_TLS_ALLOWED_CLIENTS"] == "mecbench-controller,mecbench-agent"
-    # The cluster's image is the agents' own in every member: no sidecar.
-    assert [c["image"] for c in head["spec"]["containers"]] == ["registry.example/vllm-mecbench:0.10"]
-    if gpus:
-        worker = template["workerTemplate"]["spec"]
-        assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-        assert worker["runtimeClassName"] == "nvidia" and worker["tolerations"][0]["key"] == "nvidia.com/gpu"
-
-
-def test_the_checks_refuse_a_leader_worker_set_the_api_server_would() -> None:
-    """The LeaderWorkerSet checks can fail: an unknown field, a wrong enum, a bad pod template."""
-    names = objects.cluster_names("x", "a1b2c3")
-    good = objects.leader_worker_set(CTX, names, "sut-x", cluster_config("w1"))
-    assert all_problems(good) == []
-    bad = objects.leader_worker_set(CTX, names, "sut-x", cluster_config("w1"))
-    bad["spec"]["startupPolicy"] = "WhenReady"
-    bad["spec"]["leaderWorkerTemplate"]["sizes"] = 2
-    bad["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["imagePullPolicy"] = 3
-    bad["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["restartPolicy"] = "Never"
-    problems = " | ".join(all_problems(bad))
-    assert "WhenReady" in problems and "sizes" in problems
-    assert "workerTemplate: 1.33: template.spec.containers.0.imagePullPolicy" in problems
-    assert "leaderTemplate: its pods are a StatefulSet's: restartPolicy Always" in problems
+# --- refused ---------------------------------------------------------------------------------------
 
 
 def test_what_a_cluster_cannot_be_on_kubernetes_is_refused_naming_each_field(cluster: Cluster) -> None:

@@ -10,6 +10,7 @@ from mecbench.core import durations
 from mecbench.core.errors import InvalidArgument
 from mecbench.v1 import common_pb2, sut_agent_pb2
 from tests.kubernetes.checks import VERSIONS, all_problems
+from tests.kubernetes.conftest import cluster_config
 
 CTX = objects.ObjectContext(
     namespace="mecbench",
@@ -150,6 +151,61 @@ def test_cpu_quantities() -> None:
     assert objects.cpu_quantity(2) == "2000m"
     assert objects.cpu_quantity(0.0001) == "1m"
     assert objects.cpu_quantity(1.0005) == "1001m"
+
+
+# --- cluster SUTs (issue 23) ------------------------------------------------------------------------
+
+TLS_CTX = objects.ObjectContext(**{**CTX.__dict__, "tls_secret": "mecbench-agent-tls"})
+
+
+@pytest.mark.parametrize("gpus", [(), (1, 1)])
+def test_every_cluster_object_validates_strictly(gpus: tuple[int, ...]) -> None:
+    config = cluster_config("w1", "w2", gpus=gpus, image="registry.example/vllm-mecbench:0.10")
+    config.gpus.count = 1 if gpus else 0
+    names = objects.cluster_names("run-0123456789abcdef-with-a-long-experiment-name", "a1b2c3")
+    agent = "sut-run-0123456789abcdef-with-a-long-experiment-name"
+    bodies = [
+        objects.leader_worker_set(TLS_CTX, names, agent, config),
+        objects.cluster_head_pod(TLS_CTX, names, agent, config),
+        objects.members_service(TLS_CTX, names, agent),
+        objects.sut_service(TLS_CTX, names.base, names.base, agent),
+        objects.worker_statefulset(TLS_CTX, names, agent, config, 0),
+        objects.members_network_policy(TLS_CTX, names, agent, [(6379, 6379), (10002, 10100)]),
+        objects.members_network_policy(TLS_CTX, names, agent, None),
+    ]
+    problems = {f"{b['kind']}/{b['metadata']['name']}": all_problems(b) for b in bodies}
+    assert {k: v for k, v in problems.items() if v} == {}
+    lws, head = bodies[0], bodies[1]
+    template = lws["spec"]["leaderWorkerTemplate"]
+    assert lws["spec"]["startupPolicy"] == "LeaderReady" and template["restartPolicy"] == "None"
+    assert template["size"] == 3
+    # Worker agents admit the controller only; the head also LoadGens (the data plane).
+    worker_env = {e["name"]: e["value"] for e in template["workerTemplate"]["spec"]["containers"][0]["env"]}
+    head_env = {e["name"]: e["value"] for e in head["spec"]["containers"][0]["env"]}
+    assert worker_env["MECBENCH_SUT_TLS_ALLOWED_CLIENTS"] == "mecbench-controller"
+    assert head_env["MECBENCH_SUT_TLS_ALLOWED_CLIENTS"] == "mecbench-controller,mecbench-agent"
+    # The cluster's image is the agents' own in every member: no sidecar.
+    assert [c["image"] for c in head["spec"]["containers"]] == ["registry.example/vllm-mecbench:0.10"]
+    if gpus:
+        worker = template["workerTemplate"]["spec"]
+        assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert worker["runtimeClassName"] == "nvidia" and worker["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_the_checks_refuse_a_leader_worker_set_the_api_server_would() -> None:
+    """The LeaderWorkerSet checks can fail: an unknown field, a wrong enum, a bad pod template."""
+    names = objects.cluster_names("x", "a1b2c3")
+    good = objects.leader_worker_set(TLS_CTX, names, "sut-x", cluster_config("w1"))
+    assert all_problems(good) == []
+    bad = objects.leader_worker_set(TLS_CTX, names, "sut-x", cluster_config("w1"))
+    bad["spec"]["startupPolicy"] = "WhenReady"
+    bad["spec"]["leaderWorkerTemplate"]["sizes"] = 2
+    bad["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["imagePullPolicy"] = 3
+    bad["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["restartPolicy"] = "Never"
+    problems = " | ".join(all_problems(bad))
+    assert "WhenReady" in problems and "sizes" in problems
+    assert "workerTemplate: 1.33: template.spec.containers.0.imagePullPolicy" in problems
+    assert "leaderTemplate: its pods are a StatefulSet's: restartPolicy Always" in problems
 
 
 def test_versions_checked_include_a_current_one() -> None:
