@@ -44,7 +44,7 @@ from controller.clusters import ClusterLogs, ClusterWatch, cluster_record
 from controller.groups import any_shaped, client_profiles, group_results, network_label, resolve_groups
 from controller.registry import ACTIVE_STATES, RunRegistry
 from controller.settings import ControllerSettings
-from controller.shaping import RunShaping
+from controller.shaping import RunShaping, is_shaped
 from controller.telemetry import TelemetryRecorder, telemetry_csv, telemetry_json
 from controller.validation import validate_run_spec
 from mecbench.breakdown import latency_breakdown
@@ -230,6 +230,10 @@ class RunManager:
         spec = self._with_defaults(_copy(spec))
         if spec.HasField("network"):
             spec.network.CopyFrom(resolve_profile(spec.network, "spec.network"))
+        if spec.HasField("cluster_network"):
+            spec.cluster_network.CopyFrom(resolve_profile(spec.cluster_network, "spec.cluster_network"))
+            if is_shaped(spec.cluster_network):
+                self.pool.backend.cluster_shaping_points(0)  # refused now where there are no such links
         resolve_groups(spec)
         if any_shaped(spec):
             self.check_can_shape()
@@ -428,14 +432,19 @@ class RunManager:
             if spec.sut_id and spec.HasField("sut") and spec.sut != sut.config:
                 self.pool.deploy_sut(spec.sut_id, spec.sut)
             job_mode = spec.loadgen_mode == controller_pb2.LOAD_GEN_MODE_JOB
+            cluster_shaped = spec.HasField("cluster_network") and is_shaped(spec.cluster_network)
+            if cluster_shaped and not sut.is_cluster:
+                raise FailedPrecondition(f"spec.cluster_network: SUT {sut.sut_id} is no cluster (SutConfig.cluster)")
             with contextlib.ExitStack() as held_resources:
-                if any_shaped(spec):
+                if any_shaped(spec) or cluster_shaped:
                     self._publish(active, f"applying network profile {network_label(spec) or 'custom'}",
                                   persist=False)
                     active.shaping = held_resources.enter_context(
                         RunShaping(self.pool, run.run_id, None, spec.clients, self.settings.shaping_lease_s,
                                    on_lost=lambda reason: self._abort(active, reason), sut=sut.agent,
-                                   client_profiles=client_profiles(spec))
+                                   client_profiles=client_profiles(spec),
+                                   cluster_profile=spec.cluster_network if cluster_shaped else None,
+                                   cluster_members=[m.name for m in sut.workers])
                     )
                 for repeat in range(1, spec.repeats + 1):
                     if active.cancel.is_set():

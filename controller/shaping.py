@@ -34,6 +34,14 @@ RENEW_INTERVAL_S = 1.0
 BACKLOG_SAMPLE_S = 0.1
 COUNTER_FIELDS = ("bytes", "packets", "drops", "overlimits", "requeues")
 
+# A cluster link's ends: the head's (side SUT), the worker's (LOADGEN), both (BOTH, the default).
+_CLUSTER_ENDS = {
+    common_pb2.SHAPING_SIDE_UNSPECIFIED: slice(0, 2),
+    common_pb2.SHAPING_SIDE_SUT: slice(0, 1),
+    common_pb2.SHAPING_SIDE_LOADGEN: slice(1, 2),
+    common_pb2.SHAPING_SIDE_BOTH: slice(0, 2),
+}
+
 _SIDES = {
     common_pb2.SHAPING_SIDE_UNSPECIFIED: "sut",
     common_pb2.SHAPING_SIDE_SUT: "sut",
@@ -57,6 +65,12 @@ class AppliedShaping:
     probe: node_agent_pb2.LinkProbe | None = None
     probe_error: str = ""
     schedule: common_pb2.LinkSchedule | None = None
+    # A link that is no client's path: a cluster SUT's, "cluster <worker>" (client is then -1).
+    link: str = ""
+
+    @property
+    def where(self) -> str:
+        return self.link or f"client {self.client}"
 
 
 def _counters(message: node_agent_pb2.QdiscCounters) -> dict[str, int]:
@@ -81,7 +95,8 @@ class RunShaping:
     def __init__(self, pool: AgentPool, run_id: str, profile: common_pb2.NetworkProfile | None, clients: int,
                  lease_s: float, on_lost: Callable[[str], None] | None = None, sut: AgentHandle | None = None,
                  client_profiles: Sequence[common_pb2.NetworkProfile | None] | None = None,
-                 probe: bool = True) -> None:
+                 probe: bool = True, cluster_profile: common_pb2.NetworkProfile | None = None,
+                 cluster_members: Sequence[str] = ()) -> None:
         self.pool = pool
         self.on_lost = on_lost
         self.sut = sut
@@ -92,6 +107,9 @@ class RunShaping:
         )
         self.lease_s = lease_s
         self.probe_links = probe
+        # A cluster SUT's links (head to each of `cluster_members`, its workers), and their profile.
+        self.cluster_profile = cluster_profile
+        self.cluster_members = list(cluster_members)
         self.applied: list[AppliedShaping] = []
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -130,22 +148,14 @@ class RunShaping:
                             )
                         continue
                     shared[key] = (client, profile)
-                    node = self.pool.node_agent_on(point.node)
-                    request = node_agent_pb2.ApplyShapingRequest(
-                        target=point.target(),
-                        direction=direction,
-                        netem=profile.netem,
-                        owner=self.run_id,
-                        lease_duration=durations.from_seconds(self.lease_s),
-                    )
-                    if profile.HasField("schedule"):
-                        request.schedule.CopyFrom(profile.schedule)
-                    reply = node.stub.ApplyShaping(request, timeout=30)
-                    self.applied.append(AppliedShaping(node, client, profile.name, reply.shaping,
-                                                       schedule=request.schedule if profile.HasField("schedule")
-                                                       else None))
-                    log.info("shaping_applied", run_id=self.run_id, interface=point.interface, netns=point.netns,
-                             profile=profile.name, client=client)
+                    self._apply(point, profile, direction, client)
+            cluster = self.cluster_profile
+            if cluster is not None and is_shaped(cluster):
+                for index, member in enumerate(self.cluster_members):
+                    # Each end shapes what it sends: both ends make the link slow both ways.
+                    for point in self.pool.backend.cluster_shaping_points(index)[_CLUSTER_ENDS[cluster.side]]:
+                        self._apply(point, cluster, cluster.direction or common_pb2.DIRECTION_EGRESS, -1,
+                                    f"cluster {member}")
         except grpc.RpcError as exc:
             self._clear()
             raise remote_error("node agent", exc) from None
@@ -157,6 +167,25 @@ class RunShaping:
         if self.probe_links:
             self.probe()
         return self
+
+    def _apply(self, point: ShapingPoint, profile: common_pb2.NetworkProfile,
+               direction: common_pb2.Direction.ValueType, client: int, link: str = "") -> None:
+        node = self.pool.node_agent_on(point.node)
+        request = node_agent_pb2.ApplyShapingRequest(
+            target=point.target(),
+            direction=direction,
+            netem=profile.netem,
+            owner=self.run_id,
+            lease_duration=durations.from_seconds(self.lease_s),
+        )
+        if profile.HasField("schedule"):
+            request.schedule.CopyFrom(profile.schedule)
+        reply = node.stub.ApplyShaping(request, timeout=30)
+        self.applied.append(AppliedShaping(node, client, profile.name, reply.shaping,
+                                           schedule=request.schedule if profile.HasField("schedule") else None,
+                                           link=link))
+        log.info("shaping_applied", run_id=self.run_id, interface=point.interface, netns=point.netns,
+                 profile=profile.name, client=client, link=link)
 
     # --- verification --------------------------------------------------------------------------
 
@@ -179,7 +208,7 @@ class RunShaping:
         found: list[str] = []
         for applied in self.applied:
             if applied.probe is not None and not applied.probe.as_requested:
-                where = f"client {applied.client} ({applied.profile}) {applied.probe.netns}/{applied.probe.interface}"
+                where = f"{applied.where} ({applied.profile}) {applied.probe.netns}/{applied.probe.interface}"
                 found.extend(f"{where}: {problem}" for problem in applied.probe.problems)
         return found
 
@@ -197,6 +226,7 @@ class RunShaping:
                 for qdisc in shaping.qdiscs:
                     readings[(shaping.shaping_id, qdisc.interface, qdisc.handle)] = {
                         "client": applied.client, "profile": applied.profile, "netns": qdisc.netns,
+                        **({"link": applied.link} if applied.link else {}),
                         "kind": qdisc.kind, "params": dict(qdisc.params), "counters": _counters(qdisc.counters),
                     }
         return readings
@@ -299,6 +329,7 @@ class RunShaping:
             assert reading is not None
             entry: dict[str, Any] = {
                 "shaping_id": shaping_id, "client": reading["client"], "profile": reading["profile"],
+                **({"link": reading["link"]} if "link" in reading else {}),
                 "interface": interface, "netns": reading["netns"], "kind": reading["kind"], "handle": handle,
                 "params": reading["params"],
                 "before": before_reading["counters"] if before_reading else None,
@@ -322,6 +353,7 @@ class RunShaping:
             "probes": [
                 {
                     "client": a.client, "profile": a.profile, "shaping_id": a.shaping.shaping_id,
+                    **({"link": a.link} if a.link else {}),
                     **({"probe": json_format.MessageToDict(a.probe, preserving_proto_field_name=True)}
                        if a.probe is not None else {}),
                     **({"error": a.probe_error} if a.probe_error else {}),

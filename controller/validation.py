@@ -105,6 +105,13 @@ def validate_run_spec(spec: controller_pb2.RunSpec, prefix: str = "spec") -> Vio
         )
     if spec.HasField("network"):
         _check_netem(spec.network.netem, f"{prefix}.network.netem", violations)
+    if spec.HasField("cluster_network"):
+        _check_netem(spec.cluster_network.netem, f"{prefix}.cluster_network.netem", violations)
+        no_cluster = not spec.sut_id and spec.HasField("sut") and not spec.sut.HasField("cluster")
+        violations.check(
+            not (no_cluster and spec.cluster_network.netem.ByteSize()), f"{prefix}.cluster_network",
+            "shapes the links between a cluster SUT's members: spec.sut has no cluster",
+        )
     if spec.client_groups:
         _check_groups(spec, prefix, violations)
     return violations

@@ -98,7 +98,13 @@ def test_a_server_spanning_two_nodes_is_benchmarked_and_a_dead_worker_fails_the_
     assert members["head"].status.address.startswith("10.233.23.5:")
     assert members["w1"].host == "10.233.23.6"
 
-    run = ray_stack.stub.StartRun(controller_pb2.StartRunRequest(spec=run_spec(dataset, 1.0))).run
+    # The link between the members is shaped for the run, at both ends (inter-node bandwidth and
+    # latency are what tensor parallelism is sensitive to).
+    spec = run_spec(dataset, 1.0)
+    spec.cluster_network.CopyFrom(
+        common_pb2.NetworkProfile(name="dc-200mbit", netem=common_pb2.NetemConfig(rate_bps=200_000_000))
+    )
+    run = ray_stack.stub.StartRun(controller_pb2.StartRunRequest(spec=spec)).run
     final = ray_stack.wait(run.run_id, 180)
     assert final.state == common_pb2.RUN_STATE_SUCCEEDED, final.error
     result = final.results[0]
@@ -118,6 +124,16 @@ def test_a_server_spanning_two_nodes_is_benchmarked_and_a_dead_worker_fails_the_
     by_name = {f.name: f.data for f in files}
     document = json.loads(by_name["result.json"])
     assert [m["name"] for m in document["cluster"]["members"]] == ["head", "w1"]
+    # The cluster link's shaping, read back from the kernel: a rate limit at each end, and the
+    # traffic to the worker's replica crossed it during the repeat.
+    link = [q for q in document["network"]["qdiscs"] if q.get("link") == "cluster w1"]
+    assert {(q["netns"], q["interface"]) for q in link} == {
+        (f"mb-{TOPOLOGY}-edge", "member1"), (f"mb-{TOPOLOGY}-s1", "cluster0")
+    }, document["network"]
+    assert all(q["kind"] == "tbf" and q["delta"]["packets"] > 0 for q in link), link
+    # Each end's probe measured the rate asked for.
+    probes = [p for p in document["network"]["probes"] if p.get("link") == "cluster w1"]
+    assert len(probes) == 2 and document["network"]["link_as_requested"], document["network"]
     assert "logs/member-w1.log" in by_name
 
     # The worker's node fails mid-run (its runtime's whole process group): the run fails naming it.

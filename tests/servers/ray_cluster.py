@@ -56,7 +56,7 @@ def write_ray_profiles(path: Path) -> Path:
                     "env": env,
                     "ready": {"tcp": "{host}:{port}"},
                     "ready_timeout_s": 120,
-                    "stop_timeout_s": 2,
+                    "stop_timeout_s": 1,
                 },
                 "worker": {
                     "command": [str(RAY), "start", "--block", "--address={head_address}", "--node-ip-address={host}",
@@ -64,7 +64,7 @@ def write_ray_profiles(path: Path) -> Path:
                     "env": env,
                     "ready": {"tcp": "{host}:{port}"},
                     "ready_timeout_s": 120,
-                    "stop_timeout_s": 2,
+                    "stop_timeout_s": 1,
                 },
                 "members": {"command": [str(RAY_PYTHON), "-c", _MEMBERS], "interval_s": 1, "timeout_s": 60},
                 "join_timeout_s": 180,
