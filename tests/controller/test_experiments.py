@@ -174,6 +174,7 @@ def test_peak_search_finds_the_capacity_of_a_single_server_sut(stack: Stack) -> 
         sweep=controller_pb2.Sweep(scenarios=[common_pb2.SCENARIO_SERVER], server_target_qps=[50]),
         search=controller_pb2.PeakSearch(latency_bound=durations.from_seconds(0.040), low_qps=50, high_qps=800,
                                          tolerance=0.2, percentile=99),
+        skip_calibration=True,  # the calibration is the sweep test's
     )
     stack.stub.StartExperiment(controller_pb2.StartExperimentRequest(spec=spec))
     final = stack.app.experiments.wait("peak-e2e", timeout=240)
