@@ -47,7 +47,7 @@ def _start_server(models: Path, port_file: Path) -> tuple[subprocess.Popen[bytes
     return server, int(ports["http_port"]), int(ports["grpc_port"])
 
 
-def _times(call: Callable[[], None], requests: int) -> np.ndarray:
+def _times(call: Callable[[], object], requests: int) -> np.ndarray:
     for _ in range(min(50, requests)):
         call()  # warm connections, caches and the server's sessions
     samples = []
