@@ -1275,14 +1275,22 @@ class KubernetesBackend(DeploymentBackend):
         return "" if pod is not None and self.is_alive(name) else f"pod {record.pod} is not running"
 
     def cluster_shaping_points(self, index: int) -> list[ShapingPoint]:
-        """The link between the latest cluster's head and its worker `index`: the worker pod's own
-        interface (by pod UID, on its node), which carries everything the worker exchanges with
-        the head and the other workers. Never the head's: the run's shaping holds that one."""
+        """The link between the cluster's head and its worker `index`, as ONE point: the worker
+        pod's own interface (by pod UID, on its node), which carries everything the worker
+        exchanges with the head and the other workers (both directions: egress and ingress there).
+        The head's end cannot be had apart: its interface also carries the LoadGens' traffic (the
+        run's own shaping point). [] while no cluster is deployed (asked again once it is)."""
         with self._lock:
             heads = [self._deployed[n] for n in self._sut_order if n in self._deployed and self._deployed[n].cluster]
             head = heads[-1] if heads else None
             workers = head.cluster.workers if head is not None and head.cluster is not None else []
             record = self._deployed.get(workers[index]) if 0 <= index < len(workers) else None
+        if head is None:
+            return []
+        if len(heads) > 1:
+            raise FailedPrecondition(
+                f"{len(heads)} cluster SUTs are deployed; shaping a member link needs to know the run's own"
+            )
         if record is None or not record.pod_uid:
             raise FailedPrecondition(f"no worker {index} of a cluster SUT is running on this backend")
         pod = PodRef(self.namespace, record.pod, record.pod_uid)

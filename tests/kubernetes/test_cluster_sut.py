@@ -78,6 +78,7 @@ def test_statefulset_cluster_head_first_then_workers_each_ready_on_a_node_of_its
     backend = cluster.backend(cluster_ports={"ray": [(6379, 6379), (10002, 10100)]})
     # Two placements: two StatefulSets (one pod template each) under one headless Service.
     config = cluster_config("w1", "w2", cores=(1.0, 0.5))
+    assert backend.cluster_shaping_points(0) == []  # nothing deployed yet: asked again once it is
     head = backend.start_sut_agent("sut-tp", config)
     head_pod = head.labels["pod"]
     assert cluster.names("StatefulSet") == set()  # no worker before the head is Ready
@@ -125,6 +126,10 @@ def test_statefulset_cluster_head_first_then_workers_each_ready_on_a_node_of_its
         workers[1].labels["pod"], workers[1].labels["uid"], workers[1].node, "eth0")
     with pytest.raises(FailedPrecondition, match="no worker 2 of a cluster SUT"):
         backend.cluster_shaping_points(2)
+    # A second cluster: which one's link is meant cannot be told.
+    backend.start_sut_agent("sut-other", cluster_config("w1"))
+    with pytest.raises(FailedPrecondition, match="2 cluster SUTs are deployed"):
+        backend.cluster_shaping_points(0)
 
 
 def test_leader_worker_set_where_served_makes_the_workers_once_the_head_is_ready(cluster: Cluster) -> None:
