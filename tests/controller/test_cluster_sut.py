@@ -41,7 +41,10 @@ def cluster_config() -> sut_agent_pb2.SutConfig:
                                                                "max_tokens": "8"},
             max_concurrency=4,
         ),
-        cluster=sut_agent_pb2.SutCluster(runtime="ray", workers=[sut_agent_pb2.SutMember(name="w1")]),
+        # The worker is placed on its own: one CPU's worth of time, through the node agent.
+        cluster=sut_agent_pb2.SutCluster(runtime="ray", workers=[
+            sut_agent_pb2.SutMember(name="w1", resources=common_pb2.ResourceLimits(cpu_cores=1.0)),
+        ]),
     )
 
 
@@ -118,6 +121,11 @@ def test_a_server_spanning_two_nodes_is_benchmarked_and_a_dead_worker_fails_the_
     assert result.cluster.runtime == "ray"
     assert (recorded["head"].node, recorded["w1"].node) == ("edge", "sut-1")
     assert recorded["w1"].endpoint.name == f"sut-{SUT_ID}-w1"
+    # ... and its placement as the kernel holds it: the worker's group has its one CPU.
+    assert recorded["w1"].placement.requested.cpu_cores == 1.0
+    assert recorded["w1"].placement.applied.cpu_cores == 1.0, recorded["w1"].placement
+    assert recorded["w1"].placement.usage.cpu_usage_ns > 0
+    assert not recorded["head"].HasField("placement")
     files = ray_stack.stub.GetResult(
         controller_pb2.GetResultRequest(run_id=final.run_id, include_files=["result.json", "logs/member-w1.log"])
     ).files
@@ -134,7 +142,8 @@ def test_a_server_spanning_two_nodes_is_benchmarked_and_a_dead_worker_fails_the_
     # Each end's probe measured the rate asked for.
     probes = [p for p in document["network"]["probes"] if p.get("link") == "cluster w1"]
     assert len(probes) == 2 and document["network"]["link_as_requested"], document["network"]
-    assert "logs/member-w1.log" in by_name
+    # Each member's runtime log is kept; the first repeat's has its start-up.
+    assert b"Ray runtime started" in by_name["logs/member-w1.log"]
 
     # The worker's node fails mid-run (its runtime's whole process group): the run fails naming it.
     worker = ray_stack.app.pool.get_sut(SUT_ID).workers[0]
