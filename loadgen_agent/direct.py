@@ -31,6 +31,8 @@ import aiohttp
 import grpc
 import grpc.aio
 import numpy as np
+from multidict import CIMultiDict
+from yarl import URL
 
 from loadgen_agent.llm_records import RequestRecord, StageSpan, compute_stage_metrics
 from mecbench.core.errors import MecbenchError
@@ -149,7 +151,8 @@ class DirectClient:
         self._timed_out: set[asyncio.Task[None]] = set()
         self._ready = threading.Event()
         # A sample's request is the same every time it is issued: built once (the body's JSON).
-        self._calls: dict[int, tuple[HttpCall | GrpcCall, dict[str, str]]] = {}
+        # With its headers and its URL parsed once (aiohttp parses a string URL per request).
+        self._calls: dict[int, tuple[HttpCall | GrpcCall, CIMultiDict[str], URL | None]] = {}
         # gRPC server types: one grpc.aio channel on the loop, its methods by name (bytes in/out).
         self._grpc_channel: grpc.aio.Channel | None = None
         self._grpc_methods: dict[str, Any] = {}
@@ -339,10 +342,12 @@ class DirectClient:
                 made: HttpCall | GrpcCall | None = self.server.http_call(sample) or self.server.grpc_call(sample)
                 if made is None:
                     raise ServerError(f"server type {self.server.name!r} has no client half")
-                built = self._calls[record.sample_index] = (
-                    made, dict(made.headers) if isinstance(made, HttpCall) else {}
-                )
-            call, headers = built
+                if isinstance(made, HttpCall):
+                    built = (made, CIMultiDict(made.headers), URL(self.url + made.path))
+                else:
+                    built = (made, CIMultiDict(), None)
+                self._calls[record.sample_index] = built
+            call, headers, url = built
             decoder = self.server.decoder()
             if isinstance(call, GrpcCall):
                 answer = await self._grpc_method(call.method)(call.body, timeout=self.response_timeout_s)
@@ -351,9 +356,8 @@ class DirectClient:
                 record.first_token_ns = 0
                 self._finish(wire_id, record, decoder.output(), 0)
                 return
-            async with self._session.request(
-                call.method, self.url + call.path, data=call.body, headers=headers
-            ) as response:
+            assert url is not None
+            async with self._session.request(call.method, url, data=call.body, headers=headers) as response:
                 if response.status >= 300:
                     body = await response.read()
                     raise ServerError(f"{call.method} {call.path}: {http_error_text(response.status, body)}")
@@ -361,12 +365,13 @@ class DirectClient:
                     pending = b""
                     # Read to the end of the body (past the protocol's end marker), so the
                     # connection goes back to the pool clean.
-                    async for data in response.content.iter_any():
+                    readany = response.content.readany
+                    while data := await readany():
                         record.response_bytes += len(data)
-                        pending += data
-                        *lines, pending = pending.split(b"\n")
+                        lines = (pending + data if pending else data).split(b"\n")
+                        pending = lines.pop()
                         for line in lines:
-                            if not decoder.done and decoder.line(line.rstrip(b"\r")):
+                            if line and not decoder.done and decoder.line(line.rstrip(b"\r")):
                                 self._on_text(wire_id, record)
                     if pending and not decoder.done and decoder.line(pending.rstrip(b"\r")):
                         self._on_text(wire_id, record)
@@ -471,6 +476,10 @@ class DirectClient:
                     self.counters.first_sample_error = record.error
         if failed:
             self.counters.errors.add(record.error, kind=record.error_kind)
+        if failed or tokens < self._failed_tokens:
+            # LoadGen's rule (worker.py, FAILED_SAMPLE_TOKENS): a sample counts more than one
+            # token, or its TPOT goes negative; an answer of 0 or 1 tokens (the model's end of
+            # text at once) is given LoadGen's least, its record keeps the server's count.
             tokens = self._failed_tokens
         make = self._lg.QuerySampleResponse
         if use_tokens and not first_seen:

@@ -666,9 +666,10 @@ class SessionWorker:
                 )
             return None
         timeout_s = durations.to_seconds(self.options.response_timeout) or DEFAULT_RESPONSE_TIMEOUT_S
-        server = server_class(
-            status.server_endpoint, config.model, dict(config.options), timeout_s, 1, "config.external.options"
-        )
+        # Where this client reaches the server (in the netns topology, not the server's own
+        # 0.0.0.0), for what the client half reads from it first (KServe's model metadata) too.
+        url = reachable_endpoint(status.server_endpoint, split_address(self.sut_address)[0])
+        server = server_class(url, config.model, dict(config.options), timeout_s, 1, "config.external.options")
         try:
             server.prepare_client(time.monotonic() + min(timeout_s, 30.0))
             first = samples[0] if samples else b""
@@ -684,7 +685,6 @@ class SessionWorker:
             if asked:
                 raise FailedPrecondition(f"server type {server.name!r} has no direct client; use the relay")
             return None
-        url = reachable_endpoint(status.server_endpoint, split_address(self.sut_address)[0])
         log.info("direct_client", server_type=server.name, url=url, endpoint=status.server_endpoint)
         return server, url
 

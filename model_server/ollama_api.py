@@ -216,7 +216,7 @@ class OllamaApi:
             return json_response(
                 {"model": name, "created_at": created_at(), "response": "", "done": True, "done_reason": "load"}
             )
-        generation = model.generate(prompt_ids, max_tokens)
+        generation = model.generate(prompt_ids, max_tokens, _ignore_eos(body))
 
         def token(text: str) -> dict[str, Any]:
             return {"model": name, "created_at": created_at(), "response": text, "done": False}
@@ -258,7 +258,7 @@ class OllamaApi:
                     "done_reason": "load",
                 }
             )
-        generation = model.generate(prompt_ids, max_tokens)
+        generation = model.generate(prompt_ids, max_tokens, _ignore_eos(body))
 
         def token(text: str) -> dict[str, Any]:
             return {
@@ -334,6 +334,13 @@ def _chat_prompt(body: dict[str, Any]) -> str:
             raise OllamaError(400, "each message must be an object with a string content")
         parts.append(message.get("content", ""))
     return "".join(parts)
+
+
+def _ignore_eos(body: dict[str, Any]) -> bool:
+    """`options.ignore_eos`: generate num_predict tokens whatever the text (not Ollama's own
+    option: this server's, as vLLM's OpenAI extension, so a test can ask for long streams)."""
+    options = body.get("options")
+    return isinstance(options, dict) and options.get("ignore_eos") is True
 
 
 def _num_predict(body: dict[str, Any], model: LanguageModel, prompt_tokens: int) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.external_servers import MODEL_SERVER, ROOT, Models, build_models
+from tests.servers.kserve_reference import KSERVE_PYTHON
 
 
 @dataclass
@@ -92,20 +93,50 @@ def model_server(tmp_path: Path, models: Models) -> Iterator[ModelServer]:
 NETNS_PROFILE = """
   {name}:
     command: ["{{python}}", "-m", "model_server", "--host", "{{host}}", "--http-port", "{{port}}",
-              "--models", "{{model_dir}}"]
+              "--grpc-port", "{{port2}}", "--models", "{{model_dir}}"]
     cwd: "{root}"
     host: 0.0.0.0
-    ports: 1
-    server_type: openai
-    endpoint: "http://{{host}}:{{port}}"
+    ports: 2
+    server_type: {server_type}
+    endpoint: "{endpoint}"
     ready: {{http: "http://127.0.0.1:{{port}}/v2/health/ready", interval_s: 0.05}}
     ready_timeout_s: 30
+    stop_timeout_s: 5
+"""
+
+# Launch profile name -> (server type, endpoint): the model server's faces.
+NETNS_FACES = {
+    "llm-edge": ("openai", "http://{host}:{port}"),
+    "llm-edge-ollama": ("ollama", "http://{host}:{port}"),
+    "llm-edge-kserve-http": ("kserve_v2_http", "http://{host}:{port}"),
+    "llm-edge-kserve-grpc": ("kserve_v2_grpc", "{host}:{port2}"),
+}
+
+
+# kserve's reference server (its own virtualenv), on every address of the edge namespace too.
+NETNS_KSERVE_REFERENCE = """
+  kserve-reference-edge:
+    command: ["{python}", "tests/servers/kserve_onnx_server.py", "--model_name", "{{model}}",
+              "--model_path", "{{model_dir}}/{{model}}.onnx", "--http_port", "{{port}}", "--grpc_port", "{{port2}}",
+              "--enable_latency_logging", "false"]
+    cwd: "{root}"
+    host: 0.0.0.0
+    ports: 2
+    server_type: kserve_v2_grpc
+    endpoint: "{{host}}:{{port2}}"
+    ready: {{http: "http://127.0.0.1:{{port}}/v2/health/ready", interval_s: 0.1}}
+    ready_timeout_s: 60
     stop_timeout_s: 5
 """
 
 
 def write_netns_profiles(path: Path) -> Path:
     """The model server listening on every address of the edge namespace, so LoadGen clients in
-    their own namespaces reach it through the data link (the direct client path)."""
-    path.write_text("profiles:\n" + NETNS_PROFILE.format(name="llm-edge", root=ROOT))
+    their own namespaces reach it through the data link (the direct client path): one profile
+    per face (NETNS_FACES), and kserve's reference server."""
+    text = "profiles:\n"
+    for name, (server_type, endpoint) in NETNS_FACES.items():
+        text += NETNS_PROFILE.format(name=name, server_type=server_type, endpoint=endpoint, root=ROOT)
+    text += NETNS_KSERVE_REFERENCE.format(python=KSERVE_PYTHON, root=ROOT)
+    path.write_text(text)
     return path
