@@ -1,17 +1,20 @@
 """LLM serving through MECBench's direct client path, against a floor, in one run:
 
-    .venv/bin/python -m bench.llm [--rates 50,800,1200] [--duration 5] [--aiperf PATH]
+    .venv/bin/python -m bench.llm [--rates 50,800,1200] [--duration 5] [--aiperf PATH] [--httpx]
 
 A fast OpenAI-compatible server with known latencies (TTFT 5 ms, then 8 tokens 1 ms apart,
 streamed as server-sent events; aiohttp, its own process) serves both:
 (i) the floor: a minimal asyncio client (aiohttp, Poisson arrivals at the rate, one process);
 (ii) MECBench: the whole stack (controller, SUT agent with the server as an external endpoint,
 LoadGen agent, one LoadGen session speaking the protocol directly), Server scenario at the rate;
-(iii) NVIDIA AIPerf, when `--aiperf` names its executable (installed in a separate venv).
+(iii) NVIDIA AIPerf, when `--aiperf` names its executable (installed in a separate venv);
+(iv) with `--httpx`, the floor's client written with httpx instead of aiohttp: which HTTP
+library the direct client should use, by their CPU per request in the same run.
 Printed per rate: the achieved share of the target rate, TTFT p50 (client-measured from the
 request's send; MECBench's from its per-request records), its ratio to the floor's, failed
-requests, and the client's CPU (the LoadGen session process; the floor's process). Ratios in
-one run, since this machine is shared and noisy.
+requests, and the client's CPU (the LoadGen session process; the floor's process): over the
+run's wall time, set-up included, and (at rate) its CPU per request times the rate, the cores
+it takes while sending at that rate. Ratios in one run, since this machine is shared and noisy.
 """
 
 from __future__ import annotations
@@ -151,7 +154,11 @@ def start_server() -> tuple[subprocess.Popen[bytes], int]:
 # --- the floor ----------------------------------------------------------------------------------
 
 
-async def floor_client(port: int, rate: float, duration_s: float) -> dict[str, Any]:
+async def floor_client(port: int, rate: float, duration_s: float, library: str = "aiohttp") -> dict[str, Any]:
+    """Poisson arrivals at `rate` for `duration_s`, each a streamed request whose first chunk
+    carrying content is its first token; with aiohttp (the floor) or httpx (the comparison)."""
+    if library == "httpx":
+        return await _httpx_client(port, rate, duration_s)
     import aiohttp
 
     body = json.dumps(
@@ -201,13 +208,67 @@ async def floor_client(port: int, rate: float, duration_s: float) -> dict[str, A
     }
 
 
-def run_floor(port: int, rate: float, duration_s: float) -> dict[str, Any]:
+async def _httpx_client(port: int, rate: float, duration_s: float) -> dict[str, Any]:
+    """The floor's client written with httpx (keep-alive, no pool limit, streamed reads)."""
+    import httpx
+
+    body = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": TOKENS, "stream": True}
+    ).encode()
+    ttfts: list[float] = []
+    failures = 0
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=60)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+
+        async def one() -> None:
+            nonlocal failures
+            started = time.perf_counter()
+            first = 0.0
+            try:
+                async with client.stream(
+                    "POST",
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                ) as response:
+                    async for data in response.aiter_raw():
+                        if not first and b'"content"' in data:
+                            first = time.perf_counter()
+            except (httpx.HTTPError, OSError):
+                failures += 1
+                return
+            ttfts.append(first - started)
+
+        rng = np.random.default_rng(1)
+        tasks = []
+        started = time.perf_counter()
+        due = started
+        while due - started < duration_s:
+            due += rng.exponential(1 / rate)
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    return {
+        "sent": len(tasks),
+        "completed": len(ttfts),
+        "achieved": len(ttfts) / elapsed,
+        "failures": failures,
+        "ttft_p50_ms": float(np.median(ttfts)) * 1000 if ttfts else 0.0,
+    }
+
+
+def run_floor(port: int, rate: float, duration_s: float, library: str = "aiohttp") -> dict[str, Any]:
     before = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter()
-    result = asyncio.run(floor_client(port, rate, duration_s))
+    result = asyncio.run(floor_client(port, rate, duration_s, library))
     wall = time.perf_counter() - wall
     after = resource.getrusage(resource.RUSAGE_SELF)
-    result["cpu_cores"] = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / wall
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    result["cpu_cores"] = cpu_s / wall
+    result["cpu_ms_per_request"] = cpu_s / max(result["completed"], 1) * 1000
     return result
 
 
@@ -215,7 +276,8 @@ def run_floor(port: int, rate: float, duration_s: float) -> dict[str, Any]:
 
 
 def _worker_cpu_s() -> float:
-    """CPU seconds of the LoadGen session processes now running (python -m loadgen_agent.worker)."""
+    """CPU seconds of this bench's LoadGen session processes now running (python -m
+    loadgen_agent.worker, started below this process: other programs' sessions are not counted)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for pid in os.listdir("/proc"):
@@ -223,13 +285,21 @@ def _worker_cpu_s() -> float:
             continue
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"loadgen_agent.worker" not in cmdline:
+            if b"loadgen_agent.worker" not in cmdline or not _descends_from_us(int(pid)):
                 continue
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         total += (int(fields[11]) + int(fields[12])) / ticks
     return total
+
+
+def _descends_from_us(pid: int) -> bool:
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return False
 
 
 def run_mecbench(stub: Any, app: Any, dataset: Path, rate: float, duration_s: float) -> dict[str, Any]:
@@ -256,8 +326,10 @@ def run_mecbench(stub: Any, app: Any, dataset: Path, rate: float, duration_s: fl
     cpu_before, wall = _worker_cpu_s(), time.perf_counter()
     run = stub.StartRun(controller_pb2.StartRunRequest(spec=spec)).run
     final = app.runs.wait(run.run_id, 600)
-    # The session process outlives the run; its CPU over the run's wall time (set-up included).
-    cpu = (_worker_cpu_s() - cpu_before) / (time.perf_counter() - wall)
+    # The session process outlives the run; its CPU over the run's wall time (set-up included),
+    # and per request (set-up's share small): times the rate, the cores it takes at that rate.
+    cpu_s = _worker_cpu_s() - cpu_before
+    cpu = cpu_s / (time.perf_counter() - wall)
     if final.state != common_pb2.RUN_STATE_SUCCEEDED:
         return {"error": final.error}
     result = final.results[0].aggregate
@@ -268,6 +340,7 @@ def run_mecbench(stub: Any, app: Any, dataset: Path, rate: float, duration_s: fl
         "ttft_p50_ms": metrics.get("ttft_p50_s", 0.0) * 1000,
         "loadgen_ttft_p50_ms": durations.to_seconds(result.ttft.p50) * 1000,
         "cpu_cores": cpu,
+        "cpu_cores_at_rate": cpu_s / max(metrics.get("requests_ok", 0.0), 1.0) * rate,
         "valid": result.valid,
     }
 
@@ -346,6 +419,9 @@ def main() -> None:
     parser.add_argument("--rates", default="50,800,1200")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--aiperf", default="", help="the aiperf executable (in its own venv), to run beside")
+    parser.add_argument(
+        "--httpx", action="store_true", help="also run the floor's client written with httpx (pip install httpx)"
+    )
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
@@ -360,6 +436,7 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     server, port = start_server()
     rows: list[tuple[float, dict[str, Any], dict[str, Any], dict[str, Any] | None]] = []
+    httpx_rows: list[tuple[float, dict[str, Any], dict[str, Any]]] = []
     try:
         with tempfile.TemporaryDirectory() as scratch_dir:
             scratch = Path(scratch_dir)
@@ -388,9 +465,11 @@ def main() -> None:
                     mecbench = run_mecbench(stub, app, dataset, rate, args.duration)
                     aiperf = run_aiperf(args.aiperf, port, rate, args.duration, scratch) if args.aiperf else None
                     rows.append((rate, floor, mecbench, aiperf))
-                    print(
-                        json.dumps({"rate": rate, "floor": floor, "mecbench": mecbench, "aiperf": aiperf}), flush=True
-                    )
+                    httpx = run_floor(port, rate, args.duration, "httpx") if args.httpx else None
+                    if httpx is not None:
+                        httpx_rows.append((rate, floor, httpx))
+                    line = {"rate": rate, "floor": floor, "mecbench": mecbench, "aiperf": aiperf, "httpx": httpx}
+                    print(json.dumps(line), flush=True)
             finally:
                 channel.close()
                 grpc_server.stop(grace=1.0)
@@ -403,7 +482,7 @@ def main() -> None:
     )
     print(
         f"{'rate':>6} | {'floor: achieved, TTFT p50, CPU':>32} | "
-        f"{'MECBench: achieved, TTFT p50 (x floor), fails, CPU':>52} | {'AIPerf: achieved, TTFT p50':>28}"
+        f"{'MECBench: achieved, TTFT p50 (x floor), fails, CPU (at rate)':>62} | {'AIPerf: achieved, TTFT p50':>28}"
     )
     for rate, floor, mec, aiperf in rows:
         floor_text = f"{floor['achieved'] / rate:6.1%} {floor['ttft_p50_ms']:6.2f} ms {floor['cpu_cores']:4.2f}"
@@ -413,7 +492,7 @@ def main() -> None:
             ratio = mec["ttft_p50_ms"] / floor["ttft_p50_ms"] if floor["ttft_p50_ms"] else 0.0
             mec_text = (
                 f"{mec['achieved'] / rate:6.1%} {mec['ttft_p50_ms']:6.2f} ms ({ratio:4.2f}x) "
-                f"{mec['failures']:>3} {mec['cpu_cores']:4.2f}"
+                f"{mec['failures']:>3} {mec['cpu_cores']:4.2f} ({mec['cpu_cores_at_rate']:4.2f})"
             )
         if aiperf is None:
             aiperf_text = "-"
@@ -421,7 +500,17 @@ def main() -> None:
             aiperf_text = "failed"
         else:
             aiperf_text = f"{aiperf['achieved'] / rate:6.1%} {aiperf['ttft_p50_ms']:6.2f} ms"
-        print(f"{rate:>6.0f} | {floor_text:>32} | {mec_text:>52} | {aiperf_text:>28}")
+        print(f"{rate:>6.0f} | {floor_text:>32} | {mec_text:>62} | {aiperf_text:>28}")
+    if httpx_rows:
+        print("\nThe same minimal client with aiohttp and with httpx: achieved, TTFT p50, CPU ms per request")
+        print(f"{'rate':>6} | {'aiohttp':>30} | {'httpx':>30} | {'httpx CPU / aiohttp CPU':>24}")
+        for rate, floor, httpx in httpx_rows:
+            texts = [
+                f"{r['achieved'] / rate:6.1%} {r['ttft_p50_ms']:6.2f} ms {r['cpu_ms_per_request']:5.3f} ms"
+                for r in (floor, httpx)
+            ]
+            ratio = httpx["cpu_ms_per_request"] / floor["cpu_ms_per_request"] if floor["cpu_ms_per_request"] else 0.0
+            print(f"{rate:>6.0f} | {texts[0]:>30} | {texts[1]:>30} | {ratio:>23.2f}x")
 
 
 if __name__ == "__main__":
