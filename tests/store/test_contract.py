@@ -97,7 +97,7 @@ def test_the_local_store_counts_the_bytes_it_reads_not_the_size_reported(tmp_pat
             pipe.write(b"x" * count)
 
     for count, limit in ((2000, 1000), (1000, 1000)):
-        writer = threading.Thread(target=write, args=(count,))
+        writer = threading.Thread(target=write, args=(count,), daemon=True)  # never blocks the exit
         writer.start()
         try:
             if count > limit:
