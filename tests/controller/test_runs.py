@@ -186,7 +186,8 @@ def test_restart_keeps_history_and_marks_in_flight_runs_failed(tmp_path_factory:
         in_flight.created_at.GetCurrentTime()
         first.app.registry.save_run(in_flight)
         experiment = controller_pb2.ExperimentSpec(
-            experiment_id="kept-exp", sut=synthetic_sut(), settings=short_settings(common_pb2.SCENARIO_SINGLE_STREAM))
+            experiment_id="kept-exp", sut=synthetic_sut(), settings=short_settings(common_pb2.SCENARIO_SINGLE_STREAM),
+            skip_calibration=True)  # its one point is what the restart must keep
         first.stub.StartExperiment(controller_pb2.StartExperimentRequest(spec=experiment))
         kept_experiment = first.app.experiments.wait("kept-exp", timeout=120)
         assert kept_experiment.state == common_pb2.RUN_STATE_SUCCEEDED, kept_experiment.error
