@@ -1,12 +1,12 @@
 """The results of several concurrent LoadGen clients, combined into one.
 
 Throughput adds up. Latency percentiles do not average: the p99 of two clients is the p99 of all
-their samples together. Each client's LoadGen keeps its own latency of every sample
-(sample_latencies.npy, from LoadGen's trace, measured from the scheduled time as LoadGen does), so
-the latencies are pooled and the percentiles taken from the pool by LoadGen's own rule: the value
-at index floor(n * p) of the sorted latencies. For one client this reproduces LoadGen's summary
-exactly. MultiStream's percentiles are over queries, so there each query counts once, with the
-latency of its slowest sample.
+their samples together. Each client keeps the latency of every sample as LoadGen measures it,
+from the scheduled time (sample_latencies.npy: loadgen_agent/sample_clock.py, or LoadGen's trace
+for Offline), so the latencies are pooled and the percentiles taken from the pool by LoadGen's own
+rule: the value at index floor(n * p) of the sorted latencies. For one client this reproduces
+LoadGen's summary (its mean exactly, percentiles within microseconds). MultiStream's percentiles
+are over queries, so there each query counts once, with the latency of its slowest sample.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ import structlog
 from loadgen_agent import datasets, protocol
 from loadgen_agent.direct import DirectClient, reachable_endpoint
 from loadgen_agent.llm_records import compute_metrics, write_records, write_token_latencies
-from loadgen_agent.results import TRACE_FILE, extract_sample_latencies
+from loadgen_agent.results import SUMMARY_FILE, TRACE_FILE, extract_sample_latencies, parse_summary_fields
+from loadgen_agent.sample_clock import RecordingLoadGen, SampleClock, measures
 from loadgen_agent.settings_builder import build_test_settings, describe_test_settings
 from mecbench.core import durations
 from mecbench.core.channels import open_channel, wait_until_serving
@@ -598,6 +599,7 @@ class SessionWorker:
         self._current_test = ""
         self._lock = threading.Lock()
         self.data_plane: RelayClient | DirectClient | None = None
+        self._clock = SampleClock()
         self._sut: Any = None
         self._qsl: Any = None
         self._status_stub: sut_agent_pb2_grpc.SutAgentStub | None = None
@@ -617,14 +619,28 @@ class SessionWorker:
             stub, samples, self.options, self.sut_address
         )
         data_plane.on_abort = self._on_abort
+        # Both data planes complete samples through their `_lg`: stamping it there stamps every
+        # completion on the sample clock, whichever path and thread completes it.
+        data_plane._lg = RecordingLoadGen(lg, self._clock)
         self.data_plane = data_plane
+        clock = self._clock
+
+        def issue(ids: Sequence[int], indices: Sequence[int]) -> None:
+            clock.issued(ids)
+            data_plane.issue(ids, indices)
+
+        def issue_samples(query_samples: Sequence[Any]) -> None:
+            ids = [sample.id for sample in query_samples]
+            clock.issued(ids)
+            data_plane.issue(ids, [sample.index for sample in query_samples])
+
         interface = self.options.sut_interface
         if interface == loadgen_agent_pb2.SUT_INTERFACE_STANDARD:
-            self._sut = lg.ConstructSUT(data_plane.issue_samples, data_plane.flush)
+            self._sut = lg.ConstructSUT(issue_samples, data_plane.flush)
         elif interface == loadgen_agent_pb2.SUT_INTERFACE_NETWORK_QDL:
-            self._sut = lg.ConstructQDL(data_plane.issue_samples, data_plane.flush, self._qdl_name)
+            self._sut = lg.ConstructQDL(issue_samples, data_plane.flush, self._qdl_name)
         else:
-            self._sut = lg.ConstructFastSUT(data_plane.issue, data_plane.flush)
+            self._sut = lg.ConstructFastSUT(issue, data_plane.flush)
         self._qsl = lg.ConstructQSL(len(samples), len(samples), _no_op, _no_op)
         data_plane.start()
         start_thread("monitor", self._monitor)
@@ -797,9 +813,12 @@ class SessionWorker:
         log_settings = lg.LogSettings()
         log_settings.log_output = output
         record_latencies = command.record_latencies
-        # The trace is the one place LoadGen writes each sample's latency; it is turned into
-        # sample_latencies.npy after the test.
-        log_settings.enable_trace = record_latencies
+        # Each sample's latency, for pooling clients: kept by the client's own clock against
+        # LoadGen's schedule (loadgen_agent.sample_clock), which costs LoadGen nothing; where the
+        # clock cannot tell the scheduled time (Offline), from LoadGen's trace, parsed afterwards.
+        clocked = record_latencies and measures(test_settings)
+        log_settings.enable_trace = record_latencies and not clocked
+        self._clock.begin(test_settings, active=clocked)
         want_data = (
             test_settings.mode in (lg.TestMode.AccuracyOnly, lg.TestMode.SubmissionRun)
             or test_settings.accuracy_log_probability > 0
@@ -841,11 +860,13 @@ class SessionWorker:
             except OSError as exc:
                 log.warning("token_latencies_unwritable", test_id=test_id, error=str(exc))
         trace = outdir / TRACE_FILE
-        if record_latencies and trace.is_file():
-            try:
+        try:
+            if clocked:
+                self._clock.write(outdir / SAMPLE_LATENCIES_NAME, _summary_mean_ns(outdir))
+            elif record_latencies and trace.is_file():
                 extract_sample_latencies(trace, outdir / SAMPLE_LATENCIES_NAME)
-            except (OSError, ValueError) as exc:
-                log.warning("sample_latencies_unreadable", test_id=test_id, error=str(exc))
+        except (OSError, ValueError) as exc:
+            log.warning("sample_latencies_unreadable", test_id=test_id, error=str(exc))
         by_kind, messages = counters.errors.snapshot()
         self.events.send(
             protocol.TestFinished(
@@ -875,6 +896,16 @@ class SessionWorker:
 def _direct_key(status: sut_agent_pb2.SutStatus) -> bytes:
     config = status.config.SerializeToString(deterministic=True)
     return b"|".join([status.server_endpoint.encode(), status.server_type.encode(), config])
+
+
+def _summary_mean_ns(outdir: Path) -> int | None:
+    """LoadGen's mean latency from the test's summary, or None when it wrote none."""
+    try:
+        fields = parse_summary_fields((outdir / SUMMARY_FILE).read_text())
+    except OSError:
+        return None
+    value = fields.get("Mean latency (ns)", "")
+    return int(value) if value.isdigit() else None
 
 
 def _no_op(_samples: Any) -> None:
