@@ -1,6 +1,6 @@
 """LLM serving through MECBench's direct client path, against a floor, in one run:
 
-    .venv/bin/python -m bench.llm [--rates 50,800,1200] [--duration 5] [--aiperf PATH] [--httpx]
+    .venv/bin/python -m bench.llm [--rates 50,800,1200] [--duration 5] [--aiperf PATH] [--httpx [--httpx-rates 50,400]]
 
 A fast OpenAI-compatible server with known latencies (TTFT 5 ms, then 8 tokens 1 ms apart,
 streamed as server-sent events; aiohttp, its own process) serves both:
@@ -422,6 +422,7 @@ def main() -> None:
     parser.add_argument(
         "--httpx", action="store_true", help="also run the floor's client written with httpx (pip install httpx)"
     )
+    parser.add_argument("--httpx-rates", default="50,400,800", help="the rates (of --rates) to run httpx's client at")
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
@@ -434,6 +435,7 @@ def main() -> None:
     from mecbench.workloads import ByteTokenizer, LengthDistribution, make_synthetic, write_dataset
 
     rates = [float(r) for r in args.rates.split(",")]
+    httpx_rates = {float(r) for r in args.httpx_rates.split(",")} if args.httpx else set()
     server, port = start_server()
     rows: list[tuple[float, dict[str, Any], dict[str, Any], dict[str, Any] | None]] = []
     httpx_rows: list[tuple[float, dict[str, Any], dict[str, Any]]] = []
@@ -465,7 +467,7 @@ def main() -> None:
                     mecbench = run_mecbench(stub, app, dataset, rate, args.duration)
                     aiperf = run_aiperf(args.aiperf, port, rate, args.duration, scratch) if args.aiperf else None
                     rows.append((rate, floor, mecbench, aiperf))
-                    httpx = run_floor(port, rate, args.duration, "httpx") if args.httpx else None
+                    httpx = run_floor(port, rate, args.duration, "httpx") if rate in httpx_rates else None
                     if httpx is not None:
                         httpx_rows.append((rate, floor, httpx))
                     line = {"rate": rate, "floor": floor, "mecbench": mecbench, "aiperf": aiperf, "httpx": httpx}
