@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -46,7 +47,11 @@ class ServerProcess:
         profile: LaunchProfile,
         log_path: Path,
         on_failure: Callable[[str], None] | None = None,
+        tethered: bool = False,
     ) -> None:
+        # Tethered: started through sut_agent.external.tether, which ends the process's whole
+        # session should this agent die without stopping it (even by SIGKILL).
+        self._tethered = tethered
         self._launch = launch
         self._profile = profile
         self._log_path = log_path
@@ -134,10 +139,11 @@ class ServerProcess:
             self._log_start = os.fstat(log_file.fileno()).st_size
             try:
                 process = subprocess.Popen(
-                    argv,
+                    [sys.executable, "-m", "sut_agent.external.tether", *argv] if self._tethered else argv,
                     env=self._launch.env,
                     cwd=self._launch.cwd,
-                    stdin=subprocess.DEVNULL,
+                    # Tethered: the pipe's far end is only ever this process's; its close ends the server.
+                    stdin=subprocess.PIPE if self._tethered else subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -188,3 +189,55 @@ def test_the_head_serves_only_once_every_member_joined(tmp_path: Path) -> None:
         assert manager.status().member.members_joined == 1
     finally:
         manager.close()
+
+
+GRANDCHILD = """
+import os, subprocess, sys, time
+# A process of the session that moved to a group of its own (as Ray's workers do), and one that did not.
+moved = subprocess.Popen([sys.executable, "-c", "import os, time; os.setpgid(0, 0); time.sleep(3600)"])
+stays = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+print(moved.pid, stays.pid, flush=True)
+time.sleep(3600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_a_tethered_command_ends_with_its_whole_session_when_the_agent_is_gone() -> None:
+    tether = subprocess.Popen(
+        [sys.executable, "-m", "sut_agent.external.tether", sys.executable, "-c", GRANDCHILD],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, cwd=REPO,
+    )
+    assert tether.stdout is not None
+    pids = [int(p) for p in tether.stdout.readline().split()]
+    assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    # As when the agent dies by SIGKILL: the kernel closes the pipe it held.
+    assert tether.stdin is not None
+    tether.stdin.close()
+    assert tether.wait(10) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_a_tethered_command_stops_and_exits_as_its_command_did() -> None:
+    # Its stdin stays open, as the agent holds it: the command's own exit is what ends it.
+    done = subprocess.Popen([sys.executable, "-m", "sut_agent.external.tether", sys.executable, "-c",
+                             "raise SystemExit(3)"], stdin=subprocess.PIPE, cwd=REPO)
+    assert done.wait(30) == 3
+    sleeper = subprocess.Popen(
+        [sys.executable, "-m", "sut_agent.external.tether", sys.executable, "-c",
+         "import time; print('up', flush=True); time.sleep(3600)"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, cwd=REPO,
+    )
+    assert sleeper.stdout is not None and sleeper.stdout.readline() == b"up\n"
+    # The agent's stop signal goes to the group: the command ends by it, and the tether says so.
+    os.killpg(sleeper.pid, signal.SIGTERM)
+    assert sleeper.wait(10) == -signal.SIGTERM

@@ -1,0 +1,89 @@
+"""Runs a command tied to the SUT agent that started it: when the agent is gone, even killed with
+SIGKILL, so is everything the command started.
+
+    python -m sut_agent.external.tether COMMAND [ARG...]
+
+The agent holds this process's stdin open and never writes to it; the kernel closes it when the
+agent dies, and then the tether kills its whole session with SIGKILL (the command's process group
+and whatever moved to a group of its own in it, as Ray's workers do) and itself. It leads the
+session and the process group (the agent starts it with start_new_session) and the command runs
+in both, so the agent's stop signal reaches the two: the tether lets it pass and waits for the
+command, then exits as the command did (the same code, or killed by the same signal). Only the
+standard library: it starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+
+def session_members(session: int) -> list[int]:
+    """Live processes of `session` (or of the process group it names), this one excepted."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if len(fields) > 3 and fields[0] != "Z" and session in (int(fields[2]), int(fields[3])):
+            found.append(int(entry.name))
+    return found
+
+
+def _end_session_when_stdin_closes() -> None:
+    with contextlib.suppress(OSError, ValueError):
+        while sys.stdin.buffer.read(4096):
+            pass
+    session = os.getsid(0)
+    if session != os.getpid():  # never: main() made it so; never anyone else's session either
+        os._exit(1)
+    for _ in range(3):  # what a dying process forks meanwhile is caught by the next sweep
+        for pid in session_members(session):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        sys.stderr.write("usage: python -m sut_agent.external.tether COMMAND [ARG...]\n")
+        return 2
+    if os.getsid(0) != os.getpid():
+        # Whatever the stdin's close kills is this session: it must be one of its own.
+        try:
+            os.setsid()
+        except OSError as error:
+            sys.stderr.write(f"tether: cannot lead a session of its own: {error.strerror}\n")
+            return 2
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        # The command gets the agent's stop signal too; the tether waits for it. A handler (not
+        # SIG_IGN, which exec would pass on) is reset to the default in the command.
+        signal.signal(signum, lambda *_: None)
+    try:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    except OSError as error:
+        sys.stderr.write(f"tether: cannot execute {argv[0]!r}: {error.strerror or error}\n")
+        return 127
+    threading.Thread(target=_end_session_when_stdin_closes, name="tether", daemon=True).start()
+    code = child.wait()
+    if code < 0:
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL and SIGSTOP take no handler
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    # Not through the interpreter's shutdown: the stdin reader is blocked in a read it would abort on.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
