@@ -167,7 +167,33 @@ def test_a_server_spanning_two_nodes_is_benchmarked_and_a_dead_worker_fails_the_
     assert final.state == common_pb2.RUN_STATE_SUCCEEDED, final.error
 
 
+def session_of(leader: int) -> list[int]:
+    """Live processes of the session `leader` leads (a member's runtime: raylet, Ray's workers)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z" and int(fields[3]) == leader:
+                found.append(int(entry.name))
+    return found
+
+
 def test_nothing_is_left_running(ray_stack: Stack) -> None:
+    # The worker's SUT agent is killed outright: its runtime (raylet, Ray's workers) goes with it,
+    # and the controller names the member that is gone.
+    sut = ray_stack.app.pool.get_sut(SUT_ID)
+    worker = sut.workers[0]
+    runtime = int(worker.stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status.member.pid)
+    assert len(session_of(runtime)) > 1
+    os.kill(worker.agent.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while session_of(runtime) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert session_of(runtime) == []
+    assert ray_stack.app.pool.cluster_failure(sut) == f"cluster member w1 (SUT agent {worker.agent.name}) is not running"
     ray_stack.app.pool.remove_sut(SUT_ID)
     assert ray_processes() == []
     STOPPED.append(True)
