@@ -5,7 +5,7 @@
 Runs a short SingleStream test against a zero-time synthetic SUT `--runs` times through the
 controller's API, and compares the process's open files, threads, child processes and memory
 after a warm-up with the same after the last run. Every run must end SUCCEEDED and be listed.
-The CI test (tests/reliability/test_soak.py) runs the same function with 200 runs.
+The CI test (tests/reliability/test_soak.py) runs the same function with 100 runs.
 """
 
 from __future__ import annotations

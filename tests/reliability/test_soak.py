@@ -13,12 +13,12 @@ from tests.numbers import report
 
 pytestmark = pytest.mark.slow
 
-RUNS = 200
+RUNS = 100
 # Growth allowed from after the warm-up to after the last run: a leak of one per run would pass
-# none of these.
+# none of these, nor memory growing by 0.2 MiB a run. (200 runs grew RSS by 3.8 MiB here.)
 MAX_NEW_FILES = 8
 MAX_NEW_THREADS = 8
-MAX_RSS_GROWTH_MIB = 40.0
+MAX_RSS_GROWTH_MIB = 20.0
 
 
 def test_back_to_back_runs_leak_nothing(tmp_path: Path) -> None:
