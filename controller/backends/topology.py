@@ -233,6 +233,11 @@ class NetnsTopology:
         """Remove the namespaces (their veths go with them) and any root-side leftovers, then
         let the reaper and the lock go."""
         self._remove()
+        # The lock first: the reaper, once its pipe closes, takes it at once, finds nothing left
+        # and exits (holding the lock meanwhile kept it waiting its full 10 s on every stop).
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
         if self._reaper is not None:
             reaper, self._reaper = self._reaper, None
             if reaper.stdin is not None:
@@ -240,9 +245,6 @@ class NetnsTopology:
                     reaper.stdin.close()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 reaper.wait(10)
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
 
     def _remove(self) -> None:
         with IPRoute() as root:
