@@ -125,3 +125,56 @@ def test_token_events_read_without_json_decoding_give_what_json_gives(
     # The fast path was taken where it could be: a plain text read without decoding.
     plain = not logprobs and "\\" not in json.dumps(text, ensure_ascii=ascii_only)
     assert plain_string_field(data, b'"content":') == (text if plain else None)
+
+
+class _Completions:
+    """Stands in for LoadGen's completion calls (LoadGen, one per process, runs in the session
+    worker; here only what the client hands it is looked at)."""
+
+    def __init__(self) -> None:
+        self.first_tokens: list[tuple[int, ...]] = []
+        self.completed: list[tuple[int, ...]] = []
+
+    @staticmethod
+    def QuerySampleResponse(*fields: int) -> tuple[int, ...]:
+        return fields
+
+    def FirstTokenComplete(self, responses: list[tuple[int, ...]]) -> None:
+        self.first_tokens.extend(responses)
+
+    def QuerySamplesComplete(self, responses: list[tuple[int, ...]]) -> None:
+        self.completed.extend(responses)
+
+
+def test_a_request_past_the_response_timeout_fails_as_a_timeout() -> None:
+    """A server that accepts and never answers: each request is cancelled by the client's
+    timeout sweep once out for the response timeout, fails as `timeout`, and completes with
+    LoadGen's token rules kept (a first token, then 2 tokens)."""
+    import socket
+    import time
+
+    from loadgen_agent.direct import DirectClient
+    from loadgen_agent.worker import FAILED_SAMPLE_TOKENS, TestCounters
+    from mecbench.servers.openai import OpenAIServer
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # accepted by the kernel, never answered
+        endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
+        server = OpenAIServer(endpoint, "m", {"check_model": "false"}, 0.3, 1)
+        client = DirectClient(server, f"http://{endpoint}", [b"hi"], 0.3, FAILED_SAMPLE_TOKENS, TestCounters)
+        completions = _Completions()
+        client._lg = completions
+        client.start()
+        client.begin_test(want_data=False, use_tokens=True)
+        client.issue([7, 8], [0, 0])
+        deadline = time.monotonic() + 10
+        while len(completions.completed) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        counters, _, _ = client.end_test()
+    assert sorted(completions.completed) == [(7, 0, 0, FAILED_SAMPLE_TOKENS), (8, 0, 0, FAILED_SAMPLE_TOKENS)]
+    assert sorted(completions.first_tokens) == sorted(completions.completed)
+    records = client.take_records()
+    assert [r.error_kind for r in records] == ["timeout", "timeout"]
+    assert all(r.e2e_s >= 0.3 for r in records)
+    assert counters.errors.snapshot()[0] == {"timeout": 2}
