@@ -124,7 +124,8 @@ class MemberManager:
                 shutil.rmtree(directory, ignore_errors=True)
                 raise
             # Tethered: a worker agent killed outright takes its runtime (raylet, workers) with it.
-            process = ServerProcess(launch, profile, self.log_path, on_failure=self._on_failure, tethered=True)
+            process = ServerProcess(launch, profile, self.log_path, on_failure=self._on_failure, tethered=True,
+                                    tether_remove=directory)
             timeout_s = durations.to_seconds(request.cluster.join_timeout) or cluster.join_timeout_s
             self._failed, self._message, self._members_joined = False, "", 0
             try:

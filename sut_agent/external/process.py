@@ -48,10 +48,13 @@ class ServerProcess:
         log_path: Path,
         on_failure: Callable[[str], None] | None = None,
         tethered: bool = False,
+        tether_remove: Path | None = None,
     ) -> None:
         # Tethered: started through sut_agent.external.tether, which ends the process's whole
-        # session should this agent die without stopping it (even by SIGKILL).
+        # session should this agent die without stopping it (even by SIGKILL), and then removes
+        # `tether_remove` (a folder the process was given) as the agent would have.
         self._tethered = tethered
+        self._tether_argv = ["--remove", str(tether_remove)] if tether_remove is not None else []
         self._launch = launch
         self._profile = profile
         self._log_path = log_path
@@ -139,7 +142,8 @@ class ServerProcess:
             self._log_start = os.fstat(log_file.fileno()).st_size
             try:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "sut_agent.external.tether", *argv] if self._tethered else argv,
+                    [sys.executable, "-m", "sut_agent.external.tether", *self._tether_argv, *argv]
+                    if self._tethered else argv,
                     env=self._launch.env,
                     cwd=self._launch.cwd,
                     # Tethered: the pipe's far end is only ever this process's; its close ends the server.

@@ -188,11 +188,16 @@ def test_nothing_is_left_running(ray_stack: Stack) -> None:
     worker = sut.workers[0]
     runtime = int(worker.stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status.member.pid)
     assert len(session_of(runtime)) > 1
+    commands = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in session_of(runtime)]
+    temp_dirs = {Path(arg.decode().removeprefix("--temp-dir=")) for argv in commands for arg in argv
+                 if arg.startswith(b"--temp-dir=")}
+    assert len(temp_dirs) == 1 and all(d.is_dir() for d in temp_dirs), temp_dirs
     os.kill(worker.agent.pid, signal.SIGKILL)
     deadline = time.monotonic() + 15
     while session_of(runtime) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert session_of(runtime) == []
+    assert not any(d.exists() for d in temp_dirs)  # the runtime's own files went with it
     assert ray_stack.app.pool.cluster_failure(sut) == f"cluster member w1 (SUT agent {worker.agent.name}) is not running"
     ray_stack.app.pool.remove_sut(SUT_ID)
     assert ray_processes() == []

@@ -209,9 +209,11 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_tethered_command_ends_with_its_whole_session_when_the_agent_is_gone() -> None:
+def test_a_tethered_command_ends_with_its_whole_session_when_the_agent_is_gone(tmp_path: Path) -> None:
+    given = tmp_path / "runtime"  # the folder the agent gave the command, removed with it
+    (given / "session").mkdir(parents=True)
     tether = subprocess.Popen(
-        [sys.executable, "-m", "sut_agent.external.tether", sys.executable, "-c", GRANDCHILD],
+        [sys.executable, "-m", "sut_agent.external.tether", "--remove", str(given), sys.executable, "-c", GRANDCHILD],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, cwd=REPO,
     )
     assert tether.stdout is not None
@@ -225,6 +227,7 @@ def test_a_tethered_command_ends_with_its_whole_session_when_the_agent_is_gone()
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [pid for pid in pids if _alive(pid)]
+    assert not given.exists()
 
 
 def test_a_tethered_command_stops_and_exits_as_its_command_did() -> None:
