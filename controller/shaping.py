@@ -152,8 +152,10 @@ class RunShaping:
             cluster = self.cluster_profile
             if cluster is not None and is_shaped(cluster):
                 for index, member in enumerate(self.cluster_members):
-                    # Each end shapes what it sends: both ends make the link slow both ways.
-                    for point in self.pool.backend.cluster_shaping_points(index)[_CLUSTER_ENDS[cluster.side]]:
+                    # Each end shapes what it sends: both ends make the link slow both ways. A backend
+                    # with one point per link (a worker pod's interface) shapes it whatever the side.
+                    points = self.pool.backend.cluster_shaping_points(index)
+                    for point in points[_CLUSTER_ENDS[cluster.side]] if len(points) > 1 else points:
                         self._apply(point, cluster, cluster.direction or common_pb2.DIRECTION_EGRESS, -1,
                                     f"cluster {member}")
         except grpc.RpcError as exc:
