@@ -259,6 +259,8 @@ class DirectClient:
             taken = [self._pending.popleft() for _ in range(min(count, len(self._pending)))]
             started = self._started(taken, stage)
             left = bool(self._pending)
+            if started and not self._running - len(started):
+                self._last_activity = time.monotonic()  # the server's wait starts now
         for wire_id, record in started:
             self._loop.create_task(self._request(wire_id, record))
         return left
@@ -529,8 +531,11 @@ class DirectClient:
         return records
 
     def outstanding(self) -> tuple[int, float]:
+        """Samples waiting on the server, and how long since it last answered anything (or a ramp
+        last sent): the monitor's response timeout. A ramp's samples not yet due wait on no one."""
         with self._lock:
-            return len(self._pending) + len(self._in_flight), time.monotonic() - self._last_activity
+            waiting = len(self._in_flight) + (0 if self.stages else len(self._pending))
+            return waiting, time.monotonic() - self._last_activity
 
     def is_active(self) -> bool:
         with self._lock:
