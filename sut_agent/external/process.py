@@ -26,6 +26,7 @@ from mecbench.core.errors import Cancelled, DeadlineExceeded, FailedPrecondition
 from mecbench.core.logging import get_logger
 from sut_agent.external.probes import probe_once
 from sut_agent.external.profiles import LaunchProfile, RenderedLaunch
+from sut_agent.external.tether import session_members
 
 log = get_logger("sut_agent.external.process")
 
@@ -393,35 +394,13 @@ def _signal_group(group: int, signum: signal.Signals) -> None:
         pass
     except PermissionError as error:
         log.warning("server_signal_refused", group=group, signal=signum.name, error=str(error))
-    for pid in _session_members(group):
+    for pid in session_members(group):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signum)
-
-
-def _session_members(group: int) -> list[int]:
-    """Live (not zombie) processes of the session or process group `group` leads, from /proc."""
-    members: list[int] = []
-    try:
-        entries = os.scandir("/proc")
-    except OSError:
-        return members
-    with entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            # After "pid (command)" come state, ppid, pgrp and session; the command may hold spaces and ')'.
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if len(fields) > 3 and fields[0] != "Z" and group in (int(fields[2]), int(fields[3])):
-                members.append(int(entry.name))
-    return members
 
 
 def _group_alive(group: int) -> bool:
     """Whether any process of the group (or of the session it leads) can still run. killpg(0)
     also counts zombies, which no signal ends (the group's orphans are reaped by init, not by us),
     so /proc tells them apart."""
-    return bool(_session_members(group))
+    return bool(session_members(group))

@@ -28,7 +28,8 @@ from pathlib import Path
 
 
 def session_members(session: int) -> list[int]:
-    """Live processes of `session` (or of the process group it names), this one excepted."""
+    """Live (not zombie) processes of `session` (or of the process group it names), this one
+    excepted, from /proc (the agent's stop reads them too)."""
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -37,6 +38,7 @@ def session_members(session: int) -> list[int]:
             stat = Path(entry.path, "stat").read_text()
         except OSError:
             continue
+        # After "pid (command)" come state, ppid, pgrp and session; the command may hold spaces and ')'.
         fields = stat[stat.rindex(")") + 2 :].split()
         if len(fields) > 3 and fields[0] != "Z" and session in (int(fields[2]), int(fields[3])):
             found.append(int(entry.name))
