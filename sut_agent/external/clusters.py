@@ -20,7 +20,7 @@ the head serves only once that count reaches the cluster's size, so a cluster is
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,12 @@ def load_cluster_profiles(path: Path) -> dict[str, ClusterProfile]:
     return found
 
 
+def _check_keys(where: str, raw: Mapping[str, object], known: Iterable[str], problems: list[str]) -> None:
+    """One problem for each key of `raw` that is not `known`, naming it and the known ones."""
+    names = sorted(known)
+    problems.extend(f"{where}.{key}: unknown key (known: {', '.join(names)})" for key in raw if key not in names)
+
+
 def _read_cluster(name: str, raw: object, problems: list[str]) -> ClusterProfile | None:
     where = f"clusters.{name}"
     before = len(problems)
@@ -88,9 +94,7 @@ def _read_cluster(name: str, raw: object, problems: list[str]) -> ClusterProfile
     if not isinstance(raw, Mapping):
         problems.append(f"{where}: must be a mapping with `head` and `worker`")
         return None
-    for key in raw:
-        if key not in _CLUSTER_KEYS:
-            problems.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(_CLUSTER_KEYS))})")
+    _check_keys(where, raw, _CLUSTER_KEYS, problems)
     members = {role: _read_member(name, role, raw.get(role), problems) for role in ("head", "worker")}
     check = _read_members_check(where, raw.get("members"), problems)
     join_timeout = raw.get("join_timeout_s", DEFAULT_JOIN_TIMEOUT_S)
@@ -109,11 +113,7 @@ def _read_member(cluster: str, role: str, raw: object, problems: list[str]) -> L
         return None
     section: Any = raw
     if isinstance(raw, Mapping):
-        for key in raw:
-            if key not in _MEMBER_KEYS:
-                problems.append(
-                    f"clusters.{cluster}.{role}.{key}: unknown key (known: {', '.join(sorted(_MEMBER_KEYS))})"
-                )
+        _check_keys(f"clusters.{cluster}.{role}", raw, _MEMBER_KEYS, problems)
         # A member's `address` is read as a server profile's endpoint (same templates, no scheme).
         section = {("endpoint" if key == "address" else key): value for key, value in raw.items()
                    if key in _MEMBER_KEYS}
@@ -129,9 +129,7 @@ def _read_members_check(where: str, raw: object, problems: list[str]) -> Members
     if not isinstance(raw, Mapping):
         problems.append(f"{where}.members: must be a mapping with `command` (and interval_s, timeout_s)")
         return None
-    for key in raw:
-        if key not in _MEMBERS_KEYS:
-            problems.append(f"{where}.members.{key}: unknown key (known: {', '.join(sorted(_MEMBERS_KEYS))})")
+    _check_keys(f"{where}.members", raw, _MEMBERS_KEYS, problems)
     section: dict[str, object] = {"command": raw.get("command"), "ready": {"tcp": "127.0.0.1:1"}, "ports": 0}
     reader = _ProfileReader("members", section, problems, where=where, extra=MEMBERS_PLACEHOLDERS)
     parsed = reader.read()
