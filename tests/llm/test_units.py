@@ -178,3 +178,29 @@ def test_a_request_past_the_response_timeout_fails_as_a_timeout() -> None:
     assert [r.error_kind for r in records] == ["timeout", "timeout"]
     assert all(r.e2e_s >= 0.3 for r in records)
     assert counters.errors.snapshot()[0] == {"timeout": 2}
+
+
+def test_stage_figures_from_records_and_over_clients() -> None:
+    """Each ramp stage's figures come from the records sent in it; over clients, counts, rates
+    and concurrencies add up and per-client durations and percentiles are left out."""
+    from controller.aggregate import merge_llm_metrics
+    from loadgen_agent.llm_records import StageSpan, compute_stage_metrics
+
+    s = 1_000_000_000
+    stages = [StageSpan(10.0, 0, 2 * s, start_ns=0, end_ns=2 * s), StageSpan(0.0, 2, 1 * s, 2 * s, 3 * s)]
+    records = [RequestRecord(0, i * s // 10, sent_ns=i * s // 10, first_token_ns=i * s // 10 + s // 100,
+                             ended_ns=i * s // 10 + s // 20, output_tokens=4, stage=0) for i in range(20)]
+    # Two requests in flight the whole second stage, one of them failed.
+    records += [RequestRecord(0, 2 * s, sent_ns=2 * s, ended_ns=3 * s, output_tokens=4, stage=1),
+                RequestRecord(0, 2 * s, sent_ns=2 * s, ended_ns=3 * s, stage=1, error_kind="http_500", error="x")]
+    metrics = compute_stage_metrics(records, stages)
+    assert metrics["stage0_sent"] == 20 and metrics["stage0_requests_per_s"] == 10.0
+    assert metrics["stage0_target_rate_per_s"] == 10.0 and metrics["stage0_duration_s"] == 2.0
+    assert metrics["stage0_concurrency_mean"] == pytest.approx(0.5)  # 20 x 50 ms over 2 s
+    assert metrics["stage0_ttft_p50_s"] == pytest.approx(0.01) and metrics["stage0_e2e_p50_s"] == pytest.approx(0.05)
+    assert metrics["stage1_target_concurrency"] == 2 and metrics["stage1_concurrency_mean"] == pytest.approx(2.0)
+    assert metrics["stage1_sent"] == 2 and metrics["stage1_failed"] == 1
+    merged = merge_llm_metrics([metrics, metrics])
+    assert merged["stage0_requests_per_s"] == 20.0 and merged["stage1_concurrency_mean"] == pytest.approx(4.0)
+    assert merged["stage0_sent"] == 40 and merged["stage1_target_concurrency"] == 4
+    assert "stage0_duration_s" not in merged and "stage0_ttft_p50_s" not in merged
