@@ -333,7 +333,8 @@ class AgentPool:
         members = [(HEAD_MEMBER, handle.agent, handle.stub), *((m.name, m.agent, m.stub) for m in handle.workers)]
         for name, agent, stub in members:
             if not self.backend.is_alive(agent.name):
-                return f"cluster member {name} (SUT agent {agent.name}) is not running"
+                why = self.backend.agent_problem(agent.name)
+                return f"cluster member {name} (SUT agent {agent.name}) is not running" + (f": {why}" if why else "")
             try:
                 status = stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status
             except grpc.RpcError as exc:
@@ -365,8 +366,13 @@ class AgentPool:
             )
             with contextlib.suppress(grpc.RpcError):
                 member.status.CopyFrom(stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=5).status.member)
-            if placements and placement is not None:
-                now = self._read_placement_id(placement.placement_id)
+            if placements:
+                if placement is not None:
+                    now = self._read_placement_id(placement.placement_id)
+                elif not self._places() and wants_placement(config):
+                    now = self._read_pod_placement(f"{handle.sut_id}/{name}", agent, config)
+                else:
+                    now = None
                 if now is not None:
                     member.placement.CopyFrom(controller_pb2.SutPlacement(
                         requested=config.resources, requested_gpus=config.gpus, applied=now.applied, usage=now.usage,
@@ -451,7 +457,7 @@ class AgentPool:
         it is not placed."""
         if handle.placement is None:
             if not self._places() and wants_placement(handle.config):
-                return self._read_pod_placement(handle)
+                return self._read_pod_placement(handle.sut_id, handle.agent, handle.config)
             return None
         node = self.node_agent()
         try:
@@ -463,12 +469,15 @@ class AgentPool:
         placement: node_agent_pb2.Placement = reply.placement
         return placement
 
-    def _read_pod_placement(self, handle: SutHandle) -> node_agent_pb2.Placement | None:
-        """On a cluster the kubelet confines the SUT's pod from its requests and limits; the node
-        agent of the pod's node reads back what the pod got. None (and a warning) where it cannot
-        be read: the result then records no placement rather than the request as if applied."""
+    def _read_pod_placement(
+        self, owner: str, agent: AgentHandle, config: sut_agent_pb2.SutConfig
+    ) -> node_agent_pb2.Placement | None:
+        """On a cluster the kubelet confines a SUT's pod (or a cluster member's) from its requests
+        and limits; the node agent of the pod's node reads back what the pod got. None (and a
+        warning) where it cannot be read: the result then records no placement rather than the
+        request as if applied."""
         try:
-            pods = [p for p in self.backend.sut_shaping_points("sut", 0, handle.agent) if p.pod is not None]
+            pods = [p for p in self.backend.sut_shaping_points("sut", 0, agent) if p.pod is not None]
         except MecbenchError:
             return None
         if not pods:
@@ -479,7 +488,7 @@ class AgentPool:
         if node is None:
             # Never waits for one to appear (a cluster without the DaemonSet): telemetry and
             # shaping find the node's agent when the run has any.
-            log.info("pod_placement_unread", sut_id=handle.sut_id, pod=point.pod.name, reason="no node agent in use")
+            log.info("pod_placement_unread", sut_id=owner, pod=point.pod.name, reason="no node agent in use")
             return None
         reference = node_agent_pb2.PodReference(namespace=point.pod.namespace, name=point.pod.name, uid=point.pod.uid)
         try:
@@ -487,11 +496,11 @@ class AgentPool:
                 node_agent_pb2.GetPodPlacementRequest(pod=reference), timeout=30
             )
         except (grpc.RpcError, MecbenchError) as exc:
-            log.warning("pod_placement_unread", sut_id=handle.sut_id, pod=point.pod.name, error=str(exc))
+            log.warning("pod_placement_unread", sut_id=owner, pod=point.pod.name, error=str(exc))
             return None
         return node_agent_pb2.Placement(
-            pid=reply.applied.pids[0] if reply.applied.pids else 0, resources=handle.config.resources,
-            gpus=handle.config.gpus, applied=reply.applied, usage=reply.usage,
+            pid=reply.applied.pids[0] if reply.applied.pids else 0, resources=config.resources,
+            gpus=config.gpus, applied=reply.applied, usage=reply.usage,
         )
 
     def _known_node_agent(self, node: str) -> NodeAgentHandle | None:

@@ -153,11 +153,21 @@ class RunShaping:
             if cluster is not None and is_shaped(cluster):
                 for index, member in enumerate(self.cluster_members):
                     # Each end shapes what it sends: both ends make the link slow both ways. A backend
-                    # with one point per link (a worker pod's interface) shapes it whatever the side.
+                    # with one point per link (a worker pod's interface, whose other end also carries
+                    # the clients' traffic) shapes that point both ways unless told otherwise, and
+                    # cannot shape one end alone.
                     points = self.pool.backend.cluster_shaping_points(index)
-                    for point in points[_CLUSTER_ENDS[cluster.side]] if len(points) > 1 else points:
-                        self._apply(point, cluster, cluster.direction or common_pb2.DIRECTION_EGRESS, -1,
-                                    f"cluster {member}")
+                    if len(points) > 1:
+                        ends, default = points[_CLUSTER_ENDS[cluster.side]], common_pb2.DIRECTION_EGRESS
+                    else:
+                        if cluster.side in (common_pb2.SHAPING_SIDE_SUT, common_pb2.SHAPING_SIDE_LOADGEN):
+                            raise FailedPrecondition(
+                                f"spec.cluster_network.side: the {self.pool.backend.name} backend shapes a cluster "
+                                "member link at the worker's interface only (leave side unset, or BOTH)"
+                            )
+                        ends, default = points, common_pb2.DIRECTION_BOTH
+                    for point in ends:
+                        self._apply(point, cluster, cluster.direction or default, -1, f"cluster {member}")
         except grpc.RpcError as exc:
             self._clear()
             raise remote_error("node agent", exc) from None

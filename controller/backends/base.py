@@ -157,6 +157,12 @@ class DeploymentBackend(abc.ABC):
     def is_alive(self, name: str) -> bool:
         """Whether the agent's process (or pod) is still running."""
 
+    def agent_problem(self, name: str) -> str:
+        """Why an agent that is not alive ended, in words ("" when the backend cannot tell): a
+        cluster backend says which of its pod's states ended it (deleted, a container restarted
+        after an OOM kill, ...)."""
+        return ""
+
     @abc.abstractmethod
     def close(self) -> None:
         """Stop every agent this backend started."""
