@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -154,108 +155,77 @@ def start_server() -> tuple[subprocess.Popen[bytes], int]:
 # --- the floor ----------------------------------------------------------------------------------
 
 
+_BODY = json.dumps(
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": TOKENS, "stream": True}
+).encode()
+
+
 async def floor_client(port: int, rate: float, duration_s: float, library: str = "aiohttp") -> dict[str, Any]:
     """Poisson arrivals at `rate` for `duration_s`, each a streamed request whose first chunk
     carrying content is its first token; with aiohttp (the floor) or httpx (the comparison)."""
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    headers = {"Content-Type": "application/json"}
     if library == "httpx":
-        return await _httpx_client(port, rate, duration_s)
+        import httpx
+
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=60)
+        async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+
+            async def one_httpx() -> float | None:
+                started = time.perf_counter()
+                try:
+                    async with client.stream("POST", url, content=_BODY, headers=headers) as response:
+                        return await _first_token(response.aiter_raw(), started)
+                except (httpx.HTTPError, OSError):
+                    return None
+
+            return await _poisson(one_httpx, rate, duration_s)
     import aiohttp
 
-    body = json.dumps(
-        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": TOKENS, "stream": True}
-    ).encode()
-    ttfts: list[float] = []
-    failures = 0
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
-        async def one() -> None:
-            nonlocal failures
+        async def one_aiohttp() -> float | None:
             started = time.perf_counter()
-            first = 0.0
             try:
-                async with session.post(
-                    f"http://127.0.0.1:{port}/v1/chat/completions",
-                    data=body,
-                    headers={"Content-Type": "application/json"},
-                ) as response:
-                    async for data in response.content.iter_any():
-                        if not first and b'"content"' in data:
-                            first = time.perf_counter()
+                async with session.post(url, data=_BODY, headers=headers) as response:
+                    return await _first_token(response.content.iter_any(), started)
             except (aiohttp.ClientError, OSError):
-                failures += 1
-                return
-            ttfts.append(first - started)
+                return None
 
-        rng = np.random.default_rng(1)
-        tasks = []
-        started = time.perf_counter()
-        due = started
-        while due - started < duration_s:
-            due += rng.exponential(1 / rate)
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - started
+        return await _poisson(one_aiohttp, rate, duration_s)
+
+
+async def _first_token(chunks: AsyncIterator[bytes], started: float) -> float:
+    """Seconds from `started` to the first chunk that carries content; the stream is read to its end."""
+    first = 0.0
+    async for data in chunks:
+        if not first and b'"content"' in data:
+            first = time.perf_counter()
+    return first - started
+
+
+async def _poisson(
+    one: Callable[[], Coroutine[Any, Any, float | None]], rate: float, duration_s: float
+) -> dict[str, Any]:
+    """Requests (`one` gives a TTFT, or None when it failed) at Poisson arrivals for `duration_s`."""
+    rng = np.random.default_rng(1)
+    tasks: list[asyncio.Task[float | None]] = []
+    started = time.perf_counter()
+    due = started
+    while due - started < duration_s:
+        due += rng.exponential(1 / rate)
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    outcomes = await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - started
+    ttfts = [ttft for ttft in outcomes if ttft is not None]
     return {
         "sent": len(tasks),
         "completed": len(ttfts),
         "achieved": len(ttfts) / elapsed,
-        "failures": failures,
-        "ttft_p50_ms": float(np.median(ttfts)) * 1000 if ttfts else 0.0,
-    }
-
-
-async def _httpx_client(port: int, rate: float, duration_s: float) -> dict[str, Any]:
-    """The floor's client written with httpx (keep-alive, no pool limit, streamed reads)."""
-    import httpx
-
-    body = json.dumps(
-        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": TOKENS, "stream": True}
-    ).encode()
-    ttfts: list[float] = []
-    failures = 0
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=60)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-
-        async def one() -> None:
-            nonlocal failures
-            started = time.perf_counter()
-            first = 0.0
-            try:
-                async with client.stream(
-                    "POST",
-                    f"http://127.0.0.1:{port}/v1/chat/completions",
-                    content=body,
-                    headers={"Content-Type": "application/json"},
-                ) as response:
-                    async for data in response.aiter_raw():
-                        if not first and b'"content"' in data:
-                            first = time.perf_counter()
-            except (httpx.HTTPError, OSError):
-                failures += 1
-                return
-            ttfts.append(first - started)
-
-        rng = np.random.default_rng(1)
-        tasks = []
-        started = time.perf_counter()
-        due = started
-        while due - started < duration_s:
-            due += rng.exponential(1 / rate)
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - started
-    return {
-        "sent": len(tasks),
-        "completed": len(ttfts),
-        "achieved": len(ttfts) / elapsed,
-        "failures": failures,
+        "failures": len(tasks) - len(ttfts),
         "ttft_p50_ms": float(np.median(ttfts)) * 1000 if ttfts else 0.0,
     }
 
