@@ -142,11 +142,7 @@ class _Connection(asyncio.Protocol):
             elif state == self._LENGTH:
                 if not buffer:
                     return
-                take = min(self._left, len(buffer))
-                self._deliver(bytes(buffer[:take]))
-                del buffer[:take]
-                self._left -= take
-                if not self._left:
+                if self._take_body(buffer):
                     self._done()
             elif state == self._CHUNK_SIZE:
                 end = buffer.find(b"\r\n")
@@ -162,11 +158,7 @@ class _Connection(asyncio.Protocol):
             elif state == self._CHUNK_DATA:
                 if not buffer:
                     return
-                take = min(self._left, len(buffer))
-                self._deliver(bytes(buffer[:take]))
-                del buffer[:take]
-                self._left -= take
-                if not self._left:
+                if self._take_body(buffer):
                     self._state = self._CHUNK_END
             elif state == self._CHUNK_END:
                 if len(buffer) < 2:
@@ -223,6 +215,14 @@ class _Connection(asyncio.Protocol):
         else:
             self._keep_alive = False
             self._state = self._UNTIL_CLOSE
+
+    def _take_body(self, buffer: bytearray) -> bool:
+        """Deliver what `buffer` holds of the body part still due (`_left` bytes); whether it is all in."""
+        take = min(self._left, len(buffer))
+        self._deliver(bytes(buffer[:take]))
+        del buffer[:take]
+        self._left -= take
+        return not self._left
 
     def _deliver(self, data: bytes) -> None:
         if self._on_body is not None:
