@@ -485,6 +485,14 @@ class AgentPool:
         point = pods[0]
         assert point.pod is not None
         node = self._known_node_agent(point.node)
+        if node is None and point.node and self._node is not None:
+            # A cluster member on a node of its own: node agents run here (one is in use), one
+            # per node, so its node's is found (nothing else reaches it in a run without shaping).
+            try:
+                node = self.node_agent_on(point.node)
+            except MecbenchError as exc:
+                log.warning("pod_placement_unread", sut_id=owner, pod=point.pod.name, error=str(exc))
+                return None
         if node is None:
             # Never waits for one to appear (a cluster without the DaemonSet): telemetry and
             # shaping find the node's agent when the run has any.

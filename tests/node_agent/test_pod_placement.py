@@ -5,6 +5,7 @@ the GPUs are declared (StaticInventory stands in for NVML, with NVML's process l
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -51,11 +52,12 @@ class FakePod:
     process: subprocess.Popen[bytes]
 
 
-@pytest.fixture
-def fake_pod() -> Iterator[FakePod]:
+@contextlib.contextmanager
+def pod_cgroups(uid: str, cpu_quota_us: int = 150_000, memory_bytes: int = 256 * 2**20) -> Iterator[FakePod]:
+    """The cgroups the kubelet makes for pod `uid` (its pod-level group limited as given), with a
+    real process in its container's group; all removed at the end."""
     if not set(HIERARCHIES) <= set(V1_MOUNTS):
         pytest.skip("needs the cgroup v1 cpu, cpuacct and memory hierarchies")
-    uid = str(uuid.uuid4())
     top = f"mecbench-podtest-{uid[:8]}"
     process = subprocess.Popen(["sleep", "300"])
     made: list[Path] = []
@@ -68,8 +70,8 @@ def fake_pod() -> Iterator[FakePod]:
                 container.mkdir(parents=True)
                 made += [container, pod, pod.parent, pod.parent.parent, pod.parent.parent.parent]
             pod_dirs[hierarchy] = pod
-        (pod_dirs["cpu"] / "cpu.cfs_quota_us").write_text("150000")
-        (pod_dirs["memory"] / "memory.limit_in_bytes").write_text(str(256 * 2**20))
+        (pod_dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(cpu_quota_us))
+        (pod_dirs["memory"] / "memory.limit_in_bytes").write_text(str(memory_bytes))
         for hierarchy in HIERARCHIES:
             (pod_dirs[hierarchy] / "c0ffee" / "cgroup.procs").write_text(str(process.pid))
         yield FakePod(uid, pod_dirs, process)
@@ -81,6 +83,12 @@ def fake_pod() -> Iterator[FakePod]:
         for path in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
             if path.is_dir():
                 path.rmdir()
+
+
+@pytest.fixture
+def fake_pod() -> Iterator[FakePod]:
+    with pod_cgroups(str(uuid.uuid4())) as pod:
+        yield pod
 
 
 @requires_root
