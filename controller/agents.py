@@ -132,6 +132,8 @@ class AgentPool:
         self._loadgens: dict[str, LoadGenHandle] = {}
         self._node: NodeAgentHandle | None = None
         self._nodes: dict[str, NodeAgentHandle] = {}
+        # Nodes whose node agent could not be found for reading a member pod's placement.
+        self._nodes_without_agent: set[str] = set()
         self._lock = threading.RLock()
         self._renewer_stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -485,12 +487,14 @@ class AgentPool:
         point = pods[0]
         assert point.pod is not None
         node = self._known_node_agent(point.node)
-        if node is None and point.node and self._node is not None:
+        if node is None and point.node and self._node is not None and point.node not in self._nodes_without_agent:
             # A cluster member on a node of its own: node agents run here (one is in use), one
             # per node, so its node's is found (nothing else reaches it in a run without shaping).
+            # A node where none could be found is not waited for again at every repeat.
             try:
                 node = self.node_agent_on(point.node)
             except MecbenchError as exc:
+                self._nodes_without_agent.add(point.node)
                 log.warning("pod_placement_unread", sut_id=owner, pod=point.pod.name, error=str(exc))
                 return None
         if node is None:
