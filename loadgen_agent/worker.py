@@ -304,6 +304,9 @@ class RelayClient:
                 reason = f"{exc.code().name}: {exc.details()}"
             except (OSError, FrameError, MecbenchError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # a bug in handling a response must not end this receiver for good
+                log.exception("data_plane_response_failed", stream=index, sut=self._sut_address)
+                reason = f"{type(exc).__name__} handling a response: {exc}"
             with self._cond:
                 call.dead = True
                 self._cond.notify_all()
