@@ -209,6 +209,7 @@ def main() -> None:
     )
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--limit", type=float, default=2_000_000.0, help="highest QPS the search may try")
+    parser.add_argument("--data-dir", help="keep the controller's data (registry, results, agents' logs) here")
     parser.add_argument(
         "--cpu-qps", type=float, default=10_000.0, help="total QPS at which each client count's CPU cost is read"
     )
@@ -225,8 +226,9 @@ def main() -> None:
 
     rows: list[tuple[str, int, float, float, Ceiling, Ceiling]] = []
     costs: list[tuple[str, CpuCost]] = []
-    with tempfile.TemporaryDirectory() as data_dir:
-        app = ControllerApp(ControllerSettings.load(data_dir=Path(data_dir)))
+    with tempfile.TemporaryDirectory() as scratch:
+        data_dir = Path(args.data_dir) if args.data_dir else Path(scratch)
+        app = ControllerApp(ControllerSettings.load(data_dir=data_dir))
         try:
             app.pool.deploy_sut(SUT_ID, _zero_time_sut())
             for transport in args.transports:
