@@ -16,11 +16,11 @@ import io
 import numpy as np
 import numpy.typing as npt
 
+from mecbench.core.latencies import Latencies, query_latencies
 from mecbench.v1 import common_pb2
 
 PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p95", 0.95), ("p97", 0.97), ("p99", 0.99), ("p999", 0.999))
 
-Latencies = npt.NDArray[np.int64]
 # One row per request of the direct LLM client (store.layout.TOKEN_LATENCIES_NAME): issued ns,
 # time to first token ns (-1: none), end-to-end ns, output tokens, failed (0/1).
 TokenRows = npt.NDArray[np.int64]
@@ -55,11 +55,9 @@ def read_sample_latencies(data: bytes) -> Latencies:
 
 def latencies_for_scenario(rows: Latencies, scenario: int) -> Latencies:
     """The latencies LoadGen's percentiles are over: per sample, or per query for MultiStream."""
-    if scenario != common_pb2.SCENARIO_MULTI_STREAM or len(rows) == 0:
+    if scenario != common_pb2.SCENARIO_MULTI_STREAM:
         return rows[:, 1]
-    ordered = rows[np.argsort(rows[:, 0], kind="stable")]
-    starts = np.flatnonzero(np.r_[True, ordered[1:, 0] != ordered[:-1, 0]])
-    return np.maximum.reduceat(ordered[:, 1], starts)
+    return query_latencies(rows)
 
 
 def latency_stats(latencies: Latencies) -> common_pb2.LatencyStats:

@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from controller.aggregate import Latencies, aggregate_results
+from controller.aggregate import aggregate_results
 from controller.shaping import is_shaped
 from mecbench.core.errors import InvalidArgument, Violations
+from mecbench.core.latencies import Latencies
 from mecbench.profiles import resolve_profile
 from mecbench.v1 import common_pb2, controller_pb2
 

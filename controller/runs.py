@@ -32,7 +32,6 @@ from controller import webhooks
 from controller.accuracy import ACCURACY_MODES, LABELS_ROOTS_SETTING, apply_accuracy, read_labels, score_clients
 from controller.agents import AgentPool, LoadGenHandle, SutHandle, remote_error
 from controller.aggregate import (
-    Latencies,
     TokenRows,
     aggregate_results,
     mark_failures,
@@ -59,6 +58,7 @@ from mecbench.core.errors import (
     Unavailable,
     Violations,
 )
+from mecbench.core.latencies import Latencies
 from mecbench.core.logging import get_logger
 from mecbench.profiles import resolve_profile
 from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, node_agent_pb2, sut_agent_pb2

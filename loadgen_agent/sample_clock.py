@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from mecbench.core.latencies import query_latencies
+
 # LoadGen's TestScenario values as the Python binding names them.
 _SERVER = "Server"
 _PER_QUERY_SCENARIOS = ("MultiStream",)
@@ -185,11 +187,7 @@ def anchor_to_mean(
     a mean (the integer quotient of the sum)."""
     if len(rows) == 0:
         return rows
-    latencies = rows[:, 1]
-    if per_query:
-        ordered = rows[np.argsort(rows[:, 0], kind="stable")]
-        starts = np.flatnonzero(np.r_[True, ordered[1:, 0] != ordered[:-1, 0]])
-        latencies = np.maximum.reduceat(ordered[:, 1], starts)
+    latencies = query_latencies(rows) if per_query else rows[:, 1]
     shift = loadgen_mean_ns - int(latencies.sum()) // len(latencies)
     anchored = rows.copy()
     anchored[:, 1] += shift
