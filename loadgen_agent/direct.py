@@ -102,10 +102,12 @@ class DirectClient:
         counters_factory: Callable[[], Any],
         max_in_flight: int = 0,
         ramp: loadgen_agent_pb2.LoadRamp | None = None,
+        loadgen: Any = None,
     ) -> None:
         import mlperf_loadgen
 
-        self._lg = mlperf_loadgen
+        # The mlperf_loadgen module, or a stand-in for it (the worker's RecordingLoadGen).
+        self._lg = mlperf_loadgen if loadgen is None else loadgen
         self.server = server
         self.url = url.rstrip("/")
         self.samples = samples

@@ -184,10 +184,12 @@ class RelayClient:
         samples: Sequence[bytes],
         options: loadgen_agent_pb2.DataPlaneOptions,
         sut_address: str,
+        loadgen: Any = None,
     ) -> None:
         import mlperf_loadgen
 
-        self._lg = mlperf_loadgen
+        # The mlperf_loadgen module, or a stand-in for it (the worker's RecordingLoadGen).
+        self._lg = mlperf_loadgen if loadgen is None else loadgen
         self._stub = stub
         self._samples = samples
         self._sut_address = sut_address
@@ -618,13 +620,13 @@ class SessionWorker:
         wait_until_serving(channel, timeout=self.connect_timeout_s)
         stub = sut_agent_pb2_grpc.SutAgentStub(channel)
         self._status_stub = stub
-        data_plane: RelayClient | DirectClient = self._direct_client(stub, samples) or RelayClient(
-            stub, samples, self.options, self.sut_address
+        # Both data planes complete samples through the LoadGen they are given: this one stamps
+        # every completion on the sample clock, whichever path and thread completes it.
+        recording = RecordingLoadGen(lg, self._clock)
+        data_plane: RelayClient | DirectClient = self._direct_client(stub, samples, recording) or RelayClient(
+            stub, samples, self.options, self.sut_address, recording
         )
         data_plane.on_abort = self._on_abort
-        # Both data planes complete samples through their `_lg`: stamping it there stamps every
-        # completion on the sample clock, whichever path and thread completes it.
-        data_plane._lg = RecordingLoadGen(lg, self._clock)
         self.data_plane = data_plane
         clock = self._clock
 
@@ -651,7 +653,9 @@ class SessionWorker:
         log.info("session_ready", samples=len(samples), setup_s=round(setup_s, 3), sut=self.sut_address)
         self.events.send(protocol.SessionReady(setup_time_s=setup_s, sample_count=len(samples), pid=os.getpid()))
 
-    def _direct_client(self, stub: sut_agent_pb2_grpc.SutAgentStub, samples: Sequence[bytes]) -> DirectClient | None:
+    def _direct_client(
+        self, stub: sut_agent_pb2_grpc.SutAgentStub, samples: Sequence[bytes], loadgen: Any
+    ) -> DirectClient | None:
         """The direct client path, for an external server whose type has a client half, unless the
         relay is asked for (GRPC, TCP); DIRECT asked for and not possible is an error."""
         transport = self.options.transport
@@ -667,7 +671,7 @@ class SessionWorker:
         timeout_s = durations.to_seconds(self.options.response_timeout) or DEFAULT_RESPONSE_TIMEOUT_S
         return DirectClient(
             server, url, samples, timeout_s, FAILED_SAMPLE_TOKENS, TestCounters, self.options.max_in_flight,
-            self.options.ramp if self.options.HasField("ramp") else None,
+            self.options.ramp if self.options.HasField("ramp") else None, loadgen,
         )
 
     def _direct_target(
