@@ -176,9 +176,6 @@ class DirectClient:
                 return
         self._complete_now(list(ids))
 
-    def issue_samples(self, query_samples: Sequence[Any]) -> None:
-        self.issue([q.id for q in query_samples], [q.index for q in query_samples])
-
     def flush(self) -> None:
         """Nothing is held back."""
 

@@ -247,10 +247,6 @@ class RelayClient:
                 return
         self._complete_now(ids)
 
-    def issue_samples(self, query_samples: Sequence[Any]) -> None:
-        """ConstructSUT's and ConstructQDL's issue callback (QuerySample objects)."""
-        self.issue([q.id for q in query_samples], [q.index for q in query_samples])
-
     def flush(self) -> None:
         """Nothing is held back: the streams send what is pending without being asked."""
 
@@ -635,9 +631,8 @@ class SessionWorker:
             data_plane.issue(ids, indices)
 
         def issue_samples(query_samples: Sequence[Any]) -> None:
-            ids = [sample.id for sample in query_samples]
-            clock.issued(ids)
-            data_plane.issue(ids, [sample.index for sample in query_samples])
+            """ConstructSUT's and ConstructQDL's issue callback (QuerySample objects)."""
+            issue([sample.id for sample in query_samples], [sample.index for sample in query_samples])
 
         interface = self.options.sut_interface
         if interface == loadgen_agent_pb2.SUT_INTERFACE_STANDARD:
