@@ -12,11 +12,16 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
-import grpc
-
+from controller.agent_clients import (
+    SLOW_CALL_TIMEOUT_S,
+    AgentConnector,
+    GrpcAgentConnector,
+    LoadGenAgentClient,
+    NodeAgentClient,
+    SutAgentClient,
+)
 from controller.backends.base import AgentHandle, AgentKind, DeploymentBackend
-from mecbench.core import codec, durations
-from mecbench.core.channels import open_channel
+from mecbench.core import durations
 from mecbench.core.errors import (
     FailedPrecondition,
     MecbenchError,
@@ -29,17 +34,13 @@ from mecbench.v1 import (
     common_pb2,
     controller_pb2,
     loadgen_agent_pb2,
-    loadgen_agent_pb2_grpc,
     node_agent_pb2,
-    node_agent_pb2_grpc,
     sut_agent_pb2,
-    sut_agent_pb2_grpc,
 )
 
 log = get_logger("mecbench.controller.agents")
 
 DEFAULT_LOADGEN = "loadgen-default"
-RPC_TIMEOUT_S = 60.0
 # A SUT's placement (cgroups, GPUs) is held by a lease the pool renews: if this controller dies,
 # the node agent releases it this long after the last renewal.
 PLACEMENT_LEASE_S = 30.0
@@ -64,19 +65,13 @@ def member_config(member: sut_agent_pb2.SutMember) -> sut_agent_pb2.SutConfig:
     return sut_agent_pb2.SutConfig(resources=member.resources, gpus=member.gpus, node_selector=member.node_selector)
 
 
-def remote_error(component: str, exc: grpc.RpcError) -> MecbenchError:
-    """An agent's RPC error as a domain error that names the component (mecbench.core.codec)."""
-    return codec.decode(exc, component)
-
-
 @dataclass
 class MemberHandle:
     """A worker of a cluster SUT: its own SUT agent, running the cluster runtime's worker process."""
 
     name: str
     agent: AgentHandle
-    channel: grpc.Channel
-    stub: sut_agent_pb2_grpc.SutAgentStub
+    client: SutAgentClient
     spec: sut_agent_pb2.SutMember
     # The address the other members reach it at.
     host: str = ""
@@ -88,8 +83,7 @@ class SutHandle:
     sut_id: str
     agent: AgentHandle
     config: sut_agent_pb2.SutConfig
-    channel: grpc.Channel
-    stub: sut_agent_pb2_grpc.SutAgentStub
+    client: SutAgentClient
     ephemeral: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     held_by: str = ""
@@ -112,21 +106,25 @@ class SutHandle:
 class LoadGenHandle:
     loadgen_id: str
     agent: AgentHandle
-    channel: grpc.Channel
-    stub: loadgen_agent_pb2_grpc.LoadGenAgentStub
+    client: LoadGenAgentClient
     sessions: dict[str, str] = field(default_factory=dict)  # session key -> session id
 
 
 @dataclass
 class NodeAgentHandle:
     agent: AgentHandle
-    channel: grpc.Channel
-    stub: node_agent_pb2_grpc.NodeAgentStub
+    client: NodeAgentClient
 
 
 class AgentPool:
-    def __init__(self, backend: DeploymentBackend, node_agent_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, backend: DeploymentBackend, node_agent_env: dict[str, str] | None = None,
+        connector: AgentConnector | None = None,
+    ) -> None:
+        """`connector` makes the clients of the agents the backend starts (gRPC unless a test
+        gives in-memory fakes)."""
         self.backend = backend
+        self.connector: AgentConnector = connector or GrpcAgentConnector()
         self.node_agent_env = node_agent_env or {}
         self._suts: dict[str, SutHandle] = {}
         self._loadgens: dict[str, LoadGenHandle] = {}
@@ -146,10 +144,9 @@ class AgentPool:
             if self._node is not None and self.backend.is_alive(self._node.agent.name):
                 return self._node
             if self._node is not None:
-                self._node.channel.close()
+                self._node.client.close()
             agent = self.backend.start_agent(AgentKind.NODE, "node-agent", env=self.node_agent_env)
-            channel = open_channel(agent.address)
-            self._node = NodeAgentHandle(agent, channel, node_agent_pb2_grpc.NodeAgentStub(channel))
+            self._node = NodeAgentHandle(agent, self.connector.node(agent))
             return self._node
 
     def node_agent_on(self, node: str) -> NodeAgentHandle:
@@ -161,20 +158,15 @@ class AgentPool:
             if handle is not None and self.backend.is_alive(handle.agent.name):
                 return handle
             if handle is not None:
-                handle.channel.close()
+                handle.client.close()
             agent = self.backend.start_agent(AgentKind.NODE, f"node-agent-{node}", placement=node)
-            channel = open_channel(agent.address)
-            handle = NodeAgentHandle(agent, channel, node_agent_pb2_grpc.NodeAgentStub(channel))
+            handle = NodeAgentHandle(agent, self.connector.node(agent))
             self._nodes[node] = handle
             return handle
 
     def node_infos(self) -> list[common_pb2.NodeInfo]:
         node = self.node_agent()
-        try:
-            reply = node.stub.GetNodeInfo(node_agent_pb2.GetNodeInfoRequest(), timeout=30)
-        except grpc.RpcError as exc:
-            raise remote_error("node agent", exc) from None
-        info = reply.node
+        info = node.client.get_node_info()
         info.agent_address = node.agent.address
         return [info]
 
@@ -221,15 +213,14 @@ class AgentPool:
             # Refused here, before any process starts, when this node cannot confine it as asked.
             self.check_placement(config, f"sut-{sut_id}")
         agent = self.backend.start_sut_agent(f"sut-{sut_id}", config, placement=self.backend.sut_placement())
-        channel = open_channel(agent.address)
-        handle = SutHandle(sut_id, agent, config, channel, sut_agent_pb2_grpc.SutAgentStub(channel), ephemeral)
+        handle = SutHandle(sut_id, agent, config, self.connector.sut(agent, f"SUT agent {sut_id}"), ephemeral)
         try:
             if placed:
                 # Before the backend starts: the server the agent starts is born inside.
                 self._place(handle, config)
             self._start_backend(handle, config, restart=False)
         except BaseException:
-            channel.close()
+            handle.client.close()
             self.backend.stop_agent(agent.name)
             self._release_placement(handle)
             raise
@@ -249,14 +240,13 @@ class AgentPool:
             for worker in config.cluster.workers:
                 self.check_placement(member_config(worker), f"{name}-{worker.name}")
         agent = self.backend.start_sut_agent(name, config, placement=self.backend.sut_placement())
-        channel = open_channel(agent.address)
-        handle = SutHandle(sut_id, agent, config, channel, sut_agent_pb2_grpc.SutAgentStub(channel), ephemeral)
+        handle = SutHandle(sut_id, agent, config, self.connector.sut(agent, f"SUT agent {sut_id}"), ephemeral)
         try:
             workers = self.backend.start_sut_workers(name, config)
             for spec, worker_agent in zip(config.cluster.workers, workers, strict=True):
-                worker_channel = open_channel(worker_agent.address)
                 handle.workers.append(MemberHandle(
-                    spec.name, worker_agent, worker_channel, sut_agent_pb2_grpc.SutAgentStub(worker_channel), spec,
+                    spec.name, worker_agent,
+                    self.connector.sut(worker_agent, f"SUT {sut_id} cluster member {spec.name}"), spec,
                     host=self.backend.cluster_host(worker_agent),
                 ))
             if self._places() and wants_placement(config):
@@ -269,7 +259,7 @@ class AgentPool:
             join_timeout = durations.to_seconds(config.cluster.join_timeout) or CLUSTER_JOIN_TIMEOUT_S
             handle.head_host = self.backend.cluster_host(agent)
             head = self._start_member(
-                handle.stub, f"SUT {sut_id} cluster head", join_timeout,
+                handle.client, join_timeout,
                 sut_agent_pb2.StartMemberRequest(cluster=config.cluster, role=sut_agent_pb2.MEMBER_ROLE_HEAD,
                                                  member=HEAD_MEMBER, host=handle.head_host),
                 handle.placement,
@@ -277,14 +267,14 @@ class AgentPool:
             handle.head_address = head.address
             for member in handle.workers:
                 self._start_member(
-                    member.stub, f"SUT {sut_id} cluster member {member.name}", join_timeout,
+                    member.client, join_timeout,
                     sut_agent_pb2.StartMemberRequest(
                         cluster=config.cluster, role=sut_agent_pb2.MEMBER_ROLE_WORKER, member=member.name,
                         host=member.host, head_address=head.address,
                     ),
                     member.placement,
                 )
-            self._start_backend(handle, config, restart=False, timeout=RPC_TIMEOUT_S + join_timeout)
+            self._start_backend(handle, config, restart=False, join_timeout=join_timeout)
         except BaseException:
             self._stop_cluster(handle)
             raise
@@ -296,33 +286,28 @@ class AgentPool:
 
     @staticmethod
     def _start_member(
-        stub: sut_agent_pb2_grpc.SutAgentStub, component: str, timeout: float,
+        client: SutAgentClient, timeout: float,
         request: sut_agent_pb2.StartMemberRequest, placement: node_agent_pb2.Placement | None,
     ) -> sut_agent_pb2.MemberStatus:
         if placement is not None:
             request.visible_gpus.extend(g.uuid for g in placement.applied.gpus)
-        try:
-            reply = stub.StartMember(request, timeout=RPC_TIMEOUT_S + timeout)
-        except grpc.RpcError as exc:
-            raise remote_error(component, exc) from None
-        status: sut_agent_pb2.MemberStatus = reply.status
-        return status
+        return client.start_member(request, timeout=SLOW_CALL_TIMEOUT_S + timeout)
 
     def _stop_cluster(self, handle: SutHandle) -> None:
         """The reverse of `_deploy_cluster`: the server, the workers (the last first), the head."""
-        with contextlib.suppress(grpc.RpcError):
-            handle.stub.Stop(sut_agent_pb2.StopRequest(), timeout=30)
+        with contextlib.suppress(MecbenchError):
+            handle.client.stop(timeout=30)
         for member in reversed(handle.workers):
-            with contextlib.suppress(grpc.RpcError):
-                member.stub.StopMember(sut_agent_pb2.StopMemberRequest(), timeout=60)
-            member.channel.close()
+            with contextlib.suppress(MecbenchError):
+                member.client.stop_member()
+            member.client.close()
         self.backend.stop_sut_workers(handle.agent.name, [m.agent for m in handle.workers])
         for member in handle.workers:
             placement, member.placement = member.placement, None
             self._release(placement, f"{handle.sut_id}/{member.name}")
-        with contextlib.suppress(grpc.RpcError):
-            handle.stub.StopMember(sut_agent_pb2.StopMemberRequest(), timeout=60)
-        handle.channel.close()
+        with contextlib.suppress(MecbenchError):
+            handle.client.stop_member()
+        handle.client.close()
         self.backend.stop_agent(handle.agent.name)
         self._release_placement(handle)
 
@@ -332,15 +317,16 @@ class AgentPool:
         that is no cluster."""
         if not handle.is_cluster:
             return ""
-        members = [(HEAD_MEMBER, handle.agent, handle.stub), *((m.name, m.agent, m.stub) for m in handle.workers)]
-        for name, agent, stub in members:
+        members = [(HEAD_MEMBER, handle.agent, handle.client),
+                   *((m.name, m.agent, m.client) for m in handle.workers)]
+        for name, agent, client in members:
             if not self.backend.is_alive(agent.name):
                 why = self.backend.agent_problem(agent.name)
                 return f"cluster member {name} (SUT agent {agent.name}) is not running" + (f": {why}" if why else "")
             try:
-                status = stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status
-            except grpc.RpcError as exc:
-                return f"cluster member {name} (SUT agent {agent.name}) does not answer: {exc.code().name}"
+                status = client.get_status()
+            except MecbenchError as exc:
+                return f"cluster member {name} (SUT agent {agent.name}) does not answer: {exc.code.name}"
             member = status.member
             if member.state != sut_agent_pb2.BACKEND_STATE_READY:
                 state = sut_agent_pb2.BackendState.Name(member.state).removeprefix("BACKEND_STATE_")
@@ -353,21 +339,21 @@ class AgentPool:
         with `placements`, the placement the node agent holds for it now)."""
         if not handle.is_cluster:
             return []
-        rows: list[tuple[str, sut_agent_pb2.MemberRole.ValueType, AgentHandle, sut_agent_pb2_grpc.SutAgentStub, str,
+        rows: list[tuple[str, sut_agent_pb2.MemberRole.ValueType, AgentHandle, SutAgentClient, str,
                          sut_agent_pb2.SutConfig, node_agent_pb2.Placement | None]] = [
-            (HEAD_MEMBER, sut_agent_pb2.MEMBER_ROLE_HEAD, handle.agent, handle.stub, handle.head_host, handle.config,
-             handle.placement),
+            (HEAD_MEMBER, sut_agent_pb2.MEMBER_ROLE_HEAD, handle.agent, handle.client, handle.head_host,
+             handle.config, handle.placement),
         ]
-        rows += [(m.name, sut_agent_pb2.MEMBER_ROLE_WORKER, m.agent, m.stub, m.host, member_config(m.spec),
+        rows += [(m.name, sut_agent_pb2.MEMBER_ROLE_WORKER, m.agent, m.client, m.host, member_config(m.spec),
                   m.placement) for m in handle.workers]
         members = []
-        for name, role, agent, stub, host, config, placement in rows:
+        for name, role, agent, client, host, config, placement in rows:
             member = controller_pb2.ClusterMember(
                 name=name, role=role, endpoint=common_pb2.Endpoint(name=agent.name, address=agent.address),
                 node=agent.node, host=host,
             )
-            with contextlib.suppress(grpc.RpcError):
-                member.status.CopyFrom(stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=5).status.member)
+            with contextlib.suppress(MecbenchError):
+                member.status.CopyFrom(client.get_status(timeout=5).member)
             if placements:
                 if placement is not None:
                     now = self._read_placement_id(placement.placement_id)
@@ -386,18 +372,17 @@ class AgentPool:
         """What a cluster member's runtime process wrote since `offset`; b"" when its agent cannot say."""
         parts: list[bytes] = []
         try:
-            for reply in member.stub.GetServerLog(
-                sut_agent_pb2.GetServerLogRequest(offset=offset, limit=limit, member=True), timeout=30
-            ):
-                parts.append(reply.data)
-        except grpc.RpcError as exc:
-            log.warning("member_log_unavailable", agent=member.agent.name, code=exc.code().name)
+            parts.extend(member.client.get_server_log(
+                sut_agent_pb2.GetServerLogRequest(offset=offset, limit=limit, member=True)
+            ))
+        except MecbenchError as exc:
+            log.warning("member_log_unavailable", agent=member.agent.name, code=exc.code.name)
         return b"".join(parts)
 
     def member_log_size(self, member: MemberHandle | SutHandle) -> int:
         try:
-            return int(member.stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status.member.log_size)
-        except grpc.RpcError:
+            return int(member.client.get_status().member.log_size)
+        except MecbenchError:
             return 0
 
     # --- placement (the local backend: the node agent confines the SUT agent's process tree) ----
@@ -421,38 +406,25 @@ class AgentPool:
         cannot be applied as asked; nothing changes either way."""
         if not (self._places() and wants_placement(config)):
             return
-        node = self.node_agent()
-        try:
-            node.stub.PlaceProcess(self._placement_request(config, owner), timeout=30)
-        except grpc.RpcError as exc:
-            raise remote_error("node agent", exc) from None
+        self.node_agent().client.place_process(self._placement_request(config, owner))
 
     def _place(self, handle: SutHandle, config: sut_agent_pb2.SutConfig) -> None:
         handle.placement = self._place_process(config, f"sut-{handle.sut_id}", handle.agent.pid)
 
     def _place_process(self, config: sut_agent_pb2.SutConfig, owner: str, pid: int) -> node_agent_pb2.Placement:
-        node = self.node_agent()
-        try:
-            reply = node.stub.PlaceProcess(self._placement_request(config, owner, pid), timeout=30)
-        except grpc.RpcError as exc:
-            raise remote_error("node agent", exc) from None
-        log.info("sut_placed", owner=owner, placement_id=reply.placement.placement_id,
-                 pid=pid, cpu_cores=reply.placement.applied.cpu_cores,
-                 cpus=list(reply.placement.applied.cpus), memory_bytes=reply.placement.applied.memory_limit_bytes)
+        placement = self.node_agent().client.place_process(self._placement_request(config, owner, pid))
+        log.info("sut_placed", owner=owner, placement_id=placement.placement_id,
+                 pid=pid, cpu_cores=placement.applied.cpu_cores,
+                 cpus=list(placement.applied.cpus), memory_bytes=placement.applied.memory_limit_bytes)
         self._start_renewer()
-        placement: node_agent_pb2.Placement = reply.placement
         return placement
 
     def _read_placement_id(self, placement_id: str) -> node_agent_pb2.Placement | None:
         try:
-            reply = self.node_agent().stub.GetPlacement(
-                node_agent_pb2.GetPlacementRequest(placement_id=placement_id), timeout=30
-            )
-        except (grpc.RpcError, MecbenchError) as exc:
+            return self.node_agent().client.get_placement(placement_id)
+        except MecbenchError as exc:
             log.warning("placement_unread", placement_id=placement_id, error=str(exc))
             return None
-        placement: node_agent_pb2.Placement = reply.placement
-        return placement
 
     def read_placement(self, handle: SutHandle) -> node_agent_pb2.Placement | None:
         """The SUT's placement as the kernel holds it now, with its group's counters; None when
@@ -461,15 +433,7 @@ class AgentPool:
             if not self._places() and wants_placement(handle.config):
                 return self._read_pod_placement(handle.sut_id, handle.agent, handle.config)
             return None
-        node = self.node_agent()
-        try:
-            reply = node.stub.GetPlacement(
-                node_agent_pb2.GetPlacementRequest(placement_id=handle.placement.placement_id), timeout=30
-            )
-        except grpc.RpcError as exc:
-            raise remote_error("node agent", exc) from None
-        placement: node_agent_pb2.Placement = reply.placement
-        return placement
+        return self.node_agent().client.get_placement(handle.placement.placement_id)
 
     def _read_pod_placement(
         self, owner: str, agent: AgentHandle, config: sut_agent_pb2.SutConfig
@@ -504,10 +468,8 @@ class AgentPool:
             return None
         reference = node_agent_pb2.PodReference(namespace=point.pod.namespace, name=point.pod.name, uid=point.pod.uid)
         try:
-            reply = node.stub.GetPodPlacement(
-                node_agent_pb2.GetPodPlacementRequest(pod=reference), timeout=30
-            )
-        except (grpc.RpcError, MecbenchError) as exc:
+            reply = node.client.get_pod_placement(reference)
+        except MecbenchError as exc:
             log.warning("pod_placement_unread", sut_id=owner, pod=point.pod.name, error=str(exc))
             return None
         return node_agent_pb2.Placement(
@@ -534,10 +496,8 @@ class AgentPool:
         if placement is None:
             return
         try:
-            self.node_agent().stub.ReleasePlacement(
-                node_agent_pb2.ReleasePlacementRequest(placement_id=placement.placement_id), timeout=30
-            )
-        except (grpc.RpcError, MecbenchError) as exc:
+            self.node_agent().client.release_placement(placement.placement_id)
+        except MecbenchError as exc:
             # Its lease still lapses on the node agent: a placement never outlives its SUT for long.
             log.error("release_placement_failed", sut_id=sut_id, placement_id=placement.placement_id,
                       error=str(exc))
@@ -564,11 +524,10 @@ class AgentPool:
                 request = node_agent_pb2.RenewLeaseRequest(lease_id=placement.lease.lease_id)
                 request.lease_duration.FromSeconds(int(PLACEMENT_LEASE_S))
                 try:
-                    self.node_agent().stub.RenewLease(request, timeout=10)
-                except (grpc.RpcError, MecbenchError) as exc:
-                    code = exc.code() if isinstance(exc, grpc.RpcError) else None
+                    self.node_agent().client.renew_lease(request)
+                except MecbenchError as exc:
                     log.warning("placement_renewal_failed", sut_id=handle.sut_id, error=str(exc))
-                    if code == grpc.StatusCode.NOT_FOUND:
+                    if isinstance(exc, NotFound):
                         handle.placement_lost = (
                             f"the node agent no longer holds SUT {handle.sut_id}'s placement "
                             f"{placement.placement_id} (its lease lapsed)"
@@ -576,16 +535,15 @@ class AgentPool:
 
     @staticmethod
     def _start_backend(
-        handle: SutHandle, config: sut_agent_pb2.SutConfig, restart: bool, timeout: float = RPC_TIMEOUT_S
+        handle: SutHandle, config: sut_agent_pb2.SutConfig, restart: bool, join_timeout: float = 0.0
     ) -> None:
+        """Start (or restart) the SUT's backend; a cluster's head waits up to `join_timeout` more
+        for its members to join."""
         request = sut_agent_pb2.StartRequest(config=config, restart=restart)
         if handle.placement is not None:
             # The GPUs the node agent allocated, by UUID: the served process sees only these.
             request.visible_gpus.extend(g.uuid for g in handle.placement.applied.gpus)
-        try:
-            handle.stub.Start(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise remote_error(f"SUT agent {handle.sut_id}", exc) from None
+        handle.client.start(request, timeout=SLOW_CALL_TIMEOUT_S + join_timeout)
         handle.config = config
 
     def get_sut(self, sut_id: str) -> SutHandle:
@@ -603,9 +561,9 @@ class AgentPool:
         if handle.is_cluster:
             self._stop_cluster(handle)
         else:
-            with contextlib.suppress(grpc.RpcError):  # the process is stopped next either way
-                handle.stub.Stop(sut_agent_pb2.StopRequest(), timeout=10)
-            handle.channel.close()
+            with contextlib.suppress(MecbenchError):  # the process is stopped next either way
+                handle.client.stop()
+            handle.client.close()
             self.backend.stop_agent(handle.agent.name)
             self._release_placement(handle)
         with self._lock:
@@ -624,20 +582,13 @@ class AgentPool:
             members=self.cluster_members(handle),
         )
         try:
-            deployment.status.CopyFrom(
-                handle.stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=5).status
-            )
-        except grpc.RpcError as exc:
-            deployment.status.message = f"unreachable: {exc.code().name}"
+            deployment.status.CopyFrom(handle.client.get_status(timeout=5))
+        except MecbenchError as exc:
+            deployment.status.message = f"unreachable: {exc.code.name}"
         return deployment
 
     def sut_status(self, handle: SutHandle) -> sut_agent_pb2.SutStatus:
-        try:
-            reply = handle.stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10)
-        except grpc.RpcError as exc:
-            raise remote_error(f"SUT agent {handle.sut_id}", exc) from None
-        status: sut_agent_pb2.SutStatus = reply.status
-        return status
+        return handle.client.get_status()
 
     def sut_serving(self, handle: SutHandle) -> sut_agent_pb2.SutStatus:
         """The SUT's status when it can serve a test; FAILED_PRECONDITION saying why when not."""
@@ -659,22 +610,13 @@ class AgentPool:
         log is worth keeping, never worth failing a measured run for)."""
         parts: list[bytes] = []
         try:
-            for reply in handle.stub.GetServerLog(
-                sut_agent_pb2.GetServerLogRequest(offset=offset, limit=limit), timeout=30
-            ):
-                parts.append(reply.data)
-        except grpc.RpcError as exc:
-            log.warning("server_log_unavailable", sut=handle.sut_id, code=exc.code().name)
+            parts.extend(handle.client.get_server_log(sut_agent_pb2.GetServerLogRequest(offset=offset, limit=limit)))
+        except MecbenchError as exc:
+            log.warning("server_log_unavailable", sut=handle.sut_id, code=exc.code.name)
         return b"".join(parts)
 
     def sut_stats(self, handle: SutHandle, reset: bool) -> sut_agent_pb2.SutStats:
-        try:
-            reply: sut_agent_pb2.GetStatsResponse = handle.stub.GetStats(
-                sut_agent_pb2.GetStatsRequest(reset=reset), timeout=10
-            )
-        except grpc.RpcError as exc:
-            raise remote_error(f"SUT agent {handle.sut_id}", exc) from None
-        return reply.stats
+        return handle.client.get_stats(reset)
 
     # --- LoadGen servers and sessions -------------------------------------------------------
 
@@ -694,8 +636,7 @@ class AgentPool:
         if existing is not None:
             self.forget_loadgen(loadgen_id)
         agent = self.backend.start_agent(AgentKind.LOADGEN, loadgen_id, placement=placement)
-        channel = open_channel(agent.address)
-        handle = LoadGenHandle(loadgen_id, agent, channel, loadgen_agent_pb2_grpc.LoadGenAgentStub(channel))
+        handle = LoadGenHandle(loadgen_id, agent, self.connector.loadgen(agent, f"LoadGen agent {loadgen_id}"))
         with self._lock:
             self._loadgens[loadgen_id] = handle
         return handle
@@ -704,7 +645,7 @@ class AgentPool:
         with self._lock:
             handle = self._loadgens.pop(loadgen_id, None)
         if handle is not None:
-            handle.channel.close()
+            handle.client.close()
             self.backend.stop_agent(handle.agent.name)
 
     def session_for(
@@ -737,13 +678,10 @@ class AgentPool:
             label=f"client-{client}",
             owner=owner,
         )
-        try:
-            reply = loadgen.stub.OpenSession(request, timeout=RPC_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            raise remote_error(f"LoadGen agent {loadgen.loadgen_id}", exc) from None
+        session = loadgen.client.open_session(request)
         with self._lock:
-            loadgen.sessions[key] = reply.session.session_id
-        return reply.session.session_id, True
+            loadgen.sessions[key] = session.session_id
+        return session.session_id, True
 
     def drop_session(self, loadgen: LoadGenHandle, session_id: str) -> None:
         """Forget (and close) a session that failed, so the next run opens a fresh one."""
@@ -755,8 +693,8 @@ class AgentPool:
 
     @staticmethod
     def _close_session(loadgen: LoadGenHandle, session_id: str) -> None:
-        with contextlib.suppress(grpc.RpcError):  # already gone is fine
-            loadgen.stub.CloseSession(loadgen_agent_pb2.CloseSessionRequest(session_id=session_id), timeout=10)
+        with contextlib.suppress(MecbenchError):  # already gone is fine
+            loadgen.client.close_session(session_id)
 
     def loadgen_deployment(self, handle: LoadGenHandle) -> controller_pb2.LoadGenDeployment:
         return controller_pb2.LoadGenDeployment(
@@ -809,5 +747,5 @@ class AgentPool:
             self.remove_sut(sut_id)
         self._renewer_stop.set()
         if self._node is not None:
-            self._node.channel.close()
+            self._node.client.close()
         self.backend.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from controller.agent_clients import AgentConnector
 from controller.agents import AgentPool
 from controller.backends.base import DeploymentBackend
 from controller.backends.local import LocalProcessBackend
@@ -56,9 +57,11 @@ def open_backend(settings: ControllerSettings) -> DeploymentBackend:
 
 class ControllerApp:
     def __init__(
-        self, settings: ControllerSettings, store: ObjectStore | None = None, backend: DeploymentBackend | None = None
+        self, settings: ControllerSettings, store: ObjectStore | None = None, backend: DeploymentBackend | None = None,
+        connector: AgentConnector | None = None,
     ) -> None:
-        """`backend` replaces the one the settings name (tests run the state machine on fakes)."""
+        """`backend` replaces the one the settings name and `connector` the agents' gRPC clients
+        (tests run the state machine on in-memory fakes)."""
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store_settings = StoreSettings.load()
@@ -74,6 +77,7 @@ class ControllerApp:
         self.pool = AgentPool(
             backend or open_backend(settings),
             {"MECBENCH_NODE_AGENT_STATE_DIR": str(settings.data_dir.resolve() / "node-agent")},
+            connector,
         )
         self.spool = UploadSpool(
             store, settings.data_dir / "spool", attempts=self.store_settings.upload_attempts,

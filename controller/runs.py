@@ -22,7 +22,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -30,7 +29,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 import mecbench
 from controller import webhooks
 from controller.accuracy import ACCURACY_MODES, LABELS_ROOTS_SETTING, apply_accuracy, read_labels, score_clients
-from controller.agents import AgentPool, LoadGenHandle, SutHandle, remote_error
+from controller.agents import AgentPool, LoadGenHandle, SutHandle
 from controller.aggregate import (
     TokenRows,
     aggregate_results,
@@ -350,12 +349,10 @@ class RunManager:
                     return
                 for loadgen, session_id in sessions:
                     try:
-                        loadgen.stub.CancelTest(
-                            loadgen_agent_pb2.CancelTestRequest(session_id=session_id), timeout=10
-                        )
-                    except grpc.RpcError as exc:
+                        loadgen.client.cancel_test(session_id)
+                    except MecbenchError as exc:
                         log.warning("cancel_test_failed", run_id=active.run.run_id, session_id=session_id,
-                                    error=exc.details())
+                                    error=str(exc))
                 time.sleep(0.2)
 
         threading.Thread(target=cancel_until_idle, name=f"cancel-{active.run.run_id}", daemon=True).start()
@@ -666,41 +663,53 @@ class RunManager:
                 outcome.cancelled = True  # cancelled while the sessions were being set up
                 return
             # Every client's test starts together so their measurement windows overlap.
-            stream = loadgen.stub.RunTest(request, timeout=self.settings.max_test_duration_s)
+            stream = loadgen.client.run_test(request, self.settings.max_test_duration_s,
+                                             where=f"client {outcome.client}")
             for event in stream:
-                kind = event.WhichOneof("event")
-                if kind == "log_chunk":
-                    chunk = event.log_chunk
-                    buffer = outcome.files.setdefault(chunk.name, bytearray())
-                    if len(buffer) + len(chunk.data) > self.settings.max_log_bytes:
-                        raise FailedPrecondition(f"log file {chunk.name} exceeds {self.settings.max_log_bytes} bytes")
-                    buffer += chunk.data
-                elif kind == "started":
-                    outcome.setup_time_s = durations.to_seconds(event.started.setup_time)
-                    if active.shaping is not None:
-                        active.shaping.test_started()  # time-varying links start with the test
-                elif kind == "progress":
-                    outcome.live_qps = event.progress.live_qps
-                    outcome.samples_completed = event.progress.samples_completed
-                    self._progress(active, outcome.client, event.progress)
-                elif kind == "finished":
-                    outcome.result = event.finished.result
-                    outcome.cancelled = event.finished.cancelled
-                    outcome.sample_errors = event.finished.sample_errors
-                    outcome.first_sample_error = event.finished.first_sample_error
-            if outcome.result is None and not outcome.cancelled:
-                raise FailedPrecondition(f"LoadGen agent {loadgen.loadgen_id}: test ended without a result")
-        except grpc.RpcError as exc:
+                outcome.error = self._take_event(active, outcome, event)
+                if outcome.error is not None:
+                    stream.cancel()  # the test is abandoned: its agent stops it
+                    break
+            else:
+                if outcome.result is None and not outcome.cancelled:
+                    outcome.error = FailedPrecondition(
+                        f"LoadGen agent {loadgen.loadgen_id}: test ended without a result"
+                    )
+        except threading.BrokenBarrierError:
+            outcome.error = FailedPrecondition("another client failed before the test started")
+        except MecbenchError as exc:  # the agent's stream broke (it failed, or died)
             if active.cancel.is_set():
                 outcome.cancelled = True
             else:
-                outcome.error = remote_error(f"LoadGen agent {loadgen.loadgen_id} (client {outcome.client})", exc)
-        except threading.BrokenBarrierError:
-            outcome.error = FailedPrecondition("another client failed before the test started")
-        except MecbenchError as exc:
-            outcome.error = exc
+                outcome.error = exc
         if outcome.error is not None:
             barrier.abort()
+
+    def _take_event(
+        self, active: ActiveRun, outcome: ClientOutcome, event: loadgen_agent_pb2.RunTestResponse
+    ) -> MecbenchError | None:
+        """Record one event of a client's test; the error that ends the test, if it brings one."""
+        kind = event.WhichOneof("event")
+        if kind == "log_chunk":
+            chunk = event.log_chunk
+            buffer = outcome.files.setdefault(chunk.name, bytearray())
+            if len(buffer) + len(chunk.data) > self.settings.max_log_bytes:
+                return FailedPrecondition(f"log file {chunk.name} exceeds {self.settings.max_log_bytes} bytes")
+            buffer += chunk.data
+        elif kind == "started":
+            outcome.setup_time_s = durations.to_seconds(event.started.setup_time)
+            if active.shaping is not None:
+                active.shaping.test_started()  # time-varying links start with the test
+        elif kind == "progress":
+            outcome.live_qps = event.progress.live_qps
+            outcome.samples_completed = event.progress.samples_completed
+            self._progress(active, outcome.client, event.progress)
+        elif kind == "finished":
+            outcome.result = event.finished.result
+            outcome.cancelled = event.finished.cancelled
+            outcome.sample_errors = event.finished.sample_errors
+            outcome.first_sample_error = event.finished.first_sample_error
+        return None
 
     def _score_accuracy(
         self, spec: common_pb2.AccuracySpec, measured: list[ClientOutcome], aggregate: common_pb2.TestResult

@@ -17,13 +17,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
 
-from controller.agents import AgentPool, NodeAgentHandle, remote_error
+from controller.agents import AgentPool, NodeAgentHandle
 from controller.backends.base import AgentHandle, ShapingPoint
 from mecbench.core import durations
-from mecbench.core.errors import FailedPrecondition
+from mecbench.core.errors import FailedPrecondition, MecbenchError, NotFound, Unavailable
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, node_agent_pb2
 
@@ -168,9 +167,6 @@ class RunShaping:
                         ends, default = points, common_pb2.DIRECTION_BOTH
                     for point in ends:
                         self._apply(point, cluster, cluster.direction or default, -1, f"cluster {member}")
-        except grpc.RpcError as exc:
-            self._clear()
-            raise remote_error("node agent", exc) from None
         except BaseException:
             self._clear()
             raise
@@ -192,8 +188,8 @@ class RunShaping:
         )
         if profile.HasField("schedule"):
             request.schedule.CopyFrom(profile.schedule)
-        reply = node.stub.ApplyShaping(request, timeout=30)
-        self.applied.append(AppliedShaping(node, client, profile.name, reply.shaping,
+        shaping = node.client.apply_shaping(request)
+        self.applied.append(AppliedShaping(node, client, profile.name, shaping,
                                            schedule=request.schedule if profile.HasField("schedule") else None,
                                            link=link))
         log.info("shaping_applied", run_id=self.run_id, interface=point.interface, netns=point.netns,
@@ -206,12 +202,9 @@ class RunShaping:
         recorded as such; it does not stop the run."""
         for applied in self.applied:
             try:
-                reply = applied.node.stub.ProbeShaping(
-                    node_agent_pb2.ProbeShapingRequest(shaping_id=applied.shaping.shaping_id), timeout=30
-                )
-                applied.probe = reply.probe
-            except grpc.RpcError as exc:
-                applied.probe_error = f"{exc.code().name}: {exc.details()}"
+                applied.probe = applied.node.client.probe_shaping(applied.shaping.shaping_id)
+            except MecbenchError as exc:
+                applied.probe_error = f"{exc.code.name}: {exc}"
                 log.warning("link_probe_failed", run_id=self.run_id, shaping_id=applied.shaping.shaping_id,
                             error=applied.probe_error)
 
@@ -230,8 +223,7 @@ class RunShaping:
         readings: dict[tuple[str, str, str], dict[str, Any]] = {}
         nodes = {id(a.node): a.node for a in self.applied}
         for node in nodes.values():
-            listed = node.stub.ListShaping(node_agent_pb2.ListShapingRequest(), timeout=10)
-            for shaping in listed.shapings:
+            for shaping in node.client.list_shaping():
                 applied = ours.get(shaping.shaping_id)
                 if applied is None:
                     continue
@@ -250,8 +242,8 @@ class RunShaping:
         state = _RepeatCounters()
         try:
             state.before = self._read()
-        except grpc.RpcError as exc:
-            log.warning("qdisc_counters_unread", run_id=self.run_id, error=exc.details())
+        except MecbenchError as exc:
+            log.warning("qdisc_counters_unread", run_id=self.run_id, error=str(exc))
         for key, reading in state.before.items():
             state.peaks[key] = (reading["counters"]["backlog_bytes"], reading["counters"]["backlog_packets"])
         state.sampler = threading.Thread(target=self._sample, args=(state,), name=f"backlog-{self.run_id}",
@@ -273,12 +265,10 @@ class RunShaping:
             if applied.schedule is None:
                 continue
             try:
-                applied.node.stub.StartSchedule(
-                    node_agent_pb2.StartScheduleRequest(shaping_id=applied.shaping.shaping_id), timeout=10
-                )
-            except grpc.RpcError as exc:
-                state.schedule_errors.append(f"client {applied.client}: {exc.code().name}: {exc.details()}")
-                log.warning("schedule_start_failed", run_id=self.run_id, error=exc.details())
+                applied.node.client.start_schedule(applied.shaping.shaping_id)
+            except MecbenchError as exc:
+                state.schedule_errors.append(f"client {applied.client}: {exc.code.name}: {exc}")
+                log.warning("schedule_start_failed", run_id=self.run_id, error=str(exc))
 
     def _stop_schedules(self, state: _RepeatCounters) -> list[dict[str, Any]]:
         """Stop the repeat's schedules; each one's requested steps beside what was applied."""
@@ -292,15 +282,13 @@ class RunShaping:
             }
             if state.schedules_started:
                 try:
-                    stopped = applied.node.stub.StopSchedule(
-                        node_agent_pb2.StopScheduleRequest(shaping_id=applied.shaping.shaping_id), timeout=15
-                    )
+                    stopped = applied.node.client.stop_schedule(applied.shaping.shaping_id)
                     entry["started_at"] = stopped.started_at.ToJsonString()
                     entry["applied"] = [
                         json_format.MessageToDict(step, preserving_proto_field_name=True) for step in stopped.applied
                     ]
-                except grpc.RpcError as exc:
-                    entry["error"] = f"{exc.code().name}: {exc.details()}"
+                except MecbenchError as exc:
+                    entry["error"] = f"{exc.code.name}: {exc}"
             else:
                 entry["error"] = "no test started: the schedule was not run"
             timelines.append(entry)
@@ -310,7 +298,7 @@ class RunShaping:
         while not state.stop.wait(BACKLOG_SAMPLE_S):
             try:
                 readings = self._read()
-            except grpc.RpcError:
+            except MecbenchError:
                 continue
             state.samples += 1
             for key, reading in readings.items():
@@ -330,9 +318,9 @@ class RunShaping:
         schedules = self._stop_schedules(state)
         try:
             after = self._read()
-        except grpc.RpcError as exc:
+        except MecbenchError as exc:
             after = {}
-            log.warning("qdisc_counters_unread", run_id=self.run_id, error=exc.details())
+            log.warning("qdisc_counters_unread", run_id=self.run_id, error=str(exc))
         qdiscs = []
         for key in sorted(set(state.before) | set(after)):
             shaping_id, interface, handle = key
@@ -391,17 +379,16 @@ class RunShaping:
                     )
                     return
                 try:
-                    node.stub.RenewLease(
+                    node.client.renew_lease(
                         node_agent_pb2.RenewLeaseRequest(
                             lease_id=lease_id, lease_duration=durations.from_seconds(self.lease_s)
                         ),
                         timeout=5,
                     )
-                except grpc.RpcError as exc:
-                    log.warning("lease_renewal_failed", run_id=self.run_id, lease_id=lease_id, error=exc.details())
-                    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
-                        self._lost(f"node agent {node.agent.name} lost the run's shaping ({exc.code().name}: "
-                                   f"{exc.details()})")
+                except MecbenchError as exc:
+                    log.warning("lease_renewal_failed", run_id=self.run_id, lease_id=lease_id, error=str(exc))
+                    if isinstance(exc, Unavailable | NotFound):
+                        self._lost(f"node agent {node.agent.name} lost the run's shaping ({exc.code.name}: {exc})")
                         return
 
     def _lost(self, reason: str) -> None:
@@ -413,12 +400,12 @@ class RunShaping:
         # re-adopted the run's shaping from its state directory); at least this node's.
         nodes = {node.agent.placement for node, _ in self.leases} or {""}
         for placement in sorted(nodes):
+            node = self.pool.node_agent_on(placement)
             try:
-                node = self.pool.node_agent_on(placement)
-                node.stub.ClearShaping(node_agent_pb2.ClearShapingRequest(owner=self.run_id), timeout=30)
-            except grpc.RpcError as exc:
+                node.client.clear_shaping(self.run_id)
+            except MecbenchError as exc:
                 # The lease still lapses on the node agent: shaping never outlives the run for long.
-                log.error("clear_shaping_failed", run_id=self.run_id, node=placement, error=exc.details())
+                log.error("clear_shaping_failed", run_id=self.run_id, node=placement, error=str(exc))
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()

@@ -8,14 +8,13 @@ import csv
 import io
 import json
 import threading
-from collections.abc import Iterator
-from typing import cast
 
-import grpc
 from google.protobuf import json_format
 
+from controller.agent_clients import ReplyStream
 from controller.agents import AgentPool
 from mecbench.core import durations
+from mecbench.core.errors import MecbenchError
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, node_agent_pb2
 
@@ -36,14 +35,13 @@ class TelemetryRecorder:
         self.targets = targets
         self.samples: list[common_pb2.TelemetrySample] = []
         self.error = ""
-        # The streaming call: a grpc.Call (to cancel) that iterates over the replies.
-        self._call: grpc.Call | None = None
+        self._stream: ReplyStream[node_agent_pb2.StreamTelemetryResponse] | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def __enter__(self) -> TelemetryRecorder:
         try:
-            stub = self.pool.node_agent().stub
+            node = self.pool.node_agent().client
         except Exception as exc:  # noqa: BLE001 - telemetry is optional for a run
             self.error = f"node agent unavailable: {exc}"
             log.warning("telemetry_unavailable", error=self.error)
@@ -51,26 +49,24 @@ class TelemetryRecorder:
         request = node_agent_pb2.StreamTelemetryRequest(
             interval=durations.from_seconds(self.interval_s), interfaces=self.targets
         )
-        self._call = stub.StreamTelemetry(request)
+        self._stream = node.stream_telemetry(request)
         self._thread = threading.Thread(target=self._read, name="telemetry", daemon=True)
         self._thread.start()
         return self
 
     def _read(self) -> None:
-        assert self._call is not None
+        assert self._stream is not None
         try:
-            replies = cast("Iterator[node_agent_pb2.StreamTelemetryResponse]", self._call)
-            for reply in replies:
+            for reply in self._stream:
                 with self._lock:
                     self.samples.append(reply.sample)
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                self.error = f"telemetry stream ended: {exc.code().name}: {exc.details()}"
-                log.warning("telemetry_stream_failed", error=self.error)
+        except MecbenchError as exc:
+            self.error = f"telemetry stream ended: {exc.code.name}: {exc}"
+            log.warning("telemetry_stream_failed", error=self.error)
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._call is not None:
-            self._call.cancel()
+        if self._stream is not None:
+            self._stream.cancel()
         if self._thread is not None:
             self._thread.join(timeout=5)
 

@@ -14,7 +14,30 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from mecbench.core.errors import FieldViolation, InvalidArgument, MecbenchError
+from mecbench.core.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    MecbenchError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+
+# The domain error a status code decodes to, so a caller catches `Unavailable` (say) whether it
+# was raised here or by a service it called. Codes without a class of their own decode to
+# MecbenchError carrying the code.
+_ERRORS: dict[grpc.StatusCode, type[MecbenchError]] = {
+    error.code: error
+    for error in (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition, NotFound, PermissionDenied,
+                  ResourceExhausted, Unauthenticated, Unavailable, Unimplemented)
+}
 
 
 def encode(exc: MecbenchError) -> status_pb2.Status:
@@ -51,9 +74,9 @@ def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
 
 def decode(error: grpc.RpcError, component: str) -> MecbenchError:
     """A service's failed call as a domain error that names `component` (e.g. "LoadGen agent
-    x"): its status code kept (UNKNOWN, an unmapped failure there, becomes INTERNAL), and an
-    INVALID_ARGUMENT's field violations kept, so whoever called the controller learns which field
-    the agent refused and why."""
+    x"): the error class of its status code (UNKNOWN, an unmapped failure there, becomes
+    INTERNAL), and an INVALID_ARGUMENT's field violations kept, so whoever called the controller
+    learns which field the agent refused and why."""
     code_of = getattr(error, "code", None)
     code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
     if not isinstance(code, grpc.StatusCode):
@@ -64,6 +87,10 @@ def decode(error: grpc.RpcError, component: str) -> MecbenchError:
             return InvalidArgument([FieldViolation(v.field, f"{v.description} ({component})") for v in violations])
     details_of = getattr(error, "details", None)
     details = details_of() if callable(details_of) else str(error)
-    decoded = MecbenchError(f"{component}: {details or code.name}")
+    message = f"{component}: {details or code.name}"
+    error_class = _ERRORS.get(code)
+    if error_class is not None:
+        return error_class(message)
+    decoded = MecbenchError(message)
     decoded.code = code if code != grpc.StatusCode.UNKNOWN else grpc.StatusCode.INTERNAL
     return decoded

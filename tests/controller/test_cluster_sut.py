@@ -186,7 +186,7 @@ def test_nothing_is_left_running(ray_stack: Stack) -> None:
     # and the controller names the member that is gone.
     sut = ray_stack.app.pool.get_sut(SUT_ID)
     worker = sut.workers[0]
-    runtime = int(worker.stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status.member.pid)
+    runtime = int(worker.client.get_status().member.pid)
     assert len(session_of(runtime)) > 1
     commands = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in session_of(runtime)]
     temp_dirs = {Path(arg.decode().removeprefix("--temp-dir=")) for argv in commands for arg in argv

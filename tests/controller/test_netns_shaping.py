@@ -16,7 +16,7 @@ from controller.settings import ControllerSettings
 from mecbench.core import durations
 from mecbench.core.channels import open_channel
 from mecbench.experiment_file import parse_experiment
-from mecbench.v1 import common_pb2, controller_pb2, controller_pb2_grpc, node_agent_pb2, sut_agent_pb2
+from mecbench.v1 import common_pb2, controller_pb2, controller_pb2_grpc, sut_agent_pb2
 from tests.conftest import requires_root
 from tests.controller.conftest import Stack, short_settings, stop_stack
 from tests.loadgen_agent.conftest import process_exists
@@ -82,8 +82,7 @@ def test_a_5_mbit_profile_slows_known_payloads_by_what_the_rate_predicts(netns_s
     # The shaping went away with the run, and the node agent recorded the link's traffic.
     nodes = netns_stack.stub.ListNodes(controller_pb2.ListNodesRequest()).nodes
     assert nodes and nodes[0].supported_qdiscs
-    listed = netns_stack.app.pool.node_agent().stub.ListShaping(node_agent_pb2.ListShapingRequest())
-    assert not listed.shapings
+    assert not netns_stack.app.pool.node_agent().client.list_shaping()
     metrics = netns_stack.stub.GetMetrics(controller_pb2.GetMetricsRequest(run_id=run.run_id))
     assert metrics.samples and any(i.tx_bytes > 0 for s in metrics.samples for i in s.interfaces)
 
@@ -128,8 +127,7 @@ def test_cancelling_an_experiment_mid_point_cleans_up_and_keeps_finished_points(
         assert experiment.state == common_pb2.RUN_STATE_RUNNING, experiment.error
         assert time.monotonic() < deadline, "the second point never started"
         time.sleep(0.1)
-    node_agent = netns_stack.app.pool.node_agent().stub
-    assert node_agent.ListShaping(node_agent_pb2.ListShapingRequest()).shapings  # shaped while it runs
+    assert netns_stack.app.pool.node_agent().client.list_shaping()  # shaped while it runs
     jobs = [a.pid for a in netns_stack.app.pool.backend.agents() if a.name.startswith("job-")]
     loadgen_processes = jobs + [pid for job in jobs for pid in _children(job)]
     assert jobs and len(loadgen_processes) > len(jobs)  # the job agent and its LoadGen session
@@ -142,7 +140,7 @@ def test_cancelling_an_experiment_mid_point_cleans_up_and_keeps_finished_points(
     assert first.state == common_pb2.RUN_STATE_SUCCEEDED and second.state == common_pb2.RUN_STATE_CANCELLED
     kept = netns_stack.stub.ListResults(controller_pb2.ListResultsRequest(experiment_id=experiment_id)).results
     assert {r.run_id for r in kept} == {first.run_id, *final.calibration.run_ids}
-    assert not node_agent.ListShaping(node_agent_pb2.ListShapingRequest()).shapings
+    assert not netns_stack.app.pool.node_agent().client.list_shaping()
     assert not [a for a in netns_stack.app.pool.backend.agents() if a.name.startswith("job-")]
     deadline = time.monotonic() + 10
     while [pid for pid in loadgen_processes if process_exists(pid)] and time.monotonic() < deadline:
@@ -193,5 +191,5 @@ def test_a_killed_node_agent_fails_the_shaped_run_and_leaves_no_shaping(netns_st
     # A fresh node agent took over the state directory, and the run's shaping is gone.
     node = netns_stack.app.pool.node_agent()
     assert node.agent.pid != node_pid
-    assert not node.stub.ListShaping(node_agent_pb2.ListShapingRequest()).shapings
+    assert not node.client.list_shaping()
     p50_ms(netns_stack, profile)  # and shaped runs work again

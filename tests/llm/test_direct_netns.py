@@ -179,7 +179,7 @@ def test_keep_alive_holds_at_high_concurrency_through_the_link(netns_stack: Stac
     profile, _ = STREAMS[face]
     options = {"max_tokens": "8", "ignore_eos": "true"} if face == "openai" else {"num_predict": "8"}
     sut_id = deploy(netns_stack, profile, LM_NAME, options)
-    status = netns_stack.app.pool.get_sut(sut_id).stub.GetStatus(sut_agent_pb2.GetStatusRequest(), timeout=10).status
+    status = netns_stack.app.pool.get_sut(sut_id).client.get_status()
     port = urlsplit(status.server_endpoint).port
     assert port
     dataset = stream_dataset(face, tmp_path / "prompts.tar", 8)
