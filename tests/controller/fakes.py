@@ -5,8 +5,9 @@ RunShaping, the registry, the spool, the store) calls these through the agent cl
 (controller/agent_clients.py) the gRPC clients implement, with no server and no socket. They keep
 the agents' protocol: a SUT agent's Start/GetStatus; a LoadGen agent's sessions, a streamed
 RunTest of started, progress, log chunks and finished, CancelTest; a node agent's shapings under
-leases and its telemetry stream. What a test does is scripted by `Script`: each test's verdict
-from its settings, how long it runs, whether it hangs until cancelled, a hook before every call.
+leases and its telemetry stream (no placements: the fake backend places no process). What a test
+does is scripted by `Script`: each test's verdict from its settings, how long it runs, whether it
+hangs until cancelled, a hook before every call.
 An agent "dies" when the test kills it: the backend reports it gone, every call to it raises
 Unavailable naming it, and a test it runs (or one whose SUT it is) breaks off, as with SIGKILL.
 """
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from controller.agent_clients import (
     QUICK_CALL_TIMEOUT_S,
@@ -63,6 +64,10 @@ class FakeAgent:
         self.backend = backend
         self.alive = True
         self.lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def next_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
 
     def take(self, component: str, rpc: str) -> None:
         """A call arrives: the script's hook, then Unavailable if the agent is gone (as a refused
@@ -73,6 +78,20 @@ class FakeAgent:
     def check(self, component: str) -> None:
         if not self.alive:
             raise Unavailable(f"{component}: failed to connect to {self.handle.address} (the agent is gone)")
+
+
+AgentT = TypeVar("AgentT", bound=FakeAgent)
+
+
+class FakeClient(Generic[AgentT]):
+    """A client of one fake agent; its errors name `component`, as a gRPC client's do."""
+
+    def __init__(self, agent: AgentT, component: str) -> None:
+        self.agent = agent
+        self.component = component
+
+    def close(self) -> None:
+        """Nothing to close: no channel."""
 
 
 class FakeStream(ReplyStream[T]):
@@ -102,11 +121,7 @@ class FakeSutAgent(FakeAgent):
         self.state = sut_agent_pb2.BACKEND_STATE_STOPPED
 
 
-class FakeSutClient(SutAgentClient):
-    def __init__(self, agent: FakeSutAgent, component: str) -> None:
-        self.agent = agent
-        self.component = component
-
+class FakeSutClient(FakeClient[FakeSutAgent], SutAgentClient):
     def start(self, request: sut_agent_pb2.StartRequest, timeout: float = SLOW_CALL_TIMEOUT_S) -> None:
         self.agent.take(self.component, "Start")
         self.agent.config.CopyFrom(request.config)
@@ -135,10 +150,6 @@ class FakeSutClient(SutAgentClient):
     def stop_member(self) -> None:
         self.agent.take(self.component, "StopMember")
 
-    def close(self) -> None:
-        pass
-
-
 # --- LoadGen agents -------------------------------------------------------------------------------
 
 
@@ -146,11 +157,10 @@ class FakeLoadGenAgent(FakeAgent):
     def __init__(self, handle: AgentHandle, backend: FakeBackend) -> None:
         super().__init__(handle, backend)
         self.sessions: dict[str, loadgen_agent_pb2.Session] = {}
-        self._ids = itertools.count(1)
 
     def open_session(self, request: loadgen_agent_pb2.OpenSessionRequest) -> loadgen_agent_pb2.Session:
         session = loadgen_agent_pb2.Session(
-            session_id=f"fake-{next(self._ids)}", state=loadgen_agent_pb2.SESSION_STATE_IDLE,
+            session_id=self.next_id("fake"), state=loadgen_agent_pb2.SESSION_STATE_IDLE,
             sut_address=request.sut_address, label=request.label, owner=request.owner,
         )
         with self.lock:
@@ -201,11 +211,7 @@ class FakeLoadGenAgent(FakeAgent):
         yield loadgen_agent_pb2.RunTestResponse(test_id=request.test_id, finished=finished)
 
 
-class FakeLoadGenClient(LoadGenAgentClient):
-    def __init__(self, agent: FakeLoadGenAgent, component: str) -> None:
-        self.agent = agent
-        self.component = component
-
+class FakeLoadGenClient(FakeClient[FakeLoadGenAgent], LoadGenAgentClient):
     def open_session(self, request: loadgen_agent_pb2.OpenSessionRequest) -> loadgen_agent_pb2.Session:
         self.agent.take(self.component, "OpenSession")
         return self.agent.open_session(request)
@@ -232,10 +238,6 @@ class FakeLoadGenClient(LoadGenAgentClient):
         self.agent.backend.script.cancelled.set()
         return True
 
-    def close(self) -> None:
-        pass
-
-
 # --- node agents ----------------------------------------------------------------------------------
 
 
@@ -243,58 +245,37 @@ class FakeNodeAgent(FakeAgent):
     def __init__(self, handle: AgentHandle, backend: FakeBackend) -> None:
         super().__init__(handle, backend)
         self.shapings: dict[str, node_agent_pb2.Shaping] = {}
-        self.placements: dict[str, node_agent_pb2.Placement] = {}
         self.renewals = 0
-        self._ids = itertools.count(1)
-
-    def next_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self._ids)}"
 
 
-class FakeNodeClient(NodeAgentClient):
-    def __init__(self, agent: FakeNodeAgent, component: str) -> None:
-        self.agent = agent
-        self.component = component
-
+class FakeNodeClient(FakeClient[FakeNodeAgent], NodeAgentClient):
     def get_node_info(self) -> common_pb2.NodeInfo:
         self.agent.take(self.component, "GetNodeInfo")
         return common_pb2.NodeInfo(name=self.agent.handle.node, supported_qdiscs=["netem"])
 
+    # The fake backend places no process (its agents are no processes): the pool never asks.
     def place_process(self, request: node_agent_pb2.PlaceProcessRequest) -> node_agent_pb2.Placement:
-        self.agent.take(self.component, "PlaceProcess")
-        placement_id = self.agent.next_id("plc")
-        placement = node_agent_pb2.Placement(
-            placement_id=placement_id, pid=request.pid, resources=request.resources, gpus=request.gpus,
-            lease=node_agent_pb2.Lease(lease_id=f"lease-{placement_id}", owner=request.owner),
-        )
-        if not request.validate_only:
-            with self.agent.lock:
-                self.agent.placements[placement_id] = placement
-        return placement
+        raise self._no_placements("PlaceProcess")
 
     def get_placement(self, placement_id: str) -> node_agent_pb2.Placement:
-        self.agent.take(self.component, "GetPlacement")
-        with self.agent.lock:
-            placement = self.agent.placements.get(placement_id)
-        if placement is None:
-            raise NotFound(f"{self.component}: no placement {placement_id}")
-        return placement
+        raise self._no_placements("GetPlacement")
 
     def get_pod_placement(self, pod: node_agent_pb2.PodReference) -> node_agent_pb2.GetPodPlacementResponse:
-        self.agent.take(self.component, "GetPodPlacement")
-        raise NotFound(f"{self.component}: no pod {pod.namespace}/{pod.name} on this node")
+        raise self._no_placements("GetPodPlacement")
 
     def release_placement(self, placement_id: str) -> None:
-        self.agent.take(self.component, "ReleasePlacement")
-        with self.agent.lock:
-            self.agent.placements.pop(placement_id, None)
+        raise self._no_placements("ReleasePlacement")
+
+    def _no_placements(self, rpc: str) -> FailedPrecondition:
+        self.agent.take(self.component, rpc)
+        return FailedPrecondition(f"{self.component}: the fakes place no process")
 
     def renew_lease(self, request: node_agent_pb2.RenewLeaseRequest, timeout: float = QUICK_CALL_TIMEOUT_S) -> None:
         self.agent.take(self.component, "RenewLease")
         with self.agent.lock:
-            held = [s.lease for s in self.agent.shapings.values()] + [p.lease for p in self.agent.placements.values()]
+            held = {shaping.lease.lease_id for shaping in self.agent.shapings.values()}
             self.agent.renewals += 1
-        if request.lease_id not in {lease.lease_id for lease in held}:
+        if request.lease_id not in held:
             raise NotFound(f"{self.component}: no lease {request.lease_id}")
 
     def apply_shaping(self, request: node_agent_pb2.ApplyShapingRequest) -> node_agent_pb2.Shaping:
@@ -356,10 +337,6 @@ class FakeNodeClient(NodeAgentClient):
             raise NotFound(f"{self.component}: no shaping {shaping_id}")
         return shaping
 
-    def close(self) -> None:
-        pass
-
-
 # --- the backend and the connector ----------------------------------------------------------------
 
 
@@ -379,8 +356,6 @@ class FakeConnector(AgentConnector):
     def node(self, agent: AgentHandle, component: str = "node agent") -> NodeAgentClient:
         return FakeNodeClient(self.backend.agent(agent, FakeNodeAgent), component)
 
-
-AgentT = TypeVar("AgentT", bound=FakeAgent)
 
 _KINDS: dict[AgentKind, type[FakeAgent]] = {
     AgentKind.SUT: FakeSutAgent, AgentKind.LOADGEN: FakeLoadGenAgent, AgentKind.NODE: FakeNodeAgent,
