@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from controller.agent_clients import GrpcAgentConnector, GrpcLoadGenAgentClient, GrpcNodeAgentClient
+from controller.agent_clients import GrpcAgentConnector, GrpcLoadGenAgentClient, NodeAgentClient
 from controller.backends.base import AgentHandle, AgentKind
 from mecbench.core.errors import NotFound, Unavailable
 from mecbench.core.server import RunningServer, build_server
@@ -58,43 +58,31 @@ def test_a_refused_call_is_unavailable_naming_the_agent() -> None:
         client.close()
 
 
-def test_the_status_code_gives_the_error_class(node: RunningServer) -> None:
-    running = node
-    client = GrpcNodeAgentClient(running.address, "node agent")
-    try:
-        with pytest.raises(NotFound, match=r"^node agent: no shaping of run-1$"):
-            client.clear_shaping("run-1")
-    finally:
-        client.close()
+@pytest.fixture
+def client(node: RunningServer) -> Iterator[NodeAgentClient]:
+    """The node agent's client as the pool gets it from the default connector."""
+    agent = AgentHandle(name="node-agent", kind=AgentKind.NODE, address=node.address, node="here")
+    made = GrpcAgentConnector().node(agent)
+    yield made
+    made.close()
+
+
+def test_the_status_code_gives_the_error_class(client: NodeAgentClient) -> None:
+    assert client.component == "node agent"
+    with pytest.raises(NotFound, match=r"^node agent: no shaping of run-1$"):
+        client.clear_shaping("run-1")
 
 
 def test_a_stream_cancelled_by_its_owner_ends_quietly_and_one_whose_agent_dies_raises(
-    node: RunningServer,
+    node: RunningServer, client: NodeAgentClient,
 ) -> None:
-    running = node
-    client = GrpcNodeAgentClient(running.address, "node agent")
-    try:
-        stream = client.stream_telemetry(node_agent_pb2.StreamTelemetryRequest())
-        replies = iter(stream)
-        assert next(replies).sample.node == "here"
-        stream.cancel()
-        assert all(r.sample.node == "here" for r in replies)  # what was in flight, then the end: no error
-        broken = iter(client.stream_telemetry(node_agent_pb2.StreamTelemetryRequest()))
-        assert next(broken).sample.node == "here"
-        running.stop(grace=0)
-        with pytest.raises(Unavailable, match=r"^node agent: "):
-            list(broken)
-    finally:
-        client.close()
-
-
-def test_the_connector_names_what_the_pool_asks(node: RunningServer) -> None:
-    running = node
-    agent = AgentHandle(name="node-agent", kind=AgentKind.NODE, address=running.address, node="here")
-    client = GrpcAgentConnector().node(agent)
-    try:
-        assert client.component == "node agent"
-        with pytest.raises(NotFound, match=r"^node agent: "):
-            client.clear_shaping("run-2")
-    finally:
-        client.close()
+    stream = client.stream_telemetry(node_agent_pb2.StreamTelemetryRequest())
+    replies = iter(stream)
+    assert next(replies).sample.node == "here"
+    stream.cancel()
+    assert all(r.sample.node == "here" for r in replies)  # what was in flight, then the end: no error
+    broken = iter(client.stream_telemetry(node_agent_pb2.StreamTelemetryRequest()))
+    assert next(broken).sample.node == "here"
+    node.stop(grace=0)
+    with pytest.raises(Unavailable, match=r"^node agent: "):
+        list(broken)
