@@ -42,14 +42,14 @@ TRANSPORTS = {
 
 
 def _run(
-    app: ControllerApp, settings: common_pb2.LoadGenSettings, clients: int, transport: str = "grpc"
+    app: ControllerApp, settings: common_pb2.LoadGenSettings, clients: int, transport: str = "grpc",
+    frame_interval_s: float = 0.0,
 ) -> controller_pb2.Run:
+    data_plane = loadgen_agent_pb2.DataPlaneOptions(transport=TRANSPORTS[transport])
+    if frame_interval_s:
+        data_plane.min_frame_interval.CopyFrom(durations.from_seconds(frame_interval_s))
     spec = controller_pb2.RunSpec(
-        experiment_id="bench",
-        sut_id=SUT_ID,
-        settings=settings,
-        clients=clients,
-        data_plane=loadgen_agent_pb2.DataPlaneOptions(transport=TRANSPORTS[transport]),
+        experiment_id="bench", sut_id=SUT_ID, settings=settings, clients=clients, data_plane=data_plane
     )
     run = app.runs.start_run(spec)
     final = app.runs.wait(run.run_id, timeout=300)
@@ -139,13 +139,14 @@ def _search(valid: Callable[[float], bool], start: float, limit: float, precisio
 
 
 def mecbench_server_ceiling(
-    app: ControllerApp, clients: int, seconds: float, transport: str, coalesce: bool, limit: float
+    app: ControllerApp, clients: int, seconds: float, transport: str, coalesce: bool, limit: float,
+    frame_interval_s: float = 0.0,
 ) -> Ceiling:
     """Highest total target QPS (shared by the clients) LoadGen judges VALID, every client, p99
     under 100 ms."""
 
     def valid(total: float) -> bool:
-        run = _run(app, _server_settings(total / clients, seconds, coalesce), clients, transport)
+        run = _run(app, _server_settings(total / clients, seconds, coalesce), clients, transport, frame_interval_s)
         return bool(run.results[0].aggregate.valid)
 
     return search_ceiling(valid, 2000.0, limit)
@@ -174,19 +175,23 @@ class CpuCost:
         return self.loadgen_us + self.sut_us
 
 
-def mecbench_cpu_cost(app: ControllerApp, clients: int, total_qps: float, seconds: float, transport: str) -> CpuCost:
+def mecbench_cpu_cost(
+    app: ControllerApp, clients: int, total_qps: float, seconds: float, transport: str, frame_interval_s: float = 0.0
+) -> CpuCost:
     """What a sample costs the LoadGen processes and the SUT agent at one total rate, read from
     /proc: the figure that says why N clients hold less than one on few cores, without the noise
     a ceiling has on a shared machine."""
     before = process_tree(os.getpid())
-    run = _run(app, _server_settings(total_qps / clients, seconds, False), clients, transport)
+    run = _run(app, _server_settings(total_qps / clients, seconds, False), clients, transport, frame_interval_s)
     spent = cpu_by_role(before, process_tree(os.getpid()))
     samples = sum(client.result.sample_count for client in run.results[0].clients) or 1
     loadgen = spent.get("loadgen_agent.worker", 0.0) + spent.get("loadgen-agent", 0.0)
     return CpuCost(clients, total_qps, samples, loadgen / samples * 1e6, spent.get("sut-agent", 0.0) / samples * 1e6)
 
 
-def mecbench_single_stream(app: ControllerApp, clients: int, seconds: float, transport: str) -> tuple[float, float]:
+def mecbench_single_stream(
+    app: ControllerApp, clients: int, seconds: float, transport: str, frame_interval_s: float = 0.0
+) -> tuple[float, float]:
     """(p50, p99) in microseconds of a SingleStream test per client against the zero-time SUT."""
     settings = common_pb2.LoadGenSettings(
         scenario=common_pb2.SCENARIO_SINGLE_STREAM,
@@ -195,7 +200,7 @@ def mecbench_single_stream(app: ControllerApp, clients: int, seconds: float, tra
         single_stream_expected_latency=durations.from_seconds(0.0005),
         skip_mlperf_defaults=True,
     )
-    run = _run(app, settings, clients, transport)
+    run = _run(app, settings, clients, transport, frame_interval_s)
     p50s = [durations.to_ns(c.result.latency.p50) / 1e3 for c in run.results[0].clients]
     p99s = [durations.to_ns(c.result.latency.p99) / 1e3 for c in run.results[0].clients]
     return max(p50s), max(p99s)
@@ -211,10 +216,15 @@ def main() -> None:
     parser.add_argument("--limit", type=float, default=2_000_000.0, help="highest QPS the search may try")
     parser.add_argument("--data-dir", help="keep the controller's data (registry, results, agents' logs) here")
     parser.add_argument(
+        "--min-frame-interval-us", type=float, default=0.0,
+        help="DataPlaneOptions.min_frame_interval of every MECBench run (0: each message as soon as a sample waits)",
+    )
+    parser.add_argument(
         "--cpu-qps", type=float, default=10_000.0, help="total QPS at which each client count's CPU cost is read"
     )
     args = parser.parse_args()
     seconds = 2.0 if args.quick else 5.0
+    interval_s = args.min_frame_interval_us / 1e6
 
     tcp = references.tcp_ping_pong()
     unary = references.grpc_unary()
@@ -234,18 +244,20 @@ def main() -> None:
             for transport in args.transports:
                 for clients in args.clients:
                     # A warm-up run opens the sessions, so set-up is not measured as latency.
-                    mecbench_single_stream(app, clients, 0.5, transport)
-                    p50, p99 = mecbench_single_stream(app, clients, seconds, transport)
-                    costs.append((transport, mecbench_cpu_cost(app, clients, args.cpu_qps, seconds, transport)))
-                    plain = mecbench_server_ceiling(app, clients, seconds, transport, False, args.limit)
-                    coalesced = mecbench_server_ceiling(app, clients, seconds, transport, True, args.limit)
+                    mecbench_single_stream(app, clients, 0.5, transport, interval_s)
+                    p50, p99 = mecbench_single_stream(app, clients, seconds, transport, interval_s)
+                    costs.append(
+                        (transport, mecbench_cpu_cost(app, clients, args.cpu_qps, seconds, transport, interval_s))
+                    )
+                    plain = mecbench_server_ceiling(app, clients, seconds, transport, False, args.limit, interval_s)
+                    coalesced = mecbench_server_ceiling(app, clients, seconds, transport, True, args.limit, interval_s)
                     rows.append((transport, clients, p50, p99, plain, coalesced))
         finally:
             app.close()
 
     print(f"MECBench harness benchmark, {date.today().isoformat()}, {platform.node()}, "
           f"{platform.processor() or platform.machine()}, python {platform.python_version()}, "
-          f"{seconds:.0f} s per probe")
+          f"{seconds:.0f} s per probe, data-plane min_frame_interval {args.min_frame_interval_us:.0f} us")
     print()
     print("| reference | figure |")
     print("| --- | --- |")

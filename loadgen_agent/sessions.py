@@ -57,6 +57,7 @@ from mecbench.core.errors import (
     Unavailable,
     Violations,
 )
+from mecbench.core.framing import FRAME_INTERVAL_RULE, frame_interval_allowed
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, loadgen_agent_pb2
 from store.local_files import resolve_allowed
@@ -122,6 +123,7 @@ def validate_open_request(
     v.check(options.max_batch_size <= 65536, "data_plane.max_batch_size", "at most 65536")
     for name in ("max_batch_delay", "response_timeout"):
         v.check(not durations.is_negative(getattr(options, name)), f"data_plane.{name}", "must not be negative")
+    v.check(frame_interval_allowed(options.min_frame_interval), "data_plane.min_frame_interval", FRAME_INTERVAL_RULE)
     v.raise_if_any()
 
 

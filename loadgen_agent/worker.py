@@ -157,6 +157,8 @@ class _Call:
 
     def __init__(self) -> None:
         self.dead = False
+        # When this stream last sent a message (time.monotonic()), for min_frame_interval.
+        self.last_frame = 0.0
 
 
 class RelayClient:
@@ -168,9 +170,14 @@ class RelayClient:
     `max_batch_size` pending samples into one QueryBatch.
 
     Batching bound: a generator sends what is pending as soon as it wakes when `max_batch_delay`
-    is 0. With a delay, it waits until `max_batch_size` samples are pending or the oldest pending
-    sample has waited `max_batch_delay`, whichever comes first, so no sample waits in the batcher
-    longer than `max_batch_delay` (plus thread wake-up) while a stream is free to take it.
+    and `min_frame_interval` are 0. With a delay, it waits until `max_batch_size` samples are
+    pending or the oldest pending sample has waited `max_batch_delay`, whichever comes first, so no
+    sample waits in the batcher longer than `max_batch_delay` (plus thread wake-up) while a stream
+    is free to take it. With an interval, a stream's next message waits until `min_frame_interval`
+    after its last one (or `max_batch_size` pending): samples issued further apart go at once,
+    faster ones share messages, and each waits at most the interval. Either way the issue callback
+    wakes only a stream that waits for a first sample, or one holding a full batch back: a stream
+    holding samples back is not woken once per sample.
 
     Samples travel with our own wire ids (a per-process sequence), not LoadGen's response ids:
     LoadGen's ids are addresses that a later test may reuse, so a late answer to an earlier test
@@ -198,6 +205,10 @@ class RelayClient:
         self.omit_payloads = options.omit_payloads
         self.response_timeout_s = durations.to_seconds(options.response_timeout) or DEFAULT_RESPONSE_TIMEOUT_S
         self.stream_count = options.streams or 1
+        self.min_frame_interval_s = durations.to_seconds(options.min_frame_interval)
+        # Streams waiting for a first sample: only they need waking per sample; a stream holding
+        # samples back is woken when max_batch_size are pending (or when its time comes).
+        self._idle_senders = 0
         self.transport = options.transport
         self._tcp_port: int | None = None
         # The TCP data plane speaks TLS when this process's environment configures it, like
@@ -243,7 +254,8 @@ class RelayClient:
                 self._pending.extend(zip(ids, indices, itertools.repeat(now), strict=False))
                 if self._use_tokens:
                     self._token_issued.update(dict.fromkeys(ids, time.monotonic_ns()))
-                self._cond.notify()
+                if self._idle_senders or len(self._pending) >= self.max_batch_size:
+                    self._cond.notify()
                 return
         self._complete_now(ids)
 
@@ -261,19 +273,24 @@ class RelayClient:
         while True:
             with self._cond:
                 while not self._pending and not call.dead:
-                    self._cond.wait(0.5)
+                    self._idle_senders += 1
+                    try:
+                        self._cond.wait(0.5)
+                    finally:
+                        self._idle_senders -= 1
                 if call.dead:
                     return
-                if self.max_batch_delay_s > 0:
-                    deadline = self._pending[0][2] + self.max_batch_delay_s
+                hold_until = self._hold_until(call)
+                if hold_until is not None:
                     while len(self._pending) < self.max_batch_size and not call.dead:
-                        remaining = deadline - time.monotonic()
+                        remaining = hold_until - time.monotonic()
                         if remaining <= 0:
                             break
                         self._cond.wait(remaining)
                     if call.dead or not self._pending:
                         continue
                 count = min(len(self._pending), self.max_batch_size)
+                call.last_frame = time.monotonic()
                 taken = [self._pending.popleft() for _ in range(count)]
                 wire_ids = [next(self._wire_ids) for _ in range(count)]
                 in_flight = self._in_flight
@@ -288,6 +305,17 @@ class RelayClient:
             if not self.omit_payloads:
                 batch.payloads.extend([self._samples[i] for i in indices])
             yield sut_agent_pb2.StreamInferRequest(batch=batch)
+
+    def _hold_until(self, call: _Call) -> float | None:
+        """With `_cond` held and samples pending: until when the stream may hold them back for
+        company (unless `max_batch_size` are pending first); None when it sends at once."""
+        hold_until = None
+        if self.max_batch_delay_s > 0:
+            hold_until = self._pending[0][2] + self.max_batch_delay_s
+        if self.min_frame_interval_s > 0:
+            paced = call.last_frame + self.min_frame_interval_s
+            hold_until = paced if hold_until is None else max(hold_until, paced)
+        return hold_until
 
     def _receive_loop(self, index: int) -> None:
         backoff = 0.05

@@ -10,7 +10,21 @@ from __future__ import annotations
 import struct
 from typing import Protocol
 
+from google.protobuf.duration_pb2 import Duration
+
+from mecbench.core import durations
+
 MAX_FRAME_BYTES = 256 * 1024 * 1024
+# The longest DataPlaneOptions.min_frame_interval may be: a sample may wait that long to be sent.
+MAX_FRAME_INTERVAL_S = 1.0
+FRAME_INTERVAL_RULE = f"must be from 0 to {MAX_FRAME_INTERVAL_S:g} s"
+
+
+def frame_interval_allowed(interval: Duration) -> bool:
+    """Whether DataPlaneOptions.min_frame_interval may be `interval` (FRAME_INTERVAL_RULE)."""
+    return not durations.is_negative(interval) and durations.to_seconds(interval) <= MAX_FRAME_INTERVAL_S
+
+
 _LENGTH = struct.Struct(">I")
 
 

@@ -137,6 +137,7 @@ class DataPlaneOptions(_message.Message):
     TRANSPORT_FIELD_NUMBER: _builtins.int
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     RAMP_FIELD_NUMBER: _builtins.int
+    MIN_FRAME_INTERVAL_FIELD_NUMBER: _builtins.int
     max_batch_size: _builtins.int
     """Most samples sent in one message."""
     streams: _builtins.int
@@ -166,6 +167,16 @@ class DataPlaneOptions(_message.Message):
         the result's llm_metrics give each stage's achieved rate and latencies (stage<i>_...).
         """
 
+    @_builtins.property
+    def min_frame_interval(self) -> _duration_pb2.Duration:
+        """Relay data plane: the least time between two messages of a stream. A sample issued sooner
+        after the last message waits for the next one (at most this long, or until max_batch_size
+        samples are queued), so at high rates many samples share a message and both ends wake once
+        per message, not once per sample. Samples issued further apart than this are sent at once,
+        so it adds no latency at low rates and at most this much at high ones. Unset or 0: every
+        message goes as soon as a sample is queued.
+        """
+
     def __init__(
         self,
         *,
@@ -178,10 +189,11 @@ class DataPlaneOptions(_message.Message):
         transport: Global___DataPlaneTransport.ValueType = ...,
         max_in_flight: _builtins.int = ...,
         ramp: Global___LoadRamp | None = ...,
+        min_frame_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "ramp", b"ramp", "response_timeout", b"response_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "min_frame_interval", b"min_frame_interval", "ramp", b"ramp", "response_timeout", b"response_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "max_batch_size", b"max_batch_size", "max_in_flight", b"max_in_flight", "omit_payloads", b"omit_payloads", "ramp", b"ramp", "response_timeout", b"response_timeout", "streams", b"streams", "sut_interface", b"sut_interface", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "max_batch_size", b"max_batch_size", "max_in_flight", b"max_in_flight", "min_frame_interval", b"min_frame_interval", "omit_payloads", b"omit_payloads", "ramp", b"ramp", "response_timeout", b"response_timeout", "streams", b"streams", "sut_interface", b"sut_interface", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,7 +12,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from controller.backends.base import AgentKind
 from mecbench.core import durations
-from mecbench.v1 import common_pb2, controller_pb2
+from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2
 from tests.conftest import field_violations
 from tests.controller.conftest import Stack, short_settings, start_stack, stop_stack, synthetic_sut
 
@@ -131,6 +131,8 @@ def test_cancel_stops_a_long_test_promptly(stack: Stack) -> None:
         ({"settings": short_settings(common_pb2.SCENARIO_OFFLINE, min_duration=Duration(seconds=-1))},
          "spec.settings.min_duration"),
         ({"sut_id": ""}, "spec.sut"),
+        ({"data_plane": loadgen_agent_pb2.DataPlaneOptions(min_frame_interval=Duration(seconds=2))},
+         "spec.data_plane.min_frame_interval"),
     ],
 )
 def test_bad_requests_are_refused_and_start_nothing(stack: Stack, spec: dict[str, object], field: str) -> None:

@@ -198,6 +198,29 @@ def test_response_timeout_fails_the_test_clearly(agent: Agent, hanging_sut: SutS
         agent.close(opened.session_id)
 
 
+def test_min_frame_interval_paces_messages_and_bounds_the_wait(agent: Agent, sut: SutServer) -> None:
+    """At 2000 QPS with a 20 ms interval a stream sends about 50 messages a second of ~40 samples,
+    each sample waiting at most the interval; without one, samples go about one per message."""
+    settings = short_settings(common_pb2.SCENARIO_SERVER, server_target_qps=2000.0)
+    paced = agent.open(
+        sut.address, data_plane=loadgen_agent_pb2.DataPlaneOptions(min_frame_interval=durations.from_seconds(0.020))
+    )
+    plain = agent.open(sut.address)
+    try:
+        held = run_test(agent, paced.session_id, settings)
+        sent_at_once = run_test(agent, plain.session_id, settings)
+    finally:
+        agent.close(paced.session_id)
+        agent.close(plain.session_id)
+    assert held.finished is not None and sent_at_once.finished is not None
+    assert held.result.valid and sent_at_once.result.valid
+    assert held.finished.mean_batch_size > 10, held.finished
+    assert sent_at_once.finished.mean_batch_size < held.finished.mean_batch_size / 4, sent_at_once.finished
+    # Samples wait for the next message: half the interval on average, never much over all of it.
+    assert durations.to_seconds(held.result.latency.p50) > 0.005, held.result.latency
+    assert durations.to_seconds(held.result.latency.max) < 0.020 + 0.030, held.result.latency
+
+
 def test_interfaces_batching_and_accuracy(agent: Agent, sut: SutServer) -> None:
     """ConstructSUT with two streams and batches of up to 8 (1 ms delay): an accuracy run logs
     every sample's output; ConstructQDL's name comes from a round trip to the SUT agent."""
@@ -315,7 +338,9 @@ def test_bad_requests_start_no_process(agent: Agent, sut: SutServer) -> None:
     bad_open = loadgen_agent_pb2.OpenSessionRequest(
         sut_address="no-port",
         dataset=common_pb2.DatasetSpec(synthetic=common_pb2.SyntheticDataset(shape=[4, -1]), sha256="xyz"),
-        data_plane=loadgen_agent_pb2.DataPlaneOptions(max_batch_delay=durations.from_seconds(-1)),
+        data_plane=loadgen_agent_pb2.DataPlaneOptions(
+            max_batch_delay=durations.from_seconds(-1), min_frame_interval=durations.from_seconds(1.5)
+        ),
     )
     with pytest.raises(grpc.RpcError) as caught:
         agent.stub.OpenSession(bad_open)
@@ -325,6 +350,7 @@ def test_bad_requests_start_no_process(agent: Agent, sut: SutServer) -> None:
         "dataset.synthetic.shape[1]",
         "dataset.sha256",
         "data_plane.max_batch_delay",
+        "data_plane.min_frame_interval",
     }
     assert set(worker_processes()) == before
 
