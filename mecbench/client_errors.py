@@ -203,13 +203,10 @@ def _add_violation(violations: dict[str, str], field: str, reason: str) -> None:
 
 def from_rpc_error(error: grpc.RpcError, method: str) -> ClientError:
     """The typed error for a failed call (sync `grpc.RpcError` or `grpc.aio.AioRpcError`)."""
-    code_of = getattr(error, "code", None)
-    details_of = getattr(error, "details", None)
-    code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
-    details = details_of() if callable(details_of) else str(error)
+    code, details = codec.code_and_details(error)
     return error_for(
-        code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN,
-        details or "",
+        code,
+        details,
         field_violations=_violations_of(error),
         method=method,
         rpc_error=error,

@@ -72,21 +72,26 @@ def field_violations(error: grpc.RpcError) -> list[FieldViolation]:
     return found
 
 
+def code_and_details(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """A failed call's status code (UNKNOWN when it has none, as an error raised before any call
+    existed) and message (the error's text when it has no details)."""
+    code_of = getattr(error, "code", None)
+    code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
+    details_of = getattr(error, "details", None)
+    details = details_of() if callable(details_of) else str(error)
+    return (code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN), details or ""
+
+
 def decode(error: grpc.RpcError, component: str) -> MecbenchError:
     """A service's failed call as a domain error that names `component` (e.g. "LoadGen agent
     x"): the error class of its status code (UNKNOWN, an unmapped failure there, becomes
     INTERNAL), and an INVALID_ARGUMENT's field violations kept, so whoever called the controller
     learns which field the agent refused and why."""
-    code_of = getattr(error, "code", None)
-    code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
-    if not isinstance(code, grpc.StatusCode):
-        code = grpc.StatusCode.UNKNOWN
+    code, details = code_and_details(error)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         violations = field_violations(error)
         if violations:
             return InvalidArgument([FieldViolation(v.field, f"{v.description} ({component})") for v in violations])
-    details_of = getattr(error, "details", None)
-    details = details_of() if callable(details_of) else str(error)
     message = f"{component}: {details or code.name}"
     error_class = _ERRORS.get(code)
     if error_class is not None:
