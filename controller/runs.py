@@ -42,7 +42,7 @@ from controller.clusters import ClusterLogs, ClusterWatch, cluster_record
 from controller.groups import any_shaped, client_profiles, group_results, network_label, resolve_groups
 from controller.registry import ACTIVE_STATES, RunRegistry
 from controller.settings import ControllerSettings
-from controller.shaping import RunShaping, is_shaped
+from controller.shaping import RunShaping, check_cluster_side, is_shaped
 from controller.telemetry import TelemetryRecorder, telemetry_csv, telemetry_json
 from controller.validation import validate_run_spec
 from mecbench.breakdown import latency_breakdown
@@ -233,6 +233,7 @@ class RunManager:
             spec.cluster_network.CopyFrom(resolve_profile(spec.cluster_network, "spec.cluster_network"))
             if is_shaped(spec.cluster_network):
                 self.pool.backend.cluster_shaping_points(0)  # refused now where there are no such links
+                check_cluster_side(self.pool.backend, spec.cluster_network)
         resolve_groups(spec)
         if any_shaped(spec):
             self.check_can_shape()

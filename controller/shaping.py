@@ -20,7 +20,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from controller.agents import AgentPool, NodeAgentHandle
-from controller.backends.base import AgentHandle, ShapingPoint
+from controller.backends.base import AgentHandle, DeploymentBackend, ShapingPoint
 from mecbench.core import durations
 from mecbench.core.errors import FailedPrecondition, MecbenchError, NotFound, Unavailable
 from mecbench.core.logging import get_logger
@@ -40,6 +40,17 @@ _CLUSTER_ENDS = {
     common_pb2.SHAPING_SIDE_LOADGEN: slice(1, 2),
     common_pb2.SHAPING_SIDE_BOTH: slice(0, 2),
 }
+
+def check_cluster_side(backend: DeploymentBackend, cluster: common_pb2.NetworkProfile) -> None:
+    """FAILED_PRECONDITION when `cluster` asks for one end of a member link (side SUT or LOADGEN)
+    of a backend that can shape such a link only as a whole."""
+    one_end = cluster.side in (common_pb2.SHAPING_SIDE_SUT, common_pb2.SHAPING_SIDE_LOADGEN)
+    if one_end and backend.cluster_link_ends < 2:
+        raise FailedPrecondition(
+            f"spec.cluster_network.side: the {backend.name} backend shapes a cluster member link at the "
+            "worker's interface only (leave side unset, or BOTH)"
+        )
+
 
 _SIDES = {
     common_pb2.SHAPING_SIDE_UNSPECIFIED: "sut",
@@ -155,15 +166,11 @@ class RunShaping:
                     # with one point per link (a worker pod's interface, whose other end also carries
                     # the clients' traffic) shapes that point both ways unless told otherwise, and
                     # cannot shape one end alone.
+                    check_cluster_side(self.pool.backend, cluster)
                     points = self.pool.backend.cluster_shaping_points(index)
                     if len(points) > 1:
                         ends, default = points[_CLUSTER_ENDS[cluster.side]], common_pb2.DIRECTION_EGRESS
                     else:
-                        if cluster.side in (common_pb2.SHAPING_SIDE_SUT, common_pb2.SHAPING_SIDE_LOADGEN):
-                            raise FailedPrecondition(
-                                f"spec.cluster_network.side: the {self.pool.backend.name} backend shapes a cluster "
-                                "member link at the worker's interface only (leave side unset, or BOTH)"
-                            )
                         ends, default = points, common_pb2.DIRECTION_BOTH
                     for point in ends:
                         self._apply(point, cluster, cluster.direction or default, -1, f"cluster {member}")

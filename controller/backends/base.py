@@ -65,6 +65,9 @@ class ShapingPoint:
 
 class DeploymentBackend(abc.ABC):
     name: str = ""
+    # How many points cluster_shaping_points gives per member link: 2 (the head's end, then the
+    # worker's) where each end can be shaped alone, 1 where only the link as a whole can.
+    cluster_link_ends: int = 2
 
     @abc.abstractmethod
     def start_agent(

@@ -606,6 +606,7 @@ class _Deployed:
 
 class KubernetesBackend(DeploymentBackend):
     name = "kubernetes"
+    cluster_link_ends = 1  # the worker pod's interface (cluster_shaping_points)
 
     def __init__(
         self,

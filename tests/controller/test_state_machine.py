@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from controller.app import ControllerApp
+from controller.backends.base import ShapingPoint
 from controller.settings import ControllerSettings
 from mecbench.core import durations
+from mecbench.core.errors import FailedPrecondition
 from mecbench.v1 import common_pb2, controller_pb2
 from tests.controller.conftest import short_settings, synthetic_sut
 from tests.controller.fakes import FakeBackend, FakeNodeAgent, Script
@@ -278,3 +280,35 @@ def test_a_failed_anchor_is_confirmed_before_the_search_gives_up(app: Controller
     app.experiments.start(spec)
     final = app.experiments.wait("fsm-anchor", timeout=30)
     assert final.peaks[0].peak_qps > 0 and probes[:2] == [50.0, 50.0]
+
+
+class OneEndedClusterLinks(FakeBackend):
+    """A backend that, like Kubernetes, shapes a cluster member link only as a whole."""
+
+    cluster_link_ends = 1
+
+    def cluster_shaping_points(self, index: int) -> list[ShapingPoint]:
+        return [ShapingPoint(f"worker-{index}", "")]
+
+
+def test_one_end_of_a_member_link_on_a_backend_without_ends_is_refused_at_start_run(
+    tmp_path: Path, script: Script
+) -> None:
+    fake = OneEndedClusterLinks(script)
+    app = ControllerApp(ControllerSettings.load(data_dir=tmp_path, telemetry_interval_s=0), backend=fake,
+                        connector=fake.connector)
+    try:
+        for side in (common_pb2.SHAPING_SIDE_SUT, common_pb2.SHAPING_SIDE_LOADGEN):
+            spec = server_run()
+            spec.ClearField("sut")
+            spec.sut_id = "cluster"  # deployed or not: the side is refused first
+            spec.cluster_network.CopyFrom(common_pb2.NetworkProfile(
+                name="interconnect", netem=common_pb2.NetemConfig(rate_bps=50_000_000), side=side
+            ))
+            with pytest.raises(FailedPrecondition, match=r"^spec\.cluster_network\.side: the fake backend"):
+                app.runs.start_run(spec)
+        # Refused before anything was recorded or started.
+        assert not app.runs.list_runs(controller_pb2.ListRunsRequest()).runs
+        assert not fake.started
+    finally:
+        app.close()
