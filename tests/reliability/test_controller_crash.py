@@ -61,7 +61,9 @@ def _edge_qdiscs(topology: NetnsTopology) -> list[str]:
     if topology.edge.netns not in netns.listnetns():
         return []
     try:
-        with NetNS(topology.edge.netns) as ns:
+        # flags=0: open it only if it is there (pyroute2 creates a missing namespace by default, and a
+        # look made just as the reaper removed it would put an empty one back).
+        with NetNS(topology.edge.netns, flags=0) as ns:
             links = ns.link_lookup(ifname=topology.edge_data_interface(0))
             if not links:
                 return []
