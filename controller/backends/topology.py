@@ -215,7 +215,7 @@ class NetnsTopology:
             self._reaper = subprocess.Popen(
                 [sys.executable, "-m", "controller.backends.topology", self.name, str(self.slot), str(self.clients),
                  str(self.sut_nodes)],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True,
+                stdin=subprocess.PIPE, stdout=log_file, stderr=log_file, start_new_session=True,
             )
 
     @staticmethod
