@@ -41,6 +41,7 @@ _CLUSTER_ENDS = {
     common_pb2.SHAPING_SIDE_BOTH: slice(0, 2),
 }
 
+
 def check_cluster_side(backend: DeploymentBackend, cluster: common_pb2.NetworkProfile) -> None:
     """FAILED_PRECONDITION when `cluster` asks for one end of a member link (side SUT or LOADGEN)
     of a backend that can shape such a link only as a whole."""
@@ -161,12 +162,12 @@ class RunShaping:
                     self._apply(point, profile, direction, client)
             cluster = self.cluster_profile
             if cluster is not None and is_shaped(cluster):
+                check_cluster_side(self.pool.backend, cluster)
                 for index, member in enumerate(self.cluster_members):
                     # Each end shapes what it sends: both ends make the link slow both ways. A backend
                     # with one point per link (a worker pod's interface, whose other end also carries
                     # the clients' traffic) shapes that point both ways unless told otherwise, and
                     # cannot shape one end alone.
-                    check_cluster_side(self.pool.backend, cluster)
                     points = self.pool.backend.cluster_shaping_points(index)
                     if len(points) > 1:
                         ends, default = points[_CLUSTER_ENDS[cluster.side]], common_pb2.DIRECTION_EGRESS
