@@ -654,8 +654,9 @@ class RunManager:
             settings=run.spec.settings,
             test_id=f"{run.run_id}-r{repeat}-c{outcome.client}",
             # Several clients' percentiles are merged from every sample's latency.
-            # One measuring mode for every client count and the calibration: LoadGen's trace
-            # (each sample's own latency) is on for one client as for many.
+            # One measuring mode for every client count and the calibration: each sample's own
+            # latency is kept for one client as for many (the client's sample clock, or LoadGen's
+            # trace where the clock cannot see the schedule: Offline).
             record_sample_latencies=True,
         )
         try:
