@@ -41,13 +41,23 @@ TRANSPORTS = {
 }
 
 
-def _run(
-    app: ControllerApp, settings: common_pb2.LoadGenSettings, clients: int, transport: str = "grpc",
-    frame_interval_s: float = 0.0,
-) -> controller_pb2.Run:
-    data_plane = loadgen_agent_pb2.DataPlaneOptions(transport=TRANSPORTS[transport])
+def data_plane_options(
+    transport: str, frame_interval_s: float = 0.0, issue_slack_s: float = 0.0
+) -> loadgen_agent_pb2.DataPlaneOptions:
+    """Every MECBench run's DataPlaneOptions: the transport, and the two options that trade up to
+    their own length of latency for fewer wake-ups (0: not set)."""
+    options = loadgen_agent_pb2.DataPlaneOptions(transport=TRANSPORTS[transport])
     if frame_interval_s:
-        data_plane.min_frame_interval.CopyFrom(durations.from_seconds(frame_interval_s))
+        options.min_frame_interval.CopyFrom(durations.from_seconds(frame_interval_s))
+    if issue_slack_s:
+        options.issue_slack.CopyFrom(durations.from_seconds(issue_slack_s))
+    return options
+
+
+def _run(
+    app: ControllerApp, settings: common_pb2.LoadGenSettings, clients: int,
+    data_plane: loadgen_agent_pb2.DataPlaneOptions,
+) -> controller_pb2.Run:
     spec = controller_pb2.RunSpec(
         experiment_id="bench", sut_id=SUT_ID, settings=settings, clients=clients, data_plane=data_plane
     )
@@ -139,22 +149,26 @@ def _search(valid: Callable[[float], bool], start: float, limit: float, precisio
 
 
 def mecbench_server_ceiling(
-    app: ControllerApp, clients: int, seconds: float, transport: str, coalesce: bool, limit: float,
-    frame_interval_s: float = 0.0,
+    app: ControllerApp, clients: int, seconds: float, data_plane: loadgen_agent_pb2.DataPlaneOptions,
+    coalesce: bool, limit: float,
 ) -> Ceiling:
     """Highest total target QPS (shared by the clients) LoadGen judges VALID, every client, p99
     under 100 ms."""
 
     def valid(total: float) -> bool:
-        run = _run(app, _server_settings(total / clients, seconds, coalesce), clients, transport, frame_interval_s)
+        run = _run(app, _server_settings(total / clients, seconds, coalesce), clients, data_plane)
         return bool(run.results[0].aggregate.valid)
 
     return search_ceiling(valid, 2000.0, limit)
 
 
-def inprocess_server_ceiling(seconds: float, coalesce: bool, trace: bool, limit: float) -> Ceiling:
+def inprocess_server_ceiling(
+    seconds: float, coalesce: bool, trace: bool, limit: float, issue_slack_s: float = 0.0
+) -> Ceiling:
     def valid(qps: float) -> bool:
-        fields = references.loadgen_in_process("server", qps, seconds, coalesce=coalesce, trace=trace)
+        fields = references.loadgen_in_process(
+            "server", qps, seconds, coalesce=coalesce, trace=trace, issue_slack_ns=int(issue_slack_s * 1e9)
+        )
         return fields.get("Result is") == "VALID"
 
     return search_ceiling(valid, 2000.0, limit)
@@ -176,13 +190,13 @@ class CpuCost:
 
 
 def mecbench_cpu_cost(
-    app: ControllerApp, clients: int, total_qps: float, seconds: float, transport: str, frame_interval_s: float = 0.0
+    app: ControllerApp, clients: int, total_qps: float, seconds: float, data_plane: loadgen_agent_pb2.DataPlaneOptions
 ) -> CpuCost:
     """What a sample costs the LoadGen processes and the SUT agent at one total rate, read from
     /proc: the figure that says why N clients hold less than one on few cores, without the noise
     a ceiling has on a shared machine."""
     before = process_tree(os.getpid())
-    run = _run(app, _server_settings(total_qps / clients, seconds, False), clients, transport, frame_interval_s)
+    run = _run(app, _server_settings(total_qps / clients, seconds, False), clients, data_plane)
     spent = cpu_by_role(before, process_tree(os.getpid()))
     samples = sum(client.result.sample_count for client in run.results[0].clients) or 1
     loadgen = spent.get("loadgen_agent.worker", 0.0) + spent.get("loadgen-agent", 0.0)
@@ -190,7 +204,7 @@ def mecbench_cpu_cost(
 
 
 def mecbench_single_stream(
-    app: ControllerApp, clients: int, seconds: float, transport: str, frame_interval_s: float = 0.0
+    app: ControllerApp, clients: int, seconds: float, data_plane: loadgen_agent_pb2.DataPlaneOptions
 ) -> tuple[float, float]:
     """(p50, p99) in microseconds of a SingleStream test per client against the zero-time SUT."""
     settings = common_pb2.LoadGenSettings(
@@ -200,7 +214,7 @@ def mecbench_single_stream(
         single_stream_expected_latency=durations.from_seconds(0.0005),
         skip_mlperf_defaults=True,
     )
-    run = _run(app, settings, clients, transport, frame_interval_s)
+    run = _run(app, settings, clients, data_plane)
     p50s = [durations.to_ns(c.result.latency.p50) / 1e3 for c in run.results[0].clients]
     p99s = [durations.to_ns(c.result.latency.p99) / 1e3 for c in run.results[0].clients]
     return max(p50s), max(p99s)
@@ -220,17 +234,23 @@ def main() -> None:
         help="DataPlaneOptions.min_frame_interval of every MECBench run (0: each message as soon as a sample waits)",
     )
     parser.add_argument(
+        "--issue-slack-us", type=float, default=0.0,
+        help="DataPlaneOptions.issue_slack of every MECBench run, and the in-process reference's issuing "
+        "thread's timer slack (0: the kernel's default)",
+    )
+    parser.add_argument(
         "--cpu-qps", type=float, default=10_000.0, help="total QPS at which each client count's CPU cost is read"
     )
     args = parser.parse_args()
     seconds = 2.0 if args.quick else 5.0
     interval_s = args.min_frame_interval_us / 1e6
+    slack_s = args.issue_slack_us / 1e6
 
     tcp = references.tcp_ping_pong()
     unary = references.grpc_unary()
     inprocess_ss = float(references.loadgen_in_process("single", 0, seconds)["50.00 percentile latency (ns)"]) / 1e3
     inprocess = {
-        (coalesce, trace): inprocess_server_ceiling(seconds, coalesce, trace, args.limit)
+        (coalesce, trace): inprocess_server_ceiling(seconds, coalesce, trace, args.limit, slack_s)
         for coalesce in (False, True) for trace in (False, True)
     }
 
@@ -242,22 +262,22 @@ def main() -> None:
         try:
             app.pool.deploy_sut(SUT_ID, _zero_time_sut())
             for transport in args.transports:
+                data_plane = data_plane_options(transport, interval_s, slack_s)
                 for clients in args.clients:
                     # A warm-up run opens the sessions, so set-up is not measured as latency.
-                    mecbench_single_stream(app, clients, 0.5, transport, interval_s)
-                    p50, p99 = mecbench_single_stream(app, clients, seconds, transport, interval_s)
-                    costs.append(
-                        (transport, mecbench_cpu_cost(app, clients, args.cpu_qps, seconds, transport, interval_s))
-                    )
-                    plain = mecbench_server_ceiling(app, clients, seconds, transport, False, args.limit, interval_s)
-                    coalesced = mecbench_server_ceiling(app, clients, seconds, transport, True, args.limit, interval_s)
+                    mecbench_single_stream(app, clients, 0.5, data_plane)
+                    p50, p99 = mecbench_single_stream(app, clients, seconds, data_plane)
+                    costs.append((transport, mecbench_cpu_cost(app, clients, args.cpu_qps, seconds, data_plane)))
+                    plain = mecbench_server_ceiling(app, clients, seconds, data_plane, False, args.limit)
+                    coalesced = mecbench_server_ceiling(app, clients, seconds, data_plane, True, args.limit)
                     rows.append((transport, clients, p50, p99, plain, coalesced))
         finally:
             app.close()
 
     print(f"MECBench harness benchmark, {date.today().isoformat()}, {platform.node()}, "
           f"{platform.processor() or platform.machine()}, python {platform.python_version()}, "
-          f"{seconds:.0f} s per probe, data-plane min_frame_interval {args.min_frame_interval_us:.0f} us")
+          f"{seconds:.0f} s per probe, data-plane min_frame_interval {args.min_frame_interval_us:.0f} us, "
+          f"issue_slack {args.issue_slack_us:.0f} us (the in-process reference's too)")
     print()
     print("| reference | figure |")
     print("| --- | --- |")

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from mecbench.core.timer_slack import set_timer_slack_ns
 from mecbench.v1 import sut_agent_pb2, sut_agent_pb2_grpc
 
 
@@ -30,9 +31,14 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def _loadgen_in_process(
-    scenario: str, target_qps: float, duration_s: float, queue: Any, coalesce: bool = True, trace: bool = False
+    scenario: str, target_qps: float, duration_s: float, queue: Any, coalesce: bool = True, trace: bool = False,
+    issue_slack_ns: int = 0,
 ) -> None:
     import mlperf_loadgen as lg
+
+    # As a MECBench client does with DataPlaneOptions.issue_slack: the slack of the thread LoadGen
+    # issues from.
+    set_timer_slack_ns(issue_slack_ns)
 
     def issue(ids: list[int], indices: list[int]) -> None:
         lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0) for i in ids])
@@ -73,14 +79,16 @@ def _loadgen_in_process(
 
 
 def loadgen_in_process(
-    scenario: str, target_qps: float = 0.0, duration_s: float = 3.0, *, coalesce: bool = True, trace: bool = False
+    scenario: str, target_qps: float = 0.0, duration_s: float = 3.0, *, coalesce: bool = True, trace: bool = False,
+    issue_slack_ns: int = 0,
 ) -> dict[str, str]:
     """LoadGen against a SUT that answers at once, in a fresh process; the summary's fields.
-    `trace` turns on LoadGen's trace, which MECBench reads every sample's latency from."""
+    `trace` turns on LoadGen's trace, which MECBench reads every sample's latency from;
+    `issue_slack_ns` is the issuing thread's timer slack (0: the kernel's default)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(
-        target=_loadgen_in_process, args=(scenario, target_qps, duration_s, queue, coalesce, trace)
+        target=_loadgen_in_process, args=(scenario, target_qps, duration_s, queue, coalesce, trace, issue_slack_ns)
     )
     process.start()
     fields: dict[str, str] = queue.get(timeout=duration_s + 120)

@@ -109,9 +109,10 @@ def aggregate_results(
     token_rows: list[TokenRows | None] | None = None,
 ) -> common_pb2.TestResult:
     """One client: its result, as LoadGen reported it. Several: summed throughput and tokens/s,
-    valid only if every client is, the longest test duration, and latency, TTFT and TPOT
-    percentiles over the pooled per-sample figures of all clients. Without every client's
-    per-sample figures the aggregate carries none of that metric rather than a made-up one."""
+    valid only if every client is, the longest test duration and issue slack, and latency, TTFT
+    and TPOT percentiles over the pooled per-sample figures of all clients. Without every
+    client's per-sample figures the aggregate carries none of that metric rather than a made-up
+    one."""
     if not results:
         return common_pb2.TestResult()
     if len(results) == 1:
@@ -137,6 +138,7 @@ def aggregate_results(
         failed_samples=sum(r.failed_samples for r in results),
     )
     aggregate.test_duration.CopyFrom(max((r.test_duration for r in results), key=lambda d: d.ToNanoseconds()))
+    aggregate.issue_slack.CopyFrom(max((r.issue_slack for r in results), key=lambda d: d.ToNanoseconds()))
     if all(r.llm_metrics for r in results):
         aggregate.llm_metrics.update(merge_llm_metrics([dict(r.llm_metrics) for r in results]))
     for result in results:

@@ -10,7 +10,7 @@ from google.protobuf.duration_pb2 import Duration
 from controller.accuracy import validate_accuracy
 from mecbench.core.durations import is_negative
 from mecbench.core.errors import Violations
-from mecbench.core.framing import FRAME_INTERVAL_RULE, frame_interval_allowed
+from mecbench.core.framing import ADDED_WAIT_FIELDS, ADDED_WAIT_RULE, added_wait_allowed
 from mecbench.core.sut_config import validate_config
 from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, sut_agent_pb2
 from store.layout import MANIFEST_NAME, check_segment
@@ -96,8 +96,8 @@ def validate_run_spec(spec: controller_pb2.RunSpec, prefix: str = "spec") -> Vio
     data_plane = spec.data_plane
     _duration(data_plane.max_batch_delay, f"{prefix}.data_plane.max_batch_delay", violations)
     _duration(data_plane.response_timeout, f"{prefix}.data_plane.response_timeout", violations)
-    violations.check(frame_interval_allowed(data_plane.min_frame_interval), f"{prefix}.data_plane.min_frame_interval",
-                     FRAME_INTERVAL_RULE)
+    for name in ADDED_WAIT_FIELDS:
+        violations.check(added_wait_allowed(getattr(data_plane, name)), f"{prefix}.data_plane.{name}", ADDED_WAIT_RULE)
     violations.check(data_plane.streams <= 64, f"{prefix}.data_plane.streams", "at most 64")
     if data_plane.HasField("ramp"):
         _check_ramp(spec, prefix, violations)

@@ -188,6 +188,8 @@ class TestFinished:
     # The test's counts at its end; None where LoadGen never ran.
     issued: int | None = None
     completed: int | None = None
+    # The timer slack LoadGen's issuing thread ran with, as the kernel reported it.
+    issue_slack_ns: int = 0
 
 
 Event = SessionReady | OpenFailed | WorkerFatal | TestStarted | TestProgress | TestAborting | TestFinished

@@ -57,7 +57,7 @@ from mecbench.core.errors import (
     Unavailable,
     Violations,
 )
-from mecbench.core.framing import FRAME_INTERVAL_RULE, frame_interval_allowed
+from mecbench.core.framing import ADDED_WAIT_FIELDS, ADDED_WAIT_RULE, added_wait_allowed
 from mecbench.core.logging import get_logger
 from mecbench.v1 import common_pb2, loadgen_agent_pb2
 from store.local_files import resolve_allowed
@@ -123,7 +123,8 @@ def validate_open_request(
     v.check(options.max_batch_size <= 65536, "data_plane.max_batch_size", "at most 65536")
     for name in ("max_batch_delay", "response_timeout"):
         v.check(not durations.is_negative(getattr(options, name)), f"data_plane.{name}", "must not be negative")
-    v.check(frame_interval_allowed(options.min_frame_interval), "data_plane.min_frame_interval", FRAME_INTERVAL_RULE)
+    for name in ADDED_WAIT_FIELDS:
+        v.check(added_wait_allowed(getattr(options, name)), f"data_plane.{name}", ADDED_WAIT_RULE)
     v.raise_if_any()
 
 
@@ -741,6 +742,7 @@ class SessionManager:
             finished.result.CopyFrom(parse_result_dir(test.outdir, test.settings.scenario, test.settings.mode))
             apply_integrity(finished.result, dict(message.failed_samples_by_kind), list(message.sample_error_messages))
             finished.result.llm_metrics.update(dict(message.llm_metrics))
+            finished.result.issue_slack.CopyFrom(durations.from_ns(message.issue_slack_ns))
             for chunk in iter_file_chunks(test.outdir, self.settings.log_chunk_bytes):
                 yield event(log_chunk=chunk)
         yield event(finished=finished)

@@ -52,6 +52,7 @@ from mecbench.core.errors import DeadlineExceeded, FailedPrecondition, MecbenchE
 from mecbench.core.framing import FrameError, FrameReader, FrameWriter, read_frame, write_frame
 from mecbench.core.logging import configure_logging, get_logger
 from mecbench.core.server import split_address
+from mecbench.core.timer_slack import set_timer_slack_ns
 from mecbench.core.tls import TlsSettings, TlsStream, ssl_client_context
 from mecbench.servers.base import ServerError, ServerType
 from mecbench.servers.errors import ErrorTally
@@ -867,9 +868,12 @@ class SessionWorker:
         effective = describe_test_settings(test_settings)
         started = time.monotonic()
         self.events.send(protocol.TestStarted(test_id, started, effective))
+        # LoadGen issues the Server scenario's queries from this thread (the one calling StartTest).
+        issue_slack_ns = set_timer_slack_ns(durations.to_ns(self.options.issue_slack))
         try:
             lg.StartTestWithLogSettings(self._sut, self._qsl, test_settings, log_settings)
         finally:
+            set_timer_slack_ns(0)
             wall_s = time.monotonic() - started
             counters, cancelled, error = self.data_plane.end_test()
         log.info("test_finished", test_id=test_id, wall_s=round(wall_s, 3), cancelled=cancelled, error=str(error or ""))
@@ -914,6 +918,7 @@ class SessionWorker:
                 llm_metrics=tuple(llm_metrics.items()),
                 issued=counters.issued,
                 completed=counters.completed,
+                issue_slack_ns=issue_slack_ns,
             )
         )
 

@@ -15,14 +15,16 @@ from google.protobuf.duration_pb2 import Duration
 from mecbench.core import durations
 
 MAX_FRAME_BYTES = 256 * 1024 * 1024
-# The longest DataPlaneOptions.min_frame_interval may be: a sample may wait that long to be sent.
-MAX_FRAME_INTERVAL_S = 1.0
-FRAME_INTERVAL_RULE = f"must be from 0 to {MAX_FRAME_INTERVAL_S:g} s"
+# The longest wait a DataPlaneOptions field may add to a sample (min_frame_interval: until the next
+# message; issue_slack: until LoadGen's issuing thread wakes).
+MAX_ADDED_WAIT_S = 1.0
+ADDED_WAIT_RULE = f"must be from 0 to {MAX_ADDED_WAIT_S:g} s"
+ADDED_WAIT_FIELDS = ("min_frame_interval", "issue_slack")
 
 
-def frame_interval_allowed(interval: Duration) -> bool:
-    """Whether DataPlaneOptions.min_frame_interval may be `interval` (FRAME_INTERVAL_RULE)."""
-    return not durations.is_negative(interval) and durations.to_seconds(interval) <= MAX_FRAME_INTERVAL_S
+def added_wait_allowed(wait: Duration) -> bool:
+    """Whether a DataPlaneOptions field of ADDED_WAIT_FIELDS may be `wait` (ADDED_WAIT_RULE)."""
+    return not durations.is_negative(wait) and durations.to_seconds(wait) <= MAX_ADDED_WAIT_S
 
 
 _LENGTH = struct.Struct(">I")

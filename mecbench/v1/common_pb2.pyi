@@ -907,6 +907,7 @@ class TestResult(_message.Message):
     SAMPLE_ERRORS_FIELD_NUMBER: _builtins.int
     VALUE_ERRORS_FIELD_NUMBER: _builtins.int
     LLM_METRICS_FIELD_NUMBER: _builtins.int
+    ISSUE_SLACK_FIELD_NUMBER: _builtins.int
     scenario: Global___Scenario.ValueType
     mode: Global___TestMode.ValueType
     valid: _builtins.bool
@@ -979,6 +980,13 @@ class TestResult(_message.Message):
         TPOT <= tpot_latency of the settings).
         """
 
+    @_builtins.property
+    def issue_slack(self) -> _duration_pb2.Duration:
+        """The timer slack of LoadGen's issuing thread during the test, as the kernel reported it
+        (PR_GET_TIMERSLACK): DataPlaneOptions.issue_slack where set, else the kernel's default.
+        Aggregates: the largest of the clients'.
+        """
+
     def __init__(
         self,
         *,
@@ -1011,10 +1019,11 @@ class TestResult(_message.Message):
         sample_errors: _abc.Iterable[_builtins.str] | None = ...,
         value_errors: _abc.Iterable[_builtins.str] | None = ...,
         llm_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        issue_slack: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "test_duration", b"test_duration", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issue_slack", b"issue_slack", "latency", b"latency", "test_duration", b"test_duration", "tpot", b"tpot", "ttft", b"ttft"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "accuracy_scorer", b"accuracy_scorer", "completed_samples_per_second", b"completed_samples_per_second", "early_stopping_met", b"early_stopping_met", "error_count", b"error_count", "failed_samples", b"failed_samples", "failed_samples_by_kind", b"failed_samples_by_kind", "invalid_reasons", b"invalid_reasons", "latency", b"latency", "llm_metrics", b"llm_metrics", "min_duration_met", b"min_duration_met", "min_queries_met", b"min_queries_met", "mode", b"mode", "performance_constraints_met", b"performance_constraints_met", "query_count", b"query_count", "sample_count", b"sample_count", "sample_errors", b"sample_errors", "samples_per_second", b"samples_per_second", "scenario", b"scenario", "scheduled_samples_per_second", b"scheduled_samples_per_second", "summary_fields", b"summary_fields", "target_qps", b"target_qps", "test_duration", b"test_duration", "tokens_per_second", b"tokens_per_second", "tpot", b"tpot", "ttft", b"ttft", "valid", b"valid", "value_errors", b"value_errors", "warning_count", b"warning_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "accuracy_scorer", b"accuracy_scorer", "completed_samples_per_second", b"completed_samples_per_second", "early_stopping_met", b"early_stopping_met", "error_count", b"error_count", "failed_samples", b"failed_samples", "failed_samples_by_kind", b"failed_samples_by_kind", "invalid_reasons", b"invalid_reasons", "issue_slack", b"issue_slack", "latency", b"latency", "llm_metrics", b"llm_metrics", "min_duration_met", b"min_duration_met", "min_queries_met", b"min_queries_met", "mode", b"mode", "performance_constraints_met", b"performance_constraints_met", "query_count", b"query_count", "sample_count", b"sample_count", "sample_errors", b"sample_errors", "samples_per_second", b"samples_per_second", "scenario", b"scenario", "scheduled_samples_per_second", b"scheduled_samples_per_second", "summary_fields", b"summary_fields", "target_qps", b"target_qps", "test_duration", b"test_duration", "tokens_per_second", b"tokens_per_second", "tpot", b"tpot", "ttft", b"ttft", "valid", b"valid", "value_errors", b"value_errors", "warning_count", b"warning_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

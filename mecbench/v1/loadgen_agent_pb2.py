@@ -27,53 +27,53 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from mecbench.v1 import common_pb2 as mecbench_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmecbench/v1/loadgen_agent.proto\x12\x0bmecbench.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18mecbench/v1/common.proto\"\x94\x03\n\x10\x44\x61taPlaneOptions\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x32\n\x0fmax_batch_delay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07streams\x18\x03 \x01(\r\x12\x15\n\romit_payloads\x18\x04 \x01(\x08\x12\x30\n\rsut_interface\x18\x05 \x01(\x0e\x32\x19.mecbench.v1.SutInterface\x12\x33\n\x10response_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\ttransport\x18\x07 \x01(\x0e\x32\x1f.mecbench.v1.DataPlaneTransport\x12\x15\n\rmax_in_flight\x18\x08 \x01(\r\x12#\n\x04ramp\x18\t \x01(\x0b\x32\x15.mecbench.v1.LoadRamp\x12\x35\n\x12min_frame_interval\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\"[\n\tLoadStage\x12\x0c\n\x04rate\x18\x01 \x01(\x01\x12\x13\n\x0b\x63oncurrency\x18\x02 \x01(\r\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"Z\n\x08LoadRamp\x12&\n\x06stages\x18\x01 \x03(\x0b\x32\x16.mecbench.v1.LoadStage\x12\x18\n\x10uniform_arrivals\x18\x02 \x01(\x08\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\xa5\x01\n\x12OpenSessionRequest\x12\x13\n\x0bsut_address\x18\x01 \x01(\t\x12)\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x18.mecbench.v1.DatasetSpec\x12\x31\n\ndata_plane\x18\x03 \x01(\x0b\x32\x1d.mecbench.v1.DataPlaneOptions\x12\r\n\x05label\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\"\xcf\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.mecbench.v1.SessionState\x12\x13\n\x0bsut_address\x18\x03 \x01(\t\x12\x14\n\x0csample_count\x18\x04 \x01(\r\x12\r\n\x05label\x18\x05 \x01(\t\x12\r\n\x05owner\x18\x06 \x01(\t\x12-\n\topened_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\nsetup_time\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\ttests_run\x18\t \x01(\r\x12\x17\n\x0f\x63urrent_test_id\x18\n \x01(\t\x12\x0b\n\x03pid\x18\x0b \x01(\r\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x17\n\x0fworker_restarts\x18\r \x01(\r\"<\n\x13OpenSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.mecbench.v1.Session\"\x86\x01\n\x0eRunTestRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x08settings\x18\x02 \x01(\x0b\x32\x1c.mecbench.v1.LoadGenSettings\x12\x0f\n\x07test_id\x18\x03 \x01(\t\x12\x1f\n\x17record_sample_latencies\x18\x04 \x01(\x08\"\x8d\x02\n\x0fRunTestResponse\x12\x0f\n\x07test_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07started\x18\x03 \x01(\x0b\x32\x18.mecbench.v1.TestStartedH\x00\x12-\n\x08progress\x18\x04 \x01(\x0b\x32\x19.mecbench.v1.TestProgressH\x00\x12+\n\tlog_chunk\x18\x05 \x01(\x0b\x32\x16.mecbench.v1.FileChunkH\x00\x12-\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x19.mecbench.v1.TestFinishedH\x00\x42\x07\n\x05\x65vent\"X\n\x0bTestStarted\x12-\n\nsetup_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x65\x66\x66\x65\x63tive_settings\x18\x02 \x01(\t\"\x7f\n\x0cTestProgress\x12*\n\x07\x65lapsed\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0esamples_issued\x18\x02 \x01(\x04\x12\x19\n\x11samples_completed\x18\x03 \x01(\x04\x12\x10\n\x08live_qps\x18\x04 \x01(\x01\"\xf0\x01\n\x0cTestFinished\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.mecbench.v1.TestResult\x12,\n\twall_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x62\x61tches_sent\x18\x03 \x01(\x04\x12\x17\n\x0fmean_batch_size\x18\x04 \x01(\x01\x12\x11\n\tcancelled\x18\x05 \x01(\x08\x12\x14\n\x0csamples_sent\x18\x06 \x01(\x04\x12\x15\n\rsample_errors\x18\x07 \x01(\x04\x12\x1a\n\x12\x66irst_sample_error\x18\x08 \x01(\t\"\'\n\x11\x43\x61ncelTestRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x12\x43\x61ncelTestResponse\x12\x13\n\x0bwas_running\x18\x01 \x01(\x08\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x15\n\x13ListSessionsRequest\">\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.mecbench.v1.Session*\x80\x01\n\x0cSutInterface\x12\x1d\n\x19SUT_INTERFACE_UNSPECIFIED\x10\x00\x12\x16\n\x12SUT_INTERFACE_FAST\x10\x01\x12\x1a\n\x16SUT_INTERFACE_STANDARD\x10\x02\x12\x1d\n\x19SUT_INTERFACE_NETWORK_QDL\x10\x03*\x98\x01\n\x12\x44\x61taPlaneTransport\x12$\n DATA_PLANE_TRANSPORT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x41TA_PLANE_TRANSPORT_GRPC\x10\x01\x12\x1c\n\x18\x44\x41TA_PLANE_TRANSPORT_TCP\x10\x02\x12\x1f\n\x1b\x44\x41TA_PLANE_TRANSPORT_DIRECT\x10\x03*\xaf\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SESSION_STATE_OPENING\x10\x01\x12\x16\n\x12SESSION_STATE_IDLE\x10\x02\x12\x19\n\x15SESSION_STATE_RUNNING\x10\x03\x12\x18\n\x14SESSION_STATE_CLOSED\x10\x04\x12\x18\n\x14SESSION_STATE_FAILED\x10\x05\x32\xa1\x03\n\x0cLoadGenAgent\x12P\n\x0bOpenSession\x12\x1f.mecbench.v1.OpenSessionRequest\x1a .mecbench.v1.OpenSessionResponse\x12\x46\n\x07RunTest\x12\x1b.mecbench.v1.RunTestRequest\x1a\x1c.mecbench.v1.RunTestResponse0\x01\x12M\n\nCancelTest\x12\x1e.mecbench.v1.CancelTestRequest\x1a\x1f.mecbench.v1.CancelTestResponse\x12S\n\x0c\x43loseSession\x12 .mecbench.v1.CloseSessionRequest\x1a!.mecbench.v1.CloseSessionResponse\x12S\n\x0cListSessions\x12 .mecbench.v1.ListSessionsRequest\x1a!.mecbench.v1.ListSessionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmecbench/v1/loadgen_agent.proto\x12\x0bmecbench.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18mecbench/v1/common.proto\"\xc4\x03\n\x10\x44\x61taPlaneOptions\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x32\n\x0fmax_batch_delay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07streams\x18\x03 \x01(\r\x12\x15\n\romit_payloads\x18\x04 \x01(\x08\x12\x30\n\rsut_interface\x18\x05 \x01(\x0e\x32\x19.mecbench.v1.SutInterface\x12\x33\n\x10response_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\ttransport\x18\x07 \x01(\x0e\x32\x1f.mecbench.v1.DataPlaneTransport\x12\x15\n\rmax_in_flight\x18\x08 \x01(\r\x12#\n\x04ramp\x18\t \x01(\x0b\x32\x15.mecbench.v1.LoadRamp\x12\x35\n\x12min_frame_interval\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bissue_slack\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\"[\n\tLoadStage\x12\x0c\n\x04rate\x18\x01 \x01(\x01\x12\x13\n\x0b\x63oncurrency\x18\x02 \x01(\r\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"Z\n\x08LoadRamp\x12&\n\x06stages\x18\x01 \x03(\x0b\x32\x16.mecbench.v1.LoadStage\x12\x18\n\x10uniform_arrivals\x18\x02 \x01(\x08\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\xa5\x01\n\x12OpenSessionRequest\x12\x13\n\x0bsut_address\x18\x01 \x01(\t\x12)\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x18.mecbench.v1.DatasetSpec\x12\x31\n\ndata_plane\x18\x03 \x01(\x0b\x32\x1d.mecbench.v1.DataPlaneOptions\x12\r\n\x05label\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\"\xcf\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.mecbench.v1.SessionState\x12\x13\n\x0bsut_address\x18\x03 \x01(\t\x12\x14\n\x0csample_count\x18\x04 \x01(\r\x12\r\n\x05label\x18\x05 \x01(\t\x12\r\n\x05owner\x18\x06 \x01(\t\x12-\n\topened_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\nsetup_time\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\ttests_run\x18\t \x01(\r\x12\x17\n\x0f\x63urrent_test_id\x18\n \x01(\t\x12\x0b\n\x03pid\x18\x0b \x01(\r\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x17\n\x0fworker_restarts\x18\r \x01(\r\"<\n\x13OpenSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.mecbench.v1.Session\"\x86\x01\n\x0eRunTestRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x08settings\x18\x02 \x01(\x0b\x32\x1c.mecbench.v1.LoadGenSettings\x12\x0f\n\x07test_id\x18\x03 \x01(\t\x12\x1f\n\x17record_sample_latencies\x18\x04 \x01(\x08\"\x8d\x02\n\x0fRunTestResponse\x12\x0f\n\x07test_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07started\x18\x03 \x01(\x0b\x32\x18.mecbench.v1.TestStartedH\x00\x12-\n\x08progress\x18\x04 \x01(\x0b\x32\x19.mecbench.v1.TestProgressH\x00\x12+\n\tlog_chunk\x18\x05 \x01(\x0b\x32\x16.mecbench.v1.FileChunkH\x00\x12-\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x19.mecbench.v1.TestFinishedH\x00\x42\x07\n\x05\x65vent\"X\n\x0bTestStarted\x12-\n\nsetup_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x65\x66\x66\x65\x63tive_settings\x18\x02 \x01(\t\"\x7f\n\x0cTestProgress\x12*\n\x07\x65lapsed\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0esamples_issued\x18\x02 \x01(\x04\x12\x19\n\x11samples_completed\x18\x03 \x01(\x04\x12\x10\n\x08live_qps\x18\x04 \x01(\x01\"\xf0\x01\n\x0cTestFinished\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.mecbench.v1.TestResult\x12,\n\twall_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x62\x61tches_sent\x18\x03 \x01(\x04\x12\x17\n\x0fmean_batch_size\x18\x04 \x01(\x01\x12\x11\n\tcancelled\x18\x05 \x01(\x08\x12\x14\n\x0csamples_sent\x18\x06 \x01(\x04\x12\x15\n\rsample_errors\x18\x07 \x01(\x04\x12\x1a\n\x12\x66irst_sample_error\x18\x08 \x01(\t\"\'\n\x11\x43\x61ncelTestRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x12\x43\x61ncelTestResponse\x12\x13\n\x0bwas_running\x18\x01 \x01(\x08\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x15\n\x13ListSessionsRequest\">\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.mecbench.v1.Session*\x80\x01\n\x0cSutInterface\x12\x1d\n\x19SUT_INTERFACE_UNSPECIFIED\x10\x00\x12\x16\n\x12SUT_INTERFACE_FAST\x10\x01\x12\x1a\n\x16SUT_INTERFACE_STANDARD\x10\x02\x12\x1d\n\x19SUT_INTERFACE_NETWORK_QDL\x10\x03*\x98\x01\n\x12\x44\x61taPlaneTransport\x12$\n DATA_PLANE_TRANSPORT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x41TA_PLANE_TRANSPORT_GRPC\x10\x01\x12\x1c\n\x18\x44\x41TA_PLANE_TRANSPORT_TCP\x10\x02\x12\x1f\n\x1b\x44\x41TA_PLANE_TRANSPORT_DIRECT\x10\x03*\xaf\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SESSION_STATE_OPENING\x10\x01\x12\x16\n\x12SESSION_STATE_IDLE\x10\x02\x12\x19\n\x15SESSION_STATE_RUNNING\x10\x03\x12\x18\n\x14SESSION_STATE_CLOSED\x10\x04\x12\x18\n\x14SESSION_STATE_FAILED\x10\x05\x32\xa1\x03\n\x0cLoadGenAgent\x12P\n\x0bOpenSession\x12\x1f.mecbench.v1.OpenSessionRequest\x1a .mecbench.v1.OpenSessionResponse\x12\x46\n\x07RunTest\x12\x1b.mecbench.v1.RunTestRequest\x1a\x1c.mecbench.v1.RunTestResponse0\x01\x12M\n\nCancelTest\x12\x1e.mecbench.v1.CancelTestRequest\x1a\x1f.mecbench.v1.CancelTestResponse\x12S\n\x0c\x43loseSession\x12 .mecbench.v1.CloseSessionRequest\x1a!.mecbench.v1.CloseSessionResponse\x12S\n\x0cListSessions\x12 .mecbench.v1.ListSessionsRequest\x1a!.mecbench.v1.ListSessionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mecbench.v1.loadgen_agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUTINTERFACE']._serialized_start=2409
-  _globals['_SUTINTERFACE']._serialized_end=2537
-  _globals['_DATAPLANETRANSPORT']._serialized_start=2540
-  _globals['_DATAPLANETRANSPORT']._serialized_end=2692
-  _globals['_SESSIONSTATE']._serialized_start=2695
-  _globals['_SESSIONSTATE']._serialized_end=2870
+  _globals['_SUTINTERFACE']._serialized_start=2457
+  _globals['_SUTINTERFACE']._serialized_end=2585
+  _globals['_DATAPLANETRANSPORT']._serialized_start=2588
+  _globals['_DATAPLANETRANSPORT']._serialized_end=2740
+  _globals['_SESSIONSTATE']._serialized_start=2743
+  _globals['_SESSIONSTATE']._serialized_end=2918
   _globals['_DATAPLANEOPTIONS']._serialized_start=140
-  _globals['_DATAPLANEOPTIONS']._serialized_end=544
-  _globals['_LOADSTAGE']._serialized_start=546
-  _globals['_LOADSTAGE']._serialized_end=637
-  _globals['_LOADRAMP']._serialized_start=639
-  _globals['_LOADRAMP']._serialized_end=729
-  _globals['_OPENSESSIONREQUEST']._serialized_start=732
-  _globals['_OPENSESSIONREQUEST']._serialized_end=897
-  _globals['_SESSION']._serialized_start=900
-  _globals['_SESSION']._serialized_end=1235
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=1237
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=1297
-  _globals['_RUNTESTREQUEST']._serialized_start=1300
-  _globals['_RUNTESTREQUEST']._serialized_end=1434
-  _globals['_RUNTESTRESPONSE']._serialized_start=1437
-  _globals['_RUNTESTRESPONSE']._serialized_end=1706
-  _globals['_TESTSTARTED']._serialized_start=1708
-  _globals['_TESTSTARTED']._serialized_end=1796
-  _globals['_TESTPROGRESS']._serialized_start=1798
-  _globals['_TESTPROGRESS']._serialized_end=1925
-  _globals['_TESTFINISHED']._serialized_start=1928
-  _globals['_TESTFINISHED']._serialized_end=2168
-  _globals['_CANCELTESTREQUEST']._serialized_start=2170
-  _globals['_CANCELTESTREQUEST']._serialized_end=2209
-  _globals['_CANCELTESTRESPONSE']._serialized_start=2211
-  _globals['_CANCELTESTRESPONSE']._serialized_end=2252
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=2254
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=2295
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2297
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2319
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=2321
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=2342
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=2344
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=2406
-  _globals['_LOADGENAGENT']._serialized_start=2873
-  _globals['_LOADGENAGENT']._serialized_end=3290
+  _globals['_DATAPLANEOPTIONS']._serialized_end=592
+  _globals['_LOADSTAGE']._serialized_start=594
+  _globals['_LOADSTAGE']._serialized_end=685
+  _globals['_LOADRAMP']._serialized_start=687
+  _globals['_LOADRAMP']._serialized_end=777
+  _globals['_OPENSESSIONREQUEST']._serialized_start=780
+  _globals['_OPENSESSIONREQUEST']._serialized_end=945
+  _globals['_SESSION']._serialized_start=948
+  _globals['_SESSION']._serialized_end=1283
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=1285
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1345
+  _globals['_RUNTESTREQUEST']._serialized_start=1348
+  _globals['_RUNTESTREQUEST']._serialized_end=1482
+  _globals['_RUNTESTRESPONSE']._serialized_start=1485
+  _globals['_RUNTESTRESPONSE']._serialized_end=1754
+  _globals['_TESTSTARTED']._serialized_start=1756
+  _globals['_TESTSTARTED']._serialized_end=1844
+  _globals['_TESTPROGRESS']._serialized_start=1846
+  _globals['_TESTPROGRESS']._serialized_end=1973
+  _globals['_TESTFINISHED']._serialized_start=1976
+  _globals['_TESTFINISHED']._serialized_end=2216
+  _globals['_CANCELTESTREQUEST']._serialized_start=2218
+  _globals['_CANCELTESTREQUEST']._serialized_end=2257
+  _globals['_CANCELTESTRESPONSE']._serialized_start=2259
+  _globals['_CANCELTESTRESPONSE']._serialized_end=2300
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=2302
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2343
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2345
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2367
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=2369
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=2390
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=2392
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=2454
+  _globals['_LOADGENAGENT']._serialized_start=2921
+  _globals['_LOADGENAGENT']._serialized_end=3338
 # @@protoc_insertion_point(module_scope)

@@ -124,7 +124,12 @@ Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
 
 @_typing.final
 class DataPlaneOptions(_message.Message):
-    """Tuning of the LoadGen-to-SUT data plane."""
+    """Tuning of the LoadGen-to-SUT data plane. A session relays its samples through the SUT agent
+    (StreamInfer over gRPC or TCP) or, for an external server whose type has a client half and
+    unless `transport` asks for the relay, its client talks to that server directly. Some fields
+    apply to one path only: the session learns its path when it opens, and OpenSession fails with
+    INVALID_ARGUMENT naming each field set that its path does not apply.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -138,22 +143,28 @@ class DataPlaneOptions(_message.Message):
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     RAMP_FIELD_NUMBER: _builtins.int
     MIN_FRAME_INTERVAL_FIELD_NUMBER: _builtins.int
+    ISSUE_SLACK_FIELD_NUMBER: _builtins.int
     max_batch_size: _builtins.int
-    """Most samples sent in one message."""
+    """Relay path only: most samples sent in one message."""
     streams: _builtins.int
-    """Parallel streams to the SUT agent."""
+    """Relay path only: parallel streams to the SUT agent."""
     omit_payloads: _builtins.bool
-    """Send payloads with each sample (true models a real client; false sends indices only)."""
+    """Relay path only: send sample indices without their payloads (false, the default, sends each
+    payload, as a real client would).
+    """
     sut_interface: Global___SutInterface.ValueType
     transport: Global___DataPlaneTransport.ValueType
     max_in_flight: _builtins.int
-    """Direct client path only: at most this many requests in flight; more wait in the client, in
-    arrival order. With the Offline scenario (every sample issued at once) this is the
-    concurrency mode of LLM benchmarks: C requests always in flight. 0 = no bound.
+    """Direct client path only (a relayed session refuses it): at most this many requests in
+    flight; more wait in the client, in arrival order. With the Offline scenario (every sample
+    issued at once) this is the concurrency mode of LLM benchmarks: C requests always in flight.
+    0 = no bound.
     """
     @_builtins.property
     def max_batch_delay(self) -> _duration_pb2.Duration:
-        """Longest a sample may wait for others to join its batch; 0 = send what is queued at once."""
+        """Relay path only: longest a sample may wait for others to join its batch; 0 = send what is
+        queued at once.
+        """
 
     @_builtins.property
     def response_timeout(self) -> _duration_pb2.Duration:
@@ -161,20 +172,32 @@ class DataPlaneOptions(_message.Message):
 
     @_builtins.property
     def ramp(self) -> Global___LoadRamp:
-        """Direct client path, Offline scenario only: a load ramp. The client sends the samples LoadGen
-        issued at once in stages, each at its own rate or concurrency for its duration; the last
-        stage goes on until every issued sample is sent. Each request's record names its stage, and
-        the result's llm_metrics give each stage's achieved rate and latencies (stage<i>_...).
+        """Direct client path (a relayed session refuses it), Offline scenario only: a load ramp. The
+        client sends the samples LoadGen issued at once in stages, each at its own rate or
+        concurrency for its duration; the last stage goes on until every issued sample is sent. Each
+        request's record names its stage, and the result's llm_metrics give each stage's achieved
+        rate and latencies (stage<i>_...).
         """
 
     @_builtins.property
     def min_frame_interval(self) -> _duration_pb2.Duration:
-        """Relay data plane: the least time between two messages of a stream. A sample issued sooner
-        after the last message waits for the next one (at most this long, or until max_batch_size
-        samples are queued), so at high rates many samples share a message and both ends wake once
-        per message, not once per sample. Samples issued further apart than this are sent at once,
-        so it adds no latency at low rates and at most this much at high ones. Unset or 0: every
-        message goes as soon as a sample is queued.
+        """Relay path only (a direct session refuses it): the least time between two messages of a
+        stream. A sample issued sooner after the last message waits for the next one (at most this
+        long, or until max_batch_size samples are queued), so at high rates many samples share a
+        message and both ends wake once per message, not once per sample. Samples issued further
+        apart than this are sent at once, so it adds no latency at low rates and at most this much
+        at high ones. Unset or 0: every message goes as soon as a sample is queued.
+        """
+
+    @_builtins.property
+    def issue_slack(self) -> _duration_pb2.Duration:
+        """How late LoadGen's issuing thread may wake for a query's scheduled time: the kernel's timer
+        slack of that thread (PR_SET_TIMERSLACK) for the test. Queries due within one slack are then
+        issued on one wake-up instead of one each, which is most of a client's CPU at high rates on
+        few cores (bench/harness.py). LoadGen still counts every latency from the query's scheduled
+        time, so the wait shows in the result (up to this much more latency), and the result's
+        issue_slack says what the kernel applied. Both paths. Unset or 0: the kernel's default
+        (50 us). At most 1 s.
         """
 
     def __init__(
@@ -190,10 +213,11 @@ class DataPlaneOptions(_message.Message):
         max_in_flight: _builtins.int = ...,
         ramp: Global___LoadRamp | None = ...,
         min_frame_interval: _duration_pb2.Duration | None = ...,
+        issue_slack: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "min_frame_interval", b"min_frame_interval", "ramp", b"ramp", "response_timeout", b"response_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issue_slack", b"issue_slack", "max_batch_delay", b"max_batch_delay", "min_frame_interval", b"min_frame_interval", "ramp", b"ramp", "response_timeout", b"response_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_delay", b"max_batch_delay", "max_batch_size", b"max_batch_size", "max_in_flight", b"max_in_flight", "min_frame_interval", b"min_frame_interval", "omit_payloads", b"omit_payloads", "ramp", b"ramp", "response_timeout", b"response_timeout", "streams", b"streams", "sut_interface", b"sut_interface", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["issue_slack", b"issue_slack", "max_batch_delay", b"max_batch_delay", "max_batch_size", b"max_batch_size", "max_in_flight", b"max_in_flight", "min_frame_interval", b"min_frame_interval", "omit_payloads", b"omit_payloads", "ramp", b"ramp", "response_timeout", b"response_timeout", "streams", b"streams", "sut_interface", b"sut_interface", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -133,6 +133,8 @@ def test_cancel_stops_a_long_test_promptly(stack: Stack) -> None:
         ({"sut_id": ""}, "spec.sut"),
         ({"data_plane": loadgen_agent_pb2.DataPlaneOptions(min_frame_interval=Duration(seconds=2))},
          "spec.data_plane.min_frame_interval"),
+        ({"data_plane": loadgen_agent_pb2.DataPlaneOptions(issue_slack=Duration(nanos=-1))},
+         "spec.data_plane.issue_slack"),
     ],
 )
 def test_bad_requests_are_refused_and_start_nothing(stack: Stack, spec: dict[str, object], field: str) -> None:
@@ -147,6 +149,20 @@ def test_bad_requests_are_refused_and_start_nothing(stack: Stack, spec: dict[str
     assert field in info.value.details()
     assert {a.name for a in stack.app.pool.backend.agents()} == agents_before
     assert len(stack.stub.ListRuns(controller_pb2.ListRunsRequest(page_size=500)).runs) == runs_before
+
+
+def test_a_field_the_sessions_path_does_not_apply_fails_the_run_naming_it(stack: Stack) -> None:
+    """Which data-plane path a session takes is known only when it opens (here the relay: the
+    synthetic SUT serves no external server), so the session's refusal of a direct-client field
+    is the run's error, naming the field, and the next run opens its session as usual."""
+    run = start(stack, short_settings(common_pb2.SCENARIO_SINGLE_STREAM),
+                data_plane=loadgen_agent_pb2.DataPlaneOptions(max_in_flight=4))
+    final = stack.wait(run.run_id)
+    assert final.state == common_pb2.RUN_STATE_FAILED
+    assert "data_plane.max_in_flight: applies to the direct client path only" in final.error, final.error
+    assert not final.results
+    after = stack.wait(start(stack, short_settings(common_pb2.SCENARIO_SINGLE_STREAM)).run_id)
+    assert after.state == common_pb2.RUN_STATE_SUCCEEDED, after.error
 
 
 def test_every_violation_is_reported_at_once(stack: Stack) -> None:
@@ -272,13 +288,18 @@ def test_a_busy_sut_can_be_refused_naming_the_holder(stack: Stack) -> None:
 
 def test_live_qps_is_the_sum_over_clients(stack: Stack) -> None:
     """Two clients at 100 QPS each (a RunSpec's target is each client's): the run's live figure is
-    theirs together, not the last reporter's share (about 100)."""
+    theirs together, not the last reporter's share (about 100). The spec's issue slack reaches
+    both clients' issuing threads: each result and the aggregate carry what the kernel applied."""
     settings = short_settings(common_pb2.SCENARIO_SERVER, server_target_qps=100.0,
                               min_duration=durations.from_seconds(3))
-    run = start(stack, settings, clients=2)
+    slack = durations.from_seconds(0.002)
+    run = start(stack, settings, clients=2, data_plane=loadgen_agent_pb2.DataPlaneOptions(issue_slack=slack))
     peak = 0.0
     for event in stack.stub.WatchRun(controller_pb2.WatchRunRequest(run_id=run.run_id), timeout=60):
         peak = max(peak, event.run.progress.live_qps)
     final = stack.wait(run.run_id)
     assert final.state == common_pb2.RUN_STATE_SUCCEEDED, final.error
     assert peak > 150, f"peak live QPS {peak:.0f} with 2 clients at 100 QPS each"
+    repeat = final.results[0]
+    assert [client.result.issue_slack for client in repeat.clients] == [slack, slack]
+    assert repeat.aggregate.issue_slack == slack

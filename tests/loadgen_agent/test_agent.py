@@ -221,6 +221,29 @@ def test_min_frame_interval_paces_messages_and_bounds_the_wait(agent: Agent, sut
     assert durations.to_seconds(held.result.latency.max) < 0.020 + 0.030, held.result.latency
 
 
+def test_issue_slack_is_applied_to_the_issuing_thread_and_read_back(agent: Agent, sut: SutServer) -> None:
+    """With a 20 ms slack LoadGen's issuing thread may wake up to 20 ms late for a query, and
+    LoadGen counts that wait from the query's scheduled time (about +10 ms of mean latency on an
+    idle machine; less under load, where other interrupts wake the thread sooner). The result
+    says what the kernel applied; a session without the option runs with the kernel's default."""
+    settings = short_settings(common_pb2.SCENARIO_SERVER, server_target_qps=2000.0)
+    slack = durations.from_seconds(0.020)
+    slack_session = agent.open(sut.address, data_plane=loadgen_agent_pb2.DataPlaneOptions(issue_slack=slack))
+    plain = agent.open(sut.address)
+    try:
+        slackened = run_test(agent, slack_session.session_id, settings)
+        on_time = run_test(agent, plain.session_id, settings)
+    finally:
+        agent.close(slack_session.session_id)
+        agent.close(plain.session_id)
+    assert slackened.result.valid and on_time.result.valid
+    assert slackened.result.issue_slack == slack
+    default_ns = durations.to_ns(on_time.result.issue_slack)
+    assert 0 < default_ns < durations.to_ns(slack)
+    added_ns = durations.to_ns(slackened.result.latency.mean) - durations.to_ns(on_time.result.latency.mean)
+    assert added_ns > 500_000, (slackened.result.latency, on_time.result.latency)
+
+
 def test_interfaces_batching_and_accuracy(agent: Agent, sut: SutServer) -> None:
     """ConstructSUT with two streams and batches of up to 8 (1 ms delay): an accuracy run logs
     every sample's output; ConstructQDL's name comes from a round trip to the SUT agent."""
@@ -339,7 +362,8 @@ def test_bad_requests_start_no_process(agent: Agent, sut: SutServer) -> None:
         sut_address="no-port",
         dataset=common_pb2.DatasetSpec(synthetic=common_pb2.SyntheticDataset(shape=[4, -1]), sha256="xyz"),
         data_plane=loadgen_agent_pb2.DataPlaneOptions(
-            max_batch_delay=durations.from_seconds(-1), min_frame_interval=durations.from_seconds(1.5)
+            max_batch_delay=durations.from_seconds(-1), min_frame_interval=durations.from_seconds(1.5),
+            issue_slack=durations.from_seconds(-0.001),
         ),
     )
     with pytest.raises(grpc.RpcError) as caught:
@@ -351,6 +375,7 @@ def test_bad_requests_start_no_process(agent: Agent, sut: SutServer) -> None:
         "dataset.sha256",
         "data_plane.max_batch_delay",
         "data_plane.min_frame_interval",
+        "data_plane.issue_slack",
     }
     assert set(worker_processes()) == before
 
