@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from mecbench.core.timer_slack import set_timer_slack_ns
+from mecbench.core.issuing import set_timer_slack_ns
 from mecbench.v1 import sut_agent_pb2, sut_agent_pb2_grpc
 
 

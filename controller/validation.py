@@ -11,6 +11,7 @@ from controller.accuracy import validate_accuracy
 from mecbench.core.durations import is_negative
 from mecbench.core.errors import Violations
 from mecbench.core.framing import ADDED_WAIT_FIELDS, ADDED_WAIT_RULE, added_wait_allowed
+from mecbench.core.issuing import ISSUE_THREADS_RULE
 from mecbench.core.sut_config import validate_config
 from mecbench.v1 import common_pb2, controller_pb2, loadgen_agent_pb2, sut_agent_pb2
 from store.layout import MANIFEST_NAME, check_segment
@@ -52,6 +53,9 @@ def validate_settings(settings: common_pb2.LoadGenSettings, prefix: str, violati
     )
     violations.check(
         0 <= settings.accuracy_log_probability <= 1, f"{prefix}.accuracy_log_probability", "must be between 0 and 1"
+    )
+    violations.check(
+        not settings.server_num_issue_query_threads, f"{prefix}.server_num_issue_query_threads", ISSUE_THREADS_RULE
     )
     if settings.max_query_count and settings.min_query_count:
         violations.check(

@@ -33,6 +33,7 @@ from typing import Any
 
 from mecbench.core import durations
 from mecbench.core.errors import FieldViolation, InvalidArgument, Violations
+from mecbench.core.issuing import ISSUE_THREADS_RULE
 from mecbench.v1 import common_pb2
 
 DEFAULT_MODEL = "mecbench"
@@ -133,6 +134,11 @@ def validate_settings(
         and not _conf_sets(settings, "target_qps")
     ):
         v.add(f"{field}.server_target_qps", "required for SCENARIO_SERVER (or target_qps in user_conf/overrides)")
+    # LoadGen would wait for ever for issue threads the Python binding cannot register.
+    if settings.server_num_issue_query_threads:
+        v.add(f"{field}.server_num_issue_query_threads", ISSUE_THREADS_RULE)
+    if _conf_sets(settings, "server_num_issue_query_threads"):
+        v.add(f"{field}.user_conf", f"server_num_issue_query_threads: {ISSUE_THREADS_RULE}")
     if sample_count is not None and settings.performance_sample_count > sample_count:
         v.add(
             f"{field}.performance_sample_count",

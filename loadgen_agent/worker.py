@@ -50,9 +50,9 @@ from mecbench.core import durations
 from mecbench.core.channels import open_channel, wait_until_serving
 from mecbench.core.errors import DeadlineExceeded, FailedPrecondition, MecbenchError, Unavailable
 from mecbench.core.framing import FrameError, FrameReader, FrameWriter, read_frame, write_frame
+from mecbench.core.issuing import set_timer_slack_ns
 from mecbench.core.logging import configure_logging, get_logger
 from mecbench.core.server import split_address
-from mecbench.core.timer_slack import set_timer_slack_ns
 from mecbench.core.tls import TlsSettings, TlsStream, ssl_client_context
 from mecbench.servers.base import ServerError, ServerType
 from mecbench.servers.errors import ErrorTally

@@ -660,6 +660,9 @@ class LoadGenSettings(_message.Message):
     server_target_latency_percentile: _builtins.float
     server_coalesce_queries: _builtins.bool
     server_num_issue_query_threads: _builtins.int
+    """Must be 0 (in user_conf and overrides too): LoadGen would issue only from threads the SUT
+    registers, which its Python binding cannot do.
+    """
     server_max_async_queries: _builtins.int
     offline_expected_qps: _builtins.float
     """Offline scenario: expected throughput, sizes the single query."""

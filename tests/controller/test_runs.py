@@ -133,6 +133,8 @@ def test_cancel_stops_a_long_test_promptly(stack: Stack) -> None:
         ({"sut_id": ""}, "spec.sut"),
         ({"data_plane": loadgen_agent_pb2.DataPlaneOptions(min_frame_interval=Duration(seconds=2))},
          "spec.data_plane.min_frame_interval"),
+        ({"settings": short_settings(common_pb2.SCENARIO_SERVER, server_num_issue_query_threads=2)},
+         "spec.settings.server_num_issue_query_threads"),
         ({"data_plane": loadgen_agent_pb2.DataPlaneOptions(issue_slack=Duration(nanos=-1))},
          "spec.data_plane.issue_slack"),
     ],

@@ -153,6 +153,14 @@ def test_every_violation_at_once() -> None:
     assert not validate_settings(
         common_pb2.LoadGenSettings(scenario=common_pb2.SCENARIO_SERVER, user_conf="*.Server.target_qps = 10\n")
     )
+    # LoadGen would wait for ever for issue threads nothing can register, however they are asked for.
+    issue_threads = common_pb2.LoadGenSettings(
+        scenario=common_pb2.SCENARIO_SERVER, server_target_qps=10.0, server_num_issue_query_threads=2,
+        user_conf="*.Server.server_num_issue_query_threads = 2\n",
+    )
+    assert [v.field for v in validate_settings(issue_threads)] == [
+        "settings.server_num_issue_query_threads", "settings.user_conf"
+    ]
     too_many = common_pb2.LoadGenSettings(scenario=common_pb2.SCENARIO_SINGLE_STREAM, performance_sample_count=2000)
     assert [v.field for v in validate_settings(too_many, sample_count=1024)] == ["settings.performance_sample_count"]
     with pytest.raises(InvalidArgument):
