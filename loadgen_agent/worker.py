@@ -43,12 +43,13 @@ import structlog
 from loadgen_agent import datasets, protocol
 from loadgen_agent.direct import DirectClient, reachable_endpoint
 from loadgen_agent.llm_records import compute_metrics, write_records, write_token_latencies
+from loadgen_agent.path_options import path_option_violations
 from loadgen_agent.results import SUMMARY_FILE, TRACE_FILE, extract_sample_latencies, parse_summary_fields
 from loadgen_agent.sample_clock import RecordingLoadGen, SampleClock, measures
 from loadgen_agent.settings_builder import build_test_settings, describe_test_settings
 from mecbench.core import durations
 from mecbench.core.channels import open_channel, wait_until_serving
-from mecbench.core.errors import DeadlineExceeded, FailedPrecondition, MecbenchError, Unavailable
+from mecbench.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, MecbenchError, Unavailable
 from mecbench.core.framing import FrameError, FrameReader, FrameWriter, read_frame, write_frame
 from mecbench.core.issuing import set_timer_slack_ns
 from mecbench.core.logging import configure_logging, get_logger
@@ -651,6 +652,13 @@ class SessionWorker:
         data_plane: RelayClient | DirectClient = self._direct_client(stub, samples, recording) or RelayClient(
             stub, samples, self.options, self.sut_address, recording
         )
+        # Only now is the path known: a field only the other path applies is refused, not ignored.
+        unapplied = path_option_violations(self.options, direct=isinstance(data_plane, DirectClient))
+        if unapplied:
+            if isinstance(data_plane, DirectClient):
+                data_plane.server.close()
+            channel.close()
+            raise InvalidArgument(unapplied)
         data_plane.on_abort = self._on_abort
         self.data_plane = data_plane
         clock = self._clock
