@@ -32,6 +32,7 @@ from controller.validation import MAX_CLIENTS, validate_run_spec
 from mecbench.core import durations
 from mecbench.core.errors import Cancelled, FailedPrecondition, InvalidArgument, MecbenchError, NotFound, Violations
 from mecbench.core.logging import get_logger
+from mecbench.core.path_options import relayed
 from mecbench.profiles import resolve_profile
 from mecbench.v1 import common_pb2, controller_pb2, sut_agent_pb2
 from store.layout import check_segment, experiment_manifest_key, run_prefix
@@ -541,7 +542,8 @@ class ExperimentManager:
                     loadgen_mode=spec.loadgen.mode,
                     dataset=spec.dataset,
                     settings=settings,
-                    data_plane=spec.loadgen.data_plane,
+                    # The calibration SUT is synthetic: its sessions relay, whatever the points' do.
+                    data_plane=relayed(spec.loadgen.data_plane),
                     clients=1,
                     repeats=1,
                     labels={**spec.labels, "mecbench.calibration": "true"},

@@ -43,7 +43,6 @@ import structlog
 from loadgen_agent import datasets, protocol
 from loadgen_agent.direct import DirectClient, reachable_endpoint
 from loadgen_agent.llm_records import compute_metrics, write_records, write_token_latencies
-from loadgen_agent.path_options import path_option_violations
 from loadgen_agent.results import SUMMARY_FILE, TRACE_FILE, extract_sample_latencies, parse_summary_fields
 from loadgen_agent.sample_clock import RecordingLoadGen, SampleClock, measures
 from loadgen_agent.settings_builder import build_test_settings, describe_test_settings
@@ -53,6 +52,7 @@ from mecbench.core.errors import DeadlineExceeded, FailedPrecondition, InvalidAr
 from mecbench.core.framing import FrameError, FrameReader, FrameWriter, read_frame, write_frame
 from mecbench.core.issuing import set_timer_slack_ns
 from mecbench.core.logging import configure_logging, get_logger
+from mecbench.core.path_options import path_option_violations
 from mecbench.core.server import split_address
 from mecbench.core.tls import TlsSettings, TlsStream, ssl_client_context
 from mecbench.servers.base import ServerError, ServerType

@@ -11,9 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from loadgen_agent.path_options import DIRECT_ONLY_FIELDS, RELAY_ONLY_FIELDS, path_option_violations
 from mecbench.core import durations
 from mecbench.core.channels import open_channel
+from mecbench.core.path_options import DIRECT_ONLY_FIELDS, RELAY_ONLY_FIELDS, path_option_violations, relayed
 from mecbench.v1 import common_pb2, loadgen_agent_pb2, sut_agent_pb2, sut_agent_pb2_grpc
 from model_server.models import build_bigram_lm
 from sut_agent.server import create_server as create_sut_server
@@ -79,6 +79,16 @@ def test_defaults_and_shared_fields_are_never_refused() -> None:
     assert [v.field for v in path_option_violations(Options(ramp=loadgen_agent_pb2.LoadRamp()), direct=False)] == [
         "data_plane.ramp"
     ]
+
+
+def test_relayed_keeps_what_a_relay_applies_and_drops_the_direct_clients_fields() -> None:
+    """What an experiment's harness calibration (a synthetic SUT: its sessions relay) opens with."""
+    everything = Options(**RELAY_FIELDS, **DIRECT_FIELDS, **SHARED_FIELDS)  # type: ignore[arg-type]
+    relay = relayed(everything)
+    assert path_option_violations(relay, direct=False) == []
+    assert relay == Options(**RELAY_FIELDS, **SHARED_FIELDS)  # type: ignore[arg-type]
+    direct = relayed(Options(transport=loadgen_agent_pb2.DATA_PLANE_TRANSPORT_DIRECT, max_in_flight=4))
+    assert direct == Options()
 
 
 def refused_open(agent: Agent, sut_address: str, **fields: object) -> dict[str, str]:

@@ -1,12 +1,13 @@
 """The DataPlaneOptions fields that only one of a session's two data-plane paths applies, and the
 field violations of those set for the path a session does not use.
 
-A session relays its samples through the SUT agent (worker.RelayClient: StreamInfer over gRPC or
-plain TCP) or its client talks to the SUT's external server directly (direct.DirectClient). Which
-one is the session's own choice when it opens (worker.SessionWorker.setup: the direct client for
-an external server whose type has a client half, unless the transport asks for the relay), so
-only the session can check. A field of the other path would be accepted and change nothing, the
-worst a benchmark can do with its input: it is refused instead, every such field named.
+A session relays its samples through the SUT agent (loadgen_agent.worker.RelayClient: StreamInfer
+over gRPC or plain TCP) or its client talks to the SUT's external server directly
+(loadgen_agent.direct.DirectClient). Which one is the session's own choice when it opens
+(SessionWorker.setup: the direct client for an external server whose type has a client half,
+unless the transport asks for the relay), so only the session can check. A field of the other
+path would be accepted and change nothing, the worst a benchmark can do with its input: it is
+refused instead, every such field named.
 
 The path then stays for the session's life: the direct client follows the SUT's server from test
 to test (SessionWorker._follow_server) or fails the test, and the relay never turns direct; so
@@ -22,7 +23,7 @@ from mecbench.v1 import loadgen_agent_pb2
 
 # RelayClient's batching and streams; DirectClient reads none of them.
 RELAY_ONLY_FIELDS = ("max_batch_size", "max_batch_delay", "streams", "omit_payloads", "min_frame_interval")
-# DirectClient's request scheduling; RelayClient reads neither.
+# DirectClient's request scheduling; RelayClient reads neither (`relayed` clears them).
 DIRECT_ONLY_FIELDS = ("max_in_flight", "ramp")
 
 _RELAYED = (
@@ -44,6 +45,19 @@ def is_set(options: loadgen_agent_pb2.DataPlaneOptions, name: str) -> bool:
     if name == "ramp":
         return options.HasField("ramp")
     return bool(value)
+
+
+def relayed(options: loadgen_agent_pb2.DataPlaneOptions) -> loadgen_agent_pb2.DataPlaneOptions:
+    """`options` for a session that relays whatever the spec's own sessions do (the harness
+    calibration's synthetic SUT): the fields only the direct path applies cleared, and a
+    DATA_PLANE_TRANSPORT_DIRECT left to the session (a synthetic SUT has no server to reach)."""
+    relay = loadgen_agent_pb2.DataPlaneOptions()
+    relay.CopyFrom(options)
+    relay.ClearField("max_in_flight")
+    relay.ClearField("ramp")
+    if relay.transport == loadgen_agent_pb2.DATA_PLANE_TRANSPORT_DIRECT:
+        relay.ClearField("transport")
+    return relay
 
 
 def path_option_violations(
