@@ -76,7 +76,7 @@ class SampleClock:
     """Issue and completion stamps of one test's samples, and their latencies by LoadGen's rule.
 
     `issued` is called from LoadGen's issue thread, `completed` from whichever thread completes
-    samples; both are cheap (a lock, a dict entry per sample)."""
+    samples; both only read the clock and append (ids are matched to samples after the test)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -88,12 +88,11 @@ class SampleClock:
         self._reset()
 
     def _reset(self) -> None:
-        self._sequence_of: dict[int, int] = {}
-        self._issue_ns: list[int] = []
-        self._query_of: list[int] = []
-        self._callbacks = 0
-        self._completed_sequence: list[int] = []
-        self._completed_ns: list[int] = []
+        # One entry per call, appended without a lock (list.append is atomic under the GIL): the
+        # issue stamp runs on LoadGen's issuing thread once per query, so it is kept to a clock
+        # read and an append; ids are matched to their sequence numbers after the test (`rows`).
+        self._issues: list[tuple[Sequence[int], int]] = []
+        self._completions: list[tuple[Sequence[int], int]] = []
 
     def begin(self, test_settings: Any, active: bool = True) -> None:
         """Start a test run with these (effective) LoadGen TestSettings; an inactive clock (a test
@@ -110,36 +109,46 @@ class SampleClock:
 
     def issued(self, ids: Sequence[int]) -> None:
         now = time.monotonic_ns()
-        if not self._active:
-            return
-        with self._lock:
-            first = len(self._issue_ns)
-            self._sequence_of.update(zip(ids, range(first, first + len(ids)), strict=False))
-            self._issue_ns.extend([now] * len(ids))
-            query = self._callbacks
-            self._callbacks += 1
-            if self._per_query:
-                self._query_of.extend([query] * len(ids))
+        if self._active:
+            self._issues.append((ids, now))
 
     def completed(self, ids: Sequence[int]) -> None:
-        """Called just before QuerySamplesComplete: the samples are looked up first and stamped
-        last, so the stamp is as close to LoadGen's own as the call allows."""
-        if not self._active:
-            return
+        """Called just before QuerySamplesComplete, so the stamp is as close to LoadGen's own as
+        the call allows."""
+        if self._active:
+            self._completions.append((ids, time.monotonic_ns()))
+
+    def _sequences(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Issue stamps and query numbers by sample sequence (the order LoadGen issued them), and
+        each completed sample's sequence and completion stamp: a completion of a sample this test
+        did not issue, or a second one, is left out."""
         with self._lock:
-            pop = self._sequence_of.pop
+            issues, completions = list(self._issues), list(self._completions)
+        sequence_of: dict[int, int] = {}
+        issue_ns: list[int] = []
+        query_of: list[int] = []
+        for query, (ids, stamp) in enumerate(issues):
+            first = len(issue_ns)
+            sequence_of.update(zip(ids, range(first, first + len(ids)), strict=False))
+            issue_ns.extend([stamp] * len(ids))
+            if self._per_query:
+                query_of.extend([query] * len(ids))
+        completed_sequence: list[int] = []
+        completed_ns: list[int] = []
+        pop = sequence_of.pop
+        for ids, stamp in completions:
             sequences = [sequence for sequence in map(pop, ids, [None] * len(ids)) if sequence is not None]
-            now = time.monotonic_ns()
-            self._completed_sequence.extend(sequences)
-            self._completed_ns.extend([now] * len(sequences))
+            completed_sequence.extend(sequences)
+            completed_ns.extend([stamp] * len(sequences))
+        return issue_ns, query_of, completed_sequence, completed_ns
 
     def rows(self) -> np.ndarray[Any, np.dtype[np.int64]]:
         """(query sequence, latency ns) of every completed sample, as sample_latencies.npy holds them."""
-        with self._lock:
-            sequence = np.array(self._completed_sequence, dtype=np.int64)
-            completed = np.array(self._completed_ns, dtype=np.int64)
-            issued = np.array(self._issue_ns, dtype=np.int64)
-            queries = np.array(self._query_of, dtype=np.int64)
+        issue_ns, query_of, completed_sequence, completed_ns = self._sequences()
+        sequence = np.array(completed_sequence, dtype=np.int64)
+        completed = np.array(completed_ns, dtype=np.int64)
+        issued = np.array(issue_ns, dtype=np.int64)
+        queries = np.array(query_of, dtype=np.int64)
         if len(sequence) == 0:
             return np.zeros((0, 2), dtype=np.int64)
         if self._server:
