@@ -35,12 +35,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mecbench.core.latencies import query_latencies
+
+Int64s = np.ndarray[Any, np.dtype[np.int64]]
 
 # LoadGen's TestScenario values as the Python binding names them.
 _SERVER = "Server"
@@ -88,11 +91,17 @@ class SampleClock:
         self._reset()
 
     def _reset(self) -> None:
-        # One entry per call, appended without a lock (list.append is atomic under the GIL): the
-        # issue stamp runs on LoadGen's issuing thread once per query, so it is kept to a clock
-        # read and an append; ids are matched to their sequence numbers after the test (`rows`).
-        self._issues: list[tuple[Sequence[int], int]] = []
-        self._completions: list[tuple[Sequence[int], int]] = []
+        # Flat lists of ints, which the garbage collector does not track (a tuple kept per call
+        # would make its full collections scan every one of a long test's calls): the ids in the
+        # order LoadGen issued them, and per call its stamp and how many ids it had; the same for
+        # completions. Issues come from LoadGen's issuing thread alone (mecbench.core.issuing),
+        # so they append without a lock; completions come from any thread and take it.
+        self._issue_ids: list[int] = []
+        self._issue_sizes: list[int] = []
+        self._issue_stamps: list[int] = []
+        self._completed_ids: list[int] = []
+        self._completed_sizes: list[int] = []
+        self._completed_stamps: list[int] = []
 
     def begin(self, test_settings: Any, active: bool = True) -> None:
         """Start a test run with these (effective) LoadGen TestSettings; an inactive clock (a test
@@ -110,45 +119,40 @@ class SampleClock:
     def issued(self, ids: Sequence[int]) -> None:
         now = time.monotonic_ns()
         if self._active:
-            self._issues.append((ids, now))
+            self._issue_ids.extend(ids)
+            self._issue_sizes.append(len(ids))
+            self._issue_stamps.append(now)
 
     def completed(self, ids: Sequence[int]) -> None:
         """Called just before QuerySamplesComplete, so the stamp is as close to LoadGen's own as
         the call allows."""
         if self._active:
-            self._completions.append((ids, time.monotonic_ns()))
+            with self._lock:
+                self._completed_ids.extend(ids)
+                self._completed_sizes.append(len(ids))
+                self._completed_stamps.append(time.monotonic_ns())
 
-    def _sequences(self) -> tuple[list[int], list[int], list[int], list[int]]:
+    def _sequences(self) -> tuple[Int64s, Int64s, Int64s, Int64s]:
         """Issue stamps and query numbers by sample sequence (the order LoadGen issued them), and
-        each completed sample's sequence and completion stamp: a completion of a sample this test
-        did not issue, or a second one, is left out."""
+        each completed sample's sequence and completion stamp. A response id names one sample of a
+        test (LoadGen's address of the sample's record, which lives for the whole test); a
+        completion of a sample this test did not issue, or a second one, is left out."""
         with self._lock:
-            issues, completions = list(self._issues), list(self._completions)
-        sequence_of: dict[int, int] = {}
-        issue_ns: list[int] = []
-        query_of: list[int] = []
-        for query, (ids, stamp) in enumerate(issues):
-            first = len(issue_ns)
-            sequence_of.update(zip(ids, range(first, first + len(ids)), strict=False))
-            issue_ns.extend([stamp] * len(ids))
-            if self._per_query:
-                query_of.extend([query] * len(ids))
-        completed_sequence: list[int] = []
-        completed_ns: list[int] = []
-        pop = sequence_of.pop
-        for ids, stamp in completions:
-            sequences = [sequence for sequence in map(pop, ids, [None] * len(ids)) if sequence is not None]
-            completed_sequence.extend(sequences)
-            completed_ns.extend([stamp] * len(sequences))
-        return issue_ns, query_of, completed_sequence, completed_ns
+            issue_ids, issue_sizes = list(self._issue_ids), list(self._issue_sizes)
+            issue_stamps = np.array(self._issue_stamps, dtype=np.int64)
+            completed_ids, completed_sizes = list(self._completed_ids), list(self._completed_sizes)
+            completed_stamps = np.array(self._completed_stamps, dtype=np.int64)
+        issue_ns = np.repeat(issue_stamps, issue_sizes)
+        query_of = np.repeat(np.arange(len(issue_sizes), dtype=np.int64), issue_sizes)
+        sequence_of = dict(zip(issue_ids, range(len(issue_ids)), strict=True))
+        sequences = np.array(list(map(sequence_of.pop, completed_ids, repeat(-1))), dtype=np.int64)
+        completed_ns = np.repeat(completed_stamps, completed_sizes)
+        known = sequences >= 0
+        return issue_ns, query_of, sequences[known], completed_ns[known]
 
     def rows(self) -> np.ndarray[Any, np.dtype[np.int64]]:
         """(query sequence, latency ns) of every completed sample, as sample_latencies.npy holds them."""
-        issue_ns, query_of, completed_sequence, completed_ns = self._sequences()
-        sequence = np.array(completed_sequence, dtype=np.int64)
-        completed = np.array(completed_ns, dtype=np.int64)
-        issued = np.array(issue_ns, dtype=np.int64)
-        queries = np.array(query_of, dtype=np.int64)
+        issued, queries, sequence, completed = self._sequences()
         if len(sequence) == 0:
             return np.zeros((0, 2), dtype=np.int64)
         if self._server:
