@@ -222,10 +222,11 @@ def test_min_frame_interval_paces_messages_and_bounds_the_wait(agent: Agent, sut
 
 
 def test_issue_slack_is_applied_to_the_issuing_thread_and_read_back(agent: Agent, sut: SutServer) -> None:
-    """With a 20 ms slack LoadGen's issuing thread may wake up to 20 ms late for a query, and
-    LoadGen counts that wait from the query's scheduled time (about +10 ms of mean latency on an
-    idle machine; less under load, where other interrupts wake the thread sooner). The result
-    says what the kernel applied; a session without the option runs with the kernel's default."""
+    """The result says what the kernel applied to LoadGen's issuing thread: the session's 20 ms,
+    or the kernel's default for a session without the option. What the slack does to latency
+    depends on the machine's other timers (here about +10 ms of mean latency when idle, little
+    under load, where other interrupts wake the thread sooner), so bench/harness.py measures its
+    effect rather than this test."""
     settings = short_settings(common_pb2.SCENARIO_SERVER, server_target_qps=2000.0)
     slack = durations.from_seconds(0.020)
     slack_session = agent.open(sut.address, data_plane=loadgen_agent_pb2.DataPlaneOptions(issue_slack=slack))
@@ -240,8 +241,6 @@ def test_issue_slack_is_applied_to_the_issuing_thread_and_read_back(agent: Agent
     assert slackened.result.issue_slack == slack
     default_ns = durations.to_ns(on_time.result.issue_slack)
     assert 0 < default_ns < durations.to_ns(slack)
-    added_ns = durations.to_ns(slackened.result.latency.mean) - durations.to_ns(on_time.result.latency.mean)
-    assert added_ns > 500_000, (slackened.result.latency, on_time.result.latency)
 
 
 def test_interfaces_batching_and_accuracy(agent: Agent, sut: SutServer) -> None:
