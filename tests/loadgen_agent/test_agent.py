@@ -26,6 +26,7 @@ from sut_agent.settings import SutAgentSettings
 from tests.conftest import field_violations
 from tests.loadgen_agent.conftest import (
     Agent,
+    Outcome,
     SutServer,
     collect,
     process_exists,
@@ -198,20 +199,26 @@ def test_response_timeout_fails_the_test_clearly(agent: Agent, hanging_sut: SutS
         agent.close(opened.session_id)
 
 
+def server_test_with_and_without(
+    agent: Agent, sut: SutServer, options: loadgen_agent_pb2.DataPlaneOptions
+) -> tuple[Outcome, Outcome]:
+    """The same 2000 QPS Server test in a session with `options` and in one without."""
+    settings = short_settings(common_pb2.SCENARIO_SERVER, server_target_qps=2000.0)
+    with_options = agent.open(sut.address, data_plane=options)
+    plain = agent.open(sut.address)
+    try:
+        return run_test(agent, with_options.session_id, settings), run_test(agent, plain.session_id, settings)
+    finally:
+        agent.close(with_options.session_id)
+        agent.close(plain.session_id)
+
+
 def test_min_frame_interval_paces_messages_and_bounds_the_wait(agent: Agent, sut: SutServer) -> None:
     """At 2000 QPS with a 20 ms interval a stream sends about 50 messages a second of ~40 samples,
     each sample waiting at most the interval; without one, samples go about one per message."""
-    settings = short_settings(common_pb2.SCENARIO_SERVER, server_target_qps=2000.0)
-    paced = agent.open(
-        sut.address, data_plane=loadgen_agent_pb2.DataPlaneOptions(min_frame_interval=durations.from_seconds(0.020))
+    held, sent_at_once = server_test_with_and_without(
+        agent, sut, loadgen_agent_pb2.DataPlaneOptions(min_frame_interval=durations.from_seconds(0.020))
     )
-    plain = agent.open(sut.address)
-    try:
-        held = run_test(agent, paced.session_id, settings)
-        sent_at_once = run_test(agent, plain.session_id, settings)
-    finally:
-        agent.close(paced.session_id)
-        agent.close(plain.session_id)
     assert held.finished is not None and sent_at_once.finished is not None
     assert held.result.valid and sent_at_once.result.valid
     assert held.finished.mean_batch_size > 10, held.finished
@@ -227,16 +234,10 @@ def test_issue_slack_is_applied_to_the_issuing_thread_and_read_back(agent: Agent
     depends on the machine's other timers (here about +10 ms of mean latency when idle, little
     under load, where other interrupts wake the thread sooner), so bench/harness.py measures its
     effect rather than this test."""
-    settings = short_settings(common_pb2.SCENARIO_SERVER, server_target_qps=2000.0)
     slack = durations.from_seconds(0.020)
-    slack_session = agent.open(sut.address, data_plane=loadgen_agent_pb2.DataPlaneOptions(issue_slack=slack))
-    plain = agent.open(sut.address)
-    try:
-        slackened = run_test(agent, slack_session.session_id, settings)
-        on_time = run_test(agent, plain.session_id, settings)
-    finally:
-        agent.close(slack_session.session_id)
-        agent.close(plain.session_id)
+    slackened, on_time = server_test_with_and_without(
+        agent, sut, loadgen_agent_pb2.DataPlaneOptions(issue_slack=slack)
+    )
     assert slackened.result.valid and on_time.result.valid
     assert slackened.result.issue_slack == slack
     default_ns = durations.to_ns(on_time.result.issue_slack)
